@@ -1,0 +1,273 @@
+"""Reference → target attention capture for SCAL and MDL.
+
+The losses need two things from the reference → target block of attention, eq. 8:
+
+.. math::
+
+    A[u, v] = \\frac{1}{L H} \\sum_{l=1}^{L} \\sum_{h=1}^{H}
+        \\operatorname{softmax}_{t \\in \\text{target}}\\left(\\frac{q^{(l,h)}_u \\cdot k^{(l,h)}_t}{\\sqrt d}\\right)_v
+
+(the softmax runs over the ``N_tgt`` target keys only, not over text or reference keys):
+
+- SCAL (eq. 10) needs :math:`\\log A[G(u), v]` at the P annotated pairs;
+- MDL (eq. 11-12) needs, per reference, the mean attention row over its annotated points (or
+  over all its tokens).
+
+:class:`RefTargetCapture` computes exactly these, block by block, without ever holding an
+``N_ref × N_tgt`` map: the mean of probabilities over blocks and heads is a ``logsumexp`` of
+log-probabilities minus :math:`\\log(L H)`, and the rows are accumulated as ``(B, K, N_tgt)``.
+:func:`dense_ref_target_attention` is the slow, obviously-correct twin that materialises A.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..correspondence import Correspondences
+from ..correspondence._checks import check_floating, check_int, check_option, check_shape, compute_dtype
+from ._chunked import TargetSoftmaxStats
+
+__all__ = ["AGGREGATES", "CaptureResult", "RefTargetCapture", "dense_ref_target_attention"]
+
+AGGREGATES = ("points", "all")
+"""Row aggregations of :class:`RefTargetCapture`: over annotated points, or over all tokens."""
+
+
+@dataclass(frozen=True, eq=False)
+class CaptureResult:
+    """What SCAL and MDL need from the captured attention (see :class:`RefTargetCapture`).
+
+    Args:
+        pair_log_probs: ``(B, K, P)`` float, :math:`\\log A[G(u), v]` of every pair; 0 where
+            ``corr.point_mask`` is False.
+        ref_rows: ``(B, K, N_tgt)`` float, the mean attention row of each reference (over its
+            annotated points or over all its tokens, see ``aggregate``); zeros for references
+            that have none. None when captured with ``aggregate=None``.
+        aggregate: ``"points"``, ``"all"`` or None.
+        corr: the correspondences the capture was built for.
+        num_blocks: L, the number of blocks averaged.
+        num_heads: H, the number of heads averaged.
+    """
+
+    pair_log_probs: torch.Tensor
+    ref_rows: torch.Tensor | None
+    aggregate: str | None
+    corr: Correspondences
+    num_blocks: int
+    num_heads: int
+
+
+def _points_weights(corr: Correspondences, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, K, K*P)``: reference k averages the rows of its own real points (1/P_k each)."""
+    batch, refs, points = corr.point_mask.shape
+    per_point = corr.point_mask.to(dtype) / corr.num_points.clamp_min(1)[..., None].to(dtype)
+    eye = torch.eye(refs, dtype=dtype, device=corr.device)
+    return torch.einsum("kj,bjp->bkjp", eye, per_point).reshape(batch, refs, refs * points)
+
+
+def _all_weights(corr: Correspondences, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, K, N_ref_total)``: a present reference k averages all of its tokens (1/N_k each)."""
+    blocks = [
+        torch.full((1, n), 1.0 / n, dtype=dtype, device=corr.device) for n in corr.ref_tokens
+    ]
+    layout = torch.block_diag(*blocks)  # (K, N_ref_total)
+    return corr.ref_present.to(dtype)[..., None] * layout
+
+
+class RefTargetCapture:
+    """Captures, block by block, the reference → target attention statistics of eq. 8.
+
+    Feed it once per chosen transformer block with :meth:`add`, then call :meth:`result`. It
+    never materialises an ``N_ref × N_tgt`` map: each block is processed in chunks of query rows
+    by a custom autograd function that keeps only per-row log-sum-exps and recomputes each chunk's
+    softmax in backward. Memory held across blocks is ``O(B·H·P)`` for the pairs and
+    ``O(B·K·N_tgt)`` for the rows, plus references to the fed queries and keys (which the model
+    keeps for its own backward anyway).
+
+    Loss math runs in float32 (float64 for float64 inputs) whatever the model dtype; gradients
+    flow to the queries and keys in their own dtype.
+
+    Args:
+        corr: the correspondences of the batch (moved to the queries' device on first use).
+        aggregate: rows for MDL: ``"points"`` (mean over each reference's annotated points, paper),
+            ``"all"`` (mean over all of each present reference's tokens, released) or None (no
+            rows, SCAL only).
+        scale: logit scale; default ``1/sqrt(D)``.
+        max_chunk_elements: the most logits (``B·H·rows·N_tgt``) computed at once; bounds the
+            transient memory of a block.
+
+    Example:
+        >>> corr = Correspondences.from_dicts([[{0: 1, 2: 3}, {1: 0}]], ref_tokens=[3, 2], tgt_tokens=4)
+        >>> capture = RefTargetCapture(corr, aggregate="points")
+        >>> for _ in range(2):  # two blocks
+        ...     query = torch.randn(1, 4, 5, 8, requires_grad=True)  # (B, H, N_ref_total, D)
+        ...     key = torch.randn(1, 4, 4, 8, requires_grad=True)    # (B, H, N_tgt, D)
+        ...     capture.add(query, key)
+        >>> out = capture.result()
+        >>> out.pair_log_probs.shape, out.ref_rows.shape
+        (torch.Size([1, 2, 2]), torch.Size([1, 2, 4]))
+        >>> bool(torch.all(out.pair_log_probs <= 0)), torch.allclose(out.ref_rows.sum(-1), torch.ones(1, 2))
+        (True, True)
+    """
+
+    def __init__(
+        self,
+        corr: Correspondences,
+        aggregate: str | None = "points",
+        scale: float | None = None,
+        max_chunk_elements: int = 2**24,
+    ) -> None:
+        if not isinstance(corr, Correspondences):
+            raise ValueError(f"Expected `corr` to be a Correspondences, but got {type(corr).__name__}.")
+        check_option("aggregate", aggregate, AGGREGATES + (None,))
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"Expected `scale` to be a positive finite number or None, but got {scale!r}.")
+        self.corr = corr
+        self.aggregate = aggregate
+        self.scale = scale
+        self.max_chunk_elements = check_int("max_chunk_elements", max_chunk_elements, minimum=1)
+        self._prepared: dict[str, torch.Tensor] | None = None
+        self.reset()
+
+    # -- state --------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forgets every fed block (call between training steps when reusing the object)."""
+        self._pair_blocks: list[torch.Tensor] = []
+        self._rows_sum: torch.Tensor | None = None
+        self._num_heads: int | None = None
+        self._head_dim: int | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        """How many blocks have been fed since construction or :meth:`reset`."""
+        return len(self._pair_blocks)
+
+    def _prepare(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Index and weight tensors on the blocks' device, built once."""
+        if self._prepared is not None:
+            if (device, dtype) != self._prepared_for:
+                raise ValueError(
+                    f"Expected every block on {self._prepared_for[0]} with loss math in {self._prepared_for[1]}, "
+                    f"but got {device} needing {dtype}."
+                )
+            return self._prepared
+        corr = self.corr.to(device)
+        mask = corr.point_mask.flatten(1)
+        prepared = {
+            "rows": torch.where(mask, corr.global_rows.flatten(1), 0),
+            "targets": torch.where(mask, corr.tgt_index.flatten(1), 0),
+            "mask": corr.point_mask,
+        }
+        if self.aggregate == "points":
+            prepared["weights"] = _points_weights(corr, dtype)
+        elif self.aggregate == "all":
+            prepared["weights"] = _all_weights(corr, dtype)
+        self._prepared, self._prepared_for = prepared, (device, dtype)
+        return prepared
+
+    # -- feeding ------------------------------------------------------------------------------------
+    def add(self, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Feeds one block.
+
+        Args:
+            query: ``(B, H, N_ref_total, D)`` post-RoPE queries of all reference tokens (the K
+                references concatenated in slot order).
+            key: ``(B, H, N_tgt, D)`` post-RoPE keys of the target tokens.
+        """
+        corr = self.corr
+        check_shape("query", query, [corr.batch_size, None, corr.total_ref_tokens, None], "(B, H, N_ref_total, D)")
+        heads, dim = query.shape[1], query.shape[3]
+        check_shape("key", key, [corr.batch_size, heads, corr.tgt_tokens, dim], "(B, H, N_tgt, D)")
+        check_floating("query", query)
+        check_floating("key", key)
+        if query.device != key.device:
+            raise ValueError(f"Expected `query` and `key` on one device, but got {query.device} and {key.device}.")
+        if self._num_heads is not None and (heads, dim) != (self._num_heads, self._head_dim):
+            raise ValueError(
+                f"Expected every block with (H, D) = ({self._num_heads}, {self._head_dim}), but got ({heads}, {dim})."
+            )
+        dtype = compute_dtype(query.dtype if query.dtype == key.dtype else torch.float32)
+        prepared = self._prepare(query.device, dtype)
+        scale = self.scale if self.scale is not None else dim**-0.5
+        self._num_heads, self._head_dim = heads, dim
+
+        if self.aggregate == "points":
+            pair, rows = TargetSoftmaxStats.apply(
+                query, key, prepared["rows"], prepared["targets"], prepared["weights"], scale, self.max_chunk_elements
+            )
+        else:
+            pair, _ = TargetSoftmaxStats.apply(
+                query, key, prepared["rows"], prepared["targets"], None, scale, self.max_chunk_elements
+            )
+            rows = None
+            if self.aggregate == "all":
+                _, rows = TargetSoftmaxStats.apply(
+                    query, key, None, None, prepared["weights"], scale, self.max_chunk_elements
+                )
+        self._pair_blocks.append(pair)
+        if rows is not None:
+            self._rows_sum = rows if self._rows_sum is None else self._rows_sum + rows
+
+    def result(self) -> CaptureResult:
+        """The statistics averaged over the fed blocks and heads (see :class:`CaptureResult`)."""
+        if not self._pair_blocks:
+            raise ValueError("Expected at least one block fed with `add(query, key)` before `result()`, but got none.")
+        prepared = self._prepared
+        assert prepared is not None and self._num_heads is not None
+        blocks = len(self._pair_blocks)
+        log_mean = torch.logsumexp(torch.stack(self._pair_blocks), dim=0) - math.log(blocks * self._num_heads)
+        mask = prepared["mask"]
+        pair_log_probs = torch.where(mask, log_mean.view(mask.shape), 0.0)
+        rows = None if self._rows_sum is None else self._rows_sum / blocks
+        return CaptureResult(
+            pair_log_probs=pair_log_probs,
+            ref_rows=rows,
+            aggregate=self.aggregate,
+            corr=self.corr,
+            num_blocks=blocks,
+            num_heads=self._num_heads,
+        )
+
+
+def dense_ref_target_attention(
+    queries: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    keys: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The dense reference → target attention map A of eq. 8 (slow twin of the capture).
+
+    Materialises ``(B, H, N_ref_total, N_tgt)`` probabilities per block: use it for tests and small
+    inputs only.
+
+    Args:
+        queries: per block, ``(B, H, N_ref_total, D)`` reference queries.
+        keys: per block, ``(B, H, N_tgt, D)`` target keys.
+        scale: logit scale; default ``1/sqrt(D)``.
+
+    Returns:
+        ``(B, N_ref_total, N_tgt)``: the softmax over target keys, averaged over blocks and heads,
+        in float32 (float64 for float64 inputs).
+
+    Example:
+        >>> q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8)
+        >>> A = dense_ref_target_attention([q], [k])
+        >>> A.shape, torch.allclose(A.sum(-1), torch.ones(2, 5))
+        (torch.Size([2, 5, 7]), True)
+    """
+    if len(queries) != len(keys) or not queries:
+        raise ValueError(
+            f"Expected `queries` and `keys` with one entry per block (>= 1), but got {len(queries)} and {len(keys)}."
+        )
+    total = None
+    for query, key in zip(queries, keys):
+        check_shape("query", query, [None, None, None, None], "(B, H, N_ref_total, D)")
+        check_shape("key", key, [query.shape[0], query.shape[1], None, query.shape[3]], "(B, H, N_tgt, D)")
+        dtype = compute_dtype(query.dtype)
+        block_scale = scale if scale is not None else query.shape[-1] ** -0.5
+        logits = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * block_scale
+        probs = logits.softmax(dim=-1).mean(dim=1)
+        total = probs if total is None else total + probs
+    return total / len(queries)
