@@ -2,9 +2,9 @@
 
 Subpackages (import what you need):
 
-- :mod:`mosaic_kit.correspondence`: token grids, correspondence batches, disjointness, sampling.
-- :mod:`mosaic_kit.attention`: memory-efficient reference → target attention capture.
-- :mod:`mosaic_kit.losses`: SCAL, MDL and the combined MOSAIC objective.
+- `correspondence`: token grids, correspondence batches, disjointness, sampling.
+- `attention`: memory-efficient reference → target attention capture.
+- `losses`: SCAL, MDL and the combined MOSAIC objective.
 """
 
 __version__ = "0.1.0"

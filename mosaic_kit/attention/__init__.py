@@ -1,9 +1,9 @@
 """Memory-efficient reference → target attention capture (eq. 8).
 
-- :class:`RefTargetCapture`: fed once per chosen block with post-RoPE reference queries and
+- `RefTargetCapture`: fed once per chosen block with post-RoPE reference queries and
   target keys; yields the pair log-probabilities and per-reference attention rows that SCAL and
   MDL need, without materialising attention maps.
-- :func:`dense_ref_target_attention`: the dense twin (materialises A), for tests and small inputs.
+- `dense_ref_target_attention`: the dense twin (materialises A), for tests and small inputs.
 
 Nothing here knows FLUX: the caller chooses which blocks feed the capture.
 """

@@ -1,29 +1,31 @@
 """Chunked target-softmax statistics with a recomputing backward (private).
 
-For one transformer block, with per-head logits ``s_h(m, t) = scale * q_h(m) · k_h(t)`` over the
-``N_tgt`` target keys and ``p_h(m, t) = softmax_t s_h(m, t)``, :class:`TargetSoftmaxStats`
-computes for a set of query rows ``m`` (``M`` of them):
+For one transformer block, with per-head logits ``s_h(r, t) = scale * q_h(r) · k_h(t)`` over the
+``N_tgt`` target keys and ``p_h(r, t) = softmax_t s_h(r, t)``, :class:`TargetSoftmaxStats` walks
+over chunks of a list of query rows ``r`` (``R`` of them) and computes in one pass:
 
-- ``pair[b, m] = logsumexp_h log p_h(m, target[b, m])``: the log of the *sum over heads* of the
-  probability at each row's annotated target token;
-- ``rows[b, k, t] = sum_m weight[b, k, m] * mean_h p_h(m, t)``: weighted mean attention rows.
+- for each annotated pair ``i`` (sample ``b_i``, row ``r_i``, target ``v_i``):
+  ``pair[i] = logsumexp_h log p_h(r_i, v_i)``, the log of the *sum over heads* of the probability
+  at the pair's target;
+- ``rows[b, k, t] = sum_r weight[b, k, r] * mean_h p_h(r, t)``: weighted mean attention rows.
 
-Neither the ``M × N_tgt`` probabilities nor the logits are kept: the forward walks over chunks
-of rows, saves only the per-row log-sum-exp ``(B, H, M)``, and the backward recomputes each
-chunk's softmax from the saved queries and keys, one chunk at a time (flash-attention style).
+Neither the ``R × N_tgt`` probabilities nor the logits are kept: the forward saves only the
+per-row log-sum-exp ``(B, H, R)`` and the per-pair values; the backward recomputes each chunk's
+softmax from the saved queries and keys, one chunk at a time (flash-attention style).
 
-Gradients (per head, per row, ``δ`` the Kronecker delta):
+Gradients (per head ``h``, row ``r``, target ``t``; ``δ`` the Kronecker delta):
 
-- through ``pair``: ``∂pair/∂s_h(m, t) = w_h(m) (δ[t = target(m)] - p_h(m, t))`` with
-  ``w_h(m) = softmax_h log p_h(m, target(m))``;
-- through ``rows``: ``∂L/∂s_h(m, t) = p_h(m, t) (g(m, t) - Σ_t' p_h(m, t') g(m, t'))`` with
-  ``g(m, t) = (1/H) Σ_k weight[k, m] ∂L/∂rows[k, t]``.
+- through ``pair[i]``: ``∂/∂s_h(r, t) = c_{ih} (δ[r = r_i, t = v_i] - δ[r = r_i] p_h(r, t))`` with
+  ``c_{ih} = ∂L/∂pair[i] · softmax_h(log p_h(r_i, v_i))``;
+- through ``rows``: ``∂/∂s_h(r, t) = p_h(r, t) (g(r, t) - Σ_t' p_h(r, t') g(r, t'))`` with
+  ``g(r, t) = (1/H) Σ_k weight[k, r] ∂L/∂rows[k, t]``.
 
-Then ``∂L/∂q_h(m) = scale Σ_t ∂L/∂s_h(m, t) k_h(t)`` and ``∂L/∂k_h(t) = scale Σ_m ∂L/∂s_h(m, t) q_h(m)``.
+Then ``∂L/∂q_h(r) = scale Σ_t ∂L/∂s_h(r, t) k_h(t)`` and ``∂L/∂k_h(t) = scale Σ_r ∂L/∂s_h(r, t) q_h(r)``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,15 +34,37 @@ from torch.autograd.function import once_differentiable
 from ..correspondence._checks import compute_dtype
 
 
-def _chunks(num_rows: int, batch: int, heads: int, num_targets: int, max_chunk_elements: int):
-    """``(start, stop)`` ranges of rows so that one chunk's logits hold at most the budget."""
-    step = max(1, max_chunk_elements // max(1, batch * heads * num_targets))
-    for start in range(0, num_rows, step):
-        yield start, min(num_rows, start + step)
+@dataclass(frozen=True)
+class Plan:
+    """How one block is walked: which rows, which pairs, in which chunks.
+
+    Args:
+        rows: ``(B, R)`` long query rows, or None for all query rows in order.
+        weights: ``(B, K, R)`` row weights of the aggregated rows (compute dtype), or None.
+        pair_batch: ``(n,)`` long sample of each pair, pairs sorted by ``pair_pos``.
+        pair_pos: ``(n,)`` long position of each pair's row in the row list.
+        pair_target: ``(n,)`` long target token of each pair.
+        chunk_rows: rows per chunk.
+        pair_bounds: per chunk, the ``[lo, hi)`` slice of the sorted pairs whose rows it holds.
+    """
+
+    rows: torch.Tensor | None
+    weights: torch.Tensor | None
+    pair_batch: torch.Tensor
+    pair_pos: torch.Tensor
+    pair_target: torch.Tensor
+    chunk_rows: int
+    pair_bounds: tuple[tuple[int, int], ...]
+
+    def chunks(self, num_rows: int):
+        """``(start, stop, lo, hi)`` for every chunk of rows and its pairs."""
+        for index, start in enumerate(range(0, num_rows, self.chunk_rows)):
+            lo, hi = self.pair_bounds[index]
+            yield start, min(num_rows, start + self.chunk_rows), lo, hi
 
 
 def _rows_of(query: torch.Tensor, rows: torch.Tensor | None, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-    """Query rows ``start:stop`` (of ``rows`` if given) as ``(B, H, c, D)`` in ``dtype``."""
+    """Query rows ``start:stop`` of the row list as ``(B, H, c, D)`` in ``dtype``."""
     if rows is None:
         return query[:, :, start:stop].to(dtype)
     index = rows[:, start:stop]
@@ -49,105 +73,86 @@ def _rows_of(query: torch.Tensor, rows: torch.Tensor | None, start: int, stop: i
 
 
 class TargetSoftmaxStats(torch.autograd.Function):
-    """See the module docstring. Inputs:
-
-    - ``query`` ``(B, H, N_q, D)``, ``key`` ``(B, H, N_tgt, D)``;
-    - ``rows`` ``(B, M)`` long indices into ``N_q``, or None for all ``N_q`` rows in order;
-    - ``targets`` ``(B, M)`` long target tokens, or None (no ``pair`` output);
-    - ``weights`` ``(B, K, M)`` in the compute dtype, or None (no ``rows`` output);
-    - ``scale`` float; ``max_chunk_elements`` int.
-
-    Returns ``(pair (B, M) or empty, rows (B, K, N_tgt) or empty)`` in the compute dtype
-    (float64 for float64 inputs, else float32).
-    """
+    """See the module docstring. ``apply(query, key, plan, scale)`` with ``query``
+    ``(B, H, N_q, D)`` and ``key`` ``(B, H, N_tgt, D)`` returns ``(pair (n,), rows (B, K, N_tgt) or
+    an empty tensor)`` in the compute dtype (float64 for float64 inputs, else float32)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        rows: torch.Tensor | None,
-        targets: torch.Tensor | None,
-        weights: torch.Tensor | None,
-        scale: float,
-        max_chunk_elements: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, plan: Plan, scale: float):  # type: ignore[override]
         dtype = compute_dtype(query.dtype)
         batch, heads, num_q, _ = query.shape
         num_t = key.shape[2]
-        num_rows = num_q if rows is None else rows.shape[1]
+        num_rows = num_q if plan.rows is None else plan.rows.shape[1]
         key_c = key.to(dtype)
         lse = query.new_empty(batch, heads, num_rows, dtype=dtype)
-        pair = query.new_empty(batch, num_rows if targets is not None else 0, dtype=dtype)
-        agg = query.new_zeros(batch, weights.shape[1] if weights is not None else 0, num_t, dtype=dtype)
-        for start, stop in _chunks(num_rows, batch, heads, num_t, max_chunk_elements):
-            q = _rows_of(query, rows, start, stop, dtype)
+        pair = query.new_empty(plan.pair_pos.shape[0], dtype=dtype)
+        agg = query.new_zeros(batch, 0 if plan.weights is None else plan.weights.shape[1], num_t, dtype=dtype)
+        for start, stop, lo, hi in plan.chunks(num_rows):
+            q = _rows_of(query, plan.rows, start, stop, dtype)
             logits = torch.matmul(q, key_c.transpose(-1, -2)).mul_(scale)  # (B, H, c, N_tgt)
             chunk_lse = torch.logsumexp(logits, dim=-1)
             lse[:, :, start:stop] = chunk_lse
-            if targets is not None:
-                tgt = targets[:, None, start:stop, None].expand(batch, heads, -1, 1)
-                log_p = logits.gather(-1, tgt).squeeze(-1) - chunk_lse
-                pair[:, start:stop] = torch.logsumexp(log_p, dim=1)
-            if weights is not None:
+            if hi > lo:
+                b, r, v = plan.pair_batch[lo:hi], plan.pair_pos[lo:hi] - start, plan.pair_target[lo:hi]
+                log_p = logits[b, :, r, v] - chunk_lse[b, :, r]  # (n_c, H)
+                pair[lo:hi] = torch.logsumexp(log_p, dim=1)
+            if plan.weights is not None:
                 probs = logits.sub_(chunk_lse[..., None]).exp_().mean(1)  # (B, c, N_tgt)
-                agg.add_(torch.matmul(weights[:, :, start:stop], probs))
-        ctx.scale = scale
-        ctx.max_chunk_elements = max_chunk_elements
-        ctx.has_rows, ctx.has_targets, ctx.has_weights = rows is not None, targets is not None, weights is not None
-        ctx.save_for_backward(
-            query, key, lse, pair,
-            rows if rows is not None else query.new_empty(0, dtype=torch.long),
-            targets if targets is not None else query.new_empty(0, dtype=torch.long),
-            weights if weights is not None else query.new_empty(0, dtype=dtype),
-        )
+                agg.add_(torch.matmul(plan.weights[:, :, start:stop], probs))
+        ctx.plan, ctx.scale = plan, scale
+        ctx.save_for_backward(query, key, lse, pair)
         return pair, agg
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_pair: torch.Tensor | None, grad_agg: torch.Tensor | None):  # type: ignore[override]
-        query, key, lse, pair, rows, targets, weights = ctx.saved_tensors
-        rows = rows if ctx.has_rows else None
-        use_pair = ctx.has_targets and grad_pair is not None
-        use_agg = ctx.has_weights and grad_agg is not None
+        query, key, lse, pair = ctx.saved_tensors
+        plan: Plan = ctx.plan
+        use_pair = grad_pair is not None and pair.numel() > 0
+        use_agg = grad_agg is not None and plan.weights is not None
         if not (use_pair or use_agg):
-            return None, None, None, None, None, None, None
-        dtype = lse.dtype
+            return None, None, None, None
+        dtype, scale = lse.dtype, ctx.scale
         batch, heads, num_q, dim = query.shape
-        num_t = key.shape[2]
         num_rows = lse.shape[2]
-        scale = ctx.scale
         key_c = key.to(dtype)
         grad_q = torch.zeros(batch, heads, num_q, dim, dtype=dtype, device=query.device)
-        grad_k = torch.zeros(batch, heads, num_t, dim, dtype=dtype, device=key.device)
+        grad_k = torch.zeros_like(key_c)
         if use_agg:
             grad_agg = grad_agg.to(dtype) / heads
-        for start, stop in _chunks(num_rows, batch, heads, num_t, ctx.max_chunk_elements):
-            q = _rows_of(query, rows, start, stop, dtype)
+        if use_pair:
+            grad_pair = grad_pair.to(dtype)
+        for start, stop, lo, hi in plan.chunks(num_rows):
+            q = _rows_of(query, plan.rows, start, stop, dtype)
             logits = torch.matmul(q, key_c.transpose(-1, -2)).mul_(scale)
             chunk_lse = lse[:, :, start:stop]
-            if use_pair:
-                tgt = targets[:, None, start:stop, None].expand(batch, heads, -1, 1)
-                log_p = logits.gather(-1, tgt).squeeze(-1) - chunk_lse
-                # coef_h(m) = dL/dpair(m) * softmax over heads of log p_h(m, target).
-                coef = grad_pair[:, None, start:stop].to(dtype) * torch.exp(log_p - pair[:, None, start:stop])
+            has_pairs = use_pair and hi > lo
+            if has_pairs:
+                b, r, v = plan.pair_batch[lo:hi], plan.pair_pos[lo:hi] - start, plan.pair_target[lo:hi]
+                log_p = logits[b, :, r, v] - chunk_lse[b, :, r]  # (n_c, H)
+                coef = grad_pair[lo:hi, None] * torch.exp(log_p - pair[lo:hi, None])  # (n_c, H)
+                # Sum of the coefficients of the pairs on each row: (B, c, H) → (B, H, c).
+                row_coef = logits.new_zeros(batch, stop - start, heads).index_put_((b, r), coef, accumulate=True)
+                row_coef = row_coef.transpose(1, 2)
             probs = logits.sub_(chunk_lse[..., None]).exp_()  # (B, H, c, N_tgt), reuses the buffer
             if use_agg:
-                upstream = torch.matmul(weights[:, :, start:stop].transpose(1, 2), grad_agg)[:, None]  # (B, 1, c, N_tgt)
+                upstream = torch.matmul(plan.weights[:, :, start:stop].transpose(1, 2), grad_agg)[:, None]
                 centred = upstream - (probs * upstream).sum(-1, keepdim=True)
-                if use_pair:
-                    centred = centred - coef[..., None]
+                if has_pairs:
+                    centred = centred - row_coef[..., None]
                 grad_s = probs.mul_(centred)
+            elif has_pairs:
+                grad_s = probs.mul_(-row_coef[..., None])
             else:
-                grad_s = probs.mul_(-coef[..., None])
-            if use_pair:
-                grad_s.scatter_add_(-1, tgt, coef[..., None])
+                continue  # nothing flows through this chunk
+            if has_pairs:
+                grad_s.permute(0, 2, 3, 1).index_put_((b, r, v), coef, accumulate=True)
             grad_s.mul_(scale)
             grad_q_chunk = torch.matmul(grad_s, key_c)
-            if rows is None:
+            if plan.rows is None:
                 grad_q[:, :, start:stop] = grad_q_chunk
             else:
-                index = rows[:, None, start:stop, None].expand(batch, heads, -1, dim)
+                index = plan.rows[:, None, start:stop, None].expand(batch, heads, -1, dim)
                 grad_q.scatter_add_(2, index, grad_q_chunk)
             grad_k.add_(torch.matmul(grad_s.transpose(-1, -2), q))
-        return grad_q.to(query.dtype), grad_k.to(key.dtype), None, None, None, None, None
+        return grad_q.to(query.dtype), grad_k.to(key.dtype), None, None

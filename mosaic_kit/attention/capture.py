@@ -2,21 +2,21 @@
 
 The losses need two things from the reference → target block of attention, eq. 8:
 
-.. math::
-
-    A[u, v] = \\frac{1}{L H} \\sum_{l=1}^{L} \\sum_{h=1}^{H}
-        \\operatorname{softmax}_{t \\in \\text{target}}\\left(\\frac{q^{(l,h)}_u \\cdot k^{(l,h)}_t}{\\sqrt d}\\right)_v
+$$
+A[u, v] = \\frac{1}{L H} \\sum_{l=1}^{L} \\sum_{h=1}^{H}
+\\operatorname{softmax}_{t \\in \\text{target}}\\left(\\frac{q^{(l,h)}_u \\cdot k^{(l,h)}_t}{\\sqrt d}\\right)_v
+$$
 
 (the softmax runs over the ``N_tgt`` target keys only, not over text or reference keys):
 
-- SCAL (eq. 10) needs :math:`\\log A[G(u), v]` at the P annotated pairs;
+- SCAL (eq. 10) needs $\\log A[G(u), v]$ at the P annotated pairs;
 - MDL (eq. 11-12) needs, per reference, the mean attention row over its annotated points (or
   over all its tokens).
 
-:class:`RefTargetCapture` computes exactly these, block by block, without ever holding an
+`RefTargetCapture` computes exactly these, block by block, without ever holding an
 ``N_ref × N_tgt`` map: the mean of probabilities over blocks and heads is a ``logsumexp`` of
-log-probabilities minus :math:`\\log(L H)`, and the rows are accumulated as ``(B, K, N_tgt)``.
-:func:`dense_ref_target_attention` is the slow, obviously-correct twin that materialises A.
+log-probabilities minus $\\log(L H)$, and the rows are accumulated as ``(B, K, N_tgt)``.
+`dense_ref_target_attention` is the slow, obviously-correct twin that materialises A.
 """
 
 from __future__ import annotations
@@ -28,20 +28,20 @@ import torch
 
 from ..correspondence import Correspondences
 from ..correspondence._checks import check_floating, check_int, check_option, check_shape, compute_dtype
-from ._chunked import TargetSoftmaxStats
+from ._chunked import Plan, TargetSoftmaxStats
 
 __all__ = ["AGGREGATES", "CaptureResult", "RefTargetCapture", "dense_ref_target_attention"]
 
 AGGREGATES = ("points", "all")
-"""Row aggregations of :class:`RefTargetCapture`: over annotated points, or over all tokens."""
+"""Row aggregations of `RefTargetCapture`: over annotated points, or over all tokens."""
 
 
 @dataclass(frozen=True, eq=False)
 class CaptureResult:
-    """What SCAL and MDL need from the captured attention (see :class:`RefTargetCapture`).
+    """What SCAL and MDL need from the captured attention (see `RefTargetCapture`).
 
     Args:
-        pair_log_probs: ``(B, K, P)`` float, :math:`\\log A[G(u), v]` of every pair; 0 where
+        pair_log_probs: ``(B, K, P)`` float, $\\log A[G(u), v]$ of every pair; 0 where
             ``corr.point_mask`` is False.
         ref_rows: ``(B, K, N_tgt)`` float, the mean attention row of each reference (over its
             annotated points or over all its tokens, see ``aggregate``); zeros for references
@@ -80,7 +80,7 @@ def _all_weights(corr: Correspondences, dtype: torch.dtype) -> torch.Tensor:
 class RefTargetCapture:
     """Captures, block by block, the reference → target attention statistics of eq. 8.
 
-    Feed it once per chosen transformer block with :meth:`add`, then call :meth:`result`. It
+    Feed it once per chosen transformer block with `add`, then call `result`. It
     never materialises an ``N_ref × N_tgt`` map: each block is processed in chunks of query rows
     by a custom autograd function that keeps only per-row log-sum-exps and recomputes each chunk's
     softmax in backward. Memory held across blocks is ``O(B·H·P)`` for the pairs and
@@ -96,8 +96,9 @@ class RefTargetCapture:
             ``"all"`` (mean over all of each present reference's tokens, released) or None (no
             rows, SCAL only).
         scale: logit scale; default ``1/sqrt(D)``.
-        max_chunk_elements: the most logits (``B·H·rows·N_tgt``) computed at once; bounds the
-            transient memory of a block.
+        max_chunk_elements: the most logits (``B·H·rows·N_tgt``) computed at once, which bounds
+            the transient memory of a block. Default: 1/16 of one block's logits, clamped to
+            ``[2**16, 2**24]`` (a chunk's buffers stay a small fraction of one dense map).
 
     Example:
         >>> corr = Correspondences.from_dicts([[{0: 1, 2: 3}, {1: 0}]], ref_tokens=[3, 2], tgt_tokens=4)
@@ -118,7 +119,7 @@ class RefTargetCapture:
         corr: Correspondences,
         aggregate: str | None = "points",
         scale: float | None = None,
-        max_chunk_elements: int = 2**24,
+        max_chunk_elements: int | None = None,
     ) -> None:
         if not isinstance(corr, Correspondences):
             raise ValueError(f"Expected `corr` to be a Correspondences, but got {type(corr).__name__}.")
@@ -128,8 +129,11 @@ class RefTargetCapture:
         self.corr = corr
         self.aggregate = aggregate
         self.scale = scale
-        self.max_chunk_elements = check_int("max_chunk_elements", max_chunk_elements, minimum=1)
+        self.max_chunk_elements = (
+            None if max_chunk_elements is None else check_int("max_chunk_elements", max_chunk_elements, minimum=1)
+        )
         self._prepared: dict[str, torch.Tensor] | None = None
+        self._plans: dict[int, Plan] = {}
         self.reset()
 
     # -- state --------------------------------------------------------------------------------------
@@ -142,11 +146,16 @@ class RefTargetCapture:
 
     @property
     def num_blocks(self) -> int:
-        """How many blocks have been fed since construction or :meth:`reset`."""
+        """How many blocks have been fed since construction or `reset`."""
         return len(self._pair_blocks)
 
     def _prepare(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Index and weight tensors on the blocks' device, built once."""
+        """Index and weight tensors on the blocks' device, built once.
+
+        The pairs are listed flat (valid ones only), sorted by the position of their query row in
+        the row list that the kernel walks: the pairs' own rows for ``"points"`` and None, all
+        reference rows for ``"all"``.
+        """
         if self._prepared is not None:
             if (device, dtype) != self._prepared_for:
                 raise ValueError(
@@ -154,19 +163,54 @@ class RefTargetCapture:
                     f"but got {device} needing {dtype}."
                 )
             return self._prepared
-        corr = self.corr.to(device)
-        mask = corr.point_mask.flatten(1)
+        corr = self.corr.to("cpu")
+        batch, refs, points = corr.point_mask.shape
+        flat = corr.point_mask.flatten().nonzero().flatten()  # valid pairs, index into B·K·P
+        pair_batch = flat // (refs * points)
+        if self.aggregate == "all":
+            pair_pos = corr.global_rows.flatten()[flat]
+        else:
+            pair_pos = flat % (refs * points)
+        order = torch.sort(pair_pos, stable=True).indices
         prepared = {
-            "rows": torch.where(mask, corr.global_rows.flatten(1), 0),
-            "targets": torch.where(mask, corr.tgt_index.flatten(1), 0),
-            "mask": corr.point_mask,
+            "pair_flat": flat[order].to(device),
+            "pair_batch": pair_batch[order].to(device),
+            "pair_pos": pair_pos[order].to(device),
+            "pair_target": corr.tgt_index.flatten()[flat][order].to(device),
+            "pair_pos_cpu": pair_pos[order],
         }
-        if self.aggregate == "points":
-            prepared["weights"] = _points_weights(corr, dtype)
-        elif self.aggregate == "all":
-            prepared["weights"] = _all_weights(corr, dtype)
+        if self.aggregate == "all":
+            prepared["weights"] = _all_weights(corr, dtype).to(device)
+        else:
+            rows = torch.where(corr.point_mask, corr.global_rows, 0).flatten(1)
+            prepared["rows"] = rows.to(device)
+            if self.aggregate == "points":
+                prepared["weights"] = _points_weights(corr, dtype).to(device)
         self._prepared, self._prepared_for = prepared, (device, dtype)
         return prepared
+
+    def _plan(self, prepared: dict[str, torch.Tensor], heads: int) -> Plan:
+        """The chunking of one block (cached: it depends only on the head count)."""
+        rows = prepared.get("rows")
+        num_rows = self.corr.total_ref_tokens if rows is None else rows.shape[1]
+        per_row = self.corr.batch_size * heads * self.corr.tgt_tokens
+        budget = self.max_chunk_elements or min(2**24, max(2**16, per_row * num_rows // 16))
+        chunk_rows = max(1, budget // per_row)
+        if chunk_rows not in self._plans:
+            starts = torch.arange(0, max(num_rows, 1), chunk_rows)
+            stops = (starts + chunk_rows).clamp_max(num_rows)
+            lo = torch.searchsorted(prepared["pair_pos_cpu"], starts).tolist()
+            hi = torch.searchsorted(prepared["pair_pos_cpu"], stops).tolist()
+            self._plans[chunk_rows] = Plan(
+                rows=rows,
+                weights=prepared.get("weights"),
+                pair_batch=prepared["pair_batch"],
+                pair_pos=prepared["pair_pos"],
+                pair_target=prepared["pair_target"],
+                chunk_rows=chunk_rows,
+                pair_bounds=tuple(zip(lo, hi)),
+            )
+        return self._plans[chunk_rows]
 
     # -- feeding ------------------------------------------------------------------------------------
     def add(self, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -194,33 +238,22 @@ class RefTargetCapture:
         scale = self.scale if self.scale is not None else dim**-0.5
         self._num_heads, self._head_dim = heads, dim
 
-        if self.aggregate == "points":
-            pair, rows = TargetSoftmaxStats.apply(
-                query, key, prepared["rows"], prepared["targets"], prepared["weights"], scale, self.max_chunk_elements
-            )
-        else:
-            pair, _ = TargetSoftmaxStats.apply(
-                query, key, prepared["rows"], prepared["targets"], None, scale, self.max_chunk_elements
-            )
-            rows = None
-            if self.aggregate == "all":
-                _, rows = TargetSoftmaxStats.apply(
-                    query, key, None, None, prepared["weights"], scale, self.max_chunk_elements
-                )
+        pair, rows = TargetSoftmaxStats.apply(query, key, self._plan(prepared, heads), scale)
         self._pair_blocks.append(pair)
-        if rows is not None:
+        if self.aggregate is not None:
             self._rows_sum = rows if self._rows_sum is None else self._rows_sum + rows
 
     def result(self) -> CaptureResult:
-        """The statistics averaged over the fed blocks and heads (see :class:`CaptureResult`)."""
+        """The statistics averaged over the fed blocks and heads (see `CaptureResult`)."""
         if not self._pair_blocks:
             raise ValueError("Expected at least one block fed with `add(query, key)` before `result()`, but got none.")
         prepared = self._prepared
         assert prepared is not None and self._num_heads is not None
         blocks = len(self._pair_blocks)
         log_mean = torch.logsumexp(torch.stack(self._pair_blocks), dim=0) - math.log(blocks * self._num_heads)
-        mask = prepared["mask"]
-        pair_log_probs = torch.where(mask, log_mean.view(mask.shape), 0.0)
+        corr = self.corr
+        pair_log_probs = log_mean.new_zeros(corr.point_mask.numel()).scatter(0, prepared["pair_flat"], log_mean)
+        pair_log_probs = pair_log_probs.view(corr.point_mask.shape)
         rows = None if self._rows_sum is None else self._rows_sum / blocks
         return CaptureResult(
             pair_log_probs=pair_log_probs,

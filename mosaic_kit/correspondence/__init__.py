@@ -1,10 +1,10 @@
 """Correspondences between reference and target tokens.
 
-- :class:`TokenGrid`: pixel ↔ latent ↔ packed token index for one image size.
-- :class:`Correspondences`: batched, padded point pairs per sample and reference, with masks
+- `TokenGrid`: pixel ↔ latent ↔ packed token index for one image size.
+- `Correspondences`: batched, padded point pairs per sample and reference, with masks
   for padded points and absent references and the global rows of eq. 9.
-- :func:`enforce_disjoint` and friends: eq. 2 (no target token claimed by two references).
-- :func:`subsample`: at most P points per reference, random or farthest-point.
+- `enforce_disjoint` and friends: eq. 2 (no target token claimed by two references).
+- `subsample`: at most P points per reference, random or farthest-point.
 
 This subpackage imports only torch (and einops/kornia); it knows nothing of FLUX.
 """

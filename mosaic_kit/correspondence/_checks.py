@@ -1,7 +1,7 @@
 """Input checks shared by the core subpackages (private).
 
 Every public function of ``correspondence``, ``attention`` and ``losses`` validates its inputs
-with these helpers, so that a bad input raises :class:`ValueError` naming the argument, what was
+with these helpers, so that a bad input raises `ValueError` naming the argument, what was
 expected and what arrived.
 """
 

@@ -43,9 +43,9 @@ class Correspondences:
     the token layout: reference ``k`` has ``ref_tokens[k]`` tokens and the target ``tgt_tokens``.
 
     The global row of a reference token in the concatenated reference sequence is eq. 9 of the
-    paper, :math:`G(u^{(k)}) = \\sum_{i<k} N^{(i)} + u^{(k)}` (see :attr:`global_rows`).
+    paper, $G(u^{(k)}) = \\sum_{i<k} N^{(i)} + u^{(k)}$ (see `global_rows`).
 
-    Build one with :meth:`from_dicts` (the released per-sample format), :meth:`from_pixel_pairs`
+    Build one with `from_dicts` (the released per-sample format), `from_pixel_pairs`
     (pixel coordinates at any resolution) or directly from tensors.
 
     Args:
@@ -181,7 +181,7 @@ class Correspondences:
         return replace(self, confidence=confidence, **moved)
 
     def with_point_mask(self, point_mask: torch.Tensor) -> Correspondences:
-        """A copy keeping only the points where both ``point_mask`` and :attr:`point_mask` hold."""
+        """A copy keeping only the points where both ``point_mask`` and `point_mask` hold."""
         check_shape("point_mask", point_mask, list(self.point_mask.shape), "(B, K, P)")
         return replace(self, point_mask=self.point_mask & point_mask.to(self.device, torch.bool))
 
@@ -396,7 +396,7 @@ class Correspondences:
         return cls._from_point_lists(point_lists, ref_tokens, tgt_grid.num_tokens, with_confidence)
 
     def to_dicts(self) -> list[list[dict[int, int]]]:
-        """Converts back to the released per-sample format (see :meth:`from_dicts`).
+        """Converts back to the released per-sample format (see `from_dicts`).
 
         Trailing absent references are dropped from each sample's list.
 

@@ -1,7 +1,7 @@
 """Correspondence disjointness across references (eq. 2 of the paper).
 
 Eq. 2 asks that no target token be claimed by two references of the same sample:
-:math:`\\mathcal{V}^{(i,k_1)} \\cap \\mathcal{V}^{(i,k_2)} = \\emptyset` for :math:`k_1 \\neq k_2`.
+$\\mathcal{V}^{(i,k_1)} \\cap \\mathcal{V}^{(i,k_2)} = \\emptyset$ for $k_1 \\neq k_2$.
 Several points of one reference may share a target token; that is not a conflict.
 """
 
@@ -15,7 +15,7 @@ from .batch import Correspondences
 __all__ = ["DISJOINT_POLICIES", "contested_tokens", "enforce_disjoint", "find_conflicts", "is_disjoint"]
 
 DISJOINT_POLICIES = ("drop", "first", "confidence", "strict")
-"""Policies of :func:`enforce_disjoint`."""
+"""Policies of `enforce_disjoint`."""
 
 
 def _claims(corr: Correspondences) -> torch.Tensor:
@@ -69,14 +69,14 @@ def enforce_disjoint(corr: Correspondences, policy: str = "drop") -> Corresponde
     - ``"drop"``: remove every claim on a contested target token;
     - ``"first"``: the lowest reference index that claims a token keeps it;
     - ``"confidence"``: the reference with the highest confidence on the token keeps it (ties go
-      to the lower index); needs :attr:`Correspondences.confidence`;
+      to the lower index); needs `confidence`;
     - ``"strict"``: change nothing and raise if any token is contested.
 
-    Removed points are masked out (``P`` is kept; call :meth:`Correspondences.compact` to trim).
+    Removed points are masked out (``P`` is kept; call `compact` to trim).
 
     Args:
         corr: the correspondences.
-        policy: one of :data:`DISJOINT_POLICIES`.
+        policy: one of `DISJOINT_POLICIES`.
 
     Returns:
         The correspondences with eq. 2 satisfied.

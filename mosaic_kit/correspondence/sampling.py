@@ -13,7 +13,7 @@ from .grid import TokenGrid
 __all__ = ["SUBSAMPLE_METHODS", "subsample"]
 
 SUBSAMPLE_METHODS = ("random", "farthest")
-"""Methods of :func:`subsample`."""
+"""Methods of `subsample`."""
 
 
 def _take(corr: Correspondences, order: torch.Tensor, valid: torch.Tensor) -> Correspondences:
@@ -72,9 +72,9 @@ def subsample(
     Args:
         corr: the correspondences.
         max_points: the most points kept per reference (>= 1).
-        method: one of :data:`SUBSAMPLE_METHODS`.
+        method: one of `SUBSAMPLE_METHODS`.
         seed: seed of the random subset.
-        target_grid: the target's token grid (a :class:`TokenGrid` or ``(rows, cols)``), needed by
+        target_grid: the target's token grid (a `TokenGrid` or ``(rows, cols)``), needed by
             ``"farthest"``; ``rows * cols`` must equal ``corr.tgt_tokens``.
 
     Returns:

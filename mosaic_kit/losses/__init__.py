@@ -1,11 +1,11 @@
 """The MOSAIC losses: SCAL (eq. 10), MDL (eq. 11-14) and the objective of eq. 15.
 
-Every loss exists as a function (:mod:`mosaic_kit.losses.functional`) and as an ``nn.Module``
+Every loss exists as a function (`functional`) and as an ``nn.Module``
 whose ``forward`` calls it. Nothing here knows FLUX.
 """
 
 from . import functional
-from .mdl import MDL, MDL_DIVERGENCES, mdl
+from ._mdl import MDL, MDL_DIVERGENCES, mdl
 from .objective import (
     OBJECTIVE_PRESETS,
     ConstantSchedule,
@@ -14,7 +14,7 @@ from .objective import (
     ObjectiveOutput,
     flow_matching_loss,
 )
-from .scal import SCAL, SCAL_REDUCTIONS, scal
+from ._scal import SCAL, SCAL_REDUCTIONS, scal
 
 __all__ = [
     "MDL",

@@ -1,6 +1,6 @@
 """Reading the attention statistics the losses need from either input form (private).
 
-The losses accept ``x`` as a :class:`~mosaic_kit.attention.CaptureResult` (fast path) or as a
+The losses accept ``x`` as a `CaptureResult` (fast path) or as a
 dense ``(B, N_ref_total, N_tgt)`` tensor holding A (slow, obviously-correct twin). Both are
 reduced here to the same two quantities, so the loss math that follows is shared.
 """

@@ -12,8 +12,8 @@ from torch import nn
 from ..attention import AGGREGATES, CaptureResult
 from ..correspondence import Correspondences
 from ..correspondence._checks import check_int, check_option, check_shape
-from .mdl import MDL_DIVERGENCES, mdl
-from .scal import SCAL_REDUCTIONS, scal
+from ._mdl import MDL_DIVERGENCES, mdl
+from ._scal import SCAL_REDUCTIONS, scal
 
 __all__ = [
     "OBJECTIVE_PRESETS",
@@ -28,7 +28,7 @@ __all__ = [
 def flow_matching_loss(model_pred: torch.Tensor, noise: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     """Rectified-flow loss as FLUX is trained: the model predicts the velocity ``noise - latents``.
 
-    .. math:: \\mathcal{L}_{diff} = \\operatorname{mean}\\left((\\hat v - (\\epsilon - x_0))^2\\right)
+    $$ \\mathcal{L}_{diff} = \\operatorname{mean}\\left((\\hat v - (\\epsilon - x_0))^2\\right) $$
 
     Args:
         model_pred: ``(B, ...)`` predicted velocity.
@@ -129,12 +129,12 @@ OBJECTIVE_PRESETS: dict[str, dict[str, Any]] = {
         mdl_aggregate="all",
     ),
 }
-"""Named settings of :class:`MosaicObjective`: the paper's and the released code's (DESIGN §3)."""
+"""Named settings of `MosaicObjective`: the paper's and the released code's (DESIGN §3)."""
 
 
 @dataclass(frozen=True)
 class ObjectiveOutput:
-    """The terms of one evaluation of :class:`MosaicObjective`.
+    """The terms of one evaluation of `MosaicObjective`.
 
     Args:
         loss: scalar total, ``flow_matching + scal_weight·scal + mdl_weight·mdl``.
@@ -167,13 +167,13 @@ class MosaicObjective(nn.Module):
     Args:
         scal_weight: α, a number or a schedule (paper: 0.4).
         mdl_weight: β, a number or a schedule (paper: 0.6).
-        scal_reduction: see :func:`~mosaic_kit.losses.scal`.
-        scal_eps: see :func:`~mosaic_kit.losses.scal`.
-        mdl_divergence: see :func:`~mosaic_kit.losses.mdl`.
-        mdl_aggregate: see :func:`~mosaic_kit.losses.mdl`; capture with the same aggregate.
-        mdl_eps: see :func:`~mosaic_kit.losses.mdl`.
+        scal_reduction: see `scal`.
+        scal_eps: see `scal`.
+        mdl_divergence: see `mdl`.
+        mdl_aggregate: see `mdl`; capture with the same aggregate.
+        mdl_eps: see `mdl`.
 
-    Use :meth:`from_preset` for the ``"paper"`` and ``"released"`` settings.
+    Use `from_preset` for the ``"paper"`` and ``"released"`` settings.
 
     Example:
         >>> corr = Correspondences.from_dicts([[{0: 0}, {0: 1}]], ref_tokens=[1, 1], tgt_tokens=2)
@@ -209,7 +209,7 @@ class MosaicObjective(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MosaicObjective:
-        """The objective of a named preset (:data:`OBJECTIVE_PRESETS`), with keyword overrides.
+        """The objective of a named preset (`OBJECTIVE_PRESETS`), with keyword overrides.
 
         Example:
             >>> MosaicObjective.from_preset("released").mdl_weight(10_500)
@@ -242,7 +242,7 @@ class MosaicObjective(nn.Module):
             step: the optimisation step, for the weight schedules.
 
         Returns:
-            An :class:`ObjectiveOutput` with the total and every term.
+            An `ObjectiveOutput` with the total and every term.
         """
         step = check_int("step", step, minimum=0)
         alpha, beta = self.scal_weight(step), self.mdl_weight(step)

@@ -14,7 +14,7 @@ from ._reduce import batch_mean, check_eps
 __all__ = ["SCAL", "SCAL_REDUCTIONS", "scal"]
 
 SCAL_REDUCTIONS = ("per_ref", "pooled")
-"""Reductions of :func:`scal`: ``"per_ref"`` (paper) and ``"pooled"`` (released)."""
+"""Reductions of `scal`: ``"per_ref"`` (paper) and ``"pooled"`` (released)."""
 
 
 def _scal_compute(log_a: torch.Tensor, corr: Correspondences, reduction: str) -> torch.Tensor:
@@ -41,17 +41,17 @@ def scal(
 
     The cross-entropy of each annotated reference point against its target token:
 
-    .. math::
-
-        \\mathcal{L}_{SCA} = -\\frac{1}{K}\\sum_{k=1}^{K}\\frac{1}{P^{(k)}}\\sum_{j=1}^{P^{(k)}}
-            \\log\\left(A[G(u^{(k)}_j), v^{(k)}_j] + \\epsilon\\right)
+    $$
+    \\mathcal{L}_{SCA} = -\\frac{1}{K}\\sum_{k=1}^{K}\\frac{1}{P^{(k)}}\\sum_{j=1}^{P^{(k)}}
+    \\log\\left(A[G(u^{(k)}_j), v^{(k)}_j] + \\epsilon\\right)
+    $$
 
     for one sample, where the sum runs over the references that have points (references without
     points and absent references take no part). The batch value is the mean over samples with at
     least one point, and 0 when there are none.
 
     Args:
-        x: a :class:`~mosaic_kit.attention.CaptureResult` (fast path), or a dense
+        x: a `CaptureResult` (fast path), or a dense
             ``(B, N_ref_total, N_tgt)`` tensor holding A (rows softmaxed over the targets and
             averaged over blocks and heads; the slow twin).
         corr: the correspondences (B samples, K references, P points).
@@ -77,7 +77,7 @@ def scal(
 
 
 class SCAL(nn.Module):
-    """Module form of :func:`scal` (same arguments and math).
+    """Module form of `scal` (same arguments and math).
 
     Example:
         >>> corr = Correspondences.from_dicts([[{0: 1}]], ref_tokens=[2], tgt_tokens=2)
@@ -93,7 +93,7 @@ class SCAL(nn.Module):
         self.eps = check_eps("eps", eps)
 
     def forward(self, x: CaptureResult | torch.Tensor, corr: Correspondences) -> torch.Tensor:
-        """See :func:`scal`."""
+        """See `scal`."""
         return scal(x, corr, reduction=self.reduction, eps=self.eps)
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ from ._reduce import batch_mean, check_eps
 __all__ = ["MDL", "MDL_DIVERGENCES", "mdl"]
 
 MDL_DIVERGENCES = ("sym_kl", "jsd")
-"""Divergences of :func:`mdl`: symmetric KL (paper) and Jensen-Shannon (released)."""
+"""Divergences of `mdl`: symmetric KL (paper) and Jensen-Shannon (released)."""
 
 _DEFAULT_EPS = {"jsd": 1e-8}
 
@@ -53,14 +53,14 @@ def mdl(
     """Multi-Reference Disentanglement Loss, eq. 11-14 of the paper.
 
     Per reference k, the attention rows of its correspondence points (or of all its tokens) are
-    averaged and L1-normalised into a distribution :math:`\\hat a^{(k)}` over the target tokens
+    averaged and L1-normalised into a distribution $\\hat a^{(k)}$ over the target tokens
     (eq. 11-12). Then, for the K references of a sample that take part,
 
-    .. math::
-
-        \\mathcal{L}_{MD} = -\\frac{1}{K(K-1)}\\sum_{i \\neq j}
-            \\operatorname{dist}(\\hat a^{(i)}, \\hat a^{(j)}),\\quad
-        \\operatorname{dist} = \\tfrac12 D_{KL}(\\hat a^{(i)}\\|\\hat a^{(j)}) + \\tfrac12 D_{KL}(\\hat a^{(j)}\\|\\hat a^{(i)})
+    $$
+    \\mathcal{L}_{MD} = -\\frac{1}{K(K-1)}\\sum_{i \\neq j}
+    \\operatorname{dist}(\\hat a^{(i)}, \\hat a^{(j)}),\\quad
+    \\operatorname{dist} = \\tfrac12 D_{KL}(\\hat a^{(i)}\\|\\hat a^{(j)}) + \\tfrac12 D_{KL}(\\hat a^{(j)}\\|\\hat a^{(i)})
+    $$
 
     (eq. 13-14; or the Jensen-Shannon divergence). It is minimised, so it pushes references to
     attend to different target regions. Absent references never take part; with
@@ -69,7 +69,7 @@ def mdl(
     contribute, and 0 when none does.
 
     Args:
-        x: a :class:`~mosaic_kit.attention.CaptureResult` captured with an aggregate, or a dense
+        x: a `CaptureResult` captured with an aggregate, or a dense
             ``(B, N_ref_total, N_tgt)`` tensor holding A (the slow twin).
         corr: the correspondences.
         divergence: ``"sym_kl"`` (paper) or ``"jsd"`` (released).
@@ -102,7 +102,7 @@ def mdl(
 
 
 class MDL(nn.Module):
-    """Module form of :func:`mdl` (same arguments and math).
+    """Module form of `mdl` (same arguments and math).
 
     Example:
         >>> corr = Correspondences.from_dicts([[{0: 0}, {0: 1}]], ref_tokens=[1, 1], tgt_tokens=2)
@@ -119,7 +119,7 @@ class MDL(nn.Module):
         self.eps = None if eps is None else check_eps("eps", eps)
 
     def forward(self, x: CaptureResult | torch.Tensor, corr: Correspondences) -> torch.Tensor:
-        """See :func:`mdl`."""
+        """See `mdl`."""
         return mdl(x, corr, divergence=self.divergence, aggregate=self.aggregate, eps=self.eps)
 
     def extra_repr(self) -> str:

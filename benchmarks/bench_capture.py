@@ -1,0 +1,341 @@
+"""Benchmark: released-style dense attention capture vs `RefTargetCapture`.
+
+Both methods get the same inputs (per block: reference queries and target keys, as leaf tensors,
+i.e. the activations a model holds anyway) and compute the same loss with the released settings
+(SCAL pooled with eps 1e-9, weight 0.1; MDL as Jensen-Shannon over all tokens, weight 1.0), then
+run backward. Reported: peak memory above the inputs during forward + backward, and time, as the
+median of several runs; and the ratios.
+
+- ``released``: per block and reference, the head-averaged softmax over target keys is kept for
+  the loss (autograd also keeps the per-head probabilities); SCAL is a per-point Python loop;
+  MDL is JSD over the rows of all tokens.
+- ``mosaic_kit``: `RefTargetCapture(aggregate="all")` + `scal` + `mdl` with the same settings.
+- ``mosaic_kit-points``: the paper's settings (per-ref SCAL, symmetric KL over point rows).
+
+A second table times SCAL alone (forward + backward) on one dense map with many points: the
+released per-point loop against the vectorised `scal`.
+
+Each measurement runs in a fresh subprocess so that peak memory is not polluted by another
+method. On CPU the peak is the process's resident-set high-water mark (reset through
+``/proc/self/clear_refs``) above the resident size before the step; on CUDA it is
+``torch.cuda.max_memory_allocated`` above the allocated memory before the step.
+
+Usage::
+
+    python benchmarks/bench_capture.py                      # small CPU default
+    python benchmarks/bench_capture.py --preset flux-1024   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PRESETS = {
+    # name: blocks, heads, head dim, target tokens, reference tokens each, references, points per ref, dtype
+    "cpu": dict(blocks=4, heads=8, dim=64, tgt_tokens=1024, ref_tokens=256, refs=4, points=64, dtype="float32"),
+    "flux-512": dict(blocks=19, heads=24, dim=128, tgt_tokens=1024, ref_tokens=1024, refs=4, points=256, dtype="bfloat16"),
+    "flux-1024": dict(blocks=19, heads=24, dim=128, tgt_tokens=4096, ref_tokens=1024, refs=4, points=256, dtype="bfloat16"),
+}
+METHODS = ("released", "mosaic_kit", "mosaic_kit-points")
+
+
+@dataclass
+class Measurement:
+    method: str
+    peak_mib: float
+    time_ms: float
+    loss: float
+    runs: int
+
+
+# ---------------------------------------------------------------------------------------- worker
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+class _Memory:
+    """Peak memory above the current level, for CPU (RSS high-water mark) or CUDA."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.device = torch, device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+            self.base = self.torch.cuda.memory_allocated() / 2**20
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _rss_mib("VmRSS")
+
+    def peak(self) -> float:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+            return self.torch.cuda.max_memory_allocated() / 2**20 - self.base
+        return _rss_mib("VmHWM") - self.base
+
+
+def _inputs(cfg: dict, device, seed: int = 0):
+    import torch
+
+    from mosaic_kit.correspondence import Correspondences
+
+    rng = random.Random(seed)
+    refs, n_ref, n_tgt, points = cfg["refs"], cfg["ref_tokens"], cfg["tgt_tokens"], cfg["points"]
+    targets = rng.sample(range(n_tgt), min(n_tgt, refs * points))  # disjoint across references (eq. 2)
+    dicts = []
+    for k in range(refs):
+        us = rng.sample(range(n_ref), points)
+        vs = [targets[(k * points + j) % len(targets)] for j in range(points)]
+        dicts.append(dict(zip(us, vs)))
+    corr = Correspondences.from_dicts([dicts], [n_ref] * refs, n_tgt)
+    dtype = getattr(torch, cfg["dtype"])
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    queries, keys = [], []
+    for _ in range(cfg["blocks"]):
+        queries.append(torch.randn(1, cfg["heads"], refs * n_ref, cfg["dim"], generator=g).to(device, dtype).requires_grad_())
+        keys.append(torch.randn(1, cfg["heads"], n_tgt, cfg["dim"], generator=g).to(device, dtype).requires_grad_())
+    return dicts, corr, queries, keys
+
+
+def released_style_loss(dicts, ref_tokens, queries, keys, scal_weight=0.1, mdl_weight=1.0):
+    """The released code's capture and losses, restated: dense maps kept per block and reference."""
+    import torch
+
+    maps = [[] for _ in ref_tokens]
+    for q, k in zip(queries, keys):
+        scale = q.shape[-1] ** -0.5
+        offset = 0
+        for ref, n in enumerate(ref_tokens):
+            logits = q[:, :, offset : offset + n] @ k.transpose(-1, -2) * scale  # in the model dtype
+            maps[ref].append(logits.softmax(dim=-1).mean(dim=1)[0])  # (n, N_tgt), kept for the loss
+            offset += n
+    attn = [torch.stack(m).float().mean(0) for m in maps]
+    scal_value, count = 0.0, 0
+    for ref, pairs in enumerate(dicts):
+        for u, v in pairs.items():
+            scal_value = scal_value - torch.log(attn[ref][u, v] + 1e-9)
+            count += 1
+    scal_value = scal_value / count
+    rows = [a.mean(0) for a in attn]
+    rows = [r / r.sum() for r in rows]
+    mdl_value, pairs_seen = 0.0, 0
+    for i in range(len(rows)):
+        for j in range(len(rows)):
+            if i == j:
+                continue
+            mid = 0.5 * (rows[i] + rows[j])
+            jsd = 0.5 * (rows[i] * (torch.log(rows[i] + 1e-8) - torch.log(mid + 1e-8))).sum() + 0.5 * (
+                rows[j] * (torch.log(rows[j] + 1e-8) - torch.log(mid + 1e-8))
+            ).sum()
+            mdl_value = mdl_value - jsd
+            pairs_seen += 1
+    mdl_value = mdl_value / max(pairs_seen, 1)
+    return scal_weight * scal_value + mdl_weight * mdl_value
+
+
+def mosaic_loss(corr, queries, keys, paper: bool):
+    from mosaic_kit.attention import RefTargetCapture
+    from mosaic_kit.losses.functional import mdl, scal
+
+    capture = RefTargetCapture(corr, aggregate="points" if paper else "all")
+    for q, k in zip(queries, keys):
+        capture.add(q, k)
+    out = capture.result()
+    if paper:
+        return 0.4 * scal(out, corr) + 0.6 * mdl(out, corr)
+    return 0.1 * scal(out, corr, reduction="pooled", eps=1e-9) + 1.0 * mdl(out, corr, divergence="jsd")
+
+
+def _worker(method: str, cfg: dict, device_name: str, repeats: int) -> Measurement:
+    import torch
+
+    torch.manual_seed(0)
+    device = torch.device(device_name)
+    dicts, corr, queries, keys = _inputs(cfg, device)
+    memory = _Memory(device)
+    peaks, times, loss_value = [], [], math.nan
+    for run in range(repeats + 1):  # the first run warms up
+        for t in queries + keys:
+            t.grad = None
+        memory.start()
+        start = time.perf_counter()
+        if method == "released":
+            loss = released_style_loss(dicts, corr.ref_tokens, queries, keys)
+        else:
+            loss = mosaic_loss(corr, queries, keys, paper=method == "mosaic_kit-points")
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        peak = memory.peak()
+        loss_value = float(loss)
+        del loss
+        if run:
+            peaks.append(peak)
+            times.append(elapsed * 1e3)
+    return Measurement(method, statistics.median(peaks), statistics.median(times), loss_value, repeats)
+
+
+def _scal_worker(points_total: int, device_name: str, repeats: int) -> dict:
+    """SCAL alone, forward + backward, on one dense map: per-point loop vs vectorised."""
+    import torch
+
+    from mosaic_kit.correspondence import Correspondences
+    from mosaic_kit.losses.functional import scal
+
+    rng = random.Random(0)
+    refs, n_ref, n_tgt = 4, 1024, 256
+    per_ref = points_total // refs
+    dicts = [{u: rng.randrange(n_tgt) for u in rng.sample(range(n_ref), per_ref)} for _ in range(refs)]
+    corr = Correspondences.from_dicts([dicts], [n_ref] * refs, n_tgt).to(device_name)
+    dense = torch.rand(1, refs * n_ref, n_tgt, device=device_name).softmax(-1).requires_grad_()
+
+    def loop():
+        total, count = 0.0, 0
+        for k, pairs in enumerate(dicts):
+            block = dense[0, k * n_ref : (k + 1) * n_ref]
+            for u, v in pairs.items():
+                total = total - torch.log(block[u, v] + 1e-9)
+                count += 1
+        return total / count
+
+    def vectorised():
+        return scal(dense, corr, reduction="pooled", eps=1e-9)
+
+    result = {}
+    for name, fn in (("loop", loop), ("vectorised", vectorised)):
+        times, value = [], math.nan
+        # The loop is slow (one autograd node and one full-size gradient per point): at most 3 runs.
+        for run in range((min(repeats, 3) if name == "loop" else repeats) + 1):
+            dense.grad = None
+            start = time.perf_counter()
+            loss = fn()
+            loss.backward()
+            if dense.is_cuda:
+                torch.cuda.synchronize()
+            if run:
+                times.append((time.perf_counter() - start) * 1e3)
+            value = float(loss)
+        result[name] = {"time_ms": statistics.median(times), "loss": value}
+    result["points"] = per_ref * refs
+    return result
+
+
+# ---------------------------------------------------------------------------------------- parent
+def _run_worker(args: list[str]) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _hardware(device: str) -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="problem size (default: cpu)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method after one warm-up (median)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--scal-points", type=int, default=3072, help="points of the SCAL-only timing (0: skip)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output (default: benchmarks/results/capture-<preset>.json)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    cfg = PRESETS[args.preset]
+    if args.worker == "scal":
+        print(json.dumps(_scal_worker(args.scal_points, device, args.repeats)))
+        return {}
+    if args.worker:
+        print(json.dumps(asdict(_worker(args.worker, cfg, device, args.repeats))))
+        return {}
+
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
+    print(f"bench_capture: preset {args.preset} {cfg} on {device}, median of {args.repeats} runs", flush=True)
+    common = ["--preset", args.preset, "--device", device, "--repeats", str(args.repeats)]
+    results = {m: _run_worker(["--worker", m, *common]) for m in methods}
+
+    base = results.get("released")
+    rows = [["method", "peak memory (MiB)", "time (ms)", "memory ratio", "speed ratio", "loss"]]
+    for m, r in results.items():
+        mem_ratio = f"{base['peak_mib'] / max(r['peak_mib'], 1e-3):.1f}x" if base else "-"
+        speed = f"{base['time_ms'] / r['time_ms']:.2f}x" if base else "-"
+        rows.append([m, f"{r['peak_mib']:.1f}", f"{r['time_ms']:.1f}", mem_ratio, speed, f"{r['loss']:.6f}"])
+    print(_table(rows))
+    if base and "mosaic_kit" in results:
+        diff = abs(results["mosaic_kit"]["loss"] - base["loss"]) / max(abs(base["loss"]), 1e-12)
+        print(f"released-settings loss, mosaic_kit vs released-style: relative difference {diff:.2e}")
+
+    report = {"preset": args.preset, "config": cfg, "hardware": _hardware(device), "repeats": args.repeats,
+              "capture": results}
+    if base:
+        report["ratios"] = {m: {"memory": base["peak_mib"] / max(r["peak_mib"], 1e-3), "speed": base["time_ms"] / r["time_ms"]}
+                            for m, r in results.items() if m != "released"}
+    if args.scal_points:
+        scal_result = _run_worker(["--worker", "scal", "--scal-points", str(args.scal_points), *common])
+        ratio = scal_result["loop"]["time_ms"] / scal_result["vectorised"]["time_ms"]
+        scal_result["speed_ratio"] = ratio
+        print()
+        print(_table([
+            ["SCAL fwd+bwd", "points", "time (ms)", "speed ratio"],
+            ["released loop", str(scal_result["points"]), f"{scal_result['loop']['time_ms']:.2f}", "1.00x"],
+            ["mosaic_kit scal", str(scal_result["points"]), f"{scal_result['vectorised']['time_ms']:.3f}", f"{ratio:.0f}x"],
+        ]))
+        report["scal"] = scal_result
+    out = args.out or Path(__file__).parent / "results" / f"capture-{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

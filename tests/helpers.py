@@ -1,0 +1,59 @@
+"""Random correspondence batches and attention inputs for the tests."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from mosaic_kit.correspondence import Correspondences
+
+
+def random_dicts(
+    rng: random.Random,
+    batch: int,
+    ref_tokens: list[int],
+    tgt_tokens: int,
+    absent_prob: float = 0.2,
+    empty_prob: float = 0.15,
+    max_points: int = 6,
+) -> list[list[dict[int, int]]]:
+    """Released-format samples with absent (trailing) and empty references."""
+    samples = []
+    for _ in range(batch):
+        count = len(ref_tokens)
+        while count > 0 and rng.random() < absent_prob:
+            count -= 1
+        refs = []
+        for k in range(count):
+            if rng.random() < empty_prob:
+                refs.append({})
+                continue
+            n = rng.randint(1, min(max_points, ref_tokens[k]))
+            us = rng.sample(range(ref_tokens[k]), n)
+            refs.append({u: rng.randrange(tgt_tokens) for u in us})
+        samples.append(refs)
+    return samples
+
+
+def random_corr(seed: int, batch: int, num_refs: int, tgt_tokens: int = 12, **kwargs) -> Correspondences:
+    rng = random.Random(seed)
+    ref_tokens = [rng.randint(2, 7) for _ in range(num_refs)]
+    return Correspondences.from_dicts(random_dicts(rng, batch, ref_tokens, tgt_tokens, **kwargs), ref_tokens, tgt_tokens)
+
+
+def random_qk(
+    corr: Correspondences, blocks: int, heads: int, dim: int, dtype=torch.float64, scale: float = 1.0, seed: int = 0
+):
+    g = torch.Generator().manual_seed(seed)
+    queries = [
+        (torch.randn(corr.batch_size, heads, corr.total_ref_tokens, dim, generator=g, dtype=torch.float64) * scale)
+        .to(dtype).requires_grad_()
+        for _ in range(blocks)
+    ]
+    keys = [
+        (torch.randn(corr.batch_size, heads, corr.tgt_tokens, dim, generator=g, dtype=torch.float64) * scale)
+        .to(dtype).requires_grad_()
+        for _ in range(blocks)
+    ]
+    return queries, keys
