@@ -43,6 +43,7 @@ from pathlib import Path
 
 PRESETS = {
     # name: blocks, heads, head dim, target tokens, reference tokens each, references, points per ref, dtype
+    "tiny": dict(blocks=2, heads=2, dim=8, tgt_tokens=64, ref_tokens=16, refs=3, points=8, dtype="float32"),
     "cpu": dict(blocks=4, heads=8, dim=64, tgt_tokens=1024, ref_tokens=256, refs=4, points=64, dtype="float32"),
     "flux-512": dict(blocks=19, heads=24, dim=128, tgt_tokens=1024, ref_tokens=1024, refs=4, points=256, dtype="bfloat16"),
     "flux-1024": dict(blocks=19, heads=24, dim=128, tgt_tokens=4096, ref_tokens=1024, refs=4, points=256, dtype="bfloat16"),
@@ -128,7 +129,7 @@ def released_style_loss(dicts, ref_tokens, queries, keys, scal_weight=0.1, mdl_w
             logits = q[:, :, offset : offset + n] @ k.transpose(-1, -2) * scale  # in the model dtype
             maps[ref].append(logits.softmax(dim=-1).mean(dim=1)[0])  # (n, N_tgt), kept for the loss
             offset += n
-    attn = [torch.stack(m).float().mean(0) for m in maps]
+    attn = [torch.stack(m).to(torch.promote_types(m[0].dtype, torch.float32)).mean(0) for m in maps]
     scal_value, count = 0.0, 0
     for ref, pairs in enumerate(dicts):
         for u, v in pairs.items():

@@ -83,9 +83,10 @@ class RefTargetCapture:
     Feed it once per chosen transformer block with `add`, then call `result`. It
     never materialises an ``N_ref × N_tgt`` map: each block is processed in chunks of query rows
     by a custom autograd function that keeps only per-row log-sum-exps and recomputes each chunk's
-    softmax in backward. Memory held across blocks is ``O(B·H·P)`` for the pairs and
-    ``O(B·K·N_tgt)`` for the rows, plus references to the fed queries and keys (which the model
-    keeps for its own backward anyway).
+    softmax in backward. Memory held across blocks is, per block, one value per pair and the
+    per-row log-sum-exps ``(B, H, R)`` (R = ``K·P`` annotated rows, or ``N_ref_total`` with
+    ``aggregate="all"``), plus ``O(B·K·N_tgt)`` for the rows and references to the fed queries
+    and keys (which the model keeps for its own backward anyway).
 
     Loss math runs in float32 (float64 for float64 inputs) whatever the model dtype; gradients
     flow to the queries and keys in their own dtype.
