@@ -8,6 +8,6 @@
 Nothing here knows FLUX: the caller chooses which blocks feed the capture.
 """
 
-from .capture import AGGREGATES, CaptureResult, RefTargetCapture, dense_ref_target_attention
+from .capture import AGGREGATES, BACKENDS, CaptureResult, RefTargetCapture, dense_ref_target_attention
 
-__all__ = ["AGGREGATES", "CaptureResult", "RefTargetCapture", "dense_ref_target_attention"]
+__all__ = ["AGGREGATES", "BACKENDS", "CaptureResult", "RefTargetCapture", "dense_ref_target_attention"]

@@ -29,11 +29,16 @@ import torch
 from ..correspondence import Correspondences
 from ..correspondence._checks import check_floating, check_int, check_option, check_shape, compute_dtype
 from ._chunked import Plan, TargetSoftmaxStats
+from ._fused import FusedPairStats
 
-__all__ = ["AGGREGATES", "CaptureResult", "RefTargetCapture", "dense_ref_target_attention"]
+__all__ = ["AGGREGATES", "BACKENDS", "CaptureResult", "RefTargetCapture", "dense_ref_target_attention"]
 
 AGGREGATES = ("points", "all")
 """Row aggregations of `RefTargetCapture`: over annotated points, or over all tokens."""
+
+BACKENDS = ("torch", "fused", "auto")
+"""Kernels of `RefTargetCapture`: the chunked torch path (the reference), fused attention
+kernels (SCAL only), or ``"auto"`` (fused on CUDA when ``aggregate`` is None, else torch)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,6 +105,12 @@ class RefTargetCapture:
         max_chunk_elements: the most logits (``B·H·rows·N_tgt``) computed at once, which bounds
             the transient memory of a block. Default: 1/16 of one block's logits, clamped to
             ``[2**16, 2**24]`` (a chunk's buffers stay a small fraction of one dense map).
+        backend: ``"torch"`` (default; chunked, plain torch, runs everywhere), ``"fused"``
+            (pairs through fused attention kernels: xformers' memory-efficient attention when
+            installed on CUDA, else torch's efficient-attention kernel on CUDA or its
+            flash-attention kernel on CPU; only with ``aggregate=None``, since rows need every
+            probability) or ``"auto"`` (``"fused"`` for CUDA tensors with ``aggregate=None``,
+            else ``"torch"``). The torch path is the reference the fused one is tested against.
 
     Example:
         >>> corr = Correspondences.from_dicts([[{0: 1, 2: 3}, {1: 0}]], ref_tokens=[3, 2], tgt_tokens=4)
@@ -121,10 +132,18 @@ class RefTargetCapture:
         aggregate: str | None = "points",
         scale: float | None = None,
         max_chunk_elements: int | None = None,
+        backend: str = "torch",
     ) -> None:
         if not isinstance(corr, Correspondences):
             raise ValueError(f"Expected `corr` to be a Correspondences, but got {type(corr).__name__}.")
         check_option("aggregate", aggregate, AGGREGATES + (None,))
+        check_option("backend", backend, BACKENDS)
+        if backend == "fused" and aggregate is not None:
+            raise ValueError(
+                f"Expected `aggregate=None` with backend 'fused' (fused kernels give pair statistics only), "
+                f"but got aggregate={aggregate!r}; use backend 'torch' or 'auto'."
+            )
+        self.backend = backend
         if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"Expected `scale` to be a positive finite number or None, but got {scale!r}.")
         self.corr = corr
@@ -239,7 +258,16 @@ class RefTargetCapture:
         scale = self.scale if self.scale is not None else dim**-0.5
         self._num_heads, self._head_dim = heads, dim
 
-        pair, rows = TargetSoftmaxStats.apply(query, key, self._plan(prepared, heads), scale)
+        fused = self.backend == "fused" or (self.backend == "auto" and self.aggregate is None and query.is_cuda)
+        if fused:
+            rows_index = prepared["rows"]
+            query_rows = query.gather(2, rows_index[:, None, :, None].expand(-1, heads, -1, dim))
+            pair = FusedPairStats.apply(
+                query_rows, key, prepared["pair_batch"], prepared["pair_pos"], prepared["pair_target"], scale
+            )
+            rows = None
+        else:
+            pair, rows = TargetSoftmaxStats.apply(query, key, self._plan(prepared, heads), scale)
         self._pair_blocks.append(pair)
         if self.aggregate is not None:
             self._rows_sum = rows if self._rows_sum is None else self._rows_sum + rows
