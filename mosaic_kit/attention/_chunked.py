@@ -90,15 +90,22 @@ class TargetSoftmaxStats(torch.autograd.Function):
         for start, stop, lo, hi in plan.chunks(num_rows):
             q = _rows_of(query, plan.rows, start, stop, dtype)
             logits = torch.matmul(q, key_c.transpose(-1, -2)).mul_(scale)  # (B, H, c, N_tgt)
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            lse[:, :, start:stop] = chunk_lse
             if hi > lo:
                 b, r, v = plan.pair_batch[lo:hi], plan.pair_pos[lo:hi] - start, plan.pair_target[lo:hi]
-                log_p = logits[b, :, r, v] - chunk_lse[b, :, r]  # (n_c, H)
-                pair[lo:hi] = torch.logsumexp(log_p, dim=1)
-            if plan.weights is not None:
-                probs = logits.sub_(chunk_lse[..., None]).exp_().mean(1)  # (B, c, N_tgt)
+                pair_logits = logits[b, :, r, v]  # (n_c, H), read before the buffer is reused
+            if plan.weights is None:
+                chunk_lse = torch.logsumexp(logits, dim=-1)
+            else:
+                # One exp pass gives both the log-sum-exp and the probabilities.
+                row_max = logits.amax(dim=-1, keepdim=True)
+                exps = logits.sub_(row_max).exp_()
+                total = exps.sum(dim=-1, keepdim=True)
+                chunk_lse = (row_max + total.log()).squeeze(-1)
+                probs = exps.div_(total).mean(1)  # (B, c, N_tgt)
                 agg.add_(torch.matmul(plan.weights[:, :, start:stop], probs))
+            lse[:, :, start:stop] = chunk_lse
+            if hi > lo:
+                pair[lo:hi] = torch.logsumexp(pair_logits - chunk_lse[b, :, r], dim=1)
         ctx.plan, ctx.scale = plan, scale
         ctx.save_for_backward(query, key, lse, pair)
         return pair, agg

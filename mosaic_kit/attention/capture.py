@@ -43,7 +43,8 @@ kernels (SCAL only), or ``"auto"`` (fused on CUDA when ``aggregate`` is None, el
 
 @dataclass(frozen=True, eq=False)
 class CaptureResult:
-    """What SCAL and MDL need from the captured attention (see `RefTargetCapture`).
+    """What SCAL and MDL need from the captured attention, as returned by
+    `RefTargetCapture.result` (see its example); pass it as ``x`` to the losses.
 
     Args:
         pair_log_probs: ``(B, K, P)`` float, $\\log A[G(u), v]$ of every pair; 0 where

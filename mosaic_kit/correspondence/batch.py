@@ -189,16 +189,19 @@ class Correspondences:
         """A copy with real points moved first (order kept) and ``P`` trimmed to the largest count."""
         order = torch.sort((~self.point_mask).to(torch.uint8), dim=-1, stable=True).indices
         keep = int(self.num_points.max()) if self.point_mask.numel() else 0
-        order = order[..., :keep]
+        return self._gather_points(order[..., :keep])
 
+    def _gather_points(self, order: torch.Tensor, valid: torch.Tensor | None = None) -> Correspondences:
+        """The points at ``order`` ``(B, K, P')`` along the point axis, masked by ``valid``."""
         def take(t: torch.Tensor) -> torch.Tensor:
             return t.gather(-1, order)
 
+        mask = take(self.point_mask)
         return replace(
             self,
             ref_index=take(self.ref_index),
             tgt_index=take(self.tgt_index),
-            point_mask=take(self.point_mask),
+            point_mask=mask if valid is None else mask & valid,
             confidence=None if self.confidence is None else take(self.confidence),
         )
 

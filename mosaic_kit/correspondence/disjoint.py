@@ -51,12 +51,24 @@ def find_conflicts(corr: Correspondences) -> torch.Tensor:
 
 
 def is_disjoint(corr: Correspondences) -> torch.Tensor:
-    """``(B,)`` bool: True for samples that satisfy eq. 2."""
+    """``(B,)`` bool: True for samples that satisfy eq. 2.
+
+    Example:
+        >>> corr = Correspondences.from_dicts([[{0: 3}, {0: 3}], [{0: 3}, {0: 4}]], ref_tokens=[2, 2], tgt_tokens=8)
+        >>> is_disjoint(corr)
+        tensor([False,  True])
+    """
     return ~find_conflicts(corr).flatten(1).any(1)
 
 
 def contested_tokens(corr: Correspondences) -> list[list[int]]:
-    """The contested target tokens of every sample, sorted (empty lists where eq. 2 holds)."""
+    """The contested target tokens of every sample, sorted (empty lists where eq. 2 holds).
+
+    Example:
+        >>> corr = Correspondences.from_dicts([[{0: 3, 1: 6}, {0: 6, 1: 3}], [{0: 1}]], ref_tokens=[2, 2], tgt_tokens=8)
+        >>> contested_tokens(corr)
+        [[3, 6], []]
+    """
     contested = (_claims(corr).sum(1) >= 2).cpu()
     return [row.nonzero().flatten().tolist() for row in contested]
 

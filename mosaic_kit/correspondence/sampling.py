@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from ._checks import check_int, check_option
@@ -14,20 +12,6 @@ __all__ = ["SUBSAMPLE_METHODS", "subsample"]
 
 SUBSAMPLE_METHODS = ("random", "farthest")
 """Methods of `subsample`."""
-
-
-def _take(corr: Correspondences, order: torch.Tensor, valid: torch.Tensor) -> Correspondences:
-    """Keeps the points at ``order`` (``(B, K, P')``) whose ``valid`` flag is set."""
-    def take(t: torch.Tensor) -> torch.Tensor:
-        return t.gather(-1, order)
-
-    return replace(
-        corr,
-        ref_index=take(corr.ref_index),
-        tgt_index=take(corr.tgt_index),
-        point_mask=take(corr.point_mask) & valid,
-        confidence=None if corr.confidence is None else take(corr.confidence),
-    )
 
 
 def _random_order(corr: Correspondences, seed: int) -> torch.Tensor:
@@ -108,4 +92,4 @@ def subsample(
             order = _farthest_order(corr, keep, cols)
     slots = torch.arange(keep, device=corr.device).view(1, 1, -1)
     valid = slots < corr.num_points[..., None]
-    return _take(corr, order, valid)
+    return corr._gather_points(order, valid)
