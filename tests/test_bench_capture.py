@@ -38,6 +38,7 @@ def test_benchmark_runs_and_writes_its_report(tmp_path):
     for result in saved["capture"].values():
         assert result["time_ms"] > 0 and result["runs"] == 1 and result["peak_consumed_mib"] <= result["peak_mib"] + 1
     assert abs(saved["capture"]["mosaic_kit"]["loss"] - saved["capture"]["released"]["loss"]) < 1e-4
-    assert saved["ratios"]["mosaic_kit"]["speed"] > 0 and saved["ratios"]["mosaic_kit"]["memory_grads_consumed"] > 0
+    assert saved["ratios"]["mosaic_kit"]["speed"] > 0
+    assert set(saved["ratios"]["mosaic_kit"]) == {"memory", "memory_grads_consumed", "speed"}
     assert saved["scal"]["points"] == 64 and saved["scal"]["speed_ratio"] > 1
     assert saved["hardware"]["device"] == "cpu"
