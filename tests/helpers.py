@@ -36,9 +36,11 @@ def random_dicts(
     return samples
 
 
-def random_corr(seed: int, batch: int, num_refs: int, tgt_tokens: int = 12, **kwargs) -> Correspondences:
+def random_corr(
+    seed: int, batch: int, num_refs: int, tgt_tokens: int = 12, ref_token_range: tuple[int, int] = (2, 7), **kwargs
+) -> Correspondences:
     rng = random.Random(seed)
-    ref_tokens = [rng.randint(2, 7) for _ in range(num_refs)]
+    ref_tokens = [rng.randint(*ref_token_range) for _ in range(num_refs)]
     return Correspondences.from_dicts(random_dicts(rng, batch, ref_tokens, tgt_tokens, **kwargs), ref_tokens, tgt_tokens)
 
 

@@ -45,13 +45,18 @@ def _dense_stats(corr, queries, keys, aggregate):
 
 
 CASES = [
-    # seed, batch, refs, blocks, heads, dim, chunk
-    (0, 1, 1, 1, 1, 4, 2**20),
-    (1, 2, 3, 2, 3, 8, 7),
+    # seed, batch, refs, blocks, heads, dim, rows per chunk (None: the default budget)
+    (0, 1, 1, 1, 1, 4, None),
+    (1, 2, 3, 2, 3, 8, 2),
     (2, 3, 6, 3, 2, 4, 1),
-    (3, 2, 4, 1, 4, 16, 50),
-    (4, 1, 5, 2, 2, 8, 13),
+    (3, 2, 4, 1, 4, 16, 5),
+    (4, 1, 5, 2, 2, 8, 3),
 ]
+
+
+def _chunk_elements(corr, heads, rows):
+    """The budget that makes chunks of ``rows`` query rows."""
+    return None if rows is None else rows * corr.batch_size * heads * corr.tgt_tokens
 
 
 @pytest.mark.parametrize("aggregate", ["points", "all"])
@@ -59,7 +64,7 @@ CASES = [
 def test_capture_equals_dense_twin_values_and_gradients(seed, batch, refs, blocks, heads, dim, chunk, aggregate):
     corr = random_corr(seed, batch, refs)
     queries, keys = random_qk(corr, blocks, heads, dim, seed=seed)
-    out = _capture(corr, queries, keys, aggregate=aggregate, max_chunk_elements=chunk)
+    out = _capture(corr, queries, keys, aggregate=aggregate, max_chunk_elements=_chunk_elements(corr, heads, chunk))
     pairs, rows = _dense_stats(corr, queries, keys, aggregate)
     torch.testing.assert_close(out.pair_log_probs, pairs, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(out.ref_rows, rows, rtol=1e-6, atol=1e-12)
@@ -171,6 +176,12 @@ def test_bad_arguments_and_state():
         RefTargetCapture([[{0: 1}]])
     with pytest.raises(ValueError, match="`scale`"):
         RefTargetCapture(corr, scale=-1.0)
+    with pytest.raises(ValueError, match="`scale`"):
+        RefTargetCapture(corr, scale=True)
+    with pytest.raises(ValueError, match=r"`key` with the dtype of `query` \(torch.float64\), but got torch.float32"):
+        RefTargetCapture(corr).add(torch.randn(1, 2, 4, 3, dtype=torch.float64), torch.randn(1, 2, 6, 3))
+    with pytest.raises(ValueError, match="floating dtype"):
+        dense_ref_target_attention([torch.ones(1, 1, 4, 2, dtype=torch.long)], [torch.ones(1, 1, 6, 2, dtype=torch.long)])
     capture = RefTargetCapture(corr)
     with pytest.raises(ValueError, match="at least one block"):
         capture.result()
@@ -202,7 +213,29 @@ def test_no_points_at_all():
 def test_every_case_runs_all_chunkings_identically():
     corr = random_corr(5, 2, 3)
     queries, keys = random_qk(corr, 2, 3, 4)
-    results = [_capture(corr, queries, keys, max_chunk_elements=c) for c in (1, 5, 64, 2**24)]
-    for a, b in itertools.pairwise(results):
-        torch.testing.assert_close(a.pair_log_probs, b.pair_log_probs, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(a.ref_rows, b.ref_rows, rtol=1e-12, atol=1e-12)
+    results = [
+        _capture(corr, queries, keys, aggregate=aggregate, max_chunk_elements=_chunk_elements(corr, 3, rows))
+        for aggregate in ("points", "all")
+        for rows in (1, 2, 3, 7, None)
+    ]
+    results = results[:5], results[5:]
+    for same_aggregate in results:
+        for a, b in itertools.pairwise(same_aggregate):
+            torch.testing.assert_close(a.pair_log_probs, b.pair_log_probs, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(a.ref_rows, b.ref_rows, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("aggregate", ["points", "all", None])
+def test_autocast_does_not_lower_the_loss_math(aggregate):
+    corr = random_corr(12, 2, 3, tgt_tokens=20)
+    queries, keys = random_qk(corr, 2, 2, 16, dtype=torch.float32, scale=3.0)
+    plain = _capture(corr, queries, keys, aggregate=aggregate)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = _capture(corr, queries, keys, aggregate=aggregate)
+    torch.testing.assert_close(autocast.pair_log_probs, plain.pair_log_probs, rtol=1e-6, atol=1e-6)
+    if aggregate is not None:
+        torch.testing.assert_close(autocast.ref_rows, plain.ref_rows, rtol=1e-6, atol=1e-7)
+    g_plain = torch.autograd.grad(plain.pair_log_probs.sum(), queries + keys)
+    g_auto = torch.autograd.grad(autocast.pair_log_probs.sum(), queries + keys)
+    for a, b in zip(g_auto, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

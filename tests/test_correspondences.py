@@ -80,6 +80,7 @@ def test_from_pixel_pairs_any_resolution_with_confidence():
         ({0: 1}, [2], 4, r"`samples` to be a list over the batch"),
         ([[{0: 1}]], [0], 4, r"`ref_tokens\[0\]` >= 1"),
         ([[{0: 1}]], [2], "4", r"`tgt_tokens` to be an integer"),
+        ([[{0: 1}]], 4, 4, r"`ref_tokens` to be a list of integers, but got 4"),
     ],
 )
 def test_from_dicts_bad_input(samples, ref_tokens, tgt_tokens, match):

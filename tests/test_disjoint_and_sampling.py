@@ -128,6 +128,8 @@ def test_farthest_point_spreads_over_the_grid():
         subsample(corr, 4, "farthest")
     with pytest.raises(ValueError, match=r"rows \* cols = corr.tgt_tokens = 64, but got 4 \* 4 = 16"):
         subsample(corr, 4, "farthest", target_grid=(4, 4))
+    with pytest.raises(ValueError, match="`target_grid` to be a pair of integers, but got 4"):
+        subsample(corr, 4, "farthest", target_grid=4)
     with pytest.raises(ValueError, match="`max_points` >= 1"):
         subsample(corr, 0)
     with pytest.raises(ValueError, match="`method` to be one of"):

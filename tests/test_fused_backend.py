@@ -5,6 +5,7 @@ import torch
 from helpers import random_corr, random_qk
 
 from mosaic_kit.attention import RefTargetCapture
+from mosaic_kit.correspondence import Correspondences
 
 
 def _pairs(corr, queries, keys, backend):
@@ -66,3 +67,12 @@ def test_fused_on_cuda(dtype):
     keys = [k.detach().to("cuda", dtype).requires_grad_() for k in keys]
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     _compare(corr, queries, keys, rtol=tolerance, atol=tolerance, grad_rtol=tolerance)
+
+
+def test_fused_without_points_returns_zeros():
+    corr = Correspondences.from_dicts([[{}, {}], []], [2, 3], 4)
+    queries, keys = random_qk(corr, 2, 2, 4)
+    out = _pairs(corr, queries, keys, "fused")
+    assert out.shape == (2, 2, 0)
+    padded = Correspondences.from_dicts([[{0: 1}, {}], [{}]], [2, 3], 4).with_point_mask(torch.zeros(2, 2, 1, dtype=torch.bool))
+    assert torch.equal(_pairs(padded, queries, keys, "fused"), torch.zeros(2, 2, 1, dtype=torch.float64))

@@ -17,6 +17,8 @@ def test_token_rowcol_pixel_latent_roundtrips_are_bijective(height, width):
     assert len({tuple(rc) for rc in rowcol.tolist()}) == grid.num_tokens
     assert torch.equal(grid.pixel_to_token(grid.token_to_pixel(index)), index)
     assert torch.equal(grid.latent_to_token(grid.token_to_latent(index)), index)
+    cells = torch.stack(torch.meshgrid(torch.arange(grid.latent_width), torch.arange(grid.latent_height), indexing="xy"), -1)
+    assert torch.equal(grid.pixel_to_latent(grid.latent_to_pixel(cells)), cells)
 
 
 @given(height=sizes, width=sizes, data=st.data())
@@ -56,6 +58,10 @@ def test_bad_sizes_raise(kwargs, match):
 
 def test_bad_points_raise():
     grid = TokenGrid(32, 32)
+    with pytest.raises(ValueError, match=r"`image_size` to be a pair of integers, but got 64"):
+        grid.pixel_to_token(torch.tensor([[1.0, 1.0]]), image_size=64)
+    with pytest.raises(ValueError, match=r"`xy` inside the image"):
+        grid.pixel_to_latent(torch.tensor([[-1.0, 1.0]]))
     with pytest.raises(ValueError, match=r"`xy` inside the image of size \(H, W\) = \(32, 32\)"):
         grid.pixel_to_token(torch.tensor([[32.0, 0.0]]))
     with pytest.raises(ValueError, match=r"`xy` of shape \(\.\.\., 2\)"):

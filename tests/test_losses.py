@@ -39,6 +39,8 @@ LOSS_OPTIONS = [
     ("mdl", dict(divergence="jsd", aggregate="points")),
     ("mdl", dict(divergence="jsd", aggregate="all")),
     ("mdl", dict(divergence="sym_kl", aggregate="points", eps=1e-6)),
+    ("mdl", dict(divergence="jsd", aggregate="points", eps=0.0)),
+    ("mdl", dict(divergence="jsd", aggregate="all", eps=0.0)),
 ]
 LOSSES = {"scal": scal, "mdl": mdl}
 
@@ -187,8 +189,21 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="aggregate=None"):
         mdl(pairs_only, corr)
     other = Correspondences.from_dicts([[{0: 1}]], [4], 3)
-    with pytest.raises(ValueError, match="different layout"):
+    with pytest.raises(ValueError, match="`x` captured for `corr`"):
         scal(captured, other)
+    # Same layout, other points (as after enforce_disjoint or subsample): refused too.
+    fewer = corr.with_point_mask(torch.tensor([[[True], [False]]]))
+    with pytest.raises(ValueError, match="`x` captured for `corr`"):
+        scal(captured, fewer)
+    # Equal contents in another object are fine.
+    same = Correspondences.from_dicts([[{0: 1}, {0: 2}]], [2, 2], 3)
+    assert scal(captured, same) == scal(captured, corr)
+    with pytest.raises(ValueError, match="`scal_eps` to be a finite number >= 0, but got -1"):
+        MosaicObjective(scal_eps=-1)
+    with pytest.raises(ValueError, match="`mdl_eps`"):
+        MosaicObjective(mdl_eps=float("inf"))
+    with pytest.raises(ValueError, match="`value` to be a finite number, but got 'a'"):
+        ConstantSchedule("a")
 
 
 def test_flow_matching_target_is_noise_minus_latents():
@@ -206,7 +221,7 @@ def test_schedules():
     assert ConstantSchedule(0.4)(7) == 0.4
     with pytest.raises(ValueError, match="`end_step` >= 11"):
         LinearRampSchedule(10, 10)
-    with pytest.raises(ValueError, match="`value` to be finite"):
+    with pytest.raises(ValueError, match="`value` to be a finite number, but got nan"):
         ConstantSchedule(float("nan"))
 
 
@@ -250,3 +265,24 @@ def test_objective_presets_and_total():
     assert MosaicObjective.from_preset("paper", scal_weight=1.0).scal_weight(0) == 1.0
     with pytest.raises(ValueError, match="`scal_weight` to be a number or a schedule"):
         MosaicObjective(scal_weight="high")
+
+
+@pytest.mark.parametrize("name, options", LOSS_OPTIONS)
+def test_bf16_huge_logits_give_finite_losses_and_gradients(name, options):
+    corr = random_corr(11, 2, 4, tgt_tokens=16)
+    queries, keys = random_qk(corr, 3, 2, 8, dtype=torch.bfloat16, scale=40.0)  # logits up to ~±1e4
+    out = _capture(corr, queries, keys, options.get("aggregate", "points"))
+    value = LOSSES[name](out, corr, **options)
+    grads = torch.autograd.grad(value, queries + keys)
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_dense_scal_padded_slot_reading_a_zero_keeps_gradients_finite():
+    corr = Correspondences.from_dicts([[{0: 1, 1: 1}], [{1: 0}]], [2], 2)  # sample 1 has a padded slot
+    A = torch.tensor([[[0.5, 0.5], [0.2, 0.8]], [[0.0, 1.0], [0.3, 0.7]]], dtype=torch.float64, requires_grad=True)
+    value = scal(A, corr)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(A.grad).all()
+    assert A.grad[1, 0, 0] == 0.0  # the padded slot reads A[1, 0, 0] = 0 and takes no part

@@ -79,6 +79,11 @@ class TargetSoftmaxStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, plan: Plan, scale: float):  # type: ignore[override]
+        with torch.autocast(query.device.type, enabled=False):  # loss math stays in the compute dtype
+            return TargetSoftmaxStats._forward(ctx, query, key, plan, scale)
+
+    @staticmethod
+    def _forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, plan: Plan, scale: float):
         dtype = compute_dtype(query.dtype)
         batch, heads, num_q, _ = query.shape
         num_t = key.shape[2]
@@ -113,6 +118,11 @@ class TargetSoftmaxStats(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_pair: torch.Tensor | None, grad_agg: torch.Tensor | None):  # type: ignore[override]
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return TargetSoftmaxStats._backward(ctx, grad_pair, grad_agg)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_pair: torch.Tensor | None, grad_agg: torch.Tensor | None):
         query, key, lse, pair = ctx.saved_tensors
         plan: Plan = ctx.plan
         use_pair = grad_pair is not None and pair.numel() > 0

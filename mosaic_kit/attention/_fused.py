@@ -56,11 +56,15 @@ class FusedPairStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, query_rows, key, pair_batch, pair_pos, pair_target, scale: float):  # type: ignore[override]
         dtype = compute_dtype(query_rows.dtype)
-        lse = row_logsumexp(query_rows, key, scale).to(dtype)
-        b, r, v = pair_batch, pair_pos, pair_target
-        logits = (query_rows[b, :, r].to(dtype) * key[b, :, v].to(dtype)).sum(-1) * scale  # (n, H)
-        pair = torch.logsumexp(logits - lse[b, :, r], dim=1)
         ctx.scale = scale
+        if pair_pos.numel() == 0:  # no pairs: nothing to compute (and kernels reject empty rows)
+            ctx.save_for_backward(query_rows, key, pair_batch, pair_pos, pair_target, query_rows.new_empty(0), query_rows.new_empty(0))
+            return query_rows.new_empty(0, dtype=dtype)
+        with torch.autocast(query_rows.device.type, enabled=False):
+            lse = row_logsumexp(query_rows, key, scale).to(dtype)
+            b, r, v = pair_batch, pair_pos, pair_target
+            logits = (query_rows[b, :, r].to(dtype) * key[b, :, v].to(dtype)).sum(-1) * scale  # (n, H)
+            pair = torch.logsumexp(logits - lse[b, :, r], dim=1)
         ctx.save_for_backward(query_rows, key, pair_batch, pair_pos, pair_target, lse, pair)
         return pair
 
@@ -68,6 +72,13 @@ class FusedPairStats(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_pair: torch.Tensor):  # type: ignore[override]
         query_rows, key, b, r, v, lse, pair = ctx.saved_tensors
+        if r.numel() == 0:
+            return None, None, None, None, None, None
+        with torch.autocast(query_rows.device.type, enabled=False):
+            return FusedPairStats._backward(ctx, grad_pair, query_rows, key, b, r, v, lse, pair)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_pair, query_rows, key, b, r, v, lse, pair):
         scale, dtype = ctx.scale, lse.dtype
         q_pair, k_pair = query_rows[b, :, r].to(dtype), key[b, :, v].to(dtype)  # (n, H, D)
         log_p = (q_pair * k_pair).sum(-1) * scale - lse[b, :, r]

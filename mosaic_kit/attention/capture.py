@@ -36,9 +36,12 @@ __all__ = ["AGGREGATES", "BACKENDS", "CaptureResult", "RefTargetCapture", "dense
 AGGREGATES = ("points", "all")
 """Row aggregations of `RefTargetCapture`: over annotated points, or over all tokens."""
 
+_FUSED_AUTO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 BACKENDS = ("torch", "fused", "auto")
 """Kernels of `RefTargetCapture`: the chunked torch path (the reference), fused attention
-kernels (SCAL only), or ``"auto"`` (fused on CUDA when ``aggregate`` is None, else torch)."""
+kernels (SCAL only), or ``"auto"`` (fused for half, bf16 and float32 CUDA tensors when
+``aggregate`` is None, else torch)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,8 +113,8 @@ class RefTargetCapture:
             (pairs through fused attention kernels: xformers' memory-efficient attention when
             installed on CUDA, else torch's efficient-attention kernel on CUDA or its
             flash-attention kernel on CPU; only with ``aggregate=None``, since rows need every
-            probability) or ``"auto"`` (``"fused"`` for CUDA tensors with ``aggregate=None``,
-            else ``"torch"``). The torch path is the reference the fused one is tested against.
+            probability) or ``"auto"`` (``"fused"`` for half, bf16 or float32 CUDA tensors with
+            ``aggregate=None``, else ``"torch"``). The torch path is the reference the fused one is tested against.
 
     Example:
         >>> corr = Correspondences.from_dicts([[{0: 1, 2: 3}, {1: 0}]], ref_tokens=[3, 2], tgt_tokens=4)
@@ -145,7 +148,8 @@ class RefTargetCapture:
                 f"but got aggregate={aggregate!r}; use backend 'torch' or 'auto'."
             )
         self.backend = backend
-        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        valid_scale = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0
+        if scale is not None and not valid_scale:
             raise ValueError(f"Expected `scale` to be a positive finite number or None, but got {scale!r}.")
         self.corr = corr
         self.aggregate = aggregate
@@ -250,16 +254,20 @@ class RefTargetCapture:
         check_floating("key", key)
         if query.device != key.device:
             raise ValueError(f"Expected `query` and `key` on one device, but got {query.device} and {key.device}.")
+        if query.dtype != key.dtype:
+            raise ValueError(f"Expected `key` with the dtype of `query` ({query.dtype}), but got {key.dtype}.")
         if self._num_heads is not None and (heads, dim) != (self._num_heads, self._head_dim):
             raise ValueError(
                 f"Expected every block with (H, D) = ({self._num_heads}, {self._head_dim}), but got ({heads}, {dim})."
             )
-        dtype = compute_dtype(query.dtype if query.dtype == key.dtype else torch.float32)
+        dtype = compute_dtype(query.dtype)
         prepared = self._prepare(query.device, dtype)
         scale = self.scale if self.scale is not None else dim**-0.5
         self._num_heads, self._head_dim = heads, dim
 
-        fused = self.backend == "fused" or (self.backend == "auto" and self.aggregate is None and query.is_cuda)
+        fused = self.backend == "fused" or (
+            self.backend == "auto" and self.aggregate is None and query.is_cuda and query.dtype in _FUSED_AUTO_DTYPES
+        )
         if fused:
             rows_index = prepared["rows"]
             query_rows = query.gather(2, rows_index[:, None, :, None].expand(-1, heads, -1, dim))
@@ -328,9 +336,12 @@ def dense_ref_target_attention(
     for query, key in zip(queries, keys):
         check_shape("query", query, [None, None, None, None], "(B, H, N_ref_total, D)")
         check_shape("key", key, [query.shape[0], query.shape[1], None, query.shape[3]], "(B, H, N_tgt, D)")
+        check_floating("query", query)
+        check_floating("key", key)
         dtype = compute_dtype(query.dtype)
         block_scale = scale if scale is not None else query.shape[-1] ** -0.5
-        logits = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * block_scale
-        probs = logits.softmax(dim=-1).mean(dim=1)
+        with torch.autocast(query.device.type, enabled=False):
+            logits = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * block_scale
+            probs = logits.softmax(dim=-1).mean(dim=1)
         total = probs if total is None else total + probs
     return total / len(queries)

@@ -11,7 +11,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["check_option", "check_shape", "check_floating", "check_int", "shape_str"]
+__all__ = [
+    "check_floating", "check_int", "check_int_list", "check_int_pair", "check_option", "check_shape", "compute_dtype", "shape_str",
+]
 
 
 def shape_str(shape: Iterable[object]) -> str:
@@ -35,6 +37,20 @@ def check_int(name: str, value: object, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"Expected `{name}` >= {minimum}, but got {value}.")
     return int(value)
+
+
+def check_int_pair(name: str, value: object) -> tuple[int, int]:
+    """Returns ``value`` as a pair of positive ints; raises unless it is a 2-sequence of them."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"Expected `{name}` to be a pair of integers, but got {value!r}.")
+    return check_int(f"{name}[0]", value[0], minimum=1), check_int(f"{name}[1]", value[1], minimum=1)
+
+
+def check_int_list(name: str, value: object, minimum: int | None = None) -> list[int]:
+    """Returns ``value`` as a list of ints; raises unless it is a sequence of integers."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"Expected `{name}` to be a list of integers, but got {value!r}.")
+    return [check_int(f"{name}[{i}]", v, minimum=minimum) for i, v in enumerate(value)]
 
 
 def check_shape(name: str, tensor: object, expected: Sequence[int | None], dims: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ._checks import check_int, check_shape
+from ._checks import check_int, check_int_list, check_int_pair, check_shape
 from .grid import TokenGrid
 
 __all__ = ["Correspondences"]
@@ -264,8 +264,13 @@ class Correspondences:
 
         Returns:
             The batch, points in dict order.
+
+        Example:
+            >>> corr = Correspondences.from_dicts([[{"0": 5}, {}], []], ref_tokens=[2, 3], tgt_tokens=8)
+            >>> corr.ref_present.tolist(), corr.num_points.tolist()
+            ([[True, True], [False, False]], [[1, 0], [0, 0]])
         """
-        ref_tokens = [check_int(f"ref_tokens[{k}]", n, minimum=1) for k, n in enumerate(ref_tokens)]
+        ref_tokens = check_int_list("ref_tokens", ref_tokens, minimum=1)
         tgt_tokens = check_int("tgt_tokens", tgt_tokens, minimum=1)
         if isinstance(samples, Mapping) or not isinstance(samples, Sequence):
             raise ValueError(f"Expected `samples` to be a list over the batch, but got {type(samples).__name__}.")
@@ -365,6 +370,14 @@ class Correspondences:
             raise ValueError(
                 f"Expected at most len(ref_grids) = {len(ref_grids)} references per sample, but got {num_refs}."
             )
+        if tgt_image_size is not None:
+            tgt_image_size = check_int_pair("tgt_image_size", tgt_image_size)
+        if not isinstance(tgt_grid, TokenGrid):
+            raise ValueError(f"Expected `tgt_grid` to be a TokenGrid, but got {type(tgt_grid).__name__}.")
+        if ref_image_sizes is not None and (
+            isinstance(ref_image_sizes, (str, bytes)) or not isinstance(ref_image_sizes, Sequence)
+        ):
+            raise ValueError(f"Expected `ref_image_sizes` to be a list of (H, W), but got {ref_image_sizes!r}.")
         if ref_image_sizes is not None and len(ref_image_sizes) != len(ref_grids):
             raise ValueError(
                 f"Expected `ref_image_sizes` with one (H, W) per reference ({len(ref_grids)}), "
@@ -384,7 +397,7 @@ class Correspondences:
                 check_shape(f"samples[{b}][{k}] tgt_xy", tgt_xy, [ref_xy.shape[0], 2], "(P, 2)")
                 conf = torch.ones(ref_xy.shape[0]) if len(pair) == 2 else torch.as_tensor(pair[2], dtype=torch.float32)
                 check_shape(f"samples[{b}][{k}] confidence", conf, [ref_xy.shape[0]], "(P,)")
-                size = None if ref_image_sizes is None else tuple(ref_image_sizes[k])
+                size = None if ref_image_sizes is None else check_int_pair(f"ref_image_sizes[{k}]", ref_image_sizes[k])
                 u = ref_grids[k].pixel_to_token(ref_xy, image_size=size)
                 v = tgt_grid.pixel_to_token(tgt_xy, image_size=tgt_image_size)
                 pts = list(zip(u.tolist(), v.tolist(), conf.tolist()))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_int
+from ._checks import check_int, check_int_pair
 
 __all__ = ["TokenGrid"]
 
@@ -134,9 +134,7 @@ class TokenGrid:
             ``(...)`` long token indices.
         """
         xy = _as_points("xy", xy).to(torch.float64)
-        frame_h, frame_w = (self.height, self.width) if image_size is None else image_size
-        frame_h = check_int("image_size[0]", frame_h, minimum=1)
-        frame_w = check_int("image_size[1]", frame_w, minimum=1)
+        frame_h, frame_w = (self.height, self.width) if image_size is None else check_int_pair("image_size", image_size)
         x, y = xy[..., 0], xy[..., 1]
         outside = ~((x >= 0) & (x < frame_w) & (y >= 0) & (y < frame_h))
         if bool(outside.any()):
@@ -169,3 +167,26 @@ class TokenGrid:
     def token_to_latent(self, index: torch.Tensor) -> torch.Tensor:
         """``(..., 2)`` long ``(x, y)`` of the top-left latent cell packed into each token."""
         return self.token_to_rowcol(index).flip(-1) * self.patch_size
+
+    def pixel_to_latent(self, xy: torch.Tensor) -> torch.Tensor:
+        """``(..., 2)`` long ``(x, y)`` latent cells holding pixel points ``(..., 2)`` of this grid.
+
+        Example:
+            >>> TokenGrid(64, 64).pixel_to_latent(torch.tensor([[17.5, 8.0]]))
+            tensor([[2, 1]])
+        """
+        xy = _as_points("xy", xy).to(torch.float64)
+        inside = (xy[..., 0] >= 0) & (xy[..., 0] < self.width) & (xy[..., 1] >= 0) & (xy[..., 1] < self.height)
+        if not bool(inside.all()):
+            raise ValueError(
+                f"Expected `xy` inside the image of size (H, W) = ({self.height}, {self.width}), "
+                f"but got points {xy[~inside][:3].tolist()}."
+            )
+        return torch.div(xy, self.vae_scale_factor, rounding_mode="floor").long()
+
+    def latent_to_pixel(self, xy: torch.Tensor) -> torch.Tensor:
+        """``(..., 2)`` float ``(x, y)`` pixel centres of integer latent cells ``(..., 2)``."""
+        xy = _as_points("xy", xy)
+        _check_index_range("xy[..., 0] (latent x)", xy[..., 0], self.latent_width)
+        _check_index_range("xy[..., 1] (latent y)", xy[..., 1], self.latent_height)
+        return (xy.to(torch.float32) + 0.5) * self.vae_scale_factor

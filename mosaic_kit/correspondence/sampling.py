@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_int, check_option
+from ._checks import check_int, check_int_pair, check_option
 from .batch import Correspondences
 from .grid import TokenGrid
 
@@ -80,7 +80,10 @@ def subsample(
     else:
         if target_grid is None:
             raise ValueError("Expected `target_grid` (TokenGrid or (rows, cols)) for method 'farthest', but got None.")
-        rows, cols = (target_grid.rows, target_grid.cols) if isinstance(target_grid, TokenGrid) else target_grid
+        if isinstance(target_grid, TokenGrid):
+            rows, cols = target_grid.rows, target_grid.cols
+        else:
+            rows, cols = check_int_pair("target_grid", target_grid)
         if rows * cols != corr.tgt_tokens:
             raise ValueError(
                 f"Expected `target_grid` with rows * cols = corr.tgt_tokens = {corr.tgt_tokens}, "

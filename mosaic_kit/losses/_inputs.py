@@ -16,19 +16,30 @@ from ..correspondence import Correspondences
 from ..correspondence._checks import check_floating, check_shape, compute_dtype
 
 
+def _same_points(a: Correspondences, b: Correspondences) -> bool:
+    """True when two correspondence batches hold the same layout, points and masks."""
+    if (a.ref_tokens, a.tgt_tokens, a.point_mask.shape) != (b.ref_tokens, b.tgt_tokens, b.point_mask.shape):
+        return False
+    b = b.to(a.device)
+    mask = a.point_mask
+    return (
+        torch.equal(mask, b.point_mask)
+        and torch.equal(a.ref_present, b.ref_present)
+        and torch.equal(a.ref_index[mask], b.ref_index[mask])
+        and torch.equal(a.tgt_index[mask], b.tgt_index[mask])
+    )
+
+
 def check_inputs(x: object, corr: object) -> None:
     """Validates ``corr`` and that ``x`` matches it."""
     if not isinstance(corr, Correspondences):
         raise ValueError(f"Expected `corr` to be a Correspondences, but got {type(corr).__name__}.")
     if isinstance(x, CaptureResult):
-        other = x.corr
-        if (other.batch_size, other.num_refs, other.max_points, other.ref_tokens, other.tgt_tokens) != (
-            corr.batch_size, corr.num_refs, corr.max_points, corr.ref_tokens, corr.tgt_tokens
-        ):
+        if x.corr is not corr and not _same_points(x.corr, corr):
             raise ValueError(
-                "Expected `x` captured for `corr`, but its correspondences have a different layout: "
-                f"(B, K, P, ref_tokens, tgt_tokens) = {(other.batch_size, other.num_refs, other.max_points, other.ref_tokens, other.tgt_tokens)} "
-                f"vs {(corr.batch_size, corr.num_refs, corr.max_points, corr.ref_tokens, corr.tgt_tokens)}."
+                "Expected `x` captured for `corr` (the same points, masks and token layout), but the capture "
+                "was built for other correspondences; capture again after changing them (e.g. after "
+                "enforce_disjoint or subsample)."
             )
         return
     if not isinstance(x, torch.Tensor):
@@ -50,6 +61,8 @@ def pair_log_probs(x: CaptureResult | torch.Tensor, corr: Correspondences, eps: 
         rows = torch.where(corr.point_mask, corr.global_rows, 0).flatten(1)
         cols = torch.where(corr.point_mask, corr.tgt_index, 0).flatten(1)
         picked = dense[torch.arange(corr.batch_size, device=dense.device)[:, None], rows, cols]
+        # Padded slots read 1 so that neither their value nor their gradient can be inf/NaN.
+        picked = torch.where(corr.point_mask.flatten(1).to(picked.device), picked, 1.0)
         log_a = torch.log(picked + eps).view(corr.point_mask.shape)
     return torch.where(corr.point_mask.to(log_a.device), log_a, 0.0)
 

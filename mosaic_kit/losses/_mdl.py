@@ -16,25 +16,31 @@ __all__ = ["MDL", "MDL_DIVERGENCES", "mdl"]
 MDL_DIVERGENCES = ("sym_kl", "jsd")
 """Divergences of `mdl`: symmetric KL (paper) and Jensen-Shannon (released)."""
 
-_DEFAULT_EPS = {"jsd": 1e-8}
+_DEFAULT_EPS = {"jsd": 1e-8, "sym_kl": 0.0}
 
 
-def _mdl_compute(rows: torch.Tensor, takes_part: torch.Tensor, divergence: str, eps: float | None) -> torch.Tensor:
+def _safe_log(values: torch.Tensor, eps: float) -> torch.Tensor:
+    """``log(values + eps)``; with ``eps == 0`` values are clamped at the dtype's smallest normal
+    number instead, which is exact unless a probability underflows and keeps logs finite."""
+    if eps > 0:
+        return torch.log(values + eps)
+    return torch.log(values.clamp_min(torch.finfo(values.dtype).tiny))
+
+
+def _mdl_compute(rows: torch.Tensor, takes_part: torch.Tensor, divergence: str, eps: float) -> torch.Tensor:
     tiny = torch.finfo(rows.dtype).tiny
     # Rows that take no part become uniform so that every intermediate stays finite.
     safe = torch.where(takes_part[..., None], rows, 1.0)
     dist = safe / safe.sum(-1, keepdim=True).clamp_min(tiny)  # eq. 12, L1 normalisation
     d_i, d_j = dist[:, :, None], dist[:, None]  # (B, K, 1, N), (B, 1, K, N)
+    log_d = _safe_log(dist, eps)
+    log_i, log_j = log_d[:, :, None], log_d[:, None]
     if divergence == "sym_kl":
-        log_d = torch.log(dist + eps) if eps else torch.log(dist.clamp_min(tiny))
         # ½ KL(a_i‖a_j) + ½ KL(a_j‖a_i) = ½ Σ_t (a_i - a_j)(log a_i - log a_j), eq. 13.
-        pairwise = 0.5 * ((d_i - d_j) * (log_d[:, :, None] - log_d[:, None])).sum(-1)
+        pairwise = 0.5 * ((d_i - d_j) * (log_i - log_j)).sum(-1)
     else:
-        eps = float(eps or 0.0)
-        log_mid = torch.log(0.5 * (d_i + d_j) + eps)
-        pairwise = 0.5 * (d_i * (torch.log(d_i + eps) - log_mid)).sum(-1) + 0.5 * (
-            d_j * (torch.log(d_j + eps) - log_mid)
-        ).sum(-1)
+        log_mid = _safe_log(0.5 * (d_i + d_j), eps)
+        pairwise = 0.5 * (d_i * (log_i - log_mid)).sum(-1) + 0.5 * (d_j * (log_j - log_mid)).sum(-1)
     refs = rows.shape[1]
     off_diagonal = ~torch.eye(refs, dtype=torch.bool, device=rows.device)
     pair_mask = takes_part[:, :, None] & takes_part[:, None] & off_diagonal
@@ -76,9 +82,10 @@ def mdl(
         aggregate: ``"points"`` (paper: rows of annotated points) or ``"all"`` (released: rows of
             all tokens of each present reference). Default: the capture's, or ``"points"`` for a
             dense ``x``. Must match the capture's when given.
-        eps: added inside the logs. Default: 1e-8 for ``"jsd"`` (released); for ``"sym_kl"``
-            probabilities are clamped at the dtype's smallest normal number instead, which is
-            exact unless a probability underflows and keeps the loss finite when one does.
+        eps: added inside the logs. Default: 1e-8 for ``"jsd"`` (released) and 0 for
+            ``"sym_kl"``. With 0, probabilities inside the logs are clamped at the dtype's
+            smallest normal number instead, which is exact unless a probability underflows and
+            keeps the loss and its gradient finite when one does.
 
     Returns:
         Scalar loss in float32 (float64 for float64 inputs), <= 0.
@@ -93,7 +100,7 @@ def mdl(
     """
     check_option("divergence", divergence, MDL_DIVERGENCES)
     check_option("aggregate", aggregate, AGGREGATES + (None,))
-    eps = _DEFAULT_EPS.get(divergence) if eps is None else check_eps("eps", eps)
+    eps = _DEFAULT_EPS[divergence] if eps is None else check_eps("eps", eps)
     check_inputs(x, corr)
     rows, used = ref_rows(x, corr, aggregate)
     present = corr.ref_present.to(rows.device)

@@ -13,6 +13,7 @@ from ..attention import AGGREGATES, CaptureResult
 from ..correspondence import Correspondences
 from ..correspondence._checks import check_int, check_option, check_shape
 from ._mdl import MDL_DIVERGENCES, mdl
+from ._reduce import check_eps
 from ._scal import SCAL_REDUCTIONS, scal
 
 __all__ = [
@@ -62,8 +63,8 @@ class ConstantSchedule:
     value: float
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.value):
-            raise ValueError(f"Expected `value` to be finite, but got {self.value!r}.")
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
+            raise ValueError(f"Expected `value` to be a finite number, but got {self.value!r}.")
 
     def __call__(self, step: int) -> float:
         """The weight at ``step``."""
@@ -96,8 +97,9 @@ class LinearRampSchedule:
         check_int("start_step", self.start_step, minimum=0)
         check_int("end_step", self.end_step, minimum=self.start_step + 1)
         for name in ("start_value", "end_value"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"Expected `{name}` to be finite, but got {getattr(self, name)!r}.")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"Expected `{name}` to be a finite number, but got {value!r}.")
 
     def __call__(self, step: int) -> float:
         """The weight at ``step``."""
@@ -202,10 +204,10 @@ class MosaicObjective(nn.Module):
         self.scal_weight = _as_schedule("scal_weight", scal_weight)
         self.mdl_weight = _as_schedule("mdl_weight", mdl_weight)
         self.scal_reduction = scal_reduction
-        self.scal_eps = scal_eps
+        self.scal_eps = check_eps("scal_eps", scal_eps)
         self.mdl_divergence = mdl_divergence
         self.mdl_aggregate = mdl_aggregate
-        self.mdl_eps = mdl_eps
+        self.mdl_eps = None if mdl_eps is None else check_eps("mdl_eps", mdl_eps)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MosaicObjective:
