@@ -10,6 +10,8 @@
   feature maps into correspondences, as the released data was built.
 - `save_correspondences` / `load_correspondences` (the project's format),
   `save_released_dicts` / `load_released_dicts` (the released JSON format), `draw_matches`.
+- `random_homographies`, `warp_images`, `transform_points`, `inside`, `pck`: exact synthetic
+  ground truth for measuring matching quality on real photos (kornia warps).
 
 This subpackage imports only torch (and einops/kornia); it knows nothing of FLUX.
 """
@@ -27,6 +29,8 @@ from .io import (
 )
 from .matching import (
     MATCH_DIRECTIONS,
+    MATCH_FILTERS,
+    correspondences_from_features,
     DenseMatches,
     consensus,
     cycle_consistent,
@@ -37,9 +41,12 @@ from .matching import (
     mutual_nearest,
 )
 from .sampling import SUBSAMPLE_METHODS, subsample
+from .synthetic import PhotometricJitter, inside, pck, random_homographies, transform_points, warp_images
 
 __all__ = [
     "MATCH_DIRECTIONS",
+    "MATCH_FILTERS",
+    "PhotometricJitter",
     "Correspondences",
     "DenseMatches",
     "FORMAT_VERSION",
@@ -48,19 +55,25 @@ __all__ = [
     "TokenGrid",
     "consensus",
     "contested_tokens",
+    "correspondences_from_features",
     "cycle_consistent",
     "draw_matches",
     "enforce_disjoint",
     "filter_by_mask",
     "filter_by_score",
     "find_conflicts",
+    "inside",
     "is_disjoint",
     "load_correspondences",
     "load_released_dicts",
     "match_features",
     "matches_to_correspondences",
     "mutual_nearest",
+    "pck",
+    "random_homographies",
     "save_correspondences",
     "save_released_dicts",
     "subsample",
+    "transform_points",
+    "warp_images",
 ]

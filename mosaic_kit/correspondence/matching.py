@@ -31,6 +31,8 @@ from .grid import TokenGrid
 
 __all__ = [
     "MATCH_DIRECTIONS",
+    "MATCH_FILTERS",
+    "correspondences_from_features",
     "DenseMatches",
     "consensus",
     "cycle_consistent",
@@ -43,6 +45,9 @@ __all__ = [
 
 MATCH_DIRECTIONS = ("target_to_reference", "reference_to_target")
 """Which image the matches start from in `matches_to_correspondences`."""
+
+MATCH_FILTERS = ("none", "mutual", "cycle")
+"""Per-extractor filters of `correspondences_from_features`."""
 
 
 def _cell_centres(index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -383,3 +388,82 @@ def matches_to_correspondences(
     if corr.confidence is None:  # no sample had a reference: keep the layout with unit confidences
         corr = replace(corr, confidence=torch.ones(corr.point_mask.shape))
     return enforce_disjoint(corr, disjoint)
+
+
+def correspondences_from_features(
+    target_features: Sequence[torch.Tensor],
+    reference_features: Sequence[Sequence[torch.Tensor]],
+    ref_grids: TokenGrid | Sequence[TokenGrid],
+    tgt_grid: TokenGrid,
+    target_mask: torch.Tensor | None = None,
+    reference_masks: Sequence[torch.Tensor | None] | None = None,
+    ref_present: torch.Tensor | None = None,
+    match_filter: str = "none",
+    cycle_radius: float = 1.0,
+    consensus_radius: float = 0.0,
+    disjoint: str = "confidence",
+) -> tuple[Correspondences, list[DenseMatches]]:
+    """Builds correspondences from dense features the way the released data was built.
+
+    For each reference: every target cell is matched to its nearest reference cell (cosine), with
+    each extractor; candidates are restricted to the reference's mask and source cells to the
+    target's mask; an optional per-extractor filter (mutual nearest neighbours or cycle
+    consistency) is applied; with several extractors only the cells where all agree are kept
+    (`consensus`); then `matches_to_correspondences` maps them to tokens and enforces eq. 2.
+
+    Args:
+        target_features: per extractor, ``(B, C_e, h_e, w_e)`` features of the targets.
+        reference_features: per extractor, per reference slot, ``(B, C_e, h, w)`` features (every
+            extractor may use its own grid; with several, they must share the grids for consensus).
+        ref_grids: reference token grid(s).
+        tgt_grid: target token grid.
+        target_mask: optional ``(B, H, W)`` bool subject mask of the targets (any resolution).
+        reference_masks: optional, per reference slot, ``(B, H, W)`` bool masks or None.
+        ref_present: optional ``(B, K)`` bool.
+        match_filter: one of `MATCH_FILTERS`.
+        cycle_radius: radius of ``"cycle"`` in cells.
+        consensus_radius: agreement radius between extractors, in reference cells.
+        disjoint: eq. 2 policy (see `enforce_disjoint`).
+
+    Returns:
+        The correspondences and, per reference, the final matches (for drawings and statistics).
+
+    Example:
+        >>> feats = torch.randn(1, 8, 4, 4)
+        >>> corr, matches = correspondences_from_features([feats], [[feats]], TokenGrid(32, 32), TokenGrid(32, 32))
+        >>> corr.to_dicts(), int(matches[0].valid.sum())
+        ([[{0: 0, 1: 1, 2: 2, 3: 3}]], 16)
+    """
+    check_option("match_filter", match_filter, MATCH_FILTERS)
+    if isinstance(target_features, torch.Tensor) or not target_features:
+        raise ValueError("Expected `target_features` to be a non-empty list with one tensor per extractor.")
+    if len(reference_features) != len(target_features):
+        raise ValueError(
+            f"Expected `reference_features` with one list per extractor ({len(target_features)}), "
+            f"but got {len(reference_features)}."
+        )
+    num_refs = len(reference_features[0])
+    if num_refs == 0 or any(len(per_ref) != num_refs for per_ref in reference_features):
+        raise ValueError("Expected every extractor's `reference_features` to hold the same K >= 1 references.")
+    if reference_masks is not None and len(reference_masks) != num_refs:
+        raise ValueError(f"Expected `reference_masks` with one entry per reference ({num_refs}), but got {len(reference_masks)}.")
+    per_ref_matches = []
+    for k in range(num_refs):
+        ref_mask = None if reference_masks is None else reference_masks[k]
+        candidates = []
+        for tgt_feats, ref_feats in zip(target_features, reference_features):
+            forward = match_features(tgt_feats, ref_feats[k], source_mask=target_mask, target_mask=ref_mask)
+            if match_filter != "none":
+                backward = match_features(ref_feats[k], tgt_feats, source_mask=ref_mask, target_mask=target_mask)
+                radius = 0.0 if match_filter == "mutual" else cycle_radius
+                forward = cycle_consistent(forward, backward, radius=radius)
+            candidates.append(forward)
+        if len(candidates) > 1:
+            shapes = {(m.source_shape, m.target_shape) for m in candidates}
+            if len(shapes) != 1:
+                raise ValueError(f"Expected every extractor on the same grids for consensus, but got {sorted(shapes)}.")
+        per_ref_matches.append(candidates[0] if len(candidates) == 1 else consensus(candidates, radius=consensus_radius))
+    corr = matches_to_correspondences(
+        per_ref_matches, ref_grids, tgt_grid, direction="target_to_reference", ref_present=ref_present, disjoint=disjoint
+    )
+    return corr, per_ref_matches

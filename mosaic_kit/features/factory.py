@@ -1,0 +1,56 @@
+"""Build an extractor by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import FeatureExtractor
+from .diffusion import DiffusionFeatures
+from .dinov2 import DINOv2
+from .precomputed import Precomputed
+from .sift import DenseSIFT
+
+__all__ = ["EXTRACTORS", "build_extractor"]
+
+EXTRACTORS = ("sift", "dinov2", "dift", "precomputed")
+"""Names `build_extractor` accepts (each extractor's `name`)."""
+
+
+def build_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
+    """Builds a feature extractor from its name, e.g. from a config file.
+
+    - `"sift"`: `DenseSIFT(**kwargs)` (no weights).
+    - `"dinov2"`: `DINOv2.from_pretrained(**kwargs)` when `kwargs` has `path_or_id`, else `DINOv2(**kwargs)`.
+    - `"dift"`: `DiffusionFeatures.from_pretrained(**kwargs)` when `kwargs` has `path_or_id`,
+      else `DiffusionFeatures(**kwargs)`.
+    - `"precomputed"`: `Precomputed(**kwargs)`.
+
+    Args:
+        name: one of `EXTRACTORS`: `"sift"`, `"dinov2"`, `"dift"`, `"precomputed"`.
+        **kwargs: arguments of the extractor (or of its `from_pretrained`).
+
+    Returns:
+        The extractor, a `FeatureExtractor` whose `name` is `name`.
+
+    Raises:
+        ValueError: if `name` is not one of `EXTRACTORS`.
+
+    Example:
+        >>> import torch
+        >>> extractor = build_extractor("sift", grid_size=8, patch_size=16)
+        >>> extractor.name, extractor(torch.rand(1, 3, 64, 64)).shape
+        ('sift', torch.Size([1, 128, 8, 8]))
+        >>> build_extractor("geoaware")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `name` to be one of ['sift', 'dinov2', 'dift', 'precomputed'], but got 'geoaware'.
+    """
+    if name == "sift":
+        return DenseSIFT(**kwargs)
+    if name == "dinov2":
+        return DINOv2.from_pretrained(**kwargs) if "path_or_id" in kwargs else DINOv2(**kwargs)
+    if name == "dift":
+        return DiffusionFeatures.from_pretrained(**kwargs) if "path_or_id" in kwargs else DiffusionFeatures(**kwargs)
+    if name == "precomputed":
+        return Precomputed(**kwargs)
+    raise ValueError(f"Expected `name` to be one of {list(EXTRACTORS)}, but got {name!r}.")

@@ -1,0 +1,245 @@
+"""Build reference → target correspondences for a data set, as the released data was built.
+
+For every sample of a JSONL manifest, each reference image is matched densely to the target
+image with one or more feature extractors (cosine nearest neighbour of every target cell on a
+grid). The matches are kept where the extractors agree and inside the subject masks, mapped to
+token pairs on the model's token grids, and made disjoint across references (eq. 2).
+
+Outputs in ``--out``:
+
+- ``<id>.pt``: the project's format (`mosaic_kit.correspondence.load_correspondences`);
+- ``<id>.json``: the released dict format (per reference, ``{ref_token: tgt_token}``);
+- ``drawings/<id>_ref<k>.png``: both images side by side with a line per pair, for the first
+  ``--draw`` samples of the shard;
+- ``summary-<shard>.json``: counts, failures (with sample ids and reasons) and settings.
+
+The run is resumable (samples whose two files exist are skipped) and shardable
+(``--shard i/n`` takes every n-th sample starting at i, so n shards cover each sample once).
+
+Manifest: one JSON object per line, paths relative to the manifest's folder::
+
+    {"id": "dog_0", "target": "images/dog_0.jpg", "references": ["images/dog_ref.jpg"],
+     "target_mask": "masks/dog_0.png", "reference_masks": [null]}
+
+``target_mask`` and ``reference_masks`` are optional (a mask is any image; non-zero is inside).
+
+Example::
+
+    python recipes/build_correspondences.py --manifest data/manifest.jsonl --out runs/corr \\
+        --extractor sift --extractor sift:patch_size=48 --filter mutual --shard 0/4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from mosaic_kit.correspondence import (
+    DISJOINT_POLICIES,
+    MATCH_FILTERS,
+    TokenGrid,
+    correspondences_from_features,
+    draw_matches,
+    save_correspondences,
+    save_released_dicts,
+    subsample,
+)
+from mosaic_kit.features import build_extractor
+
+log = logging.getLogger("build_correspondences")
+_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` → ``(i, n)`` with ``0 <= i < n``."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise argparse.ArgumentTypeError(f"expected --shard i/n with 0 <= i < n, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_extractor(text: str) -> tuple[str, dict]:
+    """``"name[:key=value,...]"`` → ``(name, kwargs)``; numbers are parsed as numbers."""
+    name, _, options = text.partition(":")
+    kwargs = {}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected key=value in --extractor {text!r}, got {item!r}")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return name, kwargs
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """The manifest's samples with absolute paths; raises ValueError naming the line of a bad one."""
+    samples, seen = [], set()
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error})") from None
+        missing = {"id", "target", "references"} - set(row)
+        if missing:
+            raise ValueError(f"{path}:{number}: missing {sorted(missing)}")
+        if not isinstance(row["id"], str) or not _ID.match(row["id"]) or row["id"] in seen:
+            raise ValueError(f"{path}:{number}: `id` must be a unique string of letters, digits, '.', '_', '-'; got {row['id']!r}")
+        if not isinstance(row["references"], list) or not row["references"]:
+            raise ValueError(f"{path}:{number}: `references` must be a non-empty list of paths")
+        masks = row.get("reference_masks") or [None] * len(row["references"])
+        if len(masks) != len(row["references"]):
+            raise ValueError(f"{path}:{number}: `reference_masks` must have one entry (or null) per reference")
+        seen.add(row["id"])
+        base = path.parent
+        samples.append({
+            "id": row["id"],
+            "target": base / row["target"],
+            "references": [base / r for r in row["references"]],
+            "target_mask": base / row["target_mask"] if row.get("target_mask") else None,
+            "reference_masks": [base / m if m else None for m in masks],
+        })
+    return samples
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """``(3, size, size)`` float image in [0, 1]."""
+    with Image.open(path) as image:
+        image = image.convert("RGB").resize((size, size), Image.BICUBIC)
+        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(size, size, 3).permute(2, 0, 1).float() / 255
+
+
+def load_mask(path: Path | None, size: int) -> torch.Tensor | None:
+    """``(1, size, size)`` bool mask (non-zero inside), or None."""
+    if path is None:
+        return None
+    with Image.open(path) as image:
+        image = image.convert("L").resize((size, size), Image.NEAREST)
+        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    mask = data.view(1, size, size) > 0
+    if not bool(mask.any()):
+        raise ValueError(f"empty mask {path}")
+    return mask
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """Writes a ``(3, H, W)`` uint8 tensor as PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = image.permute(1, 2, 0).contiguous()
+    Image.frombytes("RGB", (array.shape[1], array.shape[0]), bytes(array.flatten().tolist())).save(path)
+
+
+def process(sample: dict, extractors: list, args: argparse.Namespace, ref_grid: TokenGrid, tgt_grid: TokenGrid):
+    """Correspondences of one sample, and its images for drawing."""
+    target = load_image(sample["target"], args.target_size)
+    references = [load_image(p, args.ref_size) for p in sample["references"]]
+    target_mask = load_mask(sample["target_mask"], args.target_size)
+    reference_masks = [load_mask(p, args.ref_size) for p in sample["reference_masks"]]
+    device = torch.device(args.device)
+    with torch.no_grad():
+        target_features = [extractor(target[None].to(device)) for extractor in extractors]
+        reference_features = [[extractor(r[None].to(device)) for r in references] for extractor in extractors]
+    corr, _ = correspondences_from_features(
+        target_features,
+        reference_features,
+        [ref_grid] * len(references),
+        tgt_grid,
+        target_mask=target_mask,
+        reference_masks=reference_masks,
+        match_filter=args.filter,
+        cycle_radius=args.cycle_radius,
+        consensus_radius=args.consensus_radius,
+        disjoint=args.disjoint,
+    )
+    if args.max_points:
+        corr = subsample(corr, args.max_points, "farthest", target_grid=tgt_grid).compact()
+    return corr.to("cpu"), target, references
+
+
+def draw(sample_id: str, corr, target, references, ref_grid: TokenGrid, tgt_grid: TokenGrid, out: Path) -> None:
+    """One PNG per reference: the reference (left) and the target (right), a line per pair."""
+    for k, reference in enumerate(references):
+        keep = corr.point_mask[0, k]
+        ref_xy = ref_grid.token_to_pixel(corr.ref_index[0, k][keep])
+        tgt_xy = tgt_grid.token_to_pixel(corr.tgt_index[0, k][keep])
+        save_png(draw_matches(reference, target, ref_xy, tgt_xy), out / "drawings" / f"{sample_id}_ref{k}.png")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--manifest", type=Path, required=True, help="JSONL manifest (see the module docstring)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--extractor", action="append", type=parse_extractor, default=None,
+                        help="name[:key=value,...]; repeat for consensus (default: sift)")
+    parser.add_argument("--grid", type=int, default=64, help="feature grid size (default 64, as released)")
+    parser.add_argument("--target-size", type=int, default=512, help="target side in pixels, a multiple of 16")
+    parser.add_argument("--ref-size", type=int, default=512, help="reference side in pixels, a multiple of 16")
+    parser.add_argument("--filter", choices=MATCH_FILTERS, default="none", help="per-extractor filter")
+    parser.add_argument("--cycle-radius", type=float, default=1.0, help="radius of --filter cycle, in cells")
+    parser.add_argument("--consensus-radius", type=float, default=0.0, help="agreement radius between extractors")
+    parser.add_argument("--disjoint", choices=DISJOINT_POLICIES, default="confidence", help="eq. 2 policy")
+    parser.add_argument("--max-points", type=int, default=0, help="farthest-point subsample per reference (0: all)")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this shard of n")
+    parser.add_argument("--draw", type=int, default=4, help="draw the first N samples of the shard")
+    parser.add_argument("--overwrite", action="store_true", help="recompute finished samples")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    ref_grid, tgt_grid = TokenGrid(args.ref_size, args.ref_size), TokenGrid(args.target_size, args.target_size)
+    extractors = [
+        build_extractor(name, grid_size=args.grid, **kwargs).to(args.device).eval()
+        for name, kwargs in (args.extractor or [("sift", {})])
+    ]
+    shard, shards = args.shard
+    samples = read_manifest(args.manifest)[shard::shards]
+    args.out.mkdir(parents=True, exist_ok=True)
+    counts = {"done": 0, "skipped": 0, "failed": 0, "points": 0}
+    failures = []
+    drawn = 0
+    for sample in tqdm(samples, desc=f"correspondences {shard}/{shards}", unit="sample", file=sys.stderr):
+        project, released = args.out / f"{sample['id']}.pt", args.out / f"{sample['id']}.json"
+        if project.exists() and released.exists() and not args.overwrite:
+            counts["skipped"] += 1
+            continue
+        try:
+            corr, target, references = process(sample, extractors, args, ref_grid, tgt_grid)
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            counts["failed"] += 1
+            failures.append({"id": sample["id"], "reason": str(error)})
+            log.warning("sample %s skipped: %s", sample["id"], error)
+            continue
+        save_correspondences(corr, project)
+        save_released_dicts(corr, released)
+        counts["done"] += 1
+        counts["points"] += int(corr.num_points.sum())
+        if drawn < args.draw:
+            draw(sample["id"], corr, target, references, ref_grid, tgt_grid, args.out)
+            drawn += 1
+    summary = {
+        "shard": f"{shard}/{shards}",
+        "samples": len(samples),
+        **counts,
+        "failures": failures,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    (args.out / f"summary-{shard}of{shards}.json").write_text(json.dumps(summary, indent=2))
+    log.info("shard %d/%d: %d done, %d skipped, %d failed, %d pairs", shard, shards,
+             counts["done"], counts["skipped"], counts["failed"], counts["points"])
+    return summary
+
+
+if __name__ == "__main__":
+    main()
