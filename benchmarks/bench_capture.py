@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -273,28 +272,6 @@ def _run_worker(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _hardware(device: str) -> dict:
-    import torch
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="problem size (default: cpu)")
@@ -307,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     import torch
+
+    from mosaic_kit.reporting import format_table, hardware_info
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     cfg = PRESETS[args.preset]
@@ -333,12 +312,12 @@ def main(argv: list[str] | None = None) -> dict:
         speed = f"{base['time_ms'] / r['time_ms']:.2f}x" if base else "-"
         rows.append([m, f"{r['peak_mib']:.1f}", kept, f"{r['peak_consumed_mib']:.1f}", consumed,
                      f"{r['time_ms']:.1f}", speed, f"{r['loss']:.6f}"])
-    print(_table(rows))
+    print(format_table(rows))
     if base and "mosaic_kit" in results:
         diff = abs(results["mosaic_kit"]["loss"] - base["loss"]) / max(abs(base["loss"]), 1e-12)
         print(f"released-settings loss, mosaic_kit vs released-style: relative difference {diff:.2e}")
 
-    report = {"preset": args.preset, "config": cfg, "hardware": _hardware(device), "repeats": args.repeats,
+    report = {"preset": args.preset, "config": cfg, "hardware": hardware_info(device), "repeats": args.repeats,
               "capture": results}
     if base:
         report["ratios"] = {
@@ -355,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = scal_result["loop"]["time_ms"] / scal_result["vectorised"]["time_ms"]
         scal_result["speed_ratio"] = ratio
         print()
-        print(_table([
+        print(format_table([
             ["SCAL fwd+bwd", "points", "time (ms)", "speed ratio"],
             ["released loop", str(scal_result["points"]), f"{scal_result['loop']['time_ms']:.2f}", "1.00x"],
             ["mosaic_kit scal", str(scal_result["points"]), f"{scal_result['vectorised']['time_ms']:.3f}", f"{ratio:.0f}x"],

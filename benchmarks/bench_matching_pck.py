@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 import zlib
 from pathlib import Path
 
 import torch
+
+from mosaic_kit.features import parse_extractor_spec
+from mosaic_kit.reporting import format_table, hardware_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "dreambench"
@@ -51,32 +52,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 # ------------------------------------------------------------------------------------ inputs
-def parse_extractor(spec: str) -> tuple[str, dict]:
-    """``"sift:patch_size=16,rootsift=false"`` → ``("sift", {"patch_size": 16, "rootsift": False})``."""
-    name, _, rest = spec.partition(":")
-    if not name:
-        raise ValueError(f"Expected an extractor spec NAME[:key=value,...], but got {spec!r}.")
-    kwargs: dict = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"Expected key=value in extractor spec {spec!r}, but got {item!r}.")
-        kwargs[key] = _parse_value(value)
-    return name, kwargs
-
-
-def _parse_value(value: str):
-    lowered = value.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
-
-
 def select_photos(data: Path, subjects: list[str] | None, per_subject: int) -> list[tuple[str, Path]]:
     """``(subject, path)`` of the first ``per_subject`` photos (sorted by name) of each subject."""
     if not data.is_dir():
@@ -199,33 +174,6 @@ def summarise(rows: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------ report
-def _hardware(device: str) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        import kornia
-
-        info["kornia"] = kornia.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _fmt(stat: dict, percent: bool = True) -> tuple[str, str]:
     if not stat["n"]:
         return "-", "-"
@@ -250,7 +198,7 @@ def print_table(results: list[dict]) -> None:
         pooled = r["pooled"][f"pck@{ALPHAS[0]:.2f}"]
         row.append("-" if pooled is None else f"{100 * pooled:.1f}")
         rows.append(row)
-    print(_table(rows))
+    print(format_table(rows))
     print("(percent; mean ± sd and median [quartiles] over photos; coverage = kept cells / cells whose truth is in view)")
 
 
@@ -275,7 +223,12 @@ def main(argv: list[str] | None = None) -> dict:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
 
-    from mosaic_kit.correspondence import consensus, cycle_consistent, match_features, mutual_nearest
+    from mosaic_kit.correspondence import (
+        consensus,
+        cycle_consistent,
+        match_features,
+        mutual_nearest,
+    )
     from mosaic_kit.correspondence.synthetic import random_homographies, warp_images
     from mosaic_kit.features import build_extractor
 
@@ -284,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     extractors = {}
     for spec in specs:
         try:
-            name, kwargs = parse_extractor(spec)
+            name, kwargs = parse_extractor_spec(spec)
         except ValueError as error:
             parser.error(f"--extractor: {error}")
         kwargs.setdefault("grid_size", args.grid)
@@ -306,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": args.seed, "alphas": list(ALPHAS), "filters": [f for f in FILTERS if f != "consensus" or use_consensus],
         "cycle_radius": 1.0, "consensus_radius": 0.0,
     }
-    hardware = _hardware(device)
+    hardware = hardware_info(device)
     print(f"bench_matching_pck: {len(photos)} photos from {args.data}, {args.size}², extractors {specs}, "
           f"strength {args.strength}, photometric {not args.no_photometric}, seed {args.seed}", flush=True)
     print(f"hardware: {hardware['cpu']} ({hardware['cores']} cores, {hardware['threads']} threads), "

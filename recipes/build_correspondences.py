@@ -52,7 +52,7 @@ from mosaic_kit.correspondence import (
     save_released_dicts,
     subsample,
 )
-from mosaic_kit.features import build_extractor
+from mosaic_kit.features import build_extractor, parse_extractor_spec
 
 log = logging.getLogger("build_correspondences")
 _ID = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -66,19 +66,11 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def parse_extractor(text: str) -> tuple[str, dict]:
-    """``"name[:key=value,...]"`` → ``(name, kwargs)``; numbers are parsed as numbers."""
-    name, _, options = text.partition(":")
-    kwargs = {}
-    for item in filter(None, options.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"expected key=value in --extractor {text!r}, got {item!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    return name, kwargs
+def _extractor_arg(text: str) -> tuple[str, dict]:
+    try:
+        return parse_extractor_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def read_manifest(path: Path) -> list[dict]:
@@ -181,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", type=Path, required=True, help="JSONL manifest (see the module docstring)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--extractor", action="append", type=parse_extractor, default=None,
+    parser.add_argument("--extractor", action="append", type=_extractor_arg, default=None,
                         help="name[:key=value,...]; repeat for consensus (default: sift)")
     parser.add_argument("--grid", type=int, default=64, help="feature grid size (default 64, as released)")
     parser.add_argument("--target-size", type=int, default=512, help="target side in pixels, a multiple of 16")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mosaic_kit.correspondence import DenseMatches
+from mosaic_kit.features import parse_extractor_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("bench_matching_pck", ROOT / "benchmarks" / "bench_matching_pck.py")
@@ -22,12 +23,12 @@ needs_photos = pytest.mark.skipif(
 
 
 def test_extractor_specs_parse():
-    assert bench.parse_extractor("sift") == ("sift", {})
-    assert bench.parse_extractor("sift:patch_size=16,rootsift=false,sigma=1.5,layer=up") == (
+    assert parse_extractor_spec("sift") == ("sift", {})
+    assert parse_extractor_spec("sift:patch_size=16,rootsift=false,sigma=1.5,layer=up") == (
         "sift", {"patch_size": 16, "rootsift": False, "sigma": 1.5, "layer": "up"}
     )
     with pytest.raises(ValueError, match="key=value"):
-        bench.parse_extractor("sift:patch_size")
+        parse_extractor_spec("sift:patch_size")
 
 
 def test_scoring_of_exact_and_shifted_matches():

@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from mosaic_kit.correspondence import is_disjoint, load_correspondences, load_released_dicts
+from mosaic_kit.correspondence import (
+    is_disjoint,
+    load_correspondences,
+    load_released_dicts,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DREAMBENCH = Path(os.environ.get("MOSAIC_DREAMBENCH", ROOT.parent / "shared" / "data" / "dreambench"))
@@ -99,4 +102,5 @@ def test_bad_manifest_and_arguments(tmp_path):
         recipe.read_manifest(bad)
     with pytest.raises(SystemExit):
         recipe.main(["--manifest", str(bad), "--out", str(tmp_path), "--shard", "3/3"])
-    assert recipe.parse_extractor("sift:patch_size=24,name=x") == ("sift", {"patch_size": 24, "name": "x"})
+    with pytest.raises(SystemExit):
+        recipe.main(["--manifest", str(bad), "--out", str(tmp_path), "--extractor", "sift:patch_size"])

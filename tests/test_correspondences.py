@@ -3,12 +3,11 @@ import random
 
 import pytest
 import torch
+from helpers import random_dicts
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mosaic_kit.correspondence import Correspondences, TokenGrid
-
-from helpers import random_dicts
 
 
 def test_from_dicts_layout_masks_and_global_rows():

@@ -2,9 +2,9 @@ import random
 
 import pytest
 import torch
+from helpers import random_dicts
 from hypothesis import given
 from hypothesis import strategies as st
-from helpers import random_dicts
 
 from mosaic_kit.correspondence import (
     Correspondences,

@@ -8,6 +8,12 @@
 Nothing here knows FLUX: the caller chooses which blocks feed the capture.
 """
 
-from .capture import AGGREGATES, BACKENDS, CaptureResult, RefTargetCapture, dense_ref_target_attention
+from .capture import (
+    AGGREGATES,
+    BACKENDS,
+    CaptureResult,
+    RefTargetCapture,
+    dense_ref_target_attention,
+)
 
 __all__ = ["AGGREGATES", "BACKENDS", "CaptureResult", "RefTargetCapture", "dense_ref_target_attention"]

@@ -27,7 +27,13 @@ from dataclasses import dataclass
 import torch
 
 from ..correspondence import Correspondences
-from ..correspondence._checks import check_floating, check_int, check_option, check_shape, compute_dtype
+from ..correspondence._checks import (
+    check_floating,
+    check_int,
+    check_option,
+    check_shape,
+    compute_dtype,
+)
 from ._chunked import Plan, TargetSoftmaxStats
 from ._fused import FusedPairStats
 

@@ -17,7 +17,13 @@ This subpackage imports only torch (and einops/kornia); it knows nothing of FLUX
 """
 
 from .batch import Correspondences
-from .disjoint import DISJOINT_POLICIES, contested_tokens, enforce_disjoint, find_conflicts, is_disjoint
+from .disjoint import (
+    DISJOINT_POLICIES,
+    contested_tokens,
+    enforce_disjoint,
+    find_conflicts,
+    is_disjoint,
+)
 from .drawing import draw_matches
 from .grid import TokenGrid
 from .io import (
@@ -30,9 +36,9 @@ from .io import (
 from .matching import (
     MATCH_DIRECTIONS,
     MATCH_FILTERS,
-    correspondences_from_features,
     DenseMatches,
     consensus,
+    correspondences_from_features,
     cycle_consistent,
     filter_by_mask,
     filter_by_score,
@@ -41,7 +47,14 @@ from .matching import (
     mutual_nearest,
 )
 from .sampling import SUBSAMPLE_METHODS, subsample
-from .synthetic import PhotometricJitter, inside, pck, random_homographies, transform_points, warp_images
+from .synthetic import (
+    PhotometricJitter,
+    inside,
+    pck,
+    random_homographies,
+    transform_points,
+    warp_images,
+)
 
 __all__ = [
     "MATCH_DIRECTIONS",

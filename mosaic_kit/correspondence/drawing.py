@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 try:
     from kornia.image import draw_line
 except ImportError:  # kornia < 0.8.3

@@ -25,11 +25,22 @@ import numbers
 from dataclasses import dataclass
 
 import torch
-from kornia.enhance import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
+from kornia.enhance import (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+)
 from kornia.geometry.linalg import transform_points as _kornia_transform_points
 from kornia.geometry.transform import get_perspective_transform, warp_perspective
 
-from ._checks import check_floating, check_int, check_int_pair, check_shape, compute_dtype
+from ._checks import (
+    check_floating,
+    check_int,
+    check_int_pair,
+    check_shape,
+    compute_dtype,
+)
 
 __all__ = [
     "PhotometricJitter",

@@ -29,7 +29,7 @@ Example:
 from .base import FeatureExtractor
 from .diffusion import DiffusionFeatures
 from .dinov2 import DINOv2
-from .factory import EXTRACTORS, build_extractor
+from .factory import EXTRACTORS, build_extractor, parse_extractor_spec
 from .precomputed import Precomputed
 from .sift import DenseSIFT
 
@@ -41,4 +41,5 @@ __all__ = [
     "FeatureExtractor",
     "Precomputed",
     "build_extractor",
+    "parse_extractor_spec",
 ]

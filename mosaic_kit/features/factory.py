@@ -54,3 +54,40 @@ def build_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
     if name == "precomputed":
         return Precomputed(**kwargs)
     raise ValueError(f"Expected `name` to be one of {list(EXTRACTORS)}, but got {name!r}.")
+
+
+def _parse_value(value: str) -> Any:
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_extractor_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Parses a command-line extractor spec ``NAME[:key=value,...]`` for `build_extractor`.
+
+    Values are read as booleans (``true``/``false``), integers or floats where they parse, else
+    kept as strings.
+
+    Example:
+        >>> parse_extractor_spec("sift:patch_size=16,rootsift=false")
+        ('sift', {'patch_size': 16, 'rootsift': False})
+        >>> parse_extractor_spec("dinov2:path_or_id=facebook/dinov2-small,layer=-2")
+        ('dinov2', {'path_or_id': 'facebook/dinov2-small', 'layer': -2})
+    """
+    name, _, rest = spec.partition(":")
+    if not name:
+        raise ValueError(f"Expected an extractor spec NAME[:key=value,...], but got {spec!r}.")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Expected key=value in extractor spec {spec!r}, but got {item!r}.")
+        kwargs[key] = _parse_value(value)
+    return name, kwargs
+

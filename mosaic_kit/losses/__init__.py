@@ -6,6 +6,7 @@ whose ``forward`` calls it. Nothing here knows FLUX.
 
 from . import functional
 from ._mdl import MDL, MDL_DIVERGENCES, mdl
+from ._scal import SCAL, SCAL_REDUCTIONS, scal
 from .objective import (
     OBJECTIVE_PRESETS,
     ConstantSchedule,
@@ -14,7 +15,6 @@ from .objective import (
     ObjectiveOutput,
     flow_matching_loss,
 )
-from ._scal import SCAL, SCAL_REDUCTIONS, scal
 
 __all__ = [
     "MDL",

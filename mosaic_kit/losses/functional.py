@@ -8,7 +8,7 @@ Each takes ``x`` as a `CaptureResult` or a dense
 """
 
 from ._mdl import mdl
-from .objective import flow_matching_loss
 from ._scal import scal
+from .objective import flow_matching_loss
 
 __all__ = ["flow_matching_loss", "mdl", "scal"]

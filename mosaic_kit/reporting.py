@@ -1,0 +1,60 @@
+"""Small helpers shared by the benchmarks and recipes: plain-text tables and hardware facts."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["format_table", "hardware_info"]
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: the first row is the header, columns padded to their widest cell.
+
+    Example:
+        >>> print(format_table([["method", "time"], ["dense", "12.5"]]))
+        method | time
+        -------+-----
+        dense  | 12.5
+    """
+    if not rows:
+        raise ValueError("Expected `rows` with at least a header row, but got none.")
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-+-".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def hardware_info(device: str) -> dict:
+    """Python, torch and kornia versions, CPU model, cores, torch threads, and the GPU when
+    ``device`` is CUDA: what a benchmark report should state.
+
+    Example:
+        >>> sorted(hardware_info("cpu"))[:4]
+        ['cores', 'cpu', 'device', 'kornia']
+    """
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import kornia
+
+        info["kornia"] = kornia.__version__
+    except ImportError:  # kornia is a core dependency; tolerate odd environments
+        info["kornia"] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
