@@ -184,6 +184,31 @@ def _fmt(stat: dict, percent: bool = True) -> tuple[str, str]:
     )
 
 
+def draw_example(path: Path, image: torch.Tensor, warped: torch.Tensor, matches, homographies, size: int) -> None:
+    """Draws the first photo's kept matches whose truth is in view: green within 0.05 · size of
+    the truth, red beyond (at most 150 lines)."""
+    from PIL import Image
+
+    from mosaic_kit.correspondence import draw_matches
+    from mosaic_kit.correspondence.synthetic import inside, transform_points
+
+    keep = matches.valid[0]
+    gh, gw = matches.source_shape
+    scale = torch.tensor([size / gw, size / gh])
+    source_px = matches.source_points()[0][keep].cpu() * scale
+    target_px = matches.target_points()[0][keep].cpu() * torch.tensor([size / matches.target_shape[1], size / matches.target_shape[0]])
+    truth = transform_points(source_px[None], homographies[:1].to(source_px.dtype))[0]
+    in_view = inside(truth, size, size)
+    source_px, target_px, truth = source_px[in_view], target_px[in_view], truth[in_view]
+    correct = (target_px - truth).norm(dim=-1) <= 0.05 * size
+    colours = torch.where(correct[:, None], torch.tensor([0.1, 0.9, 0.2]), torch.tensor([0.95, 0.1, 0.1]))
+    canvas = draw_matches(image, warped, source_px, target_px, max_lines=150, colours=colours)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = canvas.permute(1, 2, 0).contiguous()
+    Image.frombytes("RGB", (array.shape[1], array.shape[0]), bytes(array.flatten().tolist())).save(path)
+    print(f"wrote {path} ({int(correct.sum())}/{len(correct)} kept matches within PCK@0.05)", flush=True)
+
+
 def print_table(results: list[dict]) -> None:
     header = ["extractor", "filter", "images"]
     for alpha in ALPHAS:
@@ -217,6 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="seed of the warps (default: 0)")
     parser.add_argument("--batch-size", type=int, default=8, help="photos per extractor call (default: 8)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    parser.add_argument("--example", type=Path, default=None,
+                        help="also draw the first photo's matches (last extractor, mutual filter) to this PNG: "
+                             "green within PCK@0.05, red beyond")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default: {DEFAULT_OUT.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     for name in ("images_per_subject", "size", "grid", "batch_size"):
@@ -318,6 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         for (spec, name), scores in batch_scores.items():
             per_setting.setdefault((spec, name), []).extend(scores)
+        if args.example is not None and start == 0:
+            draw_example(args.example, images[0], warped[0], filtered["mutual"], homographies, args.size)
         for i, (subject, path) in enumerate(chunk):
             per_photo.append({
                 "subject": subject, "file": path.name,

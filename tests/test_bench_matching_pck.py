@@ -91,7 +91,9 @@ def test_benchmark_runs_on_two_photos_and_writes_its_report(tmp_path):
 @needs_photos
 def test_the_warps_depend_only_on_the_seed_and_the_photo(tmp_path):
     common = ["--images-per-subject", "1", "--size", "32", "--grid", "4", "--extractor", "sift:patch_size=8"]
-    one = bench.main(["--subjects", "dog", *common, "--out", str(tmp_path / "a.json")])
+    example = tmp_path / "example.png"
+    one = bench.main(["--subjects", "dog", *common, "--out", str(tmp_path / "a.json"), "--example", str(example)])
+    assert example.stat().st_size > 0
     two = bench.main(["--subjects", "cat,dog", *common, "--out", str(tmp_path / "b.json")])
     assert one["photos"][0] == two["photos"][1]
     other_seed = bench.main(["--subjects", "dog", *common, "--seed", "1", "--out", str(tmp_path / "c.json")])

@@ -174,3 +174,19 @@ def test_a_64_by_64_match_is_cheap():
     assert m.index.shape == (1, 4096)
     assert time.perf_counter() - start < 5.0  # about 0.1 s on a 2-core CPU
     assert torch.equal(m.index, (F.normalize(a.flatten(2), dim=1).transpose(1, 2) @ F.normalize(b.flatten(2), dim=1)).argmax(-1))
+
+
+def test_draw_matches_places_images_side_by_side_with_given_colours():
+    from mosaic_kit.correspondence import draw_matches
+
+    left, right = torch.zeros(3, 8, 8), torch.ones(3, 6, 10) * 0.5
+    canvas = draw_matches(left, right, torch.tensor([[0.5, 4.5]]), torch.tensor([[9.5, 4.5]]),
+                          colours=torch.tensor([[0.0, 1.0, 0.0]]))
+    assert canvas.shape == (3, 8, 18) and canvas.dtype == torch.uint8
+    assert canvas[:, 4, 0].tolist() == [0, 255, 0] and canvas[:, 4, 17].tolist() == [0, 255, 0]  # the line's ends
+    assert canvas[:, 0, 9].tolist() == [128, 128, 128] and canvas[:, 7, 9].tolist() == [0, 0, 0]  # right image, padding
+    plain = draw_matches(left, right, torch.zeros(0, 2), torch.zeros(0, 2))
+    none_drawn = draw_matches(left, right, torch.rand(50, 2) * 6, torch.rand(50, 2) * 6, max_lines=0)
+    assert torch.equal(none_drawn, plain)
+    with pytest.raises(ValueError, match=r"`colours` of shape \(N, 3\) = \(1, 3\)"):
+        draw_matches(left, right, torch.zeros(1, 2), torch.zeros(1, 2), colours=torch.zeros(2, 3))

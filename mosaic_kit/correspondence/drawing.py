@@ -28,6 +28,7 @@ def draw_matches(
     right_xy: torch.Tensor,
     max_lines: int = 200,
     seed: int = 0,
+    colours: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draws ``left`` and ``right`` side by side with a line from each ``left_xy`` to ``right_xy``.
 
@@ -38,6 +39,8 @@ def draw_matches(
         right_xy: ``(N, 2)`` ``(x, y)`` pixel points in ``right``.
         max_lines: at most this many lines, a seeded random subset when there are more.
         seed: seed of the subset.
+        colours: optional ``(N, 3)`` float colours in [0, 1], one per line (e.g. green for a
+            correct match, red for a wrong one); default: distinct hues.
 
     Returns:
         ``(3, max(H1, H2), W1 + W2)`` uint8 image.
@@ -62,10 +65,14 @@ def draw_matches(
     chosen = torch.arange(count)
     if count > max_lines:
         chosen = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:max_lines].sort().values
-    colours = _hues(len(chosen))
+    if colours is None:
+        palette = _hues(len(chosen))
+    else:
+        check_shape("colours", colours, [count, 3], "(N, 3)")
+        palette = colours.float().clamp(0, 1).cpu()[chosen]
     limits_left = torch.tensor([left.shape[2] - 1, left.shape[1] - 1])
     limits_right = torch.tensor([right.shape[2] - 1, right.shape[1] - 1])
-    for colour, i in zip(colours, chosen.tolist()):
+    for colour, i in zip(palette, chosen.tolist()):
         start = torch.minimum(left_xy[i].cpu().floor().long().clamp_min(0), limits_left)
         end = torch.minimum(right_xy[i].cpu().floor().long().clamp_min(0), limits_right) + torch.tensor([offset, 0])
         draw_line(canvas, start, end, colour)
