@@ -1,6 +1,7 @@
 """Build reference → target correspondences for a data set, as the released data was built.
 
-For every sample of a JSONL manifest, each reference image is matched densely to the target
+For every sample of a JSONL manifest (or of the released SemAlign-MS data, ``--released-root``),
+each reference image is matched densely to the target
 image with one or more feature extractors (cosine nearest neighbour of every target cell on a
 grid). The matches are kept where the extractors agree and inside the subject masks, mapped to
 token pairs on the model's token grids, and made disjoint across references (eq. 2).
@@ -23,6 +24,10 @@ Manifest: one JSON object per line, paths relative to the manifest's folder::
 
 ``target_mask`` and ``reference_masks`` are optional (a mask is any image; non-zero is inside).
 
+Released layout (``--released-root DIR``): parquet shards of side-by-side target/reference
+images with ``DIR/mask/<uid>.png`` target masks; each row is a sample with id ``uid`` (see
+`mosaic_kit.data.released`).
+
 Example::
 
     python recipes/build_correspondences.py --manifest data/manifest.jsonl --out runs/corr \\
@@ -36,6 +41,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -52,6 +58,7 @@ from mosaic_kit.correspondence import (
     save_released_dicts,
     subsample,
 )
+from mosaic_kit.data import count_released_rows, decode_released_row, iter_released_rows
 from mosaic_kit.features import build_extractor, parse_extractor_spec
 
 log = logging.getLogger("build_correspondences")
@@ -105,11 +112,14 @@ def read_manifest(path: Path) -> list[dict]:
     return samples
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """``(3, size, size)`` float image in [0, 1]."""
-    with Image.open(path) as image:
-        image = image.convert("RGB").resize((size, size), Image.BICUBIC)
-        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+def load_image(source: Path | Image.Image, size: int) -> torch.Tensor:
+    """``(3, size, size)`` float image in [0, 1] from a path or a PIL image."""
+    if isinstance(source, Image.Image):
+        image = source.convert("RGB").resize((size, size), Image.BICUBIC)
+    else:
+        with Image.open(source) as opened:
+            image = opened.convert("RGB").resize((size, size), Image.BICUBIC)
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return data.view(size, size, 3).permute(2, 0, 1).float() / 255
 
 
@@ -124,6 +134,38 @@ def load_mask(path: Path | None, size: int) -> torch.Tensor | None:
     if not bool(mask.any()):
         raise ValueError(f"empty mask {path}")
     return mask
+
+
+def manifest_samples(path: Path, shard: int, shards: int) -> tuple[int, Iterator[dict]]:
+    """This shard's samples of a manifest (every ``shards``-th from ``shard``), and their count."""
+    samples = read_manifest(path)[shard::shards]
+    return len(samples), iter(samples)
+
+
+def released_samples(root: Path, shard: int, shards: int) -> tuple[int, Iterator[dict | Exception]]:
+    """This shard's rows of the released layout (decoded lazily; a row that cannot be decoded
+    comes as its ValueError), and their count."""
+    total = count_released_rows(root)
+
+    def generate() -> Iterator[dict | Exception]:
+        for index, row in enumerate(iter_released_rows(root)):
+            if index % shards != shard:
+                continue  # other shards' rows are never decoded
+            try:
+                sample = decode_released_row(row, root)
+            except ValueError as error:
+                error.sample_id = f"{row.shard.name}:{row.row}"  # type: ignore[attr-defined]
+                yield error
+                continue
+            yield {
+                "id": sample.uid,
+                "target": sample.target,
+                "references": [sample.reference],
+                "target_mask": sample.mask_path if sample.mask_path.exists() else None,
+                "reference_masks": [None],
+            }
+
+    return len(range(shard, total, shards)), generate()
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -171,7 +213,9 @@ def draw(sample_id: str, corr, target, references, ref_grid: TokenGrid, tgt_grid
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--manifest", type=Path, required=True, help="JSONL manifest (see the module docstring)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", type=Path, help="JSONL manifest (see the module docstring)")
+    source.add_argument("--released-root", type=Path, help="folder of the released SemAlign-MS layout")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--extractor", action="append", type=_extractor_arg, default=None,
                         help="name[:key=value,...]; repeat for consensus (default: sift)")
@@ -196,12 +240,20 @@ def main(argv: list[str] | None = None) -> dict:
         for name, kwargs in (args.extractor or [("sift", {})])
     ]
     shard, shards = args.shard
-    samples = read_manifest(args.manifest)[shard::shards]
+    if args.manifest is not None:
+        total, samples = manifest_samples(args.manifest, shard, shards)
+    else:
+        total, samples = released_samples(args.released_root, shard, shards)
     args.out.mkdir(parents=True, exist_ok=True)
     counts = {"done": 0, "skipped": 0, "failed": 0, "points": 0}
     failures = []
     drawn = 0
-    for sample in tqdm(samples, desc=f"correspondences {shard}/{shards}", unit="sample", file=sys.stderr):
+    for sample in tqdm(samples, total=total, desc=f"correspondences {shard}/{shards}", unit="sample", file=sys.stderr):
+        if isinstance(sample, Exception):  # a released row that could not be decoded
+            counts["failed"] += 1
+            failures.append({"id": sample.sample_id, "reason": str(sample)})
+            log.warning("row %s skipped: %s", sample.sample_id, sample)
+            continue
         project, released = args.out / f"{sample['id']}.pt", args.out / f"{sample['id']}.json"
         if project.exists() and released.exists() and not args.overwrite:
             counts["skipped"] += 1
@@ -222,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
             drawn += 1
     summary = {
         "shard": f"{shard}/{shards}",
-        "samples": len(samples),
+        "samples": total,
         **counts,
         "failures": failures,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
