@@ -101,8 +101,8 @@ def score_matches(matches, homographies: torch.Tensor, size: int) -> list[dict]:
 
     hs, ws = matches.source_shape
     ht, wt = matches.target_shape
-    source_px = matches.source_points().double() * torch.tensor([size / ws, size / hs], dtype=torch.float64)
-    predicted = matches.target_points().double() * torch.tensor([size / wt, size / ht], dtype=torch.float64)
+    source_px = matches.source_points().cpu().double() * torch.tensor([size / ws, size / hs], dtype=torch.float64)
+    predicted = matches.target_points().cpu().double() * torch.tensor([size / wt, size / ht], dtype=torch.float64)
     return _score(predicted, source_px, matches.valid.cpu(), homographies, size, pck, inside, transform_points)
 
 

@@ -23,6 +23,8 @@ Manifest: one JSON object per line, paths relative to the manifest's folder::
      "target_mask": "masks/dog_0.png", "reference_masks": [null]}
 
 ``target_mask`` and ``reference_masks`` are optional (a mask is any image; non-zero is inside).
+Images and masks are resized to ``--target-size`` / ``--ref-size`` squares: crop non-square
+photos first if their proportions matter.
 
 Released layout (``--released-root DIR``): parquet shards of side-by-side target/reference
 images with ``DIR/mask/<uid>.png`` target masks; each row is a sample with id ``uid`` (see
@@ -63,6 +65,7 @@ from mosaic_kit.features import build_extractor, parse_extractor_spec
 
 log = logging.getLogger("build_correspondences")
 _ID = re.compile(r"^[A-Za-z0-9._-]+$")
+_RESERVED = {"settings", "drawings"}  # names the recipe writes itself (and ids starting "summary-")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -90,16 +93,31 @@ def read_manifest(path: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: not JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
         missing = {"id", "target", "references"} - set(row)
         if missing:
             raise ValueError(f"{path}:{number}: missing {sorted(missing)}")
-        if not isinstance(row["id"], str) or not _ID.match(row["id"]) or row["id"] in seen:
-            raise ValueError(f"{path}:{number}: `id` must be a unique string of letters, digits, '.', '_', '-'; got {row['id']!r}")
-        if not isinstance(row["references"], list) or not row["references"]:
-            raise ValueError(f"{path}:{number}: `references` must be a non-empty list of paths")
+        sample_id = row["id"]
+        if not isinstance(sample_id, str) or not _ID.match(sample_id) or sample_id in seen or sample_id in _RESERVED \
+                or sample_id.startswith("summary-"):
+            raise ValueError(
+                f"{path}:{number}: `id` must be a unique string of letters, digits, '.', '_', '-' "
+                f"(not {sorted(_RESERVED)}); got {sample_id!r}"
+            )
+        if not isinstance(row["target"], str) or not row["target"]:
+            raise ValueError(f"{path}:{number}: `target` must be a path, got {row['target']!r}")
+        if not isinstance(row["references"], list) or not row["references"] or not all(
+            isinstance(r, str) and r for r in row["references"]
+        ):
+            raise ValueError(f"{path}:{number}: `references` must be a non-empty list of paths, got {row['references']!r}")
         masks = row.get("reference_masks") or [None] * len(row["references"])
-        if len(masks) != len(row["references"]):
-            raise ValueError(f"{path}:{number}: `reference_masks` must have one entry (or null) per reference")
+        if not isinstance(masks, list) or len(masks) != len(row["references"]) or not all(
+            m is None or (isinstance(m, str) and m) for m in masks
+        ):
+            raise ValueError(f"{path}:{number}: `reference_masks` must have one path (or null) per reference")
+        if row.get("target_mask") is not None and not isinstance(row["target_mask"], str):
+            raise ValueError(f"{path}:{number}: `target_mask` must be a path or null, got {row['target_mask']!r}")
         seen.add(row["id"])
         base = path.parent
         samples.append({
@@ -143,8 +161,8 @@ def manifest_samples(path: Path, shard: int, shards: int) -> tuple[int, Iterator
 
 
 def released_samples(root: Path, shard: int, shards: int) -> tuple[int, Iterator[dict | Exception]]:
-    """This shard's rows of the released layout (decoded lazily; a row that cannot be decoded
-    comes as its ValueError), and their count."""
+    """This shard's rows of the released layout (decoded lazily; a row that cannot be decoded, or
+    whose target mask is missing, comes as a ValueError), and their count."""
     total = count_released_rows(root)
 
     def generate() -> Iterator[dict | Exception]:
@@ -157,15 +175,44 @@ def released_samples(root: Path, shard: int, shards: int) -> tuple[int, Iterator
                 error.sample_id = f"{row.shard.name}:{row.row}"  # type: ignore[attr-defined]
                 yield error
                 continue
+            if not sample.mask_path.exists():
+                # The released correspondences live inside the target's mask: never build them without it.
+                missing = ValueError(f"missing mask {sample.mask_path}")
+                missing.sample_id = sample.uid  # type: ignore[attr-defined]
+                yield missing
+                continue
             yield {
                 "id": sample.uid,
                 "target": sample.target,
                 "references": [sample.reference],
-                "target_mask": sample.mask_path if sample.mask_path.exists() else None,
+                "target_mask": sample.mask_path,
                 "reference_masks": [None],
             }
 
     return len(range(shard, total, shards)), generate()
+
+
+_MATCHING_SETTINGS = (
+    "extractor", "grid", "target_size", "ref_size", "filter", "cycle_radius", "consensus_radius", "disjoint", "max_points",
+)
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Records the settings that shape the outputs in ``<out>/settings.json``; on a resume, refuses
+    different ones (unless ``--overwrite``) so that one folder never mixes two kinds of output."""
+    wanted = {name: getattr(args, name) for name in _MATCHING_SETTINGS}
+    wanted = json.loads(json.dumps(wanted))  # tuples → lists, as stored
+    path = args.out / "settings.json"
+    if path.exists() and not args.overwrite:
+        stored = json.loads(path.read_text())
+        changed = sorted(k for k in wanted if stored.get(k) != wanted[k])
+        if changed:
+            raise SystemExit(
+                f"{path} was written with other settings ({', '.join(f'{k}: {stored.get(k)!r}' for k in changed)}); "
+                "use another --out, the same settings, or --overwrite"
+            )
+        return
+    path.write_text(json.dumps(wanted, indent=2))
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -236,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ref_grid, tgt_grid = TokenGrid(args.ref_size, args.ref_size), TokenGrid(args.target_size, args.target_size)
     extractors = [
-        build_extractor(name, grid_size=args.grid, **kwargs).to(args.device).eval()
+        build_extractor(name, **{"grid_size": args.grid, **kwargs}).to(args.device).eval()
         for name, kwargs in (args.extractor or [("sift", {})])
     ]
     shard, shards = args.shard
@@ -245,15 +292,23 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         total, samples = released_samples(args.released_root, shard, shards)
     args.out.mkdir(parents=True, exist_ok=True)
+    check_settings(args)
     counts = {"done": 0, "skipped": 0, "failed": 0, "points": 0}
     failures = []
-    drawn = 0
-    for sample in tqdm(samples, total=total, desc=f"correspondences {shard}/{shards}", unit="sample", file=sys.stderr):
-        if isinstance(sample, Exception):  # a released row that could not be decoded
+    seen: set[str] = set()
+    progress = tqdm(samples, total=total, desc=f"correspondences {shard}/{shards}", unit="sample", file=sys.stderr)
+    for position, sample in enumerate(progress):
+        if isinstance(sample, Exception):  # a released row that could not be decoded, or has no mask
             counts["failed"] += 1
             failures.append({"id": sample.sample_id, "reason": str(sample)})
-            log.warning("row %s skipped: %s", sample.sample_id, sample)
+            log.warning("sample %s skipped: %s", sample.sample_id, sample)
             continue
+        if sample["id"] in seen:
+            counts["failed"] += 1
+            failures.append({"id": sample["id"], "reason": "duplicate id (an earlier sample has the same id)"})
+            log.warning("sample %s skipped: duplicate id", sample["id"])
+            continue
+        seen.add(sample["id"])
         project, released = args.out / f"{sample['id']}.pt", args.out / f"{sample['id']}.json"
         if project.exists() and released.exists() and not args.overwrite:
             counts["skipped"] += 1
@@ -269,9 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
         save_released_dicts(corr, released)
         counts["done"] += 1
         counts["points"] += int(corr.num_points.sum())
-        if drawn < args.draw:
+        if position < args.draw:  # the first --draw samples of the shard, also across resumes
             draw(sample["id"], corr, target, references, ref_grid, tgt_grid, args.out)
-            drawn += 1
     summary = {
         "shard": f"{shard}/{shards}",
         "samples": total,

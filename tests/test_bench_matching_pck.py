@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ bench = importlib.util.module_from_spec(spec)
 sys.modules["bench_matching_pck"] = bench
 spec.loader.exec_module(bench)
 
+if os.environ.get("MOSAIC_DREAMBENCH"):
+    bench.DEFAULT_DATA = Path(os.environ["MOSAIC_DREAMBENCH"])
 needs_photos = pytest.mark.skipif(
     not (bench.DEFAULT_DATA / "dog").is_dir(), reason=f"DreamBench photos not found at {bench.DEFAULT_DATA}"
 )

@@ -92,11 +92,33 @@ def test_shards_cover_every_sample_once(manifest, tmp_path):
     assert sorted(ids) == ["broken", "cat_and_can", "dog", "teapot"]
 
 
+def test_settings_are_recorded_and_a_resume_with_other_settings_is_refused(manifest, tmp_path):
+    out = tmp_path / "out"
+    _run(manifest, out, "--extractor", "sift:grid_size=8")  # a spec's own grid size wins over --grid
+    assert load_correspondences(out / "dog.pt").num_points.sum() <= 64
+    assert json.loads((out / "settings.json").read_text())["extractor"] == [["sift", {"grid_size": 8}]]
+    with pytest.raises(SystemExit, match="other settings"):
+        _run(manifest, out, "--filter", "mutual", "--extractor", "sift:grid_size=8")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "dog.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_bad_manifest_and_arguments(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a b", "target": "x.jpg", "references": ["y.jpg"]}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: `id` must be"):
         recipe.read_manifest(bad)
+    for row, message in (
+        ({"id": "a", "target": None, "references": ["y.jpg"]}, "`target` must be a path"),
+        ({"id": "a", "target": "x.jpg", "references": [1]}, "`references` must be a non-empty list of paths"),
+        ({"id": "settings", "target": "x.jpg", "references": ["y.jpg"]}, "`id` must be"),
+        ({"id": "summary-0of1", "target": "x.jpg", "references": ["y.jpg"]}, "`id` must be"),
+        ([1, 2], "expected a JSON object"),
+    ):
+        bad.write_text(json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=message):
+            recipe.read_manifest(bad)
     bad.write_text(json.dumps({"id": "a", "target": "x.jpg"}) + "\n")
     with pytest.raises(ValueError, match=r"missing \['references'\]"):
         recipe.read_manifest(bad)

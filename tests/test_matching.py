@@ -190,3 +190,13 @@ def test_draw_matches_places_images_side_by_side_with_given_colours():
     assert torch.equal(none_drawn, plain)
     with pytest.raises(ValueError, match=r"`colours` of shape \(N, 3\) = \(1, 3\)"):
         draw_matches(left, right, torch.zeros(1, 2), torch.zeros(1, 2), colours=torch.zeros(2, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_features_with_cpu_masks():
+    feats = torch.randn(1, 8, 4, 4, device="cuda")
+    mask = torch.ones(1, 16, 16, dtype=torch.bool)  # masks usually come from image files, on the CPU
+    m = match_features(feats, feats, source_mask=mask, target_mask=mask)
+    assert m.index.device.type == "cuda" and bool(m.valid.all())
+    assert bool(filter_by_mask(m, source_mask=mask, target_mask=mask).valid.all())

@@ -3,6 +3,7 @@
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -62,11 +63,11 @@ def released(tmp_path):
     pq.write_table(pa.Table.from_pylist(records[:2]), tmp_path / "data" / "train-00000.parquet")
     pq.write_table(pa.Table.from_pylist(records[2:]), tmp_path / "data" / "train-00001.parquet")
     (tmp_path / "mask").mkdir()
-    first = next(iter_released_rows(tmp_path))
-    sample = decode_released_row(first, tmp_path)
     mask = Image.new("L", (512, 512), 0)
     mask.paste(255, (128, 128, 384, 384))
-    mask.save(tmp_path / "mask" / f"{sample.uid}.png")
+    for index, row in enumerate(iter_released_rows(tmp_path)):
+        if index in (0, 1):  # dog and teapot have masks; the cat (row 3) has none
+            mask.save(tmp_path / "mask" / f"{decode_released_row(row, tmp_path).uid}.png")
     return tmp_path
 
 
@@ -111,6 +112,10 @@ def test_recipe_over_the_released_layout_with_shards_and_resume(released, tmp_pa
         assert again["done"] == 0 and again["skipped"] == summary["done"]
     uids = [decode_released_row(r, released).uid for i, r in enumerate(iter_released_rows(released)) if i != 2]
     assert sorted(ids) == sorted(uids + ["train-00001.parquet:0"])
+    written = sorted(p.stem for shard in range(2) for p in (tmp_path / f"out{shard}").glob("*.pt"))
+    assert written == sorted(uids[:2])  # the cat has no mask: counted as failed, never built unmasked
+    failures = json.loads((tmp_path / "out1" / "summary-1of2.json").read_text())["failures"]
+    assert {f["id"]: f["reason"].split(" ")[0] for f in failures} == {uids[2]: "missing"}
     dog = load_correspondences(next((tmp_path / "out0").glob(f"{uids[0]}.pt")))
     rows, cols = dog.tgt_index[dog.point_mask] // 8, dog.tgt_index[dog.point_mask] % 8
     assert int(dog.num_points.sum()) > 0  # the dog's mask keeps target tokens in the centre [2, 6)²

@@ -117,10 +117,13 @@ def _features(name: str, feats: torch.Tensor) -> torch.Tensor:
     return feats
 
 
-def _mask_on_grid(name: str, mask: torch.Tensor, batch: int, shape: tuple[int, int]) -> torch.Tensor:
-    """A ``(B, H, W)`` mask of any resolution read at the cell centres of ``shape``: ``(B, h*w)``."""
+def _mask_on_grid(
+    name: str, mask: torch.Tensor, batch: int, shape: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """A ``(B, H, W)`` mask of any resolution read at the cell centres of ``shape``: ``(B, h*w)``
+    on ``device``."""
     check_shape(name, mask, [batch, None, None], "(B, H, W)")
-    mask = mask.to(torch.bool)
+    mask = mask.to(device=device, dtype=torch.bool)
     height, width = mask.shape[1:]
     rows = ((torch.arange(shape[0], device=mask.device) + 0.5) * height / shape[0]).long().clamp_max(height - 1)
     cols = ((torch.arange(shape[1], device=mask.device) + 0.5) * width / shape[1]).long().clamp_max(width - 1)
@@ -161,7 +164,7 @@ def match_features(
     dtype = compute_dtype(source.dtype)
     src = F.normalize(source.to(dtype).flatten(2), dim=1).transpose(1, 2)  # (B, Ns, C)
     tgt = F.normalize(target.to(dtype).flatten(2), dim=1)  # (B, C, Nt)
-    candidates = None if target_mask is None else _mask_on_grid("target_mask", target_mask, batch, (ht, wt))
+    candidates = None if target_mask is None else _mask_on_grid("target_mask", target_mask, batch, (ht, wt), source.device)
     num_source, num_target = hs * ws, ht * wt
     rows = max(1, max_chunk_elements // max(1, batch * num_target))
     index = torch.empty(batch, num_source, dtype=torch.long, device=source.device)
@@ -175,7 +178,7 @@ def match_features(
         index[:, start : start + rows] = best.indices
     valid = torch.isfinite(score)
     if source_mask is not None:
-        valid &= _mask_on_grid("source_mask", source_mask, batch, (hs, ws))
+        valid &= _mask_on_grid("source_mask", source_mask, batch, (hs, ws), source.device)
     score = torch.where(valid, score, 0.0)
     return DenseMatches(index, score, valid, (hs, ws), (ht, wt))
 
@@ -285,9 +288,9 @@ def filter_by_mask(
     """
     keep = torch.ones_like(matches.valid)
     if source_mask is not None:
-        keep &= _mask_on_grid("source_mask", source_mask, matches.batch_size, matches.source_shape)
+        keep &= _mask_on_grid("source_mask", source_mask, matches.batch_size, matches.source_shape, keep.device)
     if target_mask is not None:
-        on_grid = _mask_on_grid("target_mask", target_mask, matches.batch_size, matches.target_shape)
+        on_grid = _mask_on_grid("target_mask", target_mask, matches.batch_size, matches.target_shape, keep.device)
         keep &= on_grid.gather(1, matches.index)
     return matches.with_valid(keep)
 
