@@ -358,11 +358,11 @@ def test_diffusion_from_pretrained_local_folders_and_factory(tmp_path):
 
 
 def test_build_extractor_names():
-    assert EXTRACTORS == ("sift", "dinov2", "dift", "precomputed")
+    assert EXTRACTORS == ("sift", "dinov2", "dift", "dit", "precomputed")
     sift = build_extractor("sift", grid_size=8, patch_size=8)
     assert isinstance(sift, DenseSIFT) and sift.name == "sift" and sift.grid_size == (8, 8)
     assert build_extractor("precomputed", features=torch.zeros(2, 3, 3)).name == "precomputed"
-    with pytest.raises(ValueError, match=r"one of \['sift', 'dinov2', 'dift', 'precomputed'\], but got 'dino'"):
+    with pytest.raises(ValueError, match=r"one of \['sift', 'dinov2', 'dift', 'dit', 'precomputed'\], but got 'dino'"):
         build_extractor("dino")
 
 

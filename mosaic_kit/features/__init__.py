@@ -8,6 +8,8 @@ feature grids of a target and a reference give dense correspondences.
 - `DenseSIFT`: SIFT descriptors of a patch around every cell (kornia); no weights, no download.
 - `DINOv2`: patch tokens of a DINOv2 ViT (transformers).
 - `DiffusionFeatures`: UNet features of a noised image at one timestep, as in DIFT (diffusers).
+- `DiTFeatures`: the same with a diffusion transformer (diffusers' `DiTTransformer2DModel`): the
+  tokens of one block, laid out on their patch grid.
 - `Precomputed`: features the user computes (a callable or a tensor).
 - `build_extractor`: any of them by name.
 
@@ -29,12 +31,14 @@ Example:
 from .base import FeatureExtractor
 from .diffusion import DiffusionFeatures
 from .dinov2 import DINOv2
+from .dit import DiTFeatures
 from .factory import EXTRACTORS, build_extractor, parse_extractor_spec
 from .precomputed import Precomputed
 from .sift import DenseSIFT
 
 __all__ = [
     "DINOv2",
+    "DiTFeatures",
     "DenseSIFT",
     "DiffusionFeatures",
     "EXTRACTORS",

@@ -2,7 +2,7 @@
 
 import pytest
 
-_OPTIONAL = {"dinov2.py": "transformers", "diffusion.py": "diffusers"}
+_OPTIONAL = {"dinov2.py": "transformers", "diffusion.py": "diffusers", "dit.py": "diffusers"}
 
 
 @pytest.fixture(autouse=True)

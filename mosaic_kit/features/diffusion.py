@@ -40,7 +40,128 @@ def _default_scheduler(conditional: bool) -> Any:
     return diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
 
-class DiffusionFeatures(FeatureExtractor):
+def _encode_images(
+    images: torch.Tensor, size: tuple[int, int], vae: nn.Module | None
+) -> torch.Tensor:
+    """Images in [0, 1] → model input at ``size``: ``(B, C_latent, h, w)`` latents of ``vae``
+    (the mode, shifted and scaled by its config), or pixels in [-1, 1] without one."""
+    pixels = images.float()
+    if tuple(pixels.shape[-2:]) != size:
+        pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
+    pixels = pixels * 2 - 1
+    if vae is None:
+        return pixels
+    parameter = next(vae.parameters())
+    latents = vae.encode(pixels.to(device=parameter.device, dtype=parameter.dtype)).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    scale = getattr(vae.config, "scaling_factor", None) or 1.0
+    return (latents - shift) * scale
+
+
+def _run_until(model: nn.Module, block: nn.Module, call: Any) -> torch.Tensor:
+    """Calls ``call()`` (a forward of ``model``) and returns the output of ``block``, stopping the
+    forward right after it through a hook registered for the call and removed after."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+        raise _Captured
+
+    handle = block.register_forward_hook(hook)
+    try:
+        call()
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"The chosen block of {type(model).__name__} did not run during its forward.")
+    return captured[0]
+
+
+def _noise_ensemble(
+    latents: torch.Tensor, scheduler: Any, timestep: int, ensemble_size: int, seed: int, run: Any
+) -> torch.Tensor:
+    """Mean of ``run(noisy, timesteps)`` over ``ensemble_size`` seeded noise draws at ``timestep``.
+
+    Each draw has the shape of one latent and is shared by the batch, so an image's features do
+    not depend on the other images of its batch."""
+    batch = latents.shape[0]
+    timesteps = torch.full((batch,), timestep, dtype=torch.long, device=latents.device)
+    generator = torch.Generator().manual_seed(seed)
+    total: torch.Tensor | None = None
+    for _ in range(ensemble_size):
+        noise = torch.randn((1, *latents.shape[1:]), generator=generator, dtype=torch.float32)
+        noise = noise.to(device=latents.device, dtype=latents.dtype).expand_as(latents)
+        features = run(scheduler.add_noise(latents, noise, timesteps), timesteps).float()
+        total = features if total is None else total + features
+    return total / ensemble_size
+
+
+class _NoisedImageFeatures(FeatureExtractor):
+    """What `DiffusionFeatures` and `DiTFeatures` share: encode the images (pixels or VAE
+    latents), noise them to one timestep with several seeded draws, average a subclass's
+    `_features(noisy, timesteps)` over the draws."""
+
+    def _setup_noising(
+        self,
+        model_arg: str,
+        model_kind: str,
+        model: nn.Module,
+        model_factor: int,
+        vae: nn.Module | None,
+        scheduler: Any,
+        conditional_schedule: bool,
+        timestep: int,
+        ensemble_size: int,
+        seed: int,
+        input_size: int | tuple[int, int] | None,
+    ) -> None:
+        self.model_kind = model_kind
+        self.vae = vae.eval() if vae is not None else None
+        expected_channels = 3 if vae is None else vae.config.latent_channels
+        if model.config.in_channels != expected_channels:
+            source = "images (no `vae`)" if vae is None else "the VAE's latents"
+            raise ValueError(
+                f"Expected `{model_arg}` with in_channels={expected_channels} to denoise {source}, "
+                f"but got in_channels={model.config.in_channels}."
+            )
+        self.downsample_factor = model_factor
+        if vae is not None:
+            self.downsample_factor *= 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scheduler = _default_scheduler(conditional_schedule) if scheduler is None else scheduler
+        num_timesteps = self.scheduler.config.num_train_timesteps
+        self.timestep = check_int("timestep", timestep, minimum=0)
+        if self.timestep >= num_timesteps:
+            raise ValueError(f"Expected `timestep` in [0, {num_timesteps}), but got {timestep}.")
+        self.ensemble_size = check_int("ensemble_size", ensemble_size, minimum=1)
+        self.seed = check_int("seed", seed)
+        self.input_size = (
+            None if input_size is None else self._check_divisible("input_size", check_size("input_size", input_size))
+        )
+
+    def _check_divisible(self, name: str, size: tuple[int, int]) -> tuple[int, int]:
+        if any(side % self.downsample_factor for side in size):
+            raise ValueError(
+                f"Expected `{name}` divisible by the {self.model_kind}'s downsampling factor {self.downsample_factor}, "
+                f"but got {size[0]} × {size[1]}."
+            )
+        return size
+
+    def _model_input(self, images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        """Images in [0, 1] → the model's input (latents or pixels in [-1, 1]) on its device and dtype."""
+        size = self.input_size or self._check_divisible("images (no `input_size` given)", tuple(images.shape[-2:]))
+        parameter = next(model.parameters())
+        return _encode_images(images, size, self.vae).to(device=parameter.device, dtype=parameter.dtype)
+
+    def _features(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _ensemble(self, latents: torch.Tensor) -> torch.Tensor:
+        return _noise_ensemble(latents, self.scheduler, self.timestep, self.ensemble_size, self.seed, self._features)
+
+
+class DiffusionFeatures(_NoisedImageFeatures):
     """Intermediate UNet features of a noised image, as in DIFT (Tang et al., 2023).
 
     Steps, for `(B, 3, H, W)` images in [0, 1]:
@@ -133,33 +254,16 @@ class DiffusionFeatures(FeatureExtractor):
         self.unet = unet.eval()
         self.cross_attention_dim = getattr(config, "cross_attention_dim", None)
         self.conditional = self.cross_attention_dim is not None
-
-        self.vae = vae.eval() if vae is not None else None
-        expected_channels = 3 if vae is None else vae.config.latent_channels
-        if config.in_channels != expected_channels:
-            source = "images (no `vae`)" if vae is None else "the VAE's latents"
-            raise ValueError(
-                f"Expected `unet` with in_channels={expected_channels} to denoise {source}, "
-                f"but got in_channels={config.in_channels}."
-            )
-        self.downsample_factor = 2 ** (len(unet.down_blocks) - 1)
-        if vae is not None:
-            self.downsample_factor *= 2 ** (len(vae.config.block_out_channels) - 1)
-
-        self.scheduler = _default_scheduler(self.conditional) if scheduler is None else scheduler
-        num_timesteps = self.scheduler.config.num_train_timesteps
-        self.timestep = check_int("timestep", timestep, minimum=0)
-        if self.timestep >= num_timesteps:
-            raise ValueError(f"Expected `timestep` in [0, {num_timesteps}), but got {timestep}.")
+        self._setup_noising(
+            "unet", "UNet", unet, 2 ** (len(unet.down_blocks) - 1), vae, scheduler, self.conditional,
+            timestep, ensemble_size, seed, input_size,
+        )
         self.up_block = check_int("up_block", up_block, minimum=0)
         if self.up_block >= len(up_blocks):
             raise ValueError(
                 f"Expected `up_block` in [0, {len(up_blocks)}) (the UNet has {len(up_blocks)} up blocks), "
                 f"but got {up_block}."
             )
-        self.ensemble_size = check_int("ensemble_size", ensemble_size, minimum=1)
-        self.seed = check_int("seed", seed)
-        self.input_size = None if input_size is None else self._check_divisible("input_size", check_size("input_size", input_size))
 
         if encoder_hidden_states is not None:
             if not self.conditional:
@@ -265,14 +369,6 @@ class DiffusionFeatures(FeatureExtractor):
             grid_size=grid_size,
         )
 
-    def _check_divisible(self, name: str, size: tuple[int, int]) -> tuple[int, int]:
-        if any(side % self.downsample_factor for side in size):
-            raise ValueError(
-                f"Expected `{name}` divisible by the UNet's downsampling factor {self.downsample_factor}, "
-                f"but got {size[0]} × {size[1]}."
-            )
-        return size
-
     def _conditioning(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if not self.conditional:
             return {}
@@ -286,39 +382,11 @@ class DiffusionFeatures(FeatureExtractor):
             )
         return {"encoder_hidden_states": states.to(device=device, dtype=dtype).expand(batch, -1, -1)}
 
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] → UNet input: `(B, C_latent, h, w)` latents, or pixels in [-1, 1]."""
-        size = self.input_size or self._check_divisible("images (no `input_size` given)", tuple(images.shape[-2:]))
-        pixels = images.float()
-        if tuple(pixels.shape[-2:]) != size:
-            pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
-        pixels = pixels * 2 - 1
-        if self.vae is None:
-            return pixels
-        parameter = next(self.vae.parameters())
-        latents = self.vae.encode(pixels.to(device=parameter.device, dtype=parameter.dtype)).latent_dist.mode()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        scale = getattr(self.vae.config, "scaling_factor", None) or 1.0
-        return (latents - shift) * scale
-
-    def _capture(self, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+    def _features(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Runs the UNet up to `up_blocks[up_block]` and returns that block's output."""
-        captured: list[torch.Tensor] = []
-
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
-            raise _Captured
-
-        handle = self.unet.up_blocks[self.up_block].register_forward_hook(hook)
-        try:
-            self.unet(sample, timesteps, **conditioning)
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(f"`unet.up_blocks[{self.up_block}]` did not run during the UNet's forward.")
-        return captured[0]
+        conditioning = self._conditioning(noisy.shape[0], noisy.device, noisy.dtype)
+        block = self.unet.up_blocks[self.up_block]
+        return _run_until(self.unet, block, lambda: self.unet(noisy, timesteps, **conditioning))
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         """UNet features averaged over the noise draws, at the up block's resolution.
@@ -337,20 +405,7 @@ class DiffusionFeatures(FeatureExtractor):
             >>> DiffusionFeatures(unet, up_block=0, ensemble_size=1).extract(torch.rand(1, 3, 32, 32)).shape
             torch.Size([1, 16, 32, 32])
         """
-        parameter = next(self.unet.parameters())
-        latents = self._encode(images).to(device=parameter.device, dtype=parameter.dtype)
-        batch = latents.shape[0]
-        timesteps = torch.full((batch,), self.timestep, dtype=torch.long, device=latents.device)
-        conditioning = self._conditioning(batch, latents.device, latents.dtype)
-        generator = torch.Generator().manual_seed(self.seed)
-        total: torch.Tensor | None = None
-        for _ in range(self.ensemble_size):
-            noise = torch.randn((1, *latents.shape[1:]), generator=generator, dtype=torch.float32)
-            noise = noise.to(device=latents.device, dtype=latents.dtype).expand_as(latents)
-            noisy = self.scheduler.add_noise(latents, noise, timesteps)
-            features = self._capture(noisy, timesteps, conditioning).float()
-            total = features if total is None else total + features
-        return total / self.ensemble_size
+        return self._ensemble(self._model_input(images, self.unet))
 
     def extra_repr(self) -> str:
         return (

@@ -7,12 +7,13 @@ from typing import Any
 from .base import FeatureExtractor
 from .diffusion import DiffusionFeatures
 from .dinov2 import DINOv2
+from .dit import DiTFeatures
 from .precomputed import Precomputed
 from .sift import DenseSIFT
 
 __all__ = ["EXTRACTORS", "build_extractor"]
 
-EXTRACTORS = ("sift", "dinov2", "dift", "precomputed")
+EXTRACTORS = ("sift", "dinov2", "dift", "dit", "precomputed")
 """Names `build_extractor` accepts (each extractor's `name`)."""
 
 
@@ -23,10 +24,12 @@ def build_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
     - `"dinov2"`: `DINOv2.from_pretrained(**kwargs)` when `kwargs` has `path_or_id`, else `DINOv2(**kwargs)`.
     - `"dift"`: `DiffusionFeatures.from_pretrained(**kwargs)` when `kwargs` has `path_or_id`,
       else `DiffusionFeatures(**kwargs)`.
+    - `"dit"`: `DiTFeatures.from_pretrained(**kwargs)` when `kwargs` has `path_or_id`, else
+      `DiTFeatures(**kwargs)`.
     - `"precomputed"`: `Precomputed(**kwargs)`.
 
     Args:
-        name: one of `EXTRACTORS`: `"sift"`, `"dinov2"`, `"dift"`, `"precomputed"`.
+        name: one of `EXTRACTORS`: `"sift"`, `"dinov2"`, `"dift"`, `"dit"`, `"precomputed"`.
         **kwargs: arguments of the extractor (or of its `from_pretrained`).
 
     Returns:
@@ -43,7 +46,7 @@ def build_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
         >>> build_extractor("geoaware")
         Traceback (most recent call last):
         ...
-        ValueError: Expected `name` to be one of ['sift', 'dinov2', 'dift', 'precomputed'], but got 'geoaware'.
+        ValueError: Expected `name` to be one of ['sift', 'dinov2', 'dift', 'dit', 'precomputed'], but got 'geoaware'.
     """
     if name == "sift":
         return DenseSIFT(**kwargs)
@@ -51,6 +54,8 @@ def build_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
         return DINOv2.from_pretrained(**kwargs) if "path_or_id" in kwargs else DINOv2(**kwargs)
     if name == "dift":
         return DiffusionFeatures.from_pretrained(**kwargs) if "path_or_id" in kwargs else DiffusionFeatures(**kwargs)
+    if name == "dit":
+        return DiTFeatures.from_pretrained(**kwargs) if "path_or_id" in kwargs else DiTFeatures(**kwargs)
     if name == "precomputed":
         return Precomputed(**kwargs)
     raise ValueError(f"Expected `name` to be one of {list(EXTRACTORS)}, but got {name!r}.")
