@@ -65,6 +65,14 @@ class CaptureResult:
         corr: the correspondences the capture was built for.
         num_blocks: L, the number of blocks averaged.
         num_heads: H, the number of heads averaged.
+
+    Example:
+        >>> corr = Correspondences.from_dicts([[{0: 1}]], ref_tokens=[2], tgt_tokens=3)
+        >>> capture = RefTargetCapture(corr, aggregate="all")
+        >>> capture.add(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 3, 4))  # uniform attention
+        >>> out = capture.result()
+        >>> out.pair_log_probs.exp(), out.ref_rows, (out.num_blocks, out.num_heads)
+        (tensor([[[0.3333]]]), tensor([[[0.3333, 0.3333, 0.3333]]]), (1, 2))
     """
 
     pair_log_probs: torch.Tensor

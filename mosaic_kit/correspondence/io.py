@@ -73,6 +73,14 @@ def load_correspondences(path: str | os.PathLike) -> Correspondences:
 
     Raises:
         ValueError: if the file is not in the project's format or has another version.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "sample.pt"
+        >>> save_correspondences(Correspondences.from_dicts([[{1: 2}]], ref_tokens=[4], tgt_tokens=8), path)
+        >>> corr = load_correspondences(path)
+        >>> corr.ref_tokens, corr.tgt_tokens, corr.to_dicts()
+        ((4,), 8, [[{1: 2}]])
     """
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or "format_version" not in payload:
@@ -91,7 +99,15 @@ def load_correspondences(path: str | os.PathLike) -> Correspondences:
 def save_released_dicts(corr: Correspondences, path: str | os.PathLike) -> None:
     """Writes ``corr.to_dicts()`` as JSON (atomically): a list over samples of lists over
     references of ``{ref_token: tgt_token}``. For one sample, index ``[0]`` of the loaded list is
-    the released per-sample format."""
+    the released per-sample format.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "sample.json"
+        >>> save_released_dicts(Correspondences.from_dicts([[{0: 3}, {}]], ref_tokens=[2, 2], tgt_tokens=4), path)
+        >>> path.read_text()  # JSON keys are strings
+        '[[{"0": 3}, {}]]'
+    """
     text = json.dumps(corr.to_dicts())
     _atomic_write(Path(path), lambda stream: stream.write(text.encode()))
 

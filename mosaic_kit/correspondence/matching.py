@@ -366,13 +366,14 @@ def matches_to_correspondences(
     tgt_frames = {m.target_shape if ref_first else m.source_shape for m in matches}
     if len(tgt_frames) != 1:
         raise ValueError(f"Expected every matching on one target grid, but got {sorted(tgt_frames)}.")
+    points = [(m.source_points(), m.target_points()) for m in matches]  # once per matching, not per sample
     for b in range(batch):
         per_ref = []
         for k, m in enumerate(matches):
             if ref_present is not None and not bool(ref_present[b, k]):
                 break  # absent references come last (checked below)
             keep = m.valid[b]
-            src, dst = m.source_points()[b][keep], m.target_points()[b][keep]
+            src, dst = points[k][0][b][keep], points[k][1][b][keep]
             ref_xy, tgt_xy = (src, dst) if ref_first else (dst, src)
             per_ref.append((ref_xy, tgt_xy, m.score[b][keep].float()))
         samples.append(per_ref)

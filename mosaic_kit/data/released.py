@@ -13,6 +13,16 @@ the sha256 of the target panel saved as PNG.
 
 This module reads images, captions, masks and ids. The released coordinate files are left to the
 training data reader.
+
+The examples below share a one-row data set built like this (the tests provide it as `root`):
+
+>>> import tempfile, pyarrow, pyarrow.parquet
+>>> root = Path(tempfile.mkdtemp())
+>>> canvas, encoded = Image.new("RGB", (1048, 528), "white"), io.BytesIO()
+>>> canvas.save(encoded, format="PNG")
+>>> row = {"image": {"bytes": encoded.getvalue(), "path": None},
+...        "description": {"item": "dog", "description_0": "a dog", "description_1": "the dog"}}
+>>> pyarrow.parquet.write_table(pyarrow.Table.from_pylist([row]), root / "train-0.parquet")
 """
 
 from __future__ import annotations
@@ -60,6 +70,11 @@ class ReleasedSample:
         mask_path: ``<root>/mask/<uid>.png`` (it may not exist).
         shard: the parquet file the row comes from.
         row: the row's index within its shard.
+
+    Example (the data set of the module docstring):
+        >>> sample = next(iter_released_samples(root))
+        >>> sample.item, sample.target_caption, sample.reference.size, sample.mask_path.name == f"{sample.uid}.png"
+        ('dog', 'a dog', (512, 512), True)
     """
 
     uid: str
@@ -109,7 +124,12 @@ def released_uid(item: str, description_0: str, target: Image.Image) -> str:
 
 
 def released_shards(root: str | Path) -> list[Path]:
-    """The parquet shards under ``root`` (recursively), sorted by path."""
+    """The parquet shards under ``root`` (recursively), sorted by path.
+
+    Example (the data set of the module docstring):
+        >>> [shard.name for shard in released_shards(root)]
+        ['train-0.parquet']
+    """
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"Expected `root` to be a folder of parquet shards, but {root} is not a folder.")
@@ -128,7 +148,12 @@ def _parquet():
 
 
 def count_released_rows(root: str | Path) -> int:
-    """The number of rows in all shards (from the parquet metadata; no image is decoded)."""
+    """The number of rows in all shards (from the parquet metadata; no image is decoded).
+
+    Example (the data set of the module docstring):
+        >>> count_released_rows(root)
+        1
+    """
     pq = _parquet()
     return sum(pq.ParquetFile(shard).metadata.num_rows for shard in released_shards(root))
 
@@ -151,7 +176,13 @@ def _description(value) -> dict:
 
 @dataclass(frozen=True)
 class ReleasedRow:
-    """One undecoded row: where it is, its encoded image and its description."""
+    """One undecoded row: where it is, its encoded image and its description.
+
+    Example (the data set of the module docstring):
+        >>> row = next(iter_released_rows(root))
+        >>> row.shard.name, row.row, row.description["item"]
+        ('train-0.parquet', 0, 'dog')
+    """
 
     shard: Path
     row: int
@@ -160,7 +191,12 @@ class ReleasedRow:
 
 
 def iter_released_rows(root: str | Path, batch_size: int = 32) -> Iterator[ReleasedRow]:
-    """Yields the undecoded rows of every shard under ``root`` in order (shards sorted by path)."""
+    """Yields the undecoded rows of every shard under ``root`` in order (shards sorted by path).
+
+    Example (the data set of the module docstring):
+        >>> [(row.row, row.description["description_0"]) for row in iter_released_rows(root)]
+        [(0, 'a dog')]
+    """
     pq = _parquet()
     for shard in released_shards(root):
         row = 0
@@ -175,6 +211,11 @@ def decode_released_row(row: ReleasedRow, root: str | Path) -> ReleasedSample:
 
     Raises:
         ValueError: naming the shard and row, when the image or the description is malformed.
+
+    Example (the data set of the module docstring):
+        >>> sample = decode_released_row(next(iter_released_rows(root)), root)
+        >>> sample.uid == released_uid("dog", "a dog", sample.target)
+        True
     """
     try:
         description = _description(row.description)
@@ -199,6 +240,11 @@ def decode_released_row(row: ReleasedRow, root: str | Path) -> ReleasedSample:
 def iter_released_samples(root: str | Path, batch_size: int = 32) -> Iterator[ReleasedSample]:
     """Yields the decoded samples of every shard under ``root`` in order; stops with ValueError
     at the first malformed row (use `iter_released_rows` and `decode_released_row` to skip
-    bad rows instead)."""
+    bad rows instead).
+
+    Example (the data set of the module docstring):
+        >>> [sample.item for sample in iter_released_samples(root)]
+        ['dog']
+    """
     for row in iter_released_rows(root, batch_size):
         yield decode_released_row(row, root)

@@ -145,6 +145,11 @@ class ObjectiveOutput:
         mdl: scalar MDL value (unweighted).
         scal_weight: α at this step.
         mdl_weight: β at this step.
+
+    Example:
+        >>> out = MosaicObjective(scal_weight=0.0, mdl_weight=0.0)(torch.ones(1, 2), torch.ones(1, 2), torch.zeros(1, 2), None, None)
+        >>> out.loss, out.flow_matching, out.scal, (out.scal_weight, out.mdl_weight)
+        (tensor(0.), tensor(0.), tensor(0.), (0.0, 0.0))
     """
 
     loss: torch.Tensor
