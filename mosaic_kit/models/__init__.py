@@ -1,0 +1,47 @@
+"""FLUX with K reference images and the reference LoRA (needs the ``flux`` extra: diffusers, peft).
+
+- `MosaicFluxTransformer`: the multi-reference forward over a stock diffusers
+  `FluxTransformer2DModel` (eq. 4-7), feeding `mosaic_kit.attention.RefTargetCapture`.
+- `add_reference_lora`, `load_reference_lora`, `save_reference_lora`: the reference LoRA through
+  peft, in diffusers' LoRA safetensors layout (released checkpoints load unchanged).
+- `pack_latents`, `latent_image_ids`, `reference_position_ids`: packing and position ids.
+- `mosaic_kit.models.testing`: tiny random transformers and inputs.
+"""
+
+from .flux import (
+    CAPTURE_BLOCKS,
+    DEFAULT_ADAPTER,
+    REFERENCE_ATTENTION,
+    REFERENCE_LORA_TARGETS,
+    MosaicFluxAttnProcessor,
+    MosaicFluxTransformer,
+    ReferenceKVCache,
+    add_reference_lora,
+    latent_image_ids,
+    load_reference_lora,
+    pack_latents,
+    reference_lora_state_dict,
+    reference_position_ids,
+    save_reference_lora,
+    set_reference_lora_scale,
+    unpack_latents,
+)
+
+__all__ = [
+    "CAPTURE_BLOCKS",
+    "DEFAULT_ADAPTER",
+    "REFERENCE_ATTENTION",
+    "REFERENCE_LORA_TARGETS",
+    "MosaicFluxAttnProcessor",
+    "MosaicFluxTransformer",
+    "ReferenceKVCache",
+    "add_reference_lora",
+    "latent_image_ids",
+    "load_reference_lora",
+    "pack_latents",
+    "reference_lora_state_dict",
+    "reference_position_ids",
+    "save_reference_lora",
+    "set_reference_lora_scale",
+    "unpack_latents",
+]

@@ -1,0 +1,871 @@
+"""FLUX.1 with K reference images: the MOSAIC multi-reference forward (eq. 4-7).
+
+The model is a stock diffusers `FluxTransformer2DModel`; nothing of it is forked or patched.
+`MosaicFluxTransformer` holds it, installs `MosaicFluxAttnProcessor` through diffusers'
+``set_attn_processor`` and runs the block stack with three token streams:
+
+- **text** (``N_txt`` tokens): ``context_embedder``, the context projections of the double
+  blocks, timestep embedding ``(t, guidance, pooled)``;
+- **target** (``N_tgt`` tokens, the noisy latent): the base image weights, the same embedding;
+- **references** (the K reference latents concatenated, ``N_ref = Σ N^(k)`` tokens): the base
+  image weights **plus the reference LoRA** (peft, adapter ``"mosaic"``), their own embedding
+  ``(t_ref = 0, guidance_ref, pooled)`` and their own modulation.
+
+Attention (eq. 7): text and target queries attend to every key; the queries of reference k attend
+to text, target and reference k only (``reference_attention="isolated"``, as released) or to
+everything (``"full"``). This takes two attention calls per block whatever K is: one for text +
+target queries and one batched call for all references (references of equal size are folded into
+the batch; references of different sizes share one masked call).
+
+The reference LoRA acts on reference tokens only: every adapted linear layer is called through its
+``base_layer`` for text and target tokens and through the peft layer for reference tokens, so no
+adapter state is toggled during the forward.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import RefTargetCapture
+from ..correspondence._checks import check_option
+
+try:  # diffusers and peft are the `flux` extra
+    from diffusers import FluxTransformer2DModel
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "mosaic_kit.models needs diffusers and peft: install them with `pip install mosaic_kit[flux]`."
+    ) from error
+
+REFERENCE_ATTENTION = ("isolated", "full")
+"""Allowed values of ``reference_attention``."""
+
+CAPTURE_BLOCKS = ("double", "all")
+"""Allowed values of ``capture_blocks``: the double-stream blocks (released) or every block."""
+
+DEFAULT_ADAPTER = "mosaic"
+"""The peft adapter name of the reference LoRA."""
+
+REFERENCE_LORA_TARGETS = (
+    r"^(x_embedder"
+    r"|transformer_blocks\.\d+\.(norm1\.linear|attn\.to_[qkv]|attn\.to_out\.0|ff\.net\.2)"
+    r"|single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.to_[qkv]))$"
+)
+"""The released target modules as one peft regex (matched against full module names):
+``x_embedder``; in double blocks ``norm1.linear``, ``attn.to_q/to_k/to_v``, ``attn.to_out.0``,
+``ff.net.2``; in single blocks ``norm.linear``, ``proj_mlp``, ``proj_out``, ``attn.to_q/to_k/to_v``.
+"""
+
+
+# -- packing and position ids -----------------------------------------------------------------------
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Packs VAE latents 2×2 into FLUX tokens, row-major (as diffusers' FLUX pipeline does).
+
+    Args:
+        latents: ``(B, C, h, w)`` with even ``h`` and ``w``.
+
+    Returns:
+        ``(B, h/2 · w/2, 4C)`` tokens; token ``r · w/2 + c`` holds the 2×2 patch at ``(r, c)``.
+
+    Example:
+        >>> latents = torch.randn(2, 16, 8, 6)
+        >>> pack_latents(latents).shape
+        torch.Size([2, 12, 64])
+        >>> torch.equal(unpack_latents(pack_latents(latents), 8, 6), latents)
+        True
+    """
+    if latents.ndim != 4 or latents.shape[2] % 2 or latents.shape[3] % 2:
+        raise ValueError(f"Expected `latents` of shape (B, C, h, w) with even h and w, but got {tuple(latents.shape)}.")
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `pack_latents`.
+
+    Args:
+        tokens: ``(B, height/2 · width/2, 4C)``.
+        height: latent height ``h`` (even).
+        width: latent width ``w`` (even).
+
+    Returns:
+        ``(B, C, h, w)`` latents.
+
+    Example:
+        >>> unpack_latents(torch.randn(1, 4, 64), 4, 4).shape
+        torch.Size([1, 16, 4, 4])
+    """
+    b, n, d = tokens.shape
+    if height % 2 or width % 2 or n != (height // 2) * (width // 2) or d % 4:
+        raise ValueError(
+            f"Expected `tokens` of shape (B, {height // 2}·{width // 2}, 4C) for a {height}×{width} latent, "
+            f"but got {tuple(tokens.shape)}."
+        )
+    c = d // 4
+    return tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+
+
+def latent_image_ids(token_rows: int, token_cols: int, col_shift: int = 0, device=None) -> torch.Tensor:
+    """FLUX position ids of a packed token grid: ``(0, row, col + col_shift)`` per token, row-major.
+
+    Args:
+        token_rows: rows of packed tokens (image height / 16).
+        token_cols: columns of packed tokens (image width / 16).
+        col_shift: added to the column id (references are shifted left, see
+            `reference_position_ids`).
+        device: device of the result.
+
+    Returns:
+        ``(token_rows · token_cols, 3)`` float ids.
+
+    Example:
+        >>> latent_image_ids(2, 3, col_shift=-3)[:, 1:].tolist()
+        [[0.0, -3.0], [0.0, -2.0], [0.0, -1.0], [1.0, -3.0], [1.0, -2.0], [1.0, -1.0]]
+    """
+    rows = torch.arange(token_rows, device=device, dtype=torch.float32)
+    cols = torch.arange(token_cols, device=device, dtype=torch.float32) + col_shift
+    ids = torch.zeros(token_rows, token_cols, 3, device=device)
+    ids[..., 1] = rows[:, None]
+    ids[..., 2] = cols[None, :]
+    return ids.view(-1, 3)
+
+
+def reference_position_ids(
+    reference_sizes: Sequence[tuple[int, int]], ref_size: int | None = None, device=None
+) -> torch.Tensor:
+    """Position ids of K references, as released: reference k's plain grid ids shifted along the
+    width axis by ``-(ref_size // 16) · (k + 1)``.
+
+    Args:
+        reference_sizes: ``(height, width)`` in pixels of each reference (multiples of 16).
+        ref_size: the shift unit in pixels; default: the first reference's width (the released
+            code uses its square reference size, 512).
+        device: device of the result.
+
+    Returns:
+        ``(N_ref, 3)`` float ids of the references concatenated in slot order.
+
+    Example:
+        >>> ids = reference_position_ids([(32, 32), (32, 32)])
+        >>> ids.shape, ids[:, 2].min().item(), ids[:, 2].max().item()
+        (torch.Size([8, 3]), -4.0, -1.0)
+    """
+    if not reference_sizes:
+        raise ValueError("Expected at least one reference size, but got none.")
+    sizes = [_check_image_size(f"reference_sizes[{k}]", s) for k, s in enumerate(reference_sizes)]
+    unit = sizes[0][1] if ref_size is None else ref_size
+    if not isinstance(unit, int) or unit <= 0 or unit % 16:
+        raise ValueError(f"Expected `ref_size` to be a positive multiple of 16, but got {unit!r}.")
+    ids = [latent_image_ids(h // 16, w // 16, -(unit // 16) * (k + 1), device) for k, (h, w) in enumerate(sizes)]
+    return torch.cat(ids)
+
+
+def _check_image_size(name: str, size: Any) -> tuple[int, int]:
+    ok = isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
+    if not ok or size[0] % 16 or size[1] % 16:
+        raise ValueError(f"Expected `{name}` to be (height, width) in pixels, multiples of 16, but got {size!r}.")
+    return int(size[0]), int(size[1])
+
+
+# -- reference LoRA -----------------------------------------------------------------------------------
+def _base(module: nn.Module) -> nn.Module:
+    """The base layer of a peft-adapted module (the module itself when not adapted)."""
+    get_base = getattr(module, "get_base_layer", None)
+    return get_base() if get_base is not None else module
+
+
+def _apply(module: nn.Module, x: torch.Tensor, lora: bool) -> torch.Tensor:
+    """``module(x)`` with its adapters (reference tokens) or through its base layer only."""
+    return module(x) if lora else _base(module)(x)
+
+
+def add_reference_lora(
+    transformer: FluxTransformer2DModel,
+    rank: int = 128,
+    alpha: float | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
+    dropout: float = 0.0,
+    target_modules: str = REFERENCE_LORA_TARGETS,
+) -> None:
+    """Injects a fresh reference LoRA with peft (through diffusers' ``add_adapter``) and freezes the
+    base weights, so only LoRA parameters train.
+
+    Args:
+        transformer: the FLUX transformer.
+        rank: LoRA rank (paper 128, released training 512).
+        alpha: LoRA alpha; default ``rank`` (scale 1, as the released training).
+        adapter_name: peft adapter name.
+        dropout: LoRA dropout.
+        target_modules: a peft regex over full module names; default `REFERENCE_LORA_TARGETS`.
+
+    Example:
+        >>> from mosaic_kit.models.testing import tiny_flux_transformer
+        >>> transformer = tiny_flux_transformer()
+        >>> add_reference_lora(transformer, rank=4)
+        >>> trainable = [n for n, p in transformer.named_parameters() if p.requires_grad]
+        >>> all(".lora_" in n for n in trainable), len(trainable) > 0
+        (True, True)
+    """
+    from peft import LoraConfig
+
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"Expected `rank` to be a positive int, but got {rank!r}.")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
+        raise ValueError(f"Expected `alpha` to be a positive number or None, but got {alpha!r}.")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        init_lora_weights=True,
+    )
+    transformer.requires_grad_(False)
+    transformer.add_adapter(config, adapter_name=adapter_name)
+    for name, param in transformer.named_parameters():
+        param.requires_grad_(f".{adapter_name}." in name and ".lora_" in name)
+
+
+def reference_lora_state_dict(transformer: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+    """The reference LoRA weights in diffusers' LoRA layout: ``transformer.<module>.lora_A.weight``
+    and ``.lora_B.weight``.
+
+    Args:
+        transformer: the FLUX transformer with the adapter.
+        adapter_name: which adapter.
+
+    Returns:
+        A state dict of detached tensors (on their current device).
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    if adapter_name not in getattr(transformer, "peft_config", {}):
+        raise ValueError(f"Expected an adapter named {adapter_name!r} on the transformer, but it has none.")
+    state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    return {f"transformer.{key}": value.detach() for key, value in state.items()}
+
+
+def save_reference_lora(transformer: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> Path:
+    """Writes the reference LoRA as a diffusers LoRA safetensors file, atomically.
+
+    The file loads with `load_reference_lora`, with diffusers' ``FluxPipeline.load_lora_weights``
+    and with the released inference code. Rank and alpha are stored in the metadata.
+
+    Args:
+        transformer: the FLUX transformer with the adapter.
+        path: destination ``.safetensors`` file.
+        adapter_name: which adapter.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile
+        >>> from mosaic_kit.models.testing import tiny_flux_transformer
+        >>> transformer = tiny_flux_transformer()
+        >>> add_reference_lora(transformer, rank=4)
+        >>> path = save_reference_lora(transformer, tempfile.mkdtemp() + "/lora.safetensors")
+        >>> other = tiny_flux_transformer()
+        >>> load_reference_lora(other, path)
+        >>> a = reference_lora_state_dict(transformer); b = reference_lora_state_dict(other)
+        >>> sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+        True
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.contiguous().cpu() for k, v in reference_lora_state_dict(transformer, adapter_name).items()}
+    config = transformer.peft_config[adapter_name]
+    metadata = {
+        "format": "pt",
+        "mosaic_lora": json.dumps({"rank": config.r, "alpha": config.lora_alpha}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+_LORA_KEY = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+
+def _read_lora_file(path_or_state: str | os.PathLike | dict) -> tuple[dict[str, torch.Tensor], dict]:
+    if isinstance(path_or_state, dict):
+        return dict(path_or_state), {}
+    from safetensors import safe_open
+
+    path = Path(path_or_state)
+    if not path.is_file():
+        raise ValueError(f"Expected `path` to be an existing LoRA .safetensors file, but got {str(path)!r}.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(f"Could not read LoRA file {str(path)!r} as safetensors: {error}") from error
+
+
+def load_reference_lora(
+    transformer: FluxTransformer2DModel,
+    path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor],
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> None:
+    """Loads a reference LoRA (diffusers layout, any rank) into the transformer through diffusers'
+    ``load_lora_adapter`` (peft injection), replacing an adapter of the same name.
+
+    Every key must be ``transformer.<module>.lora_A.weight`` or ``.lora_B.weight`` of a linear
+    module of the transformer with matching shapes; anything else raises, so a file for another
+    model is never half-loaded. Files without stored alpha get alpha = rank (scale 1, as released).
+
+    Args:
+        transformer: the FLUX transformer.
+        path_or_state_dict: a ``.safetensors`` file or a state dict.
+        adapter_name: peft adapter name.
+    """
+    import json
+
+    state, metadata = _read_lora_file(path_or_state_dict)
+    if not state:
+        raise ValueError("Expected a LoRA state dict with `transformer.<module>.lora_A/B.weight` keys, but got none.")
+    modules = dict(transformer.named_modules())
+    ranks: dict[str, int] = {}
+    for key, value in state.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise ValueError(
+                f"Expected LoRA keys like `transformer.<module>.lora_A.weight`, but got {key!r}."
+            )
+        name, part = match["module"], match["part"]
+        module = modules.get(name)
+        base = None if module is None else _base(module)
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"LoRA key {key!r} names no linear module of the transformer.")
+        if value.ndim != 2:
+            raise ValueError(f"Expected a 2-d tensor for {key!r}, but got shape {tuple(value.shape)}.")
+        rank = value.shape[0] if part == "A" else value.shape[1]
+        expected = (rank, base.in_features) if part == "A" else (base.out_features, rank)
+        if tuple(value.shape) != expected:
+            raise ValueError(f"Expected {key!r} of shape {expected}, but got {tuple(value.shape)}.")
+        if ranks.setdefault(name, rank) != rank:
+            raise ValueError(f"LoRA A and B of {name!r} disagree on the rank.")
+    missing = [name for name in ranks if f"transformer.{name}.lora_A.weight" not in state
+               or f"transformer.{name}.lora_B.weight" not in state]
+    if missing:
+        raise ValueError(f"Expected both lora_A and lora_B for every module, but {missing[:3]} miss one.")
+    if adapter_name in getattr(transformer, "peft_config", {}):
+        transformer.delete_adapters(adapter_name)
+    stored = json.loads(metadata["mosaic_lora"]) if "mosaic_lora" in metadata else None
+    kwargs = {}
+    if stored is not None and stored["alpha"] != stored["rank"]:
+        alphas = {f"transformer.{name}.alpha": float(stored["alpha"]) for name in ranks}
+        kwargs["network_alphas"] = alphas
+    transformer.load_lora_adapter(state, prefix="transformer", adapter_name=adapter_name, **kwargs)
+    transformer.requires_grad_(False)
+
+
+def set_reference_lora_scale(transformer: FluxTransformer2DModel, scale: float, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Sets the multiplier of the reference LoRA (1: as trained; 0: references go through the base
+    weights only), through diffusers' ``set_adapters``."""
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"Expected `scale` to be a finite number, but got {scale!r}.")
+    transformer.set_adapters([adapter_name], weights=[float(scale)])
+
+
+# -- attention ----------------------------------------------------------------------------------------
+@dataclass
+class ReferenceKVCache:
+    """Reference keys and values of every block, computed once with references attending only to
+    themselves (`MosaicFluxTransformer.build_reference_cache`).
+
+    Attributes:
+        keys: per block (double blocks, then single blocks), ``(B, N_ref, H, D)`` post-RoPE keys.
+        values: per block, ``(B, N_ref, H, D)`` values.
+        reference_token_counts: tokens per reference.
+    """
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    reference_token_counts: tuple[int, ...] = ()
+
+    @property
+    def batch_size(self) -> int:
+        """B of the cached tensors."""
+        return self.keys[0].shape[0]
+
+
+@dataclass
+class _Streams:
+    """What `MosaicFluxAttnProcessor` needs beyond the stock arguments, for one block call."""
+
+    references: torch.Tensor | None  # (B, N_ref, D_model) normalised reference tokens
+    reference_rotary: tuple[torch.Tensor, torch.Tensor] | None
+    reference_token_counts: tuple[int, ...]
+    text_tokens: int
+    reference_attention: str
+    capture: bool
+    cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys, values) of the references
+    store: tuple[list, list] | None = None  # where a cache build appends (keys, values)
+    main_present: bool = True  # False while building a reference cache
+
+
+@dataclass
+class _AttentionOutputs:
+    main: torch.Tensor | None  # single blocks: text + target; double blocks: target
+    text: torch.Tensor | None  # double blocks only
+    references: torch.Tensor | None
+    capture_query: torch.Tensor | None  # (B, H, N_ref, D)
+    capture_key: torch.Tensor | None  # (B, H, N_tgt, D)
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return x.unflatten(-1, (-1, head_dim))
+
+
+class MosaicFluxAttnProcessor(FluxAttnProcessor):
+    """Attention processor for `FluxAttention` modules that understands the reference stream.
+
+    Installed on every attention module by `MosaicFluxTransformer` with diffusers'
+    ``set_attn_processor``. Called without ``mosaic`` (a plain ``transformer(...)`` call) it is the
+    stock `FluxAttnProcessor`. Called by the multi-reference forward, it projects each stream with
+    its own weights (reference LoRA on reference tokens only), applies RoPE, and attends in two
+    calls: text and target queries against all keys, then all reference queries in one batched
+    call (keys: text, target and the query's own reference, or everything with
+    ``reference_attention="full"``). Attention goes through diffusers' ``dispatch_attention_fn``,
+    so ``transformer.set_attention_backend(...)`` selects the kernel.
+    """
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mosaic: _Streams | None = None,
+    ):
+        if mosaic is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if getattr(attn, "fused_projections", False):
+            raise ValueError("Expected unfused q/k/v projections with references; call `unfuse_qkv_projections()`.")
+        double = encoder_hidden_states is not None or attn.added_kv_proj_dim is not None
+        head_dim = attn.head_dim
+
+        def project(x: torch.Tensor, lora: bool, rotary) -> tuple[torch.Tensor, ...]:
+            q = attn.norm_q(_heads(_apply(attn.to_q, x, lora), head_dim))
+            k = attn.norm_k(_heads(_apply(attn.to_k, x, lora), head_dim))
+            v = _heads(_apply(attn.to_v, x, lora), head_dim)
+            return q, k, v
+
+        # main stream: text + target (double blocks project text with the context weights)
+        q_main = k_main = v_main = None
+        if mosaic.main_present:
+            q_main, k_main, v_main = project(hidden_states, False, None)
+            if double:
+                q_txt = attn.norm_added_q(_heads(attn.add_q_proj(encoder_hidden_states), head_dim))
+                k_txt = attn.norm_added_k(_heads(attn.add_k_proj(encoder_hidden_states), head_dim))
+                v_txt = _heads(attn.add_v_proj(encoder_hidden_states), head_dim)
+                q_main, k_main, v_main = (torch.cat(p, dim=1) for p in ((q_txt, q_main), (k_txt, k_main), (v_txt, v_main)))
+            if image_rotary_emb is not None:
+                q_main = apply_rotary_emb(q_main, image_rotary_emb, sequence_dim=1)
+                k_main = apply_rotary_emb(k_main, image_rotary_emb, sequence_dim=1)
+
+        q_ref = k_ref = v_ref = None
+        if mosaic.references is not None:
+            q_ref, k_ref, v_ref = project(mosaic.references, True, None)
+            if mosaic.reference_rotary is not None:
+                q_ref = apply_rotary_emb(q_ref, mosaic.reference_rotary, sequence_dim=1)
+                k_ref = apply_rotary_emb(k_ref, mosaic.reference_rotary, sequence_dim=1)
+        elif mosaic.cached is not None:
+            k_ref, v_ref = mosaic.cached
+        if mosaic.store is not None:
+            mosaic.store[0].append(k_ref)
+            mosaic.store[1].append(v_ref)
+
+        backend, parallel = self._attention_backend, self._parallel_config
+
+        def attend(q, k, v, mask=None):
+            out = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=backend, parallel_config=parallel)
+            return out.flatten(2, 3).to(q.dtype)
+
+        main_out = None
+        if q_main is not None:
+            keys = k_main if k_ref is None else torch.cat([k_main, k_ref], dim=1)
+            values = v_main if v_ref is None else torch.cat([v_main, v_ref], dim=1)
+            main_out = attend(q_main, keys, values)
+
+        ref_out = None
+        if q_ref is not None:
+            ref_out = _reference_attention(
+                attend, q_ref, k_ref, v_ref, k_main, v_main, mosaic.reference_token_counts, mosaic.reference_attention
+            )
+
+        capture_query = capture_key = None
+        if mosaic.capture:
+            capture_query = q_ref.transpose(1, 2)
+            capture_key = k_main[:, mosaic.text_tokens :].transpose(1, 2)
+
+        text_out = None
+        if double:
+            if main_out is not None:
+                text_out, main_out = main_out.split_with_sizes(
+                    [mosaic.text_tokens, main_out.shape[1] - mosaic.text_tokens], dim=1
+                )
+                text_out = attn.to_add_out(text_out.contiguous())
+                main_out = attn.to_out[1](_apply(attn.to_out[0], main_out.contiguous(), False))
+            if ref_out is not None:
+                ref_out = attn.to_out[1](_apply(attn.to_out[0], ref_out, True))
+        return _AttentionOutputs(main_out, text_out, ref_out, capture_query, capture_key)
+
+
+def _reference_attention(attend, q_ref, k_ref, v_ref, k_main, v_main, counts, mode):
+    """All reference queries in one attention call. ``(B, N, H, D)`` layout throughout."""
+    if k_main is None:  # cache build: references attend to themselves only
+        shared_k = shared_v = q_ref.new_zeros(q_ref.shape[0], 0, *q_ref.shape[2:])
+    else:
+        shared_k, shared_v = k_main, v_main
+    if mode == "full" and k_main is not None:
+        return attend(q_ref, torch.cat([shared_k, k_ref], dim=1), torch.cat([shared_v, v_ref], dim=1))
+    batch, heads, dim = q_ref.shape[0], q_ref.shape[2], q_ref.shape[3]
+    num_refs = len(counts)
+    if len(set(counts)) == 1:  # equal sizes: fold the references into the batch, no mask
+        n = counts[0]
+
+        def fold(x):
+            return x.reshape(batch * num_refs, n, heads, dim)
+
+        def keys_for(shared, own):
+            shared = shared[:, None].expand(-1, num_refs, -1, -1, -1).reshape(batch * num_refs, -1, heads, dim)
+            return torch.cat([shared, fold(own)], dim=1)
+
+        out = attend(fold(q_ref), keys_for(shared_k, k_ref), keys_for(shared_v, v_ref))
+        return out.reshape(batch, num_refs * n, -1)
+    # different sizes: one call over [shared, all references] with a block mask
+    owner = torch.repeat_interleave(torch.arange(num_refs, device=q_ref.device), torch.tensor(counts, device=q_ref.device))
+    allowed = torch.cat(
+        [torch.ones(owner.numel(), shared_k.shape[1], dtype=torch.bool, device=q_ref.device), owner[:, None] == owner[None, :]],
+        dim=1,
+    )
+    return attend(q_ref, torch.cat([shared_k, k_ref], dim=1), torch.cat([shared_v, v_ref], dim=1), allowed[None, None])
+
+
+# -- the multi-reference transformer ------------------------------------------------------------------
+def _ada_norm(norm: nn.Module, x: torch.Tensor, emb: torch.Tensor, chunks: int, lora: bool) -> list[torch.Tensor]:
+    """diffusers' AdaLayerNormZero(Single) with the modulation linear called per stream."""
+    params = _apply(norm.linear, norm.silu(emb), lora).chunk(chunks, dim=1)
+    shift, scale = params[0], params[1]
+    return [norm.norm(x) * (1 + scale[:, None]) + shift[:, None], *params[2:]]
+
+
+def _feed_forward(ff: nn.Module, x: torch.Tensor, lora: bool) -> torch.Tensor:
+    for module in ff.net:
+        x = _apply(module, x, lora)
+    return x
+
+
+def _clip_fp16(x: torch.Tensor | None) -> torch.Tensor | None:
+    return x.clip(-65504, 65504) if x is not None and x.dtype == torch.float16 else x
+
+
+class MosaicFluxTransformer(nn.Module):
+    """A stock `FluxTransformer2DModel` run with K reference images (eq. 4-7).
+
+    Holding the transformer as ``self.transformer`` keeps its weights, adapters, gradient
+    checkpointing and attention backend under diffusers' and peft's own APIs; this module only
+    adds the multi-reference forward. With no references its output equals the stock forward.
+
+    Args:
+        transformer: a diffusers `FluxTransformer2DModel` (e.g. ``from_pretrained(...,
+            subfolder="transformer")``), with or without the reference LoRA.
+        reference_attention: ``"isolated"`` (released: a reference attends to text, target and
+            itself) or ``"full"`` (references also attend to each other).
+        reference_timestep: the timestep of reference tokens (released: 0, clean).
+        capture_blocks: which blocks feed a `RefTargetCapture`: ``"double"`` (released) or
+            ``"all"``.
+
+    Example:
+        >>> from mosaic_kit.models.testing import tiny_flux_transformer, random_packed_inputs
+        >>> model = MosaicFluxTransformer(tiny_flux_transformer())
+        >>> inputs = random_packed_inputs(model.transformer, batch=2, target_size=(32, 32),
+        ...                               reference_sizes=[(32, 32), (16, 32)])
+        >>> model(**inputs).shape  # (B, N_tgt, C): one prediction per target token
+        torch.Size([2, 4, 64])
+    """
+
+    def __init__(
+        self,
+        transformer: FluxTransformer2DModel,
+        reference_attention: str = "isolated",
+        reference_timestep: float = 0.0,
+        capture_blocks: str = "double",
+    ) -> None:
+        super().__init__()
+        if not isinstance(transformer, FluxTransformer2DModel):
+            raise ValueError(f"Expected `transformer` to be a FluxTransformer2DModel, but got {type(transformer).__name__}.")
+        check_option("reference_attention", reference_attention, REFERENCE_ATTENTION)
+        check_option("capture_blocks", capture_blocks, CAPTURE_BLOCKS)
+        if not isinstance(reference_timestep, (int, float)) or not 0 <= reference_timestep <= 1:
+            raise ValueError(f"Expected `reference_timestep` in [0, 1], but got {reference_timestep!r}.")
+        self.transformer = transformer
+        self.reference_attention = reference_attention
+        self.reference_timestep = float(reference_timestep)
+        self.capture_blocks = capture_blocks
+        transformer.set_attn_processor(MosaicFluxAttnProcessor())
+
+    # -- embeddings ----------------------------------------------------------------------------------
+    def _embed_time(self, timestep, guidance, pooled, dtype) -> torch.Tensor:
+        t = self.transformer
+        timestep = timestep.to(dtype) * 1000
+        if t.config.guidance_embeds:
+            if guidance is None:
+                raise ValueError("Expected `guidance` for a guidance-distilled transformer (guidance_embeds=True).")
+            return t.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled)
+        return t.time_text_embed(timestep, pooled)
+
+    def _reference_embedding(self, batch, pooled, guidance, reference_guidance, dtype, device) -> torch.Tensor:
+        ref_t = torch.full((batch,), self.reference_timestep, device=device)
+        if reference_guidance is None:
+            ref_g = guidance
+        else:
+            ref_g = torch.as_tensor(reference_guidance, device=device, dtype=torch.float32).expand(batch)
+        return self._embed_time(ref_t, ref_g, pooled, dtype)
+
+    # -- blocks --------------------------------------------------------------------------------------
+    def _double_block(self, block, text, target, refs, temb, temb_ref, streams: _Streams, rotary):
+        if streams.main_present:
+            n_target, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_norm(block.norm1, target, temb, 6, False)
+            n_text, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(text, emb=temb)
+        else:
+            n_target = n_text = None
+        streams.references = None
+        if refs is not None:
+            n_refs, r_gate_msa, r_shift_mlp, r_scale_mlp, r_gate_mlp = _ada_norm(block.norm1, refs, temb_ref, 6, True)
+            streams.references = n_refs
+        out: _AttentionOutputs = block.attn(
+            hidden_states=n_target, encoder_hidden_states=n_text, image_rotary_emb=rotary, mosaic=streams
+        )
+        if streams.main_present:
+            target = target + gate_msa.unsqueeze(1) * out.main
+            normed = block.norm2(target) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            target = target + gate_mlp.unsqueeze(1) * _feed_forward(block.ff, normed, False)
+            text = text + c_gate_msa.unsqueeze(1) * out.text
+            normed = block.norm2_context(text) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+            text = _clip_fp16(text + c_gate_mlp.unsqueeze(1) * block.ff_context(normed))
+        if refs is not None:
+            refs = refs + r_gate_msa.unsqueeze(1) * out.references
+            normed = block.norm2(refs) * (1 + r_scale_mlp[:, None]) + r_shift_mlp[:, None]
+            refs = refs + r_gate_mlp.unsqueeze(1) * _feed_forward(block.ff, normed, True)
+        return text, target, refs, out.capture_query, out.capture_key
+
+    def _single_block(self, block, text, target, refs, temb, temb_ref, streams: _Streams, rotary):
+        def mlp_and_out(attn_out, normed, gate, residual, lora):
+            mlp = block.act_mlp(_apply(block.proj_mlp, normed, lora))
+            merged = torch.cat([attn_out, mlp], dim=2)
+            return _clip_fp16(residual + gate.unsqueeze(1) * _apply(block.proj_out, merged, lora))
+
+        main = normed_main = None
+        if streams.main_present:
+            main = torch.cat([text, target], dim=1)
+            normed_main, gate = _ada_norm(block.norm, main, temb, 3, False)
+        streams.references = None
+        if refs is not None:
+            normed_refs, r_gate = _ada_norm(block.norm, refs, temb_ref, 3, True)
+            streams.references = normed_refs
+        out: _AttentionOutputs = block.attn(hidden_states=normed_main, image_rotary_emb=rotary, mosaic=streams)
+        if streams.main_present:
+            main = mlp_and_out(out.main, normed_main, gate, main, False)
+            text, target = main[:, : streams.text_tokens], main[:, streams.text_tokens :]
+        if refs is not None:
+            refs = mlp_and_out(out.references, normed_refs, r_gate, refs, True)
+        return text, target, refs, out.capture_query, out.capture_key
+
+    def _run_block(self, kind, block, *args):
+        fn = self._double_block if kind == "double" else self._single_block
+        t = self.transformer
+        if torch.is_grad_enabled() and t.gradient_checkpointing:
+            return t._gradient_checkpointing_func(lambda *a: fn(block, *a), *args)
+        return fn(block, *args)
+
+    # -- public --------------------------------------------------------------------------------------
+    def forward(
+        self,
+        target_tokens: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        pooled_embeddings: torch.Tensor,
+        timestep: torch.Tensor,
+        target_ids: torch.Tensor,
+        text_ids: torch.Tensor,
+        reference_tokens: torch.Tensor | None = None,
+        reference_ids: torch.Tensor | None = None,
+        reference_token_counts: Sequence[int] | None = None,
+        guidance: torch.Tensor | None = None,
+        reference_guidance: float | torch.Tensor | None = None,
+        capture: RefTargetCapture | None = None,
+        reference_cache: ReferenceKVCache | None = None,
+    ) -> torch.Tensor:
+        """The multi-reference forward on packed inputs: the one path shared by training,
+        inference and outside checks.
+
+        Args:
+            target_tokens: ``(B, N_tgt, C_in)`` packed noisy target latents (`pack_latents`).
+            text_embeddings: ``(B, N_txt, D_joint)`` T5 embeddings.
+            pooled_embeddings: ``(B, D_pooled)`` CLIP pooled embedding.
+            timestep: ``(B,)`` flow-matching time in ``[0, 1]`` (the stock forward's convention;
+                it is multiplied by 1000 inside).
+            target_ids: ``(N_tgt, 3)`` target position ids (`latent_image_ids`).
+            text_ids: ``(N_txt, 3)`` text position ids (zeros in FLUX).
+            reference_tokens: ``(B, N_ref, C_in)`` the K packed clean reference latents
+                concatenated in slot order, or None.
+            reference_ids: ``(N_ref, 3)`` their position ids (`reference_position_ids`).
+            reference_token_counts: tokens of each reference (``N^(k)``); default: one reference.
+            guidance: ``(B,)`` guidance scale for text and target (guidance-distilled models).
+            reference_guidance: guidance for the reference stream; default: ``guidance``
+                (released inference uses 1.0).
+            capture: a `RefTargetCapture` fed with post-RoPE reference queries and target keys of
+                the blocks chosen by ``capture_blocks``.
+            reference_cache: reference keys/values from `build_reference_cache` (then
+                ``reference_tokens`` must be None; references attend only to themselves).
+
+        Returns:
+            ``(B, N_tgt, C_out)`` the velocity prediction for the target tokens.
+        """
+        t = self.transformer
+        batch = target_tokens.shape[0]
+        _check_tokens("target_tokens", target_tokens, t.config.in_channels)
+        _check_ids("target_ids", target_ids, target_tokens.shape[1])
+        _check_ids("text_ids", text_ids, text_embeddings.shape[1])
+        counts = self._check_references(reference_tokens, reference_ids, reference_token_counts, batch)
+        if reference_cache is not None:
+            if reference_tokens is not None:
+                raise ValueError("Expected `reference_tokens=None` with a `reference_cache` (its keys replace them).")
+            if capture is not None:
+                raise ValueError("Expected no `capture` with a `reference_cache`: reference queries are not computed.")
+            if reference_cache.batch_size not in (1, batch):
+                raise ValueError(f"Expected a reference cache of batch 1 or {batch}, but got {reference_cache.batch_size}.")
+            counts = reference_cache.reference_token_counts
+        if capture is not None and reference_tokens is None:
+            raise ValueError("Expected `reference_tokens` with a `capture`.")
+
+        dtype = target_tokens.dtype
+        target = _base(t.x_embedder)(target_tokens)
+        temb = self._embed_time(timestep, guidance, pooled_embeddings, dtype)
+        text = t.context_embedder(text_embeddings)
+        rotary = t.pos_embed(torch.cat([text_ids, target_ids]))
+        refs = temb_ref = ref_rotary = None
+        if reference_tokens is not None:
+            refs = t.x_embedder(reference_tokens)
+            temb_ref = self._reference_embedding(batch, pooled_embeddings, guidance, reference_guidance, dtype, refs.device)
+            ref_rotary = t.pos_embed(reference_ids)
+
+        cache_layers = iter(())
+        if reference_cache is not None:
+            cache_layers = iter(zip(reference_cache.keys, reference_cache.values))
+        for kind, blocks in (("double", t.transformer_blocks), ("single", t.single_transformer_blocks)):
+            for block in blocks:
+                cached = next(cache_layers, None)
+                if cached is not None and cached[0].shape[0] != batch:
+                    cached = tuple(c.expand(batch, *c.shape[1:]) for c in cached)
+                feed = capture is not None and (kind == "double" or self.capture_blocks == "all")
+                streams = _Streams(None, ref_rotary, counts, text.shape[1], self.reference_attention, feed, cached)
+                text, target, refs, q_cap, k_cap = self._run_block(
+                    kind, block, text, target, refs, temb, temb_ref, streams, rotary
+                )
+                if feed:
+                    capture.add(q_cap, k_cap)
+        return t.proj_out(t.norm_out(target, temb))
+
+    @torch.no_grad()
+    def build_reference_cache(
+        self,
+        reference_tokens: torch.Tensor,
+        reference_ids: torch.Tensor,
+        pooled_embeddings: torch.Tensor,
+        reference_token_counts: Sequence[int] | None = None,
+        guidance: torch.Tensor | None = None,
+        reference_guidance: float | torch.Tensor | None = None,
+    ) -> ReferenceKVCache:
+        """Runs the reference stream alone once (references attend only to themselves) and keeps
+        every block's reference keys and values for `forward(reference_cache=...)`.
+
+        A speed/quality trade-off for inference: the reference stream no longer sees the text or
+        the current target, so its cost leaves the sampling loop (it does not depend on the step),
+        but its features differ from the ones the LoRA was trained with.
+
+        Args:
+            reference_tokens: ``(B, N_ref, C_in)`` packed clean reference latents.
+            reference_ids: ``(N_ref, 3)`` their position ids.
+            pooled_embeddings: ``(B, D_pooled)`` (enters the reference embedding).
+            reference_token_counts: tokens per reference.
+            guidance: ``(B,)`` used when ``reference_guidance`` is None.
+            reference_guidance: the reference stream's guidance (released inference: 1.0).
+
+        Returns:
+            The cache.
+        """
+        t = self.transformer
+        batch = reference_tokens.shape[0]
+        counts = self._check_references(reference_tokens, reference_ids, reference_token_counts, batch)
+        refs = t.x_embedder(reference_tokens)
+        temb_ref = self._reference_embedding(batch, pooled_embeddings, guidance, reference_guidance, refs.dtype, refs.device)
+        ref_rotary = t.pos_embed(reference_ids)
+        cache = ReferenceKVCache(reference_token_counts=counts)
+        store = (cache.keys, cache.values)
+        for kind, blocks in (("double", t.transformer_blocks), ("single", t.single_transformer_blocks)):
+            fn = self._double_block if kind == "double" else self._single_block
+            for block in blocks:
+                streams = _Streams(None, ref_rotary, counts, 0, "isolated", False, None, store, main_present=False)
+                _, _, refs, _, _ = fn(block, None, None, refs, None, temb_ref, streams, None)
+        return cache
+
+    def _check_references(self, reference_tokens, reference_ids, counts, batch) -> tuple[int, ...]:
+        if reference_tokens is None:
+            if reference_ids is not None or counts:
+                raise ValueError("Expected `reference_ids` and `reference_token_counts` only with `reference_tokens`.")
+            return ()
+        _check_tokens("reference_tokens", reference_tokens, self.transformer.config.in_channels, batch)
+        total = reference_tokens.shape[1]
+        counts = (total,) if counts is None else tuple(counts)
+        if not counts or any(not isinstance(c, int) or c < 1 for c in counts) or sum(counts) != total:
+            raise ValueError(
+                f"Expected `reference_token_counts` of positive ints summing to N_ref = {total}, but got {counts!r}."
+            )
+        if reference_ids is None:
+            raise ValueError("Expected `reference_ids` (N_ref, 3) with `reference_tokens`.")
+        _check_ids("reference_ids", reference_ids, total)
+        return counts
+
+
+def _check_tokens(name: str, tokens: torch.Tensor, channels: int, batch: int | None = None) -> None:
+    ok = isinstance(tokens, torch.Tensor) and tokens.ndim == 3 and tokens.shape[2] == channels
+    ok = ok and (batch is None or tokens.shape[0] == batch)
+    if not ok:
+        got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        b = "B" if batch is None else batch
+        raise ValueError(f"Expected `{name}` of shape ({b}, N, {channels}), but got {got}.")
+
+
+def _check_ids(name: str, ids: torch.Tensor, tokens: int) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.shape != (tokens, 3):
+        got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"Expected `{name}` of shape ({tokens}, 3), but got {got}.")
