@@ -1,0 +1,305 @@
+"""`MosaicFluxPipeline`: text + K reference images → one image, diffusers style."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..models import MosaicFluxTransformer, load_reference_lora, pack_latents, reference_position_ids
+
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.utils import BaseOutput
+
+ImageInput = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
+"""What a reference image may be: a PIL image, a file path, an ``(H, W, 3)`` uint8 array or a
+``(3, H, W)`` float tensor in ``[0, 1]``."""
+
+
+@dataclass
+class MosaicFluxPipelineOutput(BaseOutput):
+    """Output of `MosaicFluxPipeline`.
+
+    Attributes:
+        images: generated images (PIL images, a numpy array or a tensor, per ``output_type``).
+        references: the preprocessed reference images as the model saw them (PIL).
+    """
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    references: list[Image.Image]
+
+
+def fit_on_white(image: Image.Image, size: int, scale: float = 0.9) -> Image.Image:
+    """Released reference preprocessing: resize to fit ``scale · size`` (aspect kept), centred on a
+    white ``size × size`` square.
+
+    Args:
+        image: any PIL image (converted to RGB; transparency composited on white).
+        size: the square's side in pixels.
+        scale: the fraction of the side the longer image side fills.
+
+    Returns:
+        An RGB ``size × size`` image.
+
+    Example:
+        >>> out = fit_on_white(Image.new("RGB", (200, 100), "red"), 64)
+        >>> out.size, out.getpixel((0, 0)), out.getpixel((32, 32))
+        ((64, 64), (255, 255, 255), (255, 0, 0))
+    """
+    if image.mode in ("RGBA", "LA", "P"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    image = image.convert("RGB")
+    side = max(1, round(size * scale))
+    ratio = side / max(image.size)
+    resized = image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))), Image.LANCZOS)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
+    return canvas
+
+
+def load_reference_image(image: ImageInput, index: int) -> Image.Image:
+    """Reads one reference into a PIL image, or raises a ValueError naming it (never substitutes).
+
+    Args:
+        image: see `ImageInput`.
+        index: its position in ``reference_images`` (for the error message).
+    """
+    name = f"reference_images[{index}]"
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise ValueError(f"Expected `{name}` to be a readable image file, but {str(path)!r} does not exist.")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                return opened.copy()
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"Expected `{name}` to be a readable image file, but {str(path)!r} failed: {error}") from error
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+            raise ValueError(f"Expected `{name}` as an (H, W, 3|4) uint8 array, but got {image.shape} {image.dtype}.")
+        return Image.fromarray(image)
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            raise ValueError(f"Expected `{name}` as a (3, H, W) float tensor in [0, 1], but got {tuple(image.shape)}.")
+        if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+            raise ValueError(f"Expected `{name}` with finite values in [0, 1].")
+        array = (image.detach().cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return Image.fromarray(array)
+    raise ValueError(f"Expected `{name}` to be a PIL image, a path, an array or a tensor, but got {type(image).__name__}.")
+
+
+class MosaicFluxPipeline(FluxPipeline):
+    """FLUX.1 with K reference subjects (MOSAIC).
+
+    Built like any diffusers FLUX pipeline: ``MosaicFluxPipeline.from_pretrained(path_or_id,
+    torch_dtype=torch.bfloat16)`` or ``MosaicFluxPipeline(**components)``; then
+    ``load_mosaic_weights(lora_file)``. The transformer stays the stock diffusers model; the
+    multi-reference forward is `mosaic_kit.models.MosaicFluxTransformer`.
+
+    Attributes:
+        max_references: the most references one call accepts (default 8).
+
+    Example:
+        >>> from mosaic_kit.pipelines import tiny_mosaic_pipeline
+        >>> pipe = tiny_mosaic_pipeline()
+        >>> refs = [Image.new("RGB", (40, 30), "red"), Image.new("RGB", (30, 40), "blue")]
+        >>> out = pipe("a red and a blue thing", refs, height=32, width=48, ref_size=32,
+        ...            num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+        ...            max_sequence_length=16, progress=False)
+        >>> out.images[0].size, [r.size for r in out.references]
+        ((48, 32), [(32, 32), (32, 32)])
+    """
+
+    max_references: int = 8
+
+    @property
+    def mosaic_transformer(self) -> MosaicFluxTransformer:
+        """The multi-reference wrapper of ``self.transformer`` (built on first use)."""
+        wrapper = self.__dict__.get("_mosaic_transformer")
+        if wrapper is None or wrapper.transformer is not self.transformer:
+            wrapper = MosaicFluxTransformer(self.transformer)
+            self.__dict__["_mosaic_transformer"] = wrapper
+        return wrapper
+
+    def load_mosaic_weights(self, path: str | os.PathLike, adapter_name: str = "mosaic") -> None:
+        """Loads a MOSAIC reference LoRA (diffusers LoRA safetensors, e.g. the released
+        checkpoint or one written by `recipes/flux_mosaic_train.py`) into the transformer.
+
+        Args:
+            path: the ``.safetensors`` file, or a folder holding ``pytorch_lora_weights.safetensors``.
+            adapter_name: peft adapter name.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / "pytorch_lora_weights.safetensors"
+        load_reference_lora(self.transformer, path, adapter_name=adapter_name)
+
+    def _check_call(self, prompt, reference_images, height, width, ref_size, num_inference_steps, guidance_scale):
+        if not isinstance(prompt, str):
+            raise ValueError(f"Expected `prompt` to be a string, but got {type(prompt).__name__}.")
+        if isinstance(reference_images, (str, os.PathLike, Image.Image)) or not isinstance(reference_images, Sequence):
+            raise ValueError(
+                f"Expected `reference_images` to be a list of images, but got {type(reference_images).__name__}."
+            )
+        if not 1 <= len(reference_images) <= self.max_references:
+            raise ValueError(
+                f"Expected between 1 and max_references = {self.max_references} reference images, "
+                f"but got {len(reference_images)}."
+            )
+        multiple = self.vae_scale_factor * 2
+        for name, value in (("height", height), ("width", width), ("ref_size", ref_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % multiple:
+                raise ValueError(f"Expected `{name}` to be a positive multiple of {multiple}, but got {value!r}.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"Expected `num_inference_steps` to be a positive int, but got {num_inference_steps!r}.")
+        if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
+            raise ValueError(f"Expected `guidance_scale` to be a finite number, but got {guidance_scale!r}.")
+
+    @torch.no_grad()
+    def encode_references(self, references: Sequence[Image.Image], ref_size: int, batch: int):
+        """VAE-encodes preprocessed references (latent mode, as released) into packed tokens.
+
+        Args:
+            references: K RGB ``ref_size × ref_size`` images.
+            ref_size: their side in pixels.
+            batch: the number of images generated (tokens are repeated).
+
+        Returns:
+            ``(tokens (batch, N_ref, C), ids (N_ref, 3), counts)``.
+        """
+        device, dtype = self._execution_device, self.vae.dtype
+        pixels = self.image_processor.preprocess(list(references), height=ref_size, width=ref_size)
+        latents = self.vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist.mode()
+        latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        tokens = pack_latents(latents)  # (K, n, C)
+        counts = (tokens.shape[1],) * tokens.shape[0]
+        tokens = tokens.reshape(1, -1, tokens.shape[-1]).expand(batch, -1, -1)
+        ids = reference_position_ids([(ref_size, ref_size)] * len(references), ref_size, device=device)
+        return tokens.to(self.transformer.dtype), ids, counts
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        reference_images: Sequence[ImageInput],
+        height: int = 512,
+        width: int = 512,
+        ref_size: int = 512,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 3.5,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        reference_guidance: float = 1.0,
+        use_reference_cache: bool = False,
+        num_images_per_prompt: int = 1,
+        max_sequence_length: int = 512,
+        latents: torch.Tensor | None = None,
+        progress: bool = True,
+    ) -> MosaicFluxPipelineOutput:
+        """Generates images of the prompt with the referenced subjects.
+
+        Args:
+            prompt: the text prompt.
+            reference_images: 1 … ``max_references`` images (see `ImageInput`), one per subject,
+                each fitted on white into a ``ref_size`` square at 0.9 scale (as released).
+            height: output height in pixels (multiple of 16).
+            width: output width in pixels (multiple of 16).
+            ref_size: reference side in pixels (multiple of 16).
+            num_inference_steps: denoising steps (released: 28).
+            guidance_scale: FLUX guidance for text and target (released: 3.5).
+            generator: seeds the initial noise.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            reference_guidance: guidance embedded for the reference stream (released: 1.0).
+            use_reference_cache: compute the references' keys and values once, with references
+                attending only to themselves, and reuse them at every step (`build_reference_cache`):
+                faster, but the reference stream no longer sees the text or target it was trained
+                with, so subject fidelity may drop.
+            num_images_per_prompt: images generated.
+            max_sequence_length: T5 tokens.
+            latents: optional initial packed latents.
+            progress: show a progress bar.
+
+        Returns:
+            `MosaicFluxPipelineOutput` with the images and the preprocessed references.
+        """
+        self._check_call(prompt, reference_images, height, width, ref_size, num_inference_steps, guidance_scale)
+        references = [fit_on_white(load_reference_image(img, k), ref_size) for k, img in enumerate(reference_images)]
+        device = self._execution_device
+        model = self.mosaic_transformer
+        batch = num_images_per_prompt
+
+        prompt_embeds, pooled, text_ids = self.encode_prompt(
+            prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=batch,
+            max_sequence_length=max_sequence_length,
+        )
+        ref_tokens, ref_ids, counts = self.encode_references(references, ref_size, batch)
+        target, target_ids = self.prepare_latents(
+            batch, self.transformer.config.in_channels // 4, height, width, prompt_embeds.dtype, device, generator, latents
+        )
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        config = self.scheduler.config
+        mu = calculate_shift(
+            target.shape[1], config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), float(guidance_scale), device=device, dtype=torch.float32)
+
+        references_kwargs = {
+            "reference_tokens": ref_tokens, "reference_ids": ref_ids, "reference_token_counts": counts,
+        }
+        if use_reference_cache:
+            cache = model.build_reference_cache(
+                ref_tokens, ref_ids, pooled, counts, guidance=guidance, reference_guidance=reference_guidance
+            )
+            references_kwargs = {"reference_cache": cache}
+
+        self.scheduler.set_begin_index(0)
+        with self.progress_bar(total=len(timesteps), disable=not progress) as bar:
+            for t in timesteps:
+                velocity = model(
+                    target_tokens=target,
+                    text_embeddings=prompt_embeds,
+                    pooled_embeddings=pooled,
+                    timestep=(t / 1000).expand(batch).to(target.dtype),
+                    target_ids=target_ids,
+                    text_ids=text_ids,
+                    guidance=guidance,
+                    reference_guidance=reference_guidance,
+                    **references_kwargs,
+                )
+                target = self.scheduler.step(velocity, t, target, return_dict=False)[0]
+                bar.update()
+
+        if output_type == "latent":
+            images = target
+        else:
+            latents = self._unpack_latents(target, height, width, self.vae_scale_factor)
+            latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+            decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return MosaicFluxPipelineOutput(images=images, references=references)
+
+    def progress_bar(self, iterable=None, total=None, disable: bool = False):
+        """diffusers' progress bar, which can be switched off per call."""
+        if disable:
+            self.set_progress_bar_config(disable=True)
+            try:
+                return super().progress_bar(iterable=iterable, total=total)
+            finally:
+                self.set_progress_bar_config(disable=False)
+        return super().progress_bar(iterable=iterable, total=total)
