@@ -64,39 +64,6 @@ class Measurement:
 
 
 # ---------------------------------------------------------------------------------------- worker
-def _rss_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-class _Memory:
-    """Peak memory above the current level, for CPU (RSS high-water mark) or CUDA."""
-
-    def __init__(self, device):
-        import torch
-
-        self.torch, self.device = torch, device
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
-            self.torch.cuda.reset_peak_memory_stats()
-            self.base = self.torch.cuda.memory_allocated() / 2**20
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.base = _rss_mib("VmRSS")
-
-    def peak(self) -> float:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
-            return self.torch.cuda.max_memory_allocated() / 2**20 - self.base
-        return _rss_mib("VmHWM") - self.base
-
-
 def _inputs(cfg: dict, device, seed: int = 0):
     import torch
 
@@ -175,7 +142,9 @@ def _worker(method: str, cfg: dict, device_name: str, repeats: int) -> Measureme
     torch.manual_seed(0)
     device = torch.device(device_name)
     dicts, corr, queries, keys = _inputs(cfg, device)
-    memory = _Memory(device)
+    from mosaic_kit.reporting import PeakMemory
+
+    memory = PeakMemory(device)
     consume = {"on": False}
 
     def drop_grad(tensor):

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["format_table", "hardware_info"]
+__all__ = ["PeakMemory", "format_table", "hardware_info"]
 
 
 def format_table(rows: Sequence[Sequence[str]]) -> str:
@@ -59,3 +59,47 @@ def hardware_info(device: str) -> dict:
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory above the level at `start`, in MiB: CUDA's allocator peak on a GPU, the
+    process's resident-set high-water mark on a CPU (Linux; reset through ``/proc/self/clear_refs``).
+
+    CPU figures include the allocator's slack, so measure each method in a fresh process.
+
+    Example:
+        >>> meter = PeakMemory(torch.device("cpu"))
+        >>> meter.start(); block = torch.ones(4 * 2**20)  # 16 MiB
+        >>> meter.peak() >= 15
+        True
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.base = 0.0
+
+    def start(self) -> None:
+        """Resets the high-water mark and records the current level."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+            self.base = _rss_mib("VmRSS")
+
+    def peak(self) -> float:
+        """MiB above the level at `start`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
+        return _rss_mib("VmHWM") - self.base

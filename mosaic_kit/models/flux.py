@@ -509,18 +509,7 @@ class MosaicFluxAttnProcessor(FluxAttnProcessor):
             out = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=backend, parallel_config=parallel)
             return out.flatten(2, 3).to(q.dtype)
 
-        main_out = None
-        if q_main is not None:
-            keys = k_main if k_ref is None else torch.cat([k_main, k_ref], dim=1)
-            values = v_main if v_ref is None else torch.cat([v_main, v_ref], dim=1)
-            main_out = attend(q_main, keys, values)
-
-        ref_out = None
-        if q_ref is not None:
-            ref_out = _reference_attention(
-                attend, q_ref, k_ref, v_ref, k_main, v_main, mosaic.reference_token_counts, mosaic.reference_attention
-            )
-
+        main_out, ref_out = self.attend_streams(attend, q_main, k_main, v_main, q_ref, k_ref, v_ref, mosaic)
         capture_query = capture_key = None
         if mosaic.capture:
             capture_query = q_ref.transpose(1, 2)
@@ -537,6 +526,29 @@ class MosaicFluxAttnProcessor(FluxAttnProcessor):
             if ref_out is not None:
                 ref_out = attn.to_out[1](_apply(attn.to_out[0], ref_out, True))
         return _AttentionOutputs(main_out, text_out, ref_out, capture_query, capture_key)
+
+
+    def attend_streams(self, attend, q_main, k_main, v_main, q_ref, k_ref, v_ref, mosaic: _Streams):
+        """The attention of one block, ``(B, N, H, D)`` tensors in, ``(B, N, H·D)`` out.
+
+        Text + target queries attend to all keys in one call; all reference queries attend in one
+        batched call (see `_reference_attention`). ``q_main`` is None while building a reference
+        cache; ``q_ref`` is None without references or with a cache.
+
+        Returns:
+            ``(main_out, ref_out)``, each None where its queries are.
+        """
+        main_out = None
+        if q_main is not None:
+            keys = k_main if k_ref is None else torch.cat([k_main, k_ref], dim=1)
+            values = v_main if v_ref is None else torch.cat([v_main, v_ref], dim=1)
+            main_out = attend(q_main, keys, values)
+        ref_out = None
+        if q_ref is not None:
+            ref_out = _reference_attention(
+                attend, q_ref, k_ref, v_ref, k_main, v_main, mosaic.reference_token_counts, mosaic.reference_attention
+            )
+        return main_out, ref_out
 
 
 def _reference_attention(attend, q_ref, k_ref, v_ref, k_main, v_main, counts, mode):
