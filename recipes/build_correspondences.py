@@ -17,12 +17,15 @@ Outputs in ``--out``:
 The run is resumable (samples whose two files exist are skipped) and shardable
 (``--shard i/n`` takes every n-th sample starting at i, so n shards cover each sample once).
 
-Manifest: one JSON object per line, paths relative to the manifest's folder::
+Manifest: the JSONL format of `mosaic_kit.data.manifest`, one JSON object per line, paths
+relative to the manifest's folder::
 
     {"id": "dog_0", "target": "images/dog_0.jpg", "references": ["images/dog_ref.jpg"],
      "target_mask": "masks/dog_0.png", "reference_masks": [null]}
 
-``target_mask`` and ``reference_masks`` are optional (a mask is any image; non-zero is inside).
+``target_mask`` and ``reference_masks`` are optional (a mask is any image; non-zero is inside);
+with per-reference ``target_masks`` instead of ``target_mask``, matching stays inside their union.
+Other keys of the format (``caption``, ``correspondences``, ...) are read and ignored here.
 Images and masks are resized to ``--target-size`` / ``--ref-size`` squares: crop non-square
 photos first if their proportions matter.
 
@@ -61,10 +64,10 @@ from mosaic_kit.correspondence import (
     subsample,
 )
 from mosaic_kit.data import count_released_rows, decode_released_row, iter_released_rows
+from mosaic_kit.data import read_manifest as read_manifest_entries
 from mosaic_kit.features import build_extractor, parse_extractor_spec
 
 log = logging.getLogger("build_correspondences")
-_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 _RESERVED = {"settings", "drawings"}  # names the recipe writes itself (and ids starting "summary-")
 
 
@@ -84,48 +87,26 @@ def _extractor_arg(text: str) -> tuple[str, dict]:
 
 
 def read_manifest(path: Path) -> list[dict]:
-    """The manifest's samples with absolute paths; raises ValueError naming the line of a bad one."""
-    samples, seen = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not JSON ({error})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        missing = {"id", "target", "references"} - set(row)
-        if missing:
-            raise ValueError(f"{path}:{number}: missing {sorted(missing)}")
-        sample_id = row["id"]
-        if not isinstance(sample_id, str) or not _ID.match(sample_id) or sample_id in seen or sample_id in _RESERVED \
-                or sample_id.startswith("summary-"):
+    """The manifest's samples (read and validated by `mosaic_kit.data.read_manifest`) as the dicts
+    this recipe uses; raises ValueError naming the line of a bad one, including ids the recipe
+    writes itself (``settings``, ``drawings``, ``summary-*``)."""
+    samples = []
+    for entry in read_manifest_entries(path):
+        if entry.id in _RESERVED or entry.id.startswith("summary-"):
             raise ValueError(
-                f"{path}:{number}: `id` must be a unique string of letters, digits, '.', '_', '-' "
-                f"(not {sorted(_RESERVED)}); got {sample_id!r}"
+                f"{path}:{entry.line}: `id` must be none of the names this recipe writes "
+                f"({sorted(_RESERVED)}, 'summary-*'), but got {entry.id!r}"
             )
-        if not isinstance(row["target"], str) or not row["target"]:
-            raise ValueError(f"{path}:{number}: `target` must be a path, got {row['target']!r}")
-        if not isinstance(row["references"], list) or not row["references"] or not all(
-            isinstance(r, str) and r for r in row["references"]
-        ):
-            raise ValueError(f"{path}:{number}: `references` must be a non-empty list of paths, got {row['references']!r}")
-        masks = row.get("reference_masks") or [None] * len(row["references"])
-        if not isinstance(masks, list) or len(masks) != len(row["references"]) or not all(
-            m is None or (isinstance(m, str) and m) for m in masks
-        ):
-            raise ValueError(f"{path}:{number}: `reference_masks` must have one path (or null) per reference")
-        if row.get("target_mask") is not None and not isinstance(row["target_mask"], str):
-            raise ValueError(f"{path}:{number}: `target_mask` must be a path or null, got {row['target_mask']!r}")
-        seen.add(row["id"])
-        base = path.parent
+        if entry.target_mask is not None or all(m is None for m in entry.target_masks):
+            target_mask = entry.target_mask
+        else:  # per-reference target masks only: match inside their union
+            target_mask = [m for m in entry.target_masks if m is not None]
         samples.append({
-            "id": row["id"],
-            "target": base / row["target"],
-            "references": [base / r for r in row["references"]],
-            "target_mask": base / row["target_mask"] if row.get("target_mask") else None,
-            "reference_masks": [base / m if m else None for m in masks],
+            "id": entry.id,
+            "target": entry.target,
+            "references": list(entry.references),
+            "target_mask": target_mask,
+            "reference_masks": list(entry.reference_masks),
         })
     return samples
 
@@ -141,10 +122,12 @@ def load_image(source: Path | Image.Image, size: int) -> torch.Tensor:
     return data.view(size, size, 3).permute(2, 0, 1).float() / 255
 
 
-def load_mask(path: Path | None, size: int) -> torch.Tensor | None:
-    """``(1, size, size)`` bool mask (non-zero inside), or None."""
+def load_mask(path: Path | list[Path] | None, size: int) -> torch.Tensor | None:
+    """``(1, size, size)`` bool mask (non-zero inside; the union of a list of masks), or None."""
     if path is None:
         return None
+    if isinstance(path, list):
+        return torch.stack([load_mask(p, size) for p in path]).any(0)
     with Image.open(path) as image:
         image = image.convert("L").resize((size, size), Image.NEAREST)
         data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)

@@ -169,8 +169,8 @@ def _image_bytes(value) -> bytes:
 def _description(value) -> dict:
     if isinstance(value, str):
         value = json.loads(value)
-    if not isinstance(value, dict) or "item" not in value or "description_0" not in value:
-        raise ValueError(f"Expected `description` with 'item' and 'description_0', but got {value!r}.")
+    if not isinstance(value, dict) or not all(isinstance(value.get(key), str) for key in ("item", "description_0")):
+        raise ValueError(f"Expected `description` with string 'item' and 'description_0', but got {value!r}.")
     return value
 
 
