@@ -1,0 +1,89 @@
+"""Evaluation: CLIP-I, CLIP-T and DINO metrics, multi-subject crop scoring, attention
+localisation, and the DreamBench harness (single- and multi-subject).
+
+- `CLIPScorer`, `DINOScorer`: batched embeddings and scores ×100 with transformers models from a
+  local folder or hub id (`from_pretrained`) or model objects; `tiny_clip_scorer`,
+  `tiny_dino_scorer` build tiny random ones in code (tests, smoke runs).
+- `similarity_matrix`, `mean_similarity`: the cosine ×100 arithmetic on embeddings.
+- `sliding_crops`, `subject_similarity`: per-subject scores on the whole image and on the best
+  crop, so that a subject is not scored against the others in a multi-subject image.
+- `attention_hit_rate`: the fraction of annotated reference points whose attention argmax
+  lands within a radius of their target token.
+- `DreamBench`, `list_cases`, `generate_case_images`, `score_case`, `evaluate_cases`,
+  `summarize`, `summary_markdown`: the benchmark protocol and its reports (`recipes/evaluate.py`).
+- `contact_sheet`, `SheetRow`: contact sheets of references, prompts and outputs.
+
+Model-backed parts need transformers (extra `flux`), imported when first used.
+"""
+
+from .crops import (
+    DEFAULT_CROP_SIZES,
+    DEFAULT_CROP_STRIDE,
+    SubjectSimilarity,
+    sliding_crops,
+    subject_similarity,
+)
+from .dreambench import (
+    DREAMBENCH_ENV,
+    IMAGE_SUFFIXES,
+    SETTINGS,
+    DreamBench,
+    DreamBenchSubject,
+    EvalCase,
+    GenerationSettings,
+    check_run_settings,
+    evaluate_cases,
+    find_case_images,
+    generate_case_images,
+    image_seed,
+    list_cases,
+    score_case,
+    summarize,
+    summary_markdown,
+)
+from .localisation import HIT_RATE_REDUCTIONS, attention_hit_rate
+from .metrics import (
+    CLIPScorer,
+    DINOScorer,
+    ImageEmbedder,
+    mean_similarity,
+    similarity_matrix,
+    tiny_clip_scorer,
+    tiny_dino_scorer,
+)
+from .sheets import SheetRow, contact_sheet
+
+__all__ = [
+    "DEFAULT_CROP_SIZES",
+    "DEFAULT_CROP_STRIDE",
+    "DREAMBENCH_ENV",
+    "HIT_RATE_REDUCTIONS",
+    "IMAGE_SUFFIXES",
+    "SETTINGS",
+    "CLIPScorer",
+    "DINOScorer",
+    "DreamBench",
+    "DreamBenchSubject",
+    "EvalCase",
+    "GenerationSettings",
+    "ImageEmbedder",
+    "SheetRow",
+    "SubjectSimilarity",
+    "attention_hit_rate",
+    "check_run_settings",
+    "contact_sheet",
+    "evaluate_cases",
+    "find_case_images",
+    "generate_case_images",
+    "image_seed",
+    "list_cases",
+    "mean_similarity",
+    "score_case",
+    "similarity_matrix",
+    "sliding_crops",
+    "subject_similarity",
+    "summarize",
+    "summary_markdown",
+    "tiny_clip_scorer",
+    "tiny_dino_scorer",
+]

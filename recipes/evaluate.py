@@ -1,0 +1,211 @@
+"""DreamBench evaluation (single- and multi-subject): CLIP-I, CLIP-T and DINO, as in the paper's Table 1.
+
+Two modes:
+
+- ``--generate``: generate every case with a `MosaicFluxPipeline` (``--base`` + ``--lora``, or
+  ``--tiny`` for a tiny random one) into ``OUT/images``, then score;
+- ``--score-only DIR``: score images another tool wrote, laid out by case::
+
+      DIR/single/<subject>/<prompt index:02d>/<image>.png   # e.g. single/dog/03/00.png
+      DIR/multi/<pair index:02d>/<image>.png                # index in pairs_multi.json
+
+  (``.png``, ``.jpg``, ``.jpeg`` or ``.webp``, taken in file-name order, at most
+  ``--images-per-prompt`` per case).
+
+Outputs in ``--out``: ``cases/<case id>.json`` (per case, written when the case is done, so a
+rerun resumes), ``results.csv``, ``results.json``, ``summary.json``, ``summary.md`` (the Table 1
+layout), ``sheets/`` (contact sheets) and ``settings.json`` (a rerun with other settings is refused
+unless ``--overwrite``). Metric models come from ``--clip`` and ``--dino`` (local folders or hub
+ids); ``--tiny-metrics`` uses tiny random ones (smoke tests and CPU demos: the numbers mean
+nothing). The protocol is described in ``docs/evaluation.md``; the logic lives in
+`mosaic_kit.eval`.
+
+Examples::
+
+    # the paper's protocol with the released checkpoint (3,000 + 80 images)
+    python recipes/evaluate.py --generate --base black-forest-labs/FLUX.1-dev \\
+        --lora mosaic_lora.safetensors --out runs/dreambench
+    # a quick CPU smoke run
+    python recipes/evaluate.py --generate --tiny --tiny-metrics --max-subjects 2 --max-prompts 2 \\
+        --max-multi 1 --images-per-prompt 1 --height 32 --width 32 --ref-size 32 --steps 2 \\
+        --max-sequence-length 16 --out runs/smoke
+    # score another method's images
+    python recipes/evaluate.py --score-only other_method/ --out runs/other
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from mosaic_kit.eval import (
+    DEFAULT_CROP_SIZES,
+    DEFAULT_CROP_STRIDE,
+    DREAMBENCH_ENV,
+    SETTINGS,
+    CLIPScorer,
+    DINOScorer,
+    DreamBench,
+    GenerationSettings,
+    check_run_settings,
+    evaluate_cases,
+    list_cases,
+    summary_markdown,
+    tiny_clip_scorer,
+    tiny_dino_scorer,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def default_dreambench() -> Path:
+    """``$MOSAIC_DREAMBENCH``, else ``../shared/data/dreambench`` beside the repository."""
+    return Path(os.environ.get(DREAMBENCH_ENV, ROOT.parent / "shared" / "data" / "dreambench"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--generate", action="store_true", help="generate the images with a MosaicFluxPipeline, then score")
+    mode.add_argument("--score-only", type=Path, metavar="DIR", help="score the images in DIR (laid out by case)")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (resumable)")
+    parser.add_argument("--dreambench", type=Path, default=None,
+                        help=f"DreamBench folder (default ${DREAMBENCH_ENV} or ../shared/data/dreambench)")
+
+    cases = parser.add_argument_group("cases")
+    cases.add_argument("--setting", action="append", choices=SETTINGS, help="single and/or multi (default both)")
+    cases.add_argument("--max-subjects", type=int, default=None, help="subjects drawn for single-subject cases (default all)")
+    cases.add_argument("--max-prompts", type=int, default=None, help="prompts drawn per kind (default all 25)")
+    cases.add_argument("--max-multi", type=int, default=None, help="multi-subject cases drawn (default all)")
+    cases.add_argument("--images-per-prompt", type=int, default=4, help="images per case (DreamBench: 4)")
+    cases.add_argument("--seed", type=int, default=0, help="seed of the draws and of the generation noise")
+    cases.add_argument("--identifier", default="", help="the {0} token of the prompts (e.g. sks); default empty")
+
+    gen = parser.add_argument_group("generation (--generate)")
+    gen.add_argument("--tiny", action="store_true", help="a tiny random pipeline (mosaic_kit.pipelines.tiny_mosaic_pipeline)")
+    gen.add_argument("--base", default="black-forest-labs/FLUX.1-dev", help="FLUX.1 base: folder or hub id")
+    gen.add_argument("--lora", type=Path, default=None, help="MOSAIC LoRA safetensors (diffusers layout)")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="pipeline dtype (tiny: float32)")
+    gen.add_argument("--height", type=int, default=512)
+    gen.add_argument("--width", type=int, default=512)
+    gen.add_argument("--ref-size", type=int, default=512, help="reference square side given to the pipeline")
+    gen.add_argument("--reference-index", type=int, default=0, help="which photo of each subject is the reference")
+    gen.add_argument("--steps", type=int, default=28)
+    gen.add_argument("--guidance", type=float, default=3.5)
+    gen.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens")
+
+    metrics = parser.add_argument_group("metrics")
+    metrics.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP model: folder or hub id")
+    metrics.add_argument("--dino", default="facebook/dino-vits16", help="DINO ViT-S/16: folder or hub id")
+    metrics.add_argument("--tiny-metrics", action="store_true", help="tiny random metric models (smoke tests only)")
+    metrics.add_argument("--metrics-device", default=None, help="device of the metric models (default --device)")
+    metrics.add_argument("--batch-size", type=int, default=32, help="images per metric forward pass")
+    metrics.add_argument("--crop-sizes", type=float, nargs="+", default=list(DEFAULT_CROP_SIZES),
+                         help="multi-subject crop sides, fractions of the shorter image side")
+    metrics.add_argument("--crop-stride", type=float, default=DEFAULT_CROP_STRIDE, help="crop step, fraction of the crop side")
+
+    misc = parser.add_argument_group("run")
+    misc.add_argument("--overwrite", action="store_true", help="redo finished cases and replace settings.json")
+    misc.add_argument("--allow-missing", action="store_true", help="--score-only: skip cases without images")
+    misc.add_argument("--no-sheets", action="store_true", help="do not write contact sheets")
+    misc.add_argument("--thumb-size", type=int, default=128, help="contact-sheet thumbnail side")
+    misc.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.dreambench is None:
+        args.dreambench = default_dreambench()
+    if args.score_only is not None and args.tiny:
+        parser.error("--tiny only applies to --generate")
+    if args.generate and not args.tiny and args.lora is None:
+        parser.error("--generate needs --lora (the MOSAIC weights) or --tiny")
+    return args
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """What shapes the per-case results (stored in settings.json, compared on resume)."""
+    settings = {
+        "mode": "generate" if args.generate else "score-only",
+        "images_per_prompt": args.images_per_prompt,
+        "identifier": args.identifier,
+        "metrics": "tiny" if args.tiny_metrics else {"clip": args.clip, "dino": args.dino},
+        "crop_sizes": args.crop_sizes,
+        "crop_stride": args.crop_stride,
+    }
+    if args.generate:
+        settings["pipeline"] = "tiny" if args.tiny else {"base": args.base, "lora": str(args.lora), "dtype": args.dtype}
+        settings.update(
+            seed=args.seed, height=args.height, width=args.width, ref_size=args.ref_size,
+            reference_index=args.reference_index, steps=args.steps, guidance=args.guidance,
+            max_sequence_length=args.max_sequence_length,
+        )
+    else:
+        settings["images"] = str(args.score_only.resolve())
+    return settings
+
+
+def load_pipeline(args: argparse.Namespace):
+    """The MOSAIC pipeline (imported only in generation mode)."""
+    if args.tiny:
+        from mosaic_kit.pipelines import tiny_mosaic_pipeline
+
+        return tiny_mosaic_pipeline(args.seed).to(args.device)
+    from mosaic_kit.pipelines import MosaicFluxPipeline
+
+    pipe = MosaicFluxPipeline.from_pretrained(args.base, torch_dtype=DTYPES[args.dtype])
+    pipe.load_mosaic_weights(args.lora)
+    return pipe.to(args.device)
+
+
+def load_scorers(args: argparse.Namespace) -> tuple[CLIPScorer, DINOScorer]:
+    progress = not args.quiet
+    if args.tiny_metrics:
+        return (tiny_clip_scorer(batch_size=args.batch_size, progress=progress),
+                tiny_dino_scorer(batch_size=args.batch_size, progress=progress))
+    device = args.metrics_device or args.device
+    return (CLIPScorer.from_pretrained(args.clip, device=device, batch_size=args.batch_size, progress=progress),
+            DINOScorer.from_pretrained(args.dino, device=device, batch_size=args.batch_size, progress=progress))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    bench = DreamBench.load(args.dreambench)
+    cases = list_cases(
+        bench,
+        settings=args.setting or SETTINGS,
+        max_subjects=args.max_subjects,
+        max_prompts=args.max_prompts,
+        max_multi=args.max_multi,
+        images_per_prompt=args.images_per_prompt,
+        seed=args.seed,
+        identifier=args.identifier,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    check_run_settings(args.out, run_settings(args), overwrite=args.overwrite)
+    generation = GenerationSettings(
+        height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        seed=args.seed, reference_index=args.reference_index, reference_size=args.ref_size,
+        pipeline_kwargs={"max_sequence_length": args.max_sequence_length, "progress": False},
+    )
+    pipe = load_pipeline(args) if args.generate else None
+    clip, dino = load_scorers(args)
+    summary = evaluate_cases(
+        bench, cases, args.out, clip, dino,
+        images_root=args.score_only, pipe=pipe, generation=generation,
+        crop_sizes=args.crop_sizes, crop_stride=args.crop_stride,
+        overwrite=args.overwrite, allow_missing=args.allow_missing,
+        sheets=not args.no_sheets, thumb_size=args.thumb_size, progress=not args.quiet,
+    )
+    print(summary_markdown(summary, crop_sizes=args.crop_sizes, crop_stride=args.crop_stride))
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:  # bad inputs: a message, not a traceback
+        sys.exit(f"error: {error}")
