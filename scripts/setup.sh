@@ -25,7 +25,7 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     fi
 fi
 
-extras="dev,flux,data"
+extras="dev,flux,data,train"
 for extra in "$@"; do extras="$extras,$extra"; done
 "${PIP[@]}" -e ".[$extras]"
 echo "mosaic_kit installed in $VENV with extras [$extras]"

@@ -5,6 +5,7 @@
 - `add_reference_lora`, `load_reference_lora`, `save_reference_lora`: the reference LoRA through
   peft, in diffusers' LoRA safetensors layout (released checkpoints load unchanged).
 - `pack_latents`, `latent_image_ids`, `reference_position_ids`: packing and position ids.
+- `PixelAutoencoder`: pixel space behind the VAE interface, for CPU-sized experiments.
 - `mosaic_kit.models.testing`: tiny random transformers and inputs.
 """
 
@@ -26,6 +27,7 @@ from .flux import (
     set_reference_lora_scale,
     unpack_latents,
 )
+from .pixel import PixelAutoencoder
 
 __all__ = [
     "CAPTURE_BLOCKS",
@@ -34,6 +36,7 @@ __all__ = [
     "REFERENCE_LORA_TARGETS",
     "MosaicFluxAttnProcessor",
     "MosaicFluxTransformer",
+    "PixelAutoencoder",
     "ReferenceKVCache",
     "add_reference_lora",
     "latent_image_ids",

@@ -144,16 +144,18 @@ def latent_image_ids(token_rows: int, token_cols: int, col_shift: int = 0, devic
 
 
 def reference_position_ids(
-    reference_sizes: Sequence[tuple[int, int]], ref_size: int | None = None, device=None
+    reference_sizes: Sequence[tuple[int, int]], ref_size: int | None = None, device=None, pixels_per_token: int = 16
 ) -> torch.Tensor:
     """Position ids of K references, as released: reference k's plain grid ids shifted along the
     width axis by ``-(ref_size // 16) · (k + 1)``.
 
     Args:
-        reference_sizes: ``(height, width)`` in pixels of each reference (multiples of 16).
+        reference_sizes: ``(height, width)`` in pixels of each reference (multiples of
+            ``pixels_per_token``).
         ref_size: the shift unit in pixels; default: the first reference's width (the released
             code uses its square reference size, 512).
         device: device of the result.
+        pixels_per_token: pixels per packed token side (16 for FLUX: 8× VAE, 2×2 packing).
 
     Returns:
         ``(N_ref, 3)`` float ids of the references concatenated in slot order.
@@ -165,18 +167,26 @@ def reference_position_ids(
     """
     if not reference_sizes:
         raise ValueError("Expected at least one reference size, but got none.")
-    sizes = [_check_image_size(f"reference_sizes[{k}]", s) for k, s in enumerate(reference_sizes)]
+    if not isinstance(pixels_per_token, int) or pixels_per_token < 1:
+        raise ValueError(f"Expected `pixels_per_token` to be a positive int, but got {pixels_per_token!r}.")
+    unit_px = pixels_per_token
+    sizes = [_check_image_size(f"reference_sizes[{k}]", s, unit_px) for k, s in enumerate(reference_sizes)]
     unit = sizes[0][1] if ref_size is None else ref_size
-    if not isinstance(unit, int) or unit <= 0 or unit % 16:
-        raise ValueError(f"Expected `ref_size` to be a positive multiple of 16, but got {unit!r}.")
-    ids = [latent_image_ids(h // 16, w // 16, -(unit // 16) * (k + 1), device) for k, (h, w) in enumerate(sizes)]
+    if not isinstance(unit, int) or unit <= 0 or unit % unit_px:
+        raise ValueError(f"Expected `ref_size` to be a positive multiple of {unit_px}, but got {unit!r}.")
+    ids = [
+        latent_image_ids(h // unit_px, w // unit_px, -(unit // unit_px) * (k + 1), device)
+        for k, (h, w) in enumerate(sizes)
+    ]
     return torch.cat(ids)
 
 
-def _check_image_size(name: str, size: Any) -> tuple[int, int]:
+def _check_image_size(name: str, size: Any, multiple: int = 16) -> tuple[int, int]:
     ok = isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
-    if not ok or size[0] % 16 or size[1] % 16:
-        raise ValueError(f"Expected `{name}` to be (height, width) in pixels, multiples of 16, but got {size!r}.")
+    if not ok or size[0] % multiple or size[1] % multiple:
+        raise ValueError(
+            f"Expected `{name}` to be (height, width) in pixels, multiples of {multiple}, but got {size!r}."
+        )
     return int(size[0]), int(size[1])
 
 
@@ -733,7 +743,7 @@ class MosaicFluxTransformer(nn.Module):
         reference_token_counts: Sequence[int] | None = None,
         guidance: torch.Tensor | None = None,
         reference_guidance: float | torch.Tensor | None = None,
-        capture: RefTargetCapture | None = None,
+        capture: RefTargetCapture | list | None = None,
         reference_cache: ReferenceKVCache | None = None,
     ) -> torch.Tensor:
         """The multi-reference forward on packed inputs: the one path shared by training,
@@ -754,8 +764,9 @@ class MosaicFluxTransformer(nn.Module):
             guidance: ``(B,)`` guidance scale for text and target (guidance-distilled models).
             reference_guidance: guidance for the reference stream; default: ``guidance``
                 (released inference uses 1.0).
-            capture: a `RefTargetCapture` fed with post-RoPE reference queries and target keys of
-                the blocks chosen by ``capture_blocks``.
+            capture: a `RefTargetCapture` (or anything with its ``add(query, key)``, or a list of
+                them) fed with post-RoPE reference queries and target keys of the blocks chosen by
+                ``capture_blocks``.
             reference_cache: reference keys/values from `build_reference_cache` (then
                 ``reference_tokens`` must be None; references attend only to themselves).
 
@@ -778,6 +789,7 @@ class MosaicFluxTransformer(nn.Module):
             counts = reference_cache.reference_token_counts
         if capture is not None and reference_tokens is None:
             raise ValueError("Expected `reference_tokens` with a `capture`.")
+        captures = [] if capture is None else list(capture) if isinstance(capture, (list, tuple)) else [capture]
 
         dtype = target_tokens.dtype
         target = _base(t.x_embedder)(target_tokens)
@@ -804,7 +816,8 @@ class MosaicFluxTransformer(nn.Module):
                     kind, block, text, target, refs, temb, temb_ref, streams, rotary
                 )
                 if feed:
-                    capture.add(q_cap, k_cap)
+                    for each in captures:
+                        each.add(q_cap, k_cap)
         return t.proj_out(t.norm_out(target, temb))
 
     @torch.no_grad()

@@ -185,7 +185,8 @@ class MosaicFluxPipeline(FluxPipeline):
         tokens = pack_latents(latents)  # (K, n, C)
         counts = (tokens.shape[1],) * tokens.shape[0]
         tokens = tokens.reshape(1, -1, tokens.shape[-1]).expand(batch, -1, -1)
-        ids = reference_position_ids([(ref_size, ref_size)] * len(references), ref_size, device=device)
+        ids = reference_position_ids([(ref_size, ref_size)] * len(references), ref_size, device=device,
+                                     pixels_per_token=2 * self.vae_scale_factor)
         return tokens.to(self.transformer.dtype), ids, counts
 
     @torch.no_grad()

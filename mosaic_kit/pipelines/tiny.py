@@ -195,7 +195,9 @@ def tiny_t5_tokenizer(model_max_length: int = 512):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
-def tiny_flux_components(seed: int = 0) -> dict[str, Any]:
+def tiny_flux_components(
+    seed: int = 0, transformer_overrides: dict[str, Any] | None = None, pixel_space: int | None = None
+) -> dict[str, Any]:
     """The components of a tiny random FLUX.1 pipeline, built in code without downloads.
 
     Returns the keyword arguments of `diffusers.FluxPipeline.__init__`, so
@@ -215,6 +217,9 @@ def tiny_flux_components(seed: int = 0) -> dict[str, Any]:
 
     Args:
         seed: seed of the random weights; defaults to 0.
+        transformer_overrides: entries of `TINY_TRANSFORMER_CONFIG` to change (layers, heads, ...).
+        pixel_space: when given, a `mosaic_kit.models.PixelAutoencoder` with this factor replaces
+            the VAE (no learned weights; the transformer's ``in_channels`` follows, ``12·factor²``).
 
     Returns:
         A dict with exactly the keys `scheduler`, `vae`, `text_encoder`, `tokenizer`,
@@ -255,8 +260,15 @@ def tiny_flux_components(seed: int = 0) -> dict[str, Any]:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
-        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+        config = {**TINY_TRANSFORMER_CONFIG, **(transformer_overrides or {})}
+        if pixel_space is not None:
+            from ..models.pixel import PixelAutoencoder
+
+            vae = PixelAutoencoder(pixel_space)
+            config["in_channels"] = 4 * vae.config.latent_channels
+        else:
+            vae = AutoencoderKL(**TINY_VAE_CONFIG)
+        transformer = FluxTransformer2DModel(**config)
         text_encoder = CLIPTextModel(clip_config)
         text_encoder_2 = T5EncoderModel(t5_config)
     scheduler = FlowMatchEulerDiscreteScheduler(

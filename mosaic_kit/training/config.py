@@ -1,0 +1,244 @@
+"""The training configuration: dataclasses with help text, read from YAML with overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..correspondence._checks import check_option
+
+DATA_KINDS = ("synthetic", "released", "manifest")
+"""Allowed ``data.kind`` values."""
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+"""Allowed ``train.mixed_precision`` values."""
+
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+"""Allowed ``optim.schedule`` values (diffusers' ``get_scheduler`` names)."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    """The FLUX model and its reference LoRA."""
+
+    base: str | None = _help("FLUX.1 base: local folder or hub id; null builds a tiny random model", None)
+    tiny_seed: int = _help("seed of the tiny random model (base: null)", 0)
+    tiny_overrides: dict = _help("tiny model: FluxTransformer2DModel config entries to change", factory=dict)
+    pixel_space: int | None = _help("tiny model: pixel space with this factor instead of a random VAE", None)
+    lora_rank: int = _help("reference LoRA rank (paper 128, released 512)", 128)
+    lora_alpha: float | None = _help("LoRA alpha; null = rank (scale 1, as released)", None)
+    reference_attention: str = _help("isolated (released) or full", "isolated")
+    capture_blocks: str = _help("blocks feeding SCAL/MDL: double (released) or all", "double")
+    gradient_checkpointing: bool = _help("diffusers gradient checkpointing of the transformer blocks", True)
+    init_lora: str | None = _help("start from this LoRA file (e.g. the released checkpoint)", None)
+
+    def __post_init__(self) -> None:
+        check_option("model.reference_attention", self.reference_attention, ("isolated", "full"))
+        check_option("model.capture_blocks", self.capture_blocks, ("double", "all"))
+        if self.base is not None and (self.tiny_overrides or self.pixel_space):
+            raise ValueError("Expected `model.tiny_overrides` and `model.pixel_space` only with `model.base: null`.")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise ValueError(f"Expected `model.lora_rank` to be a positive int, but got {self.lora_rank!r}.")
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how batches are built."""
+
+    kind: str = _help("synthetic (generated multi-subject world), released (SemAlign-MS layout) or manifest", "synthetic")
+    root: str | None = _help("released layout folder, or the manifest .jsonl file", None)
+    target_size: int = _help("target side in pixels (multiple of 16)", 512)
+    ref_size: int = _help("reference side in pixels (multiple of 16)", 512)
+    batch_size: int = _help("samples per process and step", 1)
+    max_refs: int | None = _help("pad every batch to this K (fixed shapes); null: the batch's largest K", None)
+    compose: list[int] | None = _help("[min_k, max_k]: compose K-subject samples from single-subject ones", None)
+    synthetic_refs: list[int] = _help("[min_k, max_k] references of synthetic samples", factory=lambda: [1, 4])
+    synthetic_length: int = _help("samples in one synthetic epoch", 10_000)
+    num_workers: int = _help("loader worker processes (0: in the training process)", 0)
+    caption_dropout: float = _help("probability of an empty caption (guidance-free training)", 0.0)
+    image_dropout: float = _help("probability of dropping all references of a sample", 0.0)
+    seed: int = _help("data order and composition seed", 0)
+
+    def __post_init__(self) -> None:
+        check_option("data.kind", self.kind, DATA_KINDS)
+        for name in ("target_size", "ref_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0 or value % 16:
+                raise ValueError(f"Expected `data.{name}` to be a positive multiple of 16, but got {value!r}.")
+        if self.kind != "synthetic" and not self.root:
+            raise ValueError(f"Expected `data.root` for data.kind = {self.kind!r}, but got none.")
+        for name in ("caption_dropout", "image_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"Expected `data.{name}` in [0, 1], but got {value!r}.")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"Expected `data.batch_size` to be a positive int, but got {self.batch_size!r}.")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Eq. 15 and the flow-matching timesteps."""
+
+    preset: str = _help("MosaicObjective preset: paper or released", "paper")
+    overrides: dict = _help("keyword overrides of the preset (e.g. scal_weight: 0.2)", factory=dict)
+    logit_mean: float = _help("logit-normal timestep density: mean", 0.0)
+    logit_std: float = _help("logit-normal timestep density: std", 1.0)
+    resolution_shift: bool = _help("FLUX's resolution-dependent shift of the sampled sigmas", True)
+    guidance: float = _help("guidance embedded during training (released: 1)", 1.0)
+
+    def __post_init__(self) -> None:
+        check_option("objective.preset", self.preset, ("paper", "released"))
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, clipping and the learning-rate schedule."""
+
+    lr: float = _help("learning rate (paper 1e-4, released 8e-5)", 1e-4)
+    betas: list[float] = _help("AdamW betas", factory=lambda: [0.9, 0.999])
+    weight_decay: float = _help("AdamW weight decay", 1e-2)
+    eps: float = _help("AdamW eps", 1e-8)
+    use_8bit: bool = _help("bitsandbytes 8-bit AdamW (GPU; needs bitsandbytes)", False)
+    grad_clip: float = _help("max gradient norm (0: no clipping)", 1.0)
+    schedule: str = _help("LR schedule: constant, constant_with_warmup, linear or cosine", "constant")
+    warmup_steps: int = _help("LR warm-up steps", 0)
+
+    def __post_init__(self) -> None:
+        check_option("optim.schedule", self.schedule, LR_SCHEDULES)
+        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            raise ValueError(f"Expected `optim.lr` > 0, but got {self.lr!r}.")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; see ``recipes/configs/*.yaml``."""
+
+    output_dir: str = _help("run folder (checkpoints, logs, samples, curves)", "outputs/train/run")
+    seed: int = _help("seed of model init, noise and dropout", 0)
+    max_steps: int = _help("optimisation steps", 1000)
+    gradient_accumulation: int = _help("micro-batches per optimisation step", 1)
+    mixed_precision: str = _help("no, bf16 or fp16", "bf16")
+    checkpoint_every: int = _help("save a checkpoint every N steps (and at the end)", 500)
+    keep_checkpoints: int = _help("checkpoints kept (oldest removed)", 3)
+    log_every: int = _help("log scalars every N steps", 10)
+    validate_every: int = _help("write a validation contact sheet every N steps (0: only at the end)", 500)
+    validation_samples: int = _help("samples on the validation sheet", 2)
+    validation_steps: int = _help("denoising steps of validation samples", 28)
+    tracker: str | None = _help("accelerate tracker: tensorboard, wandb, ... or null", "tensorboard")
+    ema_decay: float | None = _help("EMA decay of the LoRA weights (null: no EMA)", 0.999)
+    model: ModelConfig = _help("model", factory=ModelConfig)
+    data: DataConfig = _help("data", factory=DataConfig)
+    objective: ObjectiveConfig = _help("objective", factory=ObjectiveConfig)
+    optim: OptimConfig = _help("optimiser", factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        check_option("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        for name in ("max_steps", "checkpoint_every", "log_every", "gradient_accumulation", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}.")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"Expected `ema_decay` in (0, 1) or null, but got {self.ema_decay!r}.")
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "objective": ObjectiveConfig, "optim": OptimConfig}
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """Builds a `TrainConfig` from nested dicts, rejecting unknown keys by name.
+
+    Example:
+        >>> config_from_dict({"max_steps": 2, "data": {"target_size": 64}}).data.target_size
+        64
+    """
+    if not isinstance(values, dict):
+        raise ValueError(f"Expected a mapping of settings, but got {type(values).__name__}.")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"Unknown settings {sorted(unknown)}; expected among {sorted(known)}.")
+    kwargs = {}
+    for name, value in values.items():
+        if name in _SECTIONS:
+            section = _SECTIONS[name]
+            fields = {f.name for f in dataclasses.fields(section)}
+            if not isinstance(value, dict) or set(value) - fields:
+                bad = sorted(set(value) - fields) if isinstance(value, dict) else value
+                raise ValueError(f"Unknown settings in `{name}`: {bad}; expected among {sorted(fields)}.")
+            kwargs[name] = section(**value)
+        else:
+            kwargs[name] = value
+    return TrainConfig(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """A YAML value; numbers YAML 1.1 reads as strings (``5e-4``) become floats."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Applies ``dotted.key=value`` overrides (values parsed as YAML) to nested dicts.
+
+    Example:
+        >>> apply_overrides({"data": {"batch_size": 1}}, ["data.batch_size=4", "max_steps=10"])
+        {'data': {'batch_size': 4}, 'max_steps': 10}
+    """
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"Expected an override `key=value` (e.g. optim.lr=8e-5), but got {item!r}.")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        target = values
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"Override {item!r}: {part!r} is not a section.")
+        target[parts[-1]] = _parse_value(text)
+    return values
+
+
+def load_config(paths: list[str | Path] | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Reads YAML files (later ones override earlier ones), applies overrides, validates.
+
+    Args:
+        paths: YAML files.
+        overrides: ``dotted.key=value`` strings.
+
+    Returns:
+        The resolved `TrainConfig`.
+    """
+    import yaml
+
+    values: dict = {}
+    for path in paths or []:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"Expected {path} to hold a mapping of settings, but got {type(loaded).__name__}.")
+        for key, value in loaded.items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
+    return config_from_dict(apply_overrides(values, overrides or []))
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """The config as plain nested dicts (what is saved as ``config.yaml`` in the run folder)."""
+    return dataclasses.asdict(config)
