@@ -218,3 +218,16 @@ def test_trains_on_released_and_manifest_data_with_the_composer(tmp_path, kind):
     assert summary["steps"] == 2
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+
+def test_shipped_configs_parse():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    kinds = {}
+    for path in sorted((REPO / "recipes" / "accelerate").glob("*.yaml")):
+        kinds[path.stem] = str(ClusterConfig.from_yaml_file(str(path)).distributed_type)
+    assert kinds == {"deepspeed_zero2": "DistributedType.DEEPSPEED", "fsdp": "DistributedType.FSDP",
+                     "multi_gpu": "DistributedType.MULTI_GPU", "single_gpu": "DistributedType.NO"}
+    for path in sorted((REPO / "recipes" / "configs").glob("*.yaml")):
+        config = load_config([path])
+        assert config.max_steps >= 1, path

@@ -102,7 +102,7 @@ def join_subjects(names: Sequence[str]) -> str:
     Returns:
         The joined phrase.
 
-    Example:
+    Examples:
         >>> join_subjects(["dog", "cat", "elephant"])
         'a dog, a cat and an elephant'
         >>> join_subjects(["the red teapot", "2 cups"])
@@ -126,7 +126,7 @@ def compose_caption(parts: Sequence[MultiSubjectSample], template: str = "{subje
     Returns:
         The caption.
 
-    Example:
+    Examples:
         >>> image = torch.zeros(3, 16, 16)
         >>> parts = [MultiSubjectSample(name, image, [image], f"photo of {name}", [torch.zeros(0, 4)],
         ...                             meta={"subjects": [name]}) for name in ("dog", "owl")]
@@ -279,7 +279,7 @@ def compose_samples(
         ``crop``, ``box``, ``scale`` ``(sx, sy)``, ``offset`` ``(ox, oy)``), ``layout_mode``
         (``"random"`` or ``"grid"``), ``pair_index`` and ``dropped``.
 
-    Example:
+    Examples:
         >>> image = torch.rand(3, 64, 64)
         >>> mask = torch.zeros(64, 64, dtype=torch.bool); mask[16:48, 16:48] = True
         >>> pairs = torch.tensor([[8.5, 8.5, 20.5, 30.5], [4.5, 4.5, 2.5, 2.5]])  # the second is off the subject
@@ -451,7 +451,7 @@ class ComposedDataset(torch.utils.data.Dataset):
         seed: the run's data seed.
         **compose_kwargs: passed to `compose_samples` (``scale_range``, ``max_overlap``, ...).
 
-    Example:
+    Examples:
         >>> image = torch.rand(3, 32, 32)
         >>> class Parts(torch.utils.data.Dataset):
         ...     def __len__(self): return 5
@@ -516,7 +516,7 @@ class ComposedDataset(torch.utils.data.Dataset):
         Returns:
             The part indices.
 
-        Example:
+        Examples:
             >>> image = torch.zeros(3, 16, 16)
             >>> parts = [MultiSubjectSample(str(i), image, [image], "x", [torch.zeros(0, 4)]) for i in range(4)]
             >>> data = ComposedDataset(parts, num_subjects=2, canvas_size=32, seed=0)

@@ -41,7 +41,7 @@ def fixture_coordinates(grid: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         ``(dift, geoaware)``, two ``(grid, grid, 2)`` int16 tensors.
 
-    Example:
+    Examples:
         >>> dift, geo = fixture_coordinates(8)
         >>> dift[0, 0].tolist(), geo[0, 0].tolist(), dift[0, 1].tolist() == geo[0, 1].tolist()
         ([0, 7], [0, 0], True)
@@ -93,7 +93,7 @@ def make_released_fixture(
     Returns:
         The uids of the rows.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> root = Path(tempfile.mkdtemp())
         >>> uids = make_released_fixture(root, [("dog", "a dog"), ("cat", "a cat")])
@@ -156,7 +156,7 @@ def make_manifest_fixture(
     Returns:
         The manifest's path.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = make_manifest_fixture(Path(tempfile.mkdtemp()), ["dog"])
         >>> json.loads(path.read_text())["correspondences"][0][0]

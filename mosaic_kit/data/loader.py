@@ -43,7 +43,7 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         rank: this process's rank.
         world_size: number of processes.
 
-    Example:
+    Examples:
         >>> sampler = ResumableSampler(6, seed=3)
         >>> first = [next(it) for it in [iter(sampler)] for _ in range(2)]
         >>> state = sampler.state_dict()
@@ -75,7 +75,7 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         Returns:
             The indices.
 
-        Example:
+        Examples:
             >>> ResumableSampler(5, shuffle=False, rank=1, world_size=2).order()
             [1, 3]
         """
@@ -109,7 +109,7 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         Returns:
             ``{"seed", "epoch", "position", "num_samples", "shuffle", "rank", "world_size"}``.
 
-        Example:
+        Examples:
             >>> ResumableSampler(4, seed=7).state_dict()["seed"]
             7
         """
@@ -130,7 +130,7 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         Returns:
             None.
 
-        Example:
+        Examples:
             >>> sampler = ResumableSampler(4)
             >>> sampler.load_state_dict(dict(ResumableSampler(4).state_dict(), epoch=2, position=1))
             >>> sampler.epoch, sampler.position
@@ -203,7 +203,7 @@ class SkippingLoader:
         tally: where bad samples are counted (default: a new `BadDataTally`).
         **loader_kwargs: passed to the DataLoader (``prefetch_factor``, ``pin_memory``, ...).
 
-    Example:
+    Examples:
         >>> class Data(torch.utils.data.Dataset):
         ...     def __len__(self): return 7
         ...     def __getitem__(self, i):
@@ -296,7 +296,7 @@ class SkippingLoader:
         Returns:
             ``{"sampler": ResumableSampler.state_dict(), "tally": BadDataTally.state_dict()}``.
 
-        Example:
+        Examples:
             >>> loader = SkippingLoader(list(range(10)), batch_size=3, seed=1)
             >>> batches = iter(loader)
             >>> first = next(batches)
@@ -319,7 +319,7 @@ class SkippingLoader:
         Returns:
             None.
 
-        Example:
+        Examples:
             >>> loader = SkippingLoader(list(range(4)), batch_size=2, seed=0)
             >>> loader.load_state_dict(dict(loader.state_dict(), sampler=dict(loader.sampler.state_dict(), epoch=5)))
             >>> loader.sampler.epoch

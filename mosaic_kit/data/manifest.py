@@ -79,7 +79,7 @@ class ManifestEntry:
         meta: the line's ``meta`` object.
         line: the line number in the manifest (1-based).
 
-    Example:
+    Examples:
         >>> entry = ManifestEntry("a", Path("t.png"), [Path("r.png")])
         >>> entry.num_refs, entry.target_masks, entry.correspondences
         (1, [None], None)
@@ -148,7 +148,7 @@ def load_pairs_file(path: str | Path, num_refs: int) -> list[torch.Tensor]:
         FileNotFoundError: when the file does not exist.
         ValueError: naming the file, when it is malformed.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "pairs.pt"
         >>> torch.save([torch.tensor([[1.5, 2.5, 3.5, 4.5]])], path)
@@ -208,7 +208,7 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
     Raises:
         ValueError: ``"<path>:<line>: ..."`` naming the key, what was expected and what arrived.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "manifest.jsonl"
         >>> _ = path.write_text(json.dumps({"id": "dog_0", "target": "t.png", "references": ["r.png"],
@@ -350,7 +350,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         target_size: target side or ``(H, W)``; None keeps the files' sizes.
         ref_size: reference side or ``(h, w)``; None keeps the files' sizes.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from mosaic_kit.data.fixtures import make_manifest_fixture
         >>> data = ManifestDataset(make_manifest_fixture(Path(tempfile.mkdtemp())), target_size=256, ref_size=64)

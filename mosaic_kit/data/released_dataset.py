@@ -80,7 +80,7 @@ def released_coord_path(root: str | Path, method: str, uid: str, ref: int = 0) -
     Returns:
         The path (it may not exist).
 
-    Example:
+    Examples:
         >>> released_coord_path("data", "dift", "ab12").as_posix()
         'data/coord/dift/ab12_ref0.pt'
     """
@@ -106,7 +106,7 @@ def check_released_coords(coords: object, grid: int = 64, layout: str = "hw2", n
     Raises:
         ValueError: naming ``name``, the expected and the received shape, dtype or values.
 
-    Example:
+    Examples:
         >>> coords = torch.zeros(4, 4, 2, dtype=torch.int16)
         >>> check_released_coords(coords, grid=4).dtype
         torch.int64
@@ -156,7 +156,7 @@ def load_released_coords(path: str | Path, grid: int = 64, layout: str = "hw2") 
         FileNotFoundError: when the file does not exist.
         ValueError: naming the file, when it cannot be loaded or is malformed.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "x_ref0.pt"
         >>> torch.save(torch.zeros(64, 64, 2, dtype=torch.int32), path)
@@ -183,7 +183,7 @@ def mask_to_grid(mask: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tenso
     Returns:
         ``(rows, cols)`` bool.
 
-    Example:
+    Examples:
         >>> mask = torch.zeros(512, 512, dtype=torch.bool)
         >>> mask[:, :261] = True  # cell column c reads pixel column 8 * c + 4: 252, 260, 268 for c = 31, 32, 33
         >>> mask_to_grid(mask, 64)[0, 31:34].tolist()
@@ -212,7 +212,7 @@ def released_pixel_pairs(
     Returns:
         ``(P, 4)`` float32 ``(ref_x, ref_y, tgt_x, tgt_y)``, row-major over the target cells.
 
-    Example:
+    Examples:
         >>> flip = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(3, -1, -1), indexing="ij"), -1)
         >>> other = flip.clone(); other[0, 0] = torch.tensor([2, 2])  # the extractors disagree on cell (0, 0)
         >>> mask = torch.ones(4, 4, dtype=torch.bool); mask[1:] = False
@@ -269,7 +269,7 @@ class ReleasedDataset(torch.utils.data.Dataset):
         grid: side of the coordinate grids.
         layout: tensor layout of the coordinate files (`COORD_LAYOUTS`).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from mosaic_kit.data.fixtures import make_released_fixture
         >>> root = Path(tempfile.mkdtemp())
@@ -336,7 +336,7 @@ class ReleasedDataset(torch.utils.data.Dataset):
         Returns:
             ``(shard path, row)``.
 
-        Example:
+        Examples:
             >>> import tempfile
             >>> from mosaic_kit.data.fixtures import make_released_fixture
             >>> root = Path(tempfile.mkdtemp())

@@ -20,12 +20,14 @@ from .flux import (
     add_reference_lora,
     latent_image_ids,
     load_reference_lora,
+    lora_state_from_model_state,
     pack_latents,
     reference_lora_state_dict,
     reference_position_ids,
     save_reference_lora,
     set_reference_lora_scale,
     unpack_latents,
+    write_lora_file,
 )
 from .pixel import PixelAutoencoder
 
@@ -41,10 +43,12 @@ __all__ = [
     "add_reference_lora",
     "latent_image_ids",
     "load_reference_lora",
+    "lora_state_from_model_state",
     "pack_latents",
     "reference_lora_state_dict",
     "reference_position_ids",
     "save_reference_lora",
     "set_reference_lora_scale",
     "unpack_latents",
+    "write_lora_file",
 ]

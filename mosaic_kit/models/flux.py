@@ -118,7 +118,9 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     return tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
 
 
-def latent_image_ids(token_rows: int, token_cols: int, col_shift: int = 0, device=None) -> torch.Tensor:
+def latent_image_ids(
+    token_rows: int, token_cols: int, col_shift: int = 0, device: torch.device | str | None = None
+) -> torch.Tensor:
     """FLUX position ids of a packed token grid: ``(0, row, col + col_shift)`` per token, row-major.
 
     Args:
@@ -144,7 +146,10 @@ def latent_image_ids(token_rows: int, token_cols: int, col_shift: int = 0, devic
 
 
 def reference_position_ids(
-    reference_sizes: Sequence[tuple[int, int]], ref_size: int | None = None, device=None, pixels_per_token: int = 16
+    reference_sizes: Sequence[tuple[int, int]],
+    ref_size: int | None = None,
+    device: torch.device | str | None = None,
+    pixels_per_token: int = 16,
 ) -> torch.Tensor:
     """Position ids of K references, as released: reference k's plain grid ids shifted along the
     width axis by ``-(ref_size // 16) · (k + 1)``.
@@ -293,17 +298,60 @@ def save_reference_lora(transformer: nn.Module, path: str | os.PathLike, adapter
         >>> sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
         True
     """
+    config = transformer.peft_config[adapter_name]
+    return write_lora_file(reference_lora_state_dict(transformer, adapter_name), path, config.r, config.lora_alpha)
+
+
+def lora_state_from_model_state(state: dict[str, torch.Tensor], adapter_name: str = DEFAULT_ADAPTER,
+                                prefix: str = "") -> dict[str, torch.Tensor]:
+    """The reference LoRA in diffusers' layout, picked out of a full model state dict (for example
+    one gathered by ``accelerator.get_state_dict`` under FSDP).
+
+    Args:
+        state: parameter names → tensors, LoRA names like ``<prefix><module>.lora_A.<adapter>.weight``.
+        adapter_name: which adapter.
+        prefix: prefix of the transformer's parameters in ``state`` (e.g. ``"transformer."``).
+
+    Returns:
+        ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` → tensor.
+
+    Example:
+        >>> lora_state_from_model_state({"transformer.x_embedder.lora_A.mosaic.weight": torch.ones(1),
+        ...                              "transformer.x_embedder.base_layer.weight": torch.ones(1)}, prefix="transformer.")
+        {'transformer.x_embedder.lora_A.weight': tensor([1.])}
+    """
+    picked = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        for part in ("A", "B"):
+            marker = f".lora_{part}.{adapter_name}.weight"
+            if name.endswith(marker):
+                picked[f"transformer.{name[: -len(marker)]}.lora_{part}.weight"] = value
+    return picked
+
+
+def write_lora_file(state: dict[str, torch.Tensor], path: str | os.PathLike, rank: int, alpha: float) -> Path:
+    """Writes a diffusers-layout LoRA state dict as safetensors, atomically (temporary file,
+    fsync, rename), with rank and alpha in the metadata.
+
+    Args:
+        state: ``transformer.<module>.lora_A/B.weight`` → tensor.
+        path: destination file.
+        rank: the LoRA rank.
+        alpha: the LoRA alpha.
+
+    Returns:
+        The path written.
+    """
     import json
 
     from safetensors.torch import save_file
 
     path = Path(path)
-    state = {k: v.contiguous().cpu() for k, v in reference_lora_state_dict(transformer, adapter_name).items()}
-    config = transformer.peft_config[adapter_name]
-    metadata = {
-        "format": "pt",
-        "mosaic_lora": json.dumps({"rank": config.r, "alpha": config.lora_alpha}),
-    }
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    metadata = {"format": "pt", "mosaic_lora": json.dumps({"rank": int(rank), "alpha": float(alpha)})}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -538,7 +586,9 @@ class MosaicFluxAttnProcessor(FluxAttnProcessor):
         return _AttentionOutputs(main_out, text_out, ref_out, capture_query, capture_key)
 
 
-    def attend_streams(self, attend, q_main, k_main, v_main, q_ref, k_ref, v_ref, mosaic: _Streams):
+    def attend_streams(
+        self, attend, q_main, k_main, v_main, q_ref, k_ref, v_ref, mosaic: _Streams
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The attention of one block, ``(B, N, H, D)`` tensors in, ``(B, N, H·D)`` out.
 
         Text + target queries attend to all keys in one call; all reference queries attend in one

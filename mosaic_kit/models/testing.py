@@ -24,7 +24,7 @@ TINY_TRANSFORMER_CONFIG = {
 latent channels (64 packed) and 32-dim text embeddings."""
 
 
-def tiny_flux_transformer(seed: int = 0, **overrides) -> FluxTransformer2DModel:
+def tiny_flux_transformer(seed: int = 0, **overrides: object) -> FluxTransformer2DModel:
     """A randomly initialised tiny `FluxTransformer2DModel` (`TINY_TRANSFORMER_CONFIG`).
 
     Args:

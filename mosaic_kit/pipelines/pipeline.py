@@ -167,7 +167,9 @@ class MosaicFluxPipeline(FluxPipeline):
             raise ValueError(f"Expected `guidance_scale` to be a finite number, but got {guidance_scale!r}.")
 
     @torch.no_grad()
-    def encode_references(self, references: Sequence[Image.Image], ref_size: int, batch: int):
+    def encode_references(
+        self, references: Sequence[Image.Image], ref_size: int, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         """VAE-encodes preprocessed references (latent mode, as released) into packed tokens.
 
         Args:

@@ -108,7 +108,7 @@ def _require_flux_deps() -> None:
         ) from error
 
 
-def tiny_clip_tokenizer(model_max_length: int = 77):
+def tiny_clip_tokenizer(model_max_length: int = 77) -> Any:
     """A CLIP tokenizer with a tiny byte-level vocabulary, built in code.
 
     The vocabulary holds the 256 byte-level symbols, each also with CLIP's end-of-word suffix
@@ -157,7 +157,7 @@ def tiny_clip_tokenizer(model_max_length: int = 77):
     )
 
 
-def tiny_t5_tokenizer(model_max_length: int = 512):
+def tiny_t5_tokenizer(model_max_length: int = 512) -> Any:
     """A T5 (Unigram, SentencePiece-style) tokenizer with a tiny vocabulary, built in code.
 
     Ids 0, 1, 2 are `<pad>`, `</s>`, `<unk>` as in T5; then the word-start marker `▁`, the
@@ -291,7 +291,7 @@ def tiny_flux_components(
     }
 
 
-def tiny_mosaic_pipeline(seed: int = 0, lora_rank: int = 4):
+def tiny_mosaic_pipeline(seed: int = 0, lora_rank: int = 4) -> Any:
     """A tiny random `MosaicFluxPipeline` with a fresh reference LoRA, on the CPU in float32.
 
     It exercises the whole inference path (prompt encoding, reference encoding, the

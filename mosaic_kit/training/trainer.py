@@ -37,6 +37,8 @@ from ..attention import PointAttentionRows, RefTargetCapture
 from ..losses import MosaicObjective
 from ..models import (
     MosaicFluxTransformer,
+    lora_state_from_model_state,
+    write_lora_file,
     add_reference_lora,
     latent_image_ids,
     load_reference_lora,
@@ -245,6 +247,10 @@ class MosaicTrainer:
                                   num_training_steps=cfg.max_steps * self.accelerator.num_processes)
         self.objective = MosaicObjective.from_preset(cfg.objective.preset, **cfg.objective.overrides)
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
+        from accelerate.utils import DistributedType
+
+        if cfg.ema_decay and self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("Expected `ema_decay: null` under FSDP: the EMA of sharded LoRA weights is not supported.")
         self.ema = EMAModel(self.lora_parameters, decay=cfg.ema_decay) if cfg.ema_decay else None
         if self.ema is not None:
             self.ema.to(self.device)
@@ -436,9 +442,9 @@ class MosaicTrainer:
         rank = acc.process_index
         torch.save({"generator": self.generator.get_state(), "dropout_generator": self.dropout_generator.get_state(),
                     "loader": self.loader.state_dict()}, tmp / f"trainer_rank{rank}.pt")
+        lora_state = self._lora_state()  # every process takes part under FSDP
         if acc.is_main_process:
-            transformer = self._transformer()
-            save_reference_lora(transformer, tmp / LORA_FILE)
+            self._write_lora(lora_state, tmp / LORA_FILE)
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), tmp / "ema.pt")
                 self._save_ema_lora(tmp / EMA_LORA_FILE)
@@ -455,6 +461,20 @@ class MosaicTrainer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def _lora_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights in diffusers' layout; under FSDP gathered from every process (all must
+        call), elsewhere read from the local model."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            full = self.accelerator.get_state_dict(self.model)
+            return lora_state_from_model_state(full, prefix="transformer.")
+        return reference_lora_state_dict(self._transformer())
+
+    def _write_lora(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        config = self._transformer().peft_config["mosaic"]
+        write_lora_file(state, path, config.r, config.lora_alpha)
 
     def _save_ema_lora(self, path: Path) -> None:
         params = self.lora_parameters
@@ -490,7 +510,15 @@ class MosaicTrainer:
             raise ValueError(
                 f"Expected to resume with {state['processes']} processes (the checkpoint's), but got {acc.num_processes}."
             )
-        load_reference_lora_values(self._transformer(), path / LORA_FILE)
+        from accelerate.utils import DistributedType
+
+        if acc.distributed_type == DistributedType.FSDP:  # write the LoRA into the sharded parameters
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(self.model, writeback=True):
+                load_reference_lora_values(self._transformer(), path / LORA_FILE)
+        else:
+            load_reference_lora_values(self._transformer(), path / LORA_FILE)
         acc.load_state(str(path))
         rank_state = torch.load(path / f"trainer_rank{acc.process_index}.pt", weights_only=True)
         self.generator.set_state(rank_state["generator"])
@@ -555,6 +583,7 @@ class MosaicTrainer:
     def finish(self, seconds: float, resumed_from) -> dict:
         """Final LoRA files, loss curves, bad-data tally and ``summary.json``."""
         acc = self.accelerator
+        lora_state = self._lora_state()
         tallies = acc.gather_for_metrics([self.loader.tally.state_dict()], use_gather_object=True) \
             if acc.num_processes > 1 else [self.loader.tally.state_dict()]
         summary = {}
@@ -564,8 +593,7 @@ class MosaicTrainer:
             tally = BadDataTally()
             for state in tallies:
                 tally.merge(BadDataTally.from_state_dict(state))
-            transformer = self._transformer()
-            save_reference_lora(transformer, self.output_dir / LORA_FILE)
+            self._write_lora(lora_state, self.output_dir / LORA_FILE)
             if self.ema is not None:
                 self._save_ema_lora(self.output_dir / EMA_LORA_FILE)
             curves = plot_loss_curves(self.history, self.output_dir / "loss_curves.png")
