@@ -110,7 +110,7 @@ def naive_forward(transformer, inputs: dict, reference_attention: str = "isolate
         return x.unflatten(-1, (heads, head_dim))
 
     for block in t.transformer_blocks:
-        qs, ks, vs, mods, normed = [], [], [], [], []
+        qs, ks, vs, mods = [], [], [], []
         for name, x, emb, lora, _ in streams:
             norm = block.norm1_context if name == "text" else block.norm1
             params = linear(norm.linear, F.silu(emb), lora).chunk(6, dim=1)

@@ -7,6 +7,8 @@ expected and what arrived.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -84,3 +86,14 @@ def check_floating(name: str, tensor: torch.Tensor) -> None:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype loss math runs in: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_real(name: str, value: object, low: float, high: float, high_inclusive: bool = True) -> float:
+    """A finite real in ``[low, high]`` (``[low, high)`` when not ``high_inclusive``), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"Expected `{name}` to be a finite number, but got {value!r}.")
+    above = value > high if high_inclusive else value >= high
+    if value < low or above:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"Expected `{name}` in [{low}, {high}{bracket}, but got {value!r}.")
+    return float(value)

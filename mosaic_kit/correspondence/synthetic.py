@@ -38,6 +38,7 @@ from ._checks import (
     check_floating,
     check_int,
     check_int_pair,
+    check_real,
     check_shape,
     compute_dtype,
 )
@@ -54,16 +55,6 @@ __all__ = [
 MAX_STRENGTH = 0.25
 """`random_homographies` requires ``strength < MAX_STRENGTH``: the warped corners then always
 form a convex quadrilateral, so the homography is well defined and keeps orientation."""
-
-
-def _check_real(name: str, value: object, low: float, high: float, high_inclusive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"Expected `{name}` to be a finite number, but got {value!r}.")
-    above = value > high if high_inclusive else value >= high
-    if value < low or above:
-        bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"Expected `{name}` in [{low}, {high}{bracket}, but got {value!r}.")
-    return float(value)
 
 
 def _generator(generator: torch.Generator | None) -> torch.Generator:
@@ -106,13 +97,13 @@ class PhotometricJitter:
     noise: float = 0.02
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "brightness", _check_real("brightness", self.brightness, 0.0, 1.0))
-        object.__setattr__(self, "contrast", _check_real("contrast", self.contrast, 0.0, 1.0, high_inclusive=False))
+        object.__setattr__(self, "brightness", check_real("brightness", self.brightness, 0.0, 1.0))
+        object.__setattr__(self, "contrast", check_real("contrast", self.contrast, 0.0, 1.0, high_inclusive=False))
         object.__setattr__(
-            self, "saturation", _check_real("saturation", self.saturation, 0.0, 1.0, high_inclusive=False)
+            self, "saturation", check_real("saturation", self.saturation, 0.0, 1.0, high_inclusive=False)
         )
-        object.__setattr__(self, "hue", _check_real("hue", self.hue, 0.0, 0.5))
-        object.__setattr__(self, "noise", _check_real("noise", self.noise, 0.0, 1.0))
+        object.__setattr__(self, "hue", check_real("hue", self.hue, 0.0, 0.5))
+        object.__setattr__(self, "noise", check_real("noise", self.noise, 0.0, 1.0))
 
 
 def _shift(offset: float, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -178,7 +169,7 @@ def random_homographies(
     batch = check_int("batch", batch, minimum=1)
     height = check_int("height", height, minimum=1)
     width = check_int("width", width, minimum=1)
-    strength = _check_real("strength", strength, 0.0, MAX_STRENGTH, high_inclusive=False)
+    strength = check_real("strength", strength, 0.0, MAX_STRENGTH, high_inclusive=False)
     generator = _generator(generator)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"Expected `dtype` to be a floating torch.dtype, but got {dtype!r}.")

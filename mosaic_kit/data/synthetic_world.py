@@ -45,11 +45,17 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from kornia.enhance import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
+from kornia.enhance import (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+)
 from kornia.geometry.transform import warp_affine
 from torch.utils.data import Dataset
 
 from ..correspondence import PhotometricJitter, draw_matches
+from ..correspondence._checks import check_real
 from .sample import MultiSubjectSample
 
 __all__ = [
@@ -119,21 +125,11 @@ def _check_int(name: str, value: object, minimum: int | None = None, maximum: in
     return value
 
 
-def _check_real(name: str, value: object, low: float, high: float, high_inclusive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"Expected `{name}` to be a finite number, but got {value!r}.")
-    above = value > high if high_inclusive else value >= high
-    if value < low or above:
-        bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"Expected `{name}` in [{low}, {high}{bracket}, but got {value!r}.")
-    return float(value)
-
-
 def _check_range(name: str, value: object, low: float, high: float) -> tuple[float, float]:
     if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(f"Expected `{name}` to be a pair (low, high), but got {value!r}.")
-    first = _check_real(f"{name}[0]", value[0], low, high)
-    second = _check_real(f"{name}[1]", value[1], low, high)
+    first = check_real(f"{name}[0]", value[0], low, high)
+    second = check_real(f"{name}[1]", value[1], low, high)
     if first > second:
         raise ValueError(f"Expected `{name}` with low <= high, but got {value!r}.")
     return first, second
@@ -544,19 +540,19 @@ class SyntheticWorldConfig:
         put("ref_scale_range", _check_range("ref_scale_range", self.ref_scale_range, 0.0, 2.0))
         if self.ref_scale_range[0] <= 0:
             raise ValueError(f"Expected `ref_scale_range` > 0, but got {self.ref_scale_range!r}.")
-        put("ref_rotation", _check_real("ref_rotation", self.ref_rotation, 0.0, 180.0))
-        put("ref_translation", _check_real("ref_translation", self.ref_translation, 0.0, 0.5))
+        put("ref_rotation", check_real("ref_rotation", self.ref_rotation, 0.0, 180.0))
+        put("ref_translation", check_real("ref_translation", self.ref_translation, 0.0, 0.5))
         if not isinstance(self.ref_jitter, PhotometricJitter):
             raise ValueError(
                 f"Expected `ref_jitter` to be a PhotometricJitter, but got {type(self.ref_jitter).__name__}."
             )
-        put("ref_background", _check_real("ref_background", self.ref_background, 0.0, 1.0))
+        put("ref_background", check_real("ref_background", self.ref_background, 0.0, 1.0))
         put("target_scale_range", _check_range("target_scale_range", self.target_scale_range, 0.0, 2.0))
         if self.target_scale_range[0] <= 0:
             raise ValueError(f"Expected `target_scale_range` > 0, but got {self.target_scale_range!r}.")
-        put("target_rotation", _check_real("target_rotation", self.target_rotation, 0.0, 180.0))
-        put("layout_jitter", _check_real("layout_jitter", self.layout_jitter, 0.0, 0.5))
-        put("occlusion", _check_real("occlusion", self.occlusion, 0.0, 1.0))
+        put("target_rotation", check_real("target_rotation", self.target_rotation, 0.0, 180.0))
+        put("layout_jitter", check_real("layout_jitter", self.layout_jitter, 0.0, 0.5))
+        put("occlusion", check_real("occlusion", self.occlusion, 0.0, 1.0))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> SyntheticWorldConfig:

@@ -5,7 +5,12 @@
 - `tiny_flux_components`, `tiny_mosaic_pipeline`: tiny random pipelines built in code.
 """
 
-from .pipeline import MosaicFluxPipeline, MosaicFluxPipelineOutput, fit_on_white, load_reference_image
+from .pipeline import (
+    MosaicFluxPipeline,
+    MosaicFluxPipelineOutput,
+    fit_on_white,
+    load_reference_image,
+)
 from .tiny import tiny_flux_components, tiny_mosaic_pipeline
 
 __all__ = [

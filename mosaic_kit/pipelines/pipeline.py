@@ -9,13 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-
-from ..models import MosaicFluxTransformer, load_reference_lora, pack_latents, reference_position_ids
-
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils import BaseOutput
+from PIL import Image, UnidentifiedImageError
+
+from ..models import (
+    MosaicFluxTransformer,
+    load_reference_lora,
+    pack_latents,
+    reference_position_ids,
+)
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 """What a reference image may be: a PIL image, a file path, an ``(H, W, 3)`` uint8 array or a

@@ -20,7 +20,13 @@ from .config import (
     config_to_dict,
     load_config,
 )
-from .trainer import MosaicTrainer, build_dataset, flux_shift_mu, plot_loss_curves, sample_sigmas
+from .trainer import (
+    MosaicTrainer,
+    build_dataset,
+    flux_shift_mu,
+    plot_loss_curves,
+    sample_sigmas,
+)
 
 __all__ = [
     "DATA_KINDS",

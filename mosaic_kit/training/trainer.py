@@ -29,7 +29,6 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -37,15 +36,15 @@ from ..attention import PointAttentionRows, RefTargetCapture
 from ..losses import MosaicObjective
 from ..models import (
     MosaicFluxTransformer,
-    lora_state_from_model_state,
-    write_lora_file,
     add_reference_lora,
     latent_image_ids,
     load_reference_lora,
+    lora_state_from_model_state,
     pack_latents,
     reference_lora_state_dict,
     reference_position_ids,
     save_reference_lora,
+    write_lora_file,
 )
 from .config import TrainConfig, config_to_dict
 
