@@ -123,3 +123,25 @@ def test_builds_from_components_and_max_references_is_configurable():
     with pytest.raises(ValueError, match="max_references = 2"):
         again("a photo", refs(3), **FAST)
     assert "mosaic" in again.transformer.peft_config
+
+
+def test_from_pretrained_local_folder_then_mosaic_weights(tmp_path):
+    from diffusers import FluxPipeline
+
+    from mosaic_kit.pipelines import tiny_flux_components
+
+    FluxPipeline(**tiny_flux_components(seed=3)).save_pretrained(tmp_path / "base")
+    source = tiny_mosaic_pipeline(seed=3)
+    with torch.no_grad():
+        for name, param in source.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    lora = save_reference_lora(source.transformer, tmp_path / "mosaic.safetensors")
+
+    pipe = MosaicFluxPipeline.from_pretrained(tmp_path / "base")
+    assert isinstance(pipe, MosaicFluxPipeline)
+    pipe.load_mosaic_weights(lora)
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe("a photo", refs(2), generator=torch.Generator().manual_seed(0), output_type="pt", **FAST).images
+    expected = source("a photo", refs(2), generator=torch.Generator().manual_seed(0), output_type="pt", **FAST).images
+    torch.testing.assert_close(got, expected)
