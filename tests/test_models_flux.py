@@ -284,15 +284,68 @@ def test_lora_file_in_released_layout_loads_where_it_belongs(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_lora_round_trip_keeps_alpha(tmp_path):
+def test_lora_files_mean_scale_one_whatever_alpha(tmp_path):
+    from safetensors.torch import load_file
+
     transformer = tiny_flux_transformer()
     add_reference_lora(transformer, rank=4, alpha=8)
     randomise_lora(transformer)
     path = save_reference_lora(transformer, tmp_path / "lora.safetensors")
+    raw = reference_lora_state_dict(transformer)
+    saved = load_file(str(path))
+    for key, value in raw.items():  # alpha / rank = 2 folded into B: the released code applies scale 1
+        torch.testing.assert_close(saved[key], value * 2 if ".lora_B." in key else value)
     other = tiny_flux_transformer()
     load_reference_lora(other, path)
+    assert all(m.scaling["mosaic"] == 1.0 for m in other.modules() if hasattr(m, "scaling"))
     inputs = random_packed_inputs(transformer, reference_sizes=[(32, 32)])
     torch.testing.assert_close(MosaicFluxTransformer(other)(**inputs), MosaicFluxTransformer(transformer)(**inputs))
+
+
+def test_lora_only_on_modules_the_forward_routes():
+    with pytest.raises(ValueError, match="reference-routed modules"):
+        add_reference_lora(tiny_flux_transformer(), rank=2, target_modules=r"^transformer_blocks\.0\.ff\.net\.0\.proj$")
+    transformer = tiny_flux_transformer()
+    with pytest.raises(ValueError, match="reference-routed modules"):
+        load_reference_lora(transformer, {
+            "transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight": torch.zeros(2, 32),
+            "transformer.transformer_blocks.0.attn.add_q_proj.lora_B.weight": torch.zeros(32, 2),
+        })
+    assert not getattr(transformer, "peft_config", {})
+    # the output projection (peft's suffix match of "proj_out" adapts it) is accepted and inert
+    inputs = random_packed_inputs(transformer, reference_sizes=[(32, 32)])
+    before = MosaicFluxTransformer(transformer)(**inputs)
+    load_reference_lora(transformer, {"transformer.proj_out.lora_A.weight": torch.ones(2, 32),
+                                      "transformer.proj_out.lora_B.weight": torch.ones(64, 2)})
+    torch.testing.assert_close(MosaicFluxTransformer(transformer)(**inputs), before)
+
+
+def test_bf16_autocast_with_zero_references_equals_stock():
+    transformer = tiny_flux_transformer()
+    inputs = random_packed_inputs(transformer, batch=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = stock(transformer, inputs)
+        got = MosaicFluxTransformer(transformer)(**inputs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_wrapping_keeps_the_chosen_attention_backend():
+    transformer = tiny_flux_transformer()
+    transformer.set_attention_backend("_native_math")
+    chosen = next(iter(transformer.attn_processors.values()))._attention_backend
+    MosaicFluxTransformer(transformer)
+    assert all(p._attention_backend == chosen for p in transformer.attn_processors.values())
+
+
+def test_reference_cache_of_another_model_is_refused():
+    model = lora_model(dtype=torch.float32)
+    inputs = random_packed_inputs(model.transformer, reference_sizes=[(32, 32)])
+    cache = model.build_reference_cache(inputs["reference_tokens"], inputs["reference_ids"],
+                                        inputs["pooled_embeddings"], guidance=inputs["guidance"])
+    cache.keys.pop()
+    main = {k: v for k, v in inputs.items() if not k.startswith("reference_")}
+    with pytest.raises(ValueError, match="one entry per block"):
+        model(**main, reference_cache=cache)
 
 
 @pytest.mark.parametrize(

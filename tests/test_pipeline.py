@@ -145,3 +145,25 @@ def test_from_pretrained_local_folder_then_mosaic_weights(tmp_path):
     got = pipe("a photo", refs(2), generator=torch.Generator().manual_seed(0), output_type="pt", **FAST).images
     expected = source("a photo", refs(2), generator=torch.Generator().manual_seed(0), output_type="pt", **FAST).images
     torch.testing.assert_close(got, expected)
+
+
+def test_timesteps_match_flux_pipeline_in_bf16():
+    from diffusers import FluxPipeline
+
+    from mosaic_kit.pipelines import tiny_flux_components
+
+    seen = {"stock": [], "mosaic": []}
+    stock = FluxPipeline(**tiny_flux_components()).to(torch.bfloat16)
+    stock.set_progress_bar_config(disable=True)
+    stock.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen["stock"].append(kwargs["timestep"].clone()), with_kwargs=True)
+    stock("a photo", height=64, width=64, num_inference_steps=6, max_sequence_length=8,
+          generator=torch.Generator().manual_seed(0), output_type="latent")
+    pipe = tiny_mosaic_pipeline().to(torch.bfloat16)
+    pipe.mosaic_transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen["mosaic"].append(kwargs["timestep"].clone()), with_kwargs=True)
+    pipe("a photo", refs(1), **{**FAST, "height": 64, "width": 64, "num_inference_steps": 6}, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    assert len(seen["stock"]) == len(seen["mosaic"]) == 6
+    for a, b in zip(seen["stock"], seen["mosaic"]):
+        assert torch.equal(a, b)

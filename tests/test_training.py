@@ -54,7 +54,8 @@ def test_two_step_smoke_run_writes_every_file(tmp_path):
     checkpoints = sorted((out / "checkpoints").iterdir())
     assert [c.name for c in checkpoints] == ["step-0000002"]  # keep_checkpoints=1 removed step 1
     files = {p.name for p in checkpoints[0].iterdir()}
-    assert {"pytorch_lora_weights.safetensors", "ema_lora_weights.safetensors", "ema.pt", "optimizer.bin",
+    assert {"pytorch_lora_weights.safetensors", "lora_parameters.safetensors", "ema_lora_weights.safetensors",
+            "ema.pt", "optimizer.bin",
             "scheduler.bin", "trainer_rank0.pt", "trainer_state.json", "random_states_0.pkl"} <= files
     assert not any(name.startswith("model") for name in files)  # LoRA only, never the base model
     from safetensors.torch import load_file
@@ -139,7 +140,7 @@ def test_two_process_cpu_run(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPE), f"output_dir={out}", *FAST,
-         "max_steps=3", "checkpoint_every=3", "validate_every=0", "tracker=null"],
+         "max_steps=3", "checkpoint_every=3", "validate_every=0", "tracker=null", "model.capture_blocks=all"],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -226,8 +227,8 @@ def test_shipped_configs_parse():
     kinds = {}
     for path in sorted((REPO / "recipes" / "accelerate").glob("*.yaml")):
         kinds[path.stem] = str(ClusterConfig.from_yaml_file(str(path)).distributed_type)
-    assert kinds == {"deepspeed_zero2": "DistributedType.DEEPSPEED", "fsdp": "DistributedType.FSDP",
+    assert kinds == {"deepspeed_zero2": "DistributedType.DEEPSPEED",
                      "multi_gpu": "DistributedType.MULTI_GPU", "single_gpu": "DistributedType.NO"}
-    for path in sorted((REPO / "recipes" / "configs").glob("*.yaml")):
-        config = load_config([path])
-        assert config.max_steps >= 1, path
+    for name in ("tiny_cpu", "flux_512", "flux_512_released"):  # the training recipe's configs
+        config = load_config([REPO / "recipes" / "configs" / f"{name}.yaml"])
+        assert config.max_steps >= 1, name

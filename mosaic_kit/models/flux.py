@@ -63,10 +63,29 @@ REFERENCE_LORA_TARGETS = (
     r"|transformer_blocks\.\d+\.(norm1\.linear|attn\.to_[qkv]|attn\.to_out\.0|ff\.net\.2)"
     r"|single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.to_[qkv]))$"
 )
-"""The released target modules as one peft regex (matched against full module names):
+"""The released target modules as one peft regex (matched against full module names); the
+multi-reference forward routes exactly these per stream (LoRA on reference tokens only):
 ``x_embedder``; in double blocks ``norm1.linear``, ``attn.to_q/to_k/to_v``, ``attn.to_out.0``,
 ``ff.net.2``; in single blocks ``norm.linear``, ``proj_mlp``, ``proj_out``, ``attn.to_q/to_k/to_v``.
 """
+
+
+_INERT_LORA = re.compile(r"^proj_out$")
+"""Adapted modules the forward only ever runs on target tokens through their base weights (the
+output projection): a LoRA there, which peft's suffix matching of ``"proj_out"`` creates in the
+released training, has no effect, as in the released code."""
+
+
+def _check_routed(names: Sequence[str]) -> None:
+    """Raises unless every adapted module is one the forward routes per stream (or an inert one)."""
+    routed = re.compile(REFERENCE_LORA_TARGETS)
+    stray = sorted(n for n in names if not routed.fullmatch(n) and not _INERT_LORA.fullmatch(n))
+    if stray:
+        raise ValueError(
+            f"Expected LoRA only on the reference-routed modules (REFERENCE_LORA_TARGETS), but got {stray[:4]}"
+            f"{' ...' if len(stray) > 4 else ''}: the multi-reference forward would apply them to text and target "
+            "tokens too."
+        )
 
 
 # -- packing and position ids -----------------------------------------------------------------------
@@ -248,17 +267,27 @@ def add_reference_lora(
     )
     transformer.requires_grad_(False)
     transformer.add_adapter(config, adapter_name=adapter_name)
+    adapted = [n for n, m in transformer.named_modules() if adapter_name in getattr(m, "lora_A", {})]
+    try:
+        _check_routed(adapted)
+    except ValueError:
+        transformer.delete_adapters(adapter_name)
+        raise
     for name, param in transformer.named_parameters():
         param.requires_grad_(f".{adapter_name}." in name and ".lora_" in name)
 
 
-def reference_lora_state_dict(transformer: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+def reference_lora_state_dict(
+    transformer: nn.Module, adapter_name: str = DEFAULT_ADAPTER, scaled: bool = False
+) -> dict[str, torch.Tensor]:
     """The reference LoRA weights in diffusers' LoRA layout: ``transformer.<module>.lora_A.weight``
     and ``.lora_B.weight``.
 
     Args:
         transformer: the FLUX transformer with the adapter.
         adapter_name: which adapter.
+        scaled: fold each module's ``alpha / rank`` into ``lora_B`` (what files hold: the released
+            code and diffusers apply a file's LoRA with scale 1). Without it, the raw parameters.
 
     Returns:
         A state dict of detached tensors (on their current device).
@@ -268,14 +297,23 @@ def reference_lora_state_dict(transformer: nn.Module, adapter_name: str = DEFAUL
     if adapter_name not in getattr(transformer, "peft_config", {}):
         raise ValueError(f"Expected an adapter named {adapter_name!r} on the transformer, but it has none.")
     state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
-    return {f"transformer.{key}": value.detach() for key, value in state.items()}
+    state = {f"transformer.{key}": value.detach() for key, value in state.items()}
+    if scaled:
+        for name, module in transformer.named_modules():
+            if adapter_name in getattr(module, "lora_A", {}):
+                factor = module.lora_alpha[adapter_name] / module.r[adapter_name]
+                key = f"transformer.{name}.lora_B.weight"
+                if factor != 1:
+                    state[key] = state[key] * factor
+    return state
 
 
 def save_reference_lora(transformer: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> Path:
     """Writes the reference LoRA as a diffusers LoRA safetensors file, atomically.
 
     The file loads with `load_reference_lora`, with diffusers' ``FluxPipeline.load_lora_weights``
-    and with the released inference code. Rank and alpha are stored in the metadata.
+    and with the released inference code, all of which apply it with scale 1: ``alpha / rank`` is
+    folded into ``lora_B``, so the file means the same thing everywhere.
 
     Args:
         transformer: the FLUX transformer with the adapter.
@@ -297,60 +335,24 @@ def save_reference_lora(transformer: nn.Module, path: str | os.PathLike, adapter
         >>> sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
         True
     """
-    config = transformer.peft_config[adapter_name]
-    return write_lora_file(reference_lora_state_dict(transformer, adapter_name), path, config.r, config.lora_alpha)
+    return write_lora_file(reference_lora_state_dict(transformer, adapter_name, scaled=True), path)
 
 
-def lora_state_from_model_state(state: dict[str, torch.Tensor], adapter_name: str = DEFAULT_ADAPTER,
-                                prefix: str = "") -> dict[str, torch.Tensor]:
-    """The reference LoRA in diffusers' layout, picked out of a full model state dict (for example
-    one gathered by ``accelerator.get_state_dict`` under FSDP).
-
-    Args:
-        state: parameter names → tensors, LoRA names like ``<prefix><module>.lora_A.<adapter>.weight``.
-        adapter_name: which adapter.
-        prefix: prefix of the transformer's parameters in ``state`` (e.g. ``"transformer."``).
-
-    Returns:
-        ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` → tensor.
-
-    Example:
-        >>> lora_state_from_model_state({"transformer.x_embedder.lora_A.mosaic.weight": torch.ones(1),
-        ...                              "transformer.x_embedder.base_layer.weight": torch.ones(1)}, prefix="transformer.")
-        {'transformer.x_embedder.lora_A.weight': tensor([1.])}
-    """
-    picked = {}
-    for key, value in state.items():
-        if not key.startswith(prefix):
-            continue
-        name = key[len(prefix):]
-        for part in ("A", "B"):
-            marker = f".lora_{part}.{adapter_name}.weight"
-            if name.endswith(marker):
-                picked[f"transformer.{name[: -len(marker)]}.lora_{part}.weight"] = value
-    return picked
-
-
-def write_lora_file(state: dict[str, torch.Tensor], path: str | os.PathLike, rank: int, alpha: float) -> Path:
-    """Writes a diffusers-layout LoRA state dict as safetensors, atomically (temporary file,
-    fsync, rename), with rank and alpha in the metadata.
+def write_lora_file(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Writes a LoRA state dict as safetensors, atomically (temporary file, fsync, rename).
 
     Args:
         state: ``transformer.<module>.lora_A/B.weight`` → tensor.
         path: destination file.
-        rank: the LoRA rank.
-        alpha: the LoRA alpha.
 
     Returns:
         The path written.
     """
-    import json
-
     from safetensors.torch import save_file
 
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    metadata = {"format": "pt", "mosaic_lora": json.dumps({"rank": int(rank), "alpha": float(alpha)})}
+    metadata = {"format": "pt"}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -394,16 +396,16 @@ def load_reference_lora(
 
     Every key must be ``transformer.<module>.lora_A.weight`` or ``.lora_B.weight`` of a linear
     module of the transformer with matching shapes; anything else raises, so a file for another
-    model is never half-loaded. Files without stored alpha get alpha = rank (scale 1, as released).
+    model is never half-loaded, and only modules the forward routes per stream
+    (`REFERENCE_LORA_TARGETS`, plus the inert output projection) are accepted. The LoRA applies
+    with scale 1 (alpha = rank), as released.
 
     Args:
         transformer: the FLUX transformer.
         path_or_state_dict: a ``.safetensors`` file or a state dict.
         adapter_name: peft adapter name.
     """
-    import json
-
-    state, metadata = _read_lora_file(path_or_state_dict)
+    state, _ = _read_lora_file(path_or_state_dict)
     if not state:
         raise ValueError("Expected a LoRA state dict with `transformer.<module>.lora_A/B.weight` keys, but got none.")
     modules = dict(transformer.named_modules())
@@ -431,14 +433,10 @@ def load_reference_lora(
                or f"transformer.{name}.lora_B.weight" not in state]
     if missing:
         raise ValueError(f"Expected both lora_A and lora_B for every module, but {missing[:3]} miss one.")
+    _check_routed(list(ranks))
     if adapter_name in getattr(transformer, "peft_config", {}):
         transformer.delete_adapters(adapter_name)
-    stored = json.loads(metadata["mosaic_lora"]) if "mosaic_lora" in metadata else None
-    kwargs = {}
-    if stored is not None and stored["alpha"] != stored["rank"]:
-        alphas = {f"transformer.{name}.alpha": float(stored["alpha"]) for name in ranks}
-        kwargs["network_alphas"] = alphas
-    transformer.load_lora_adapter(state, prefix="transformer", adapter_name=adapter_name, **kwargs)
+    transformer.load_lora_adapter(state, prefix="transformer", adapter_name=adapter_name)
     transformer.requires_grad_(False)
 
 
@@ -702,7 +700,11 @@ class MosaicFluxTransformer(nn.Module):
         self.reference_attention = reference_attention
         self.reference_timestep = float(reference_timestep)
         self.capture_blocks = capture_blocks
-        transformer.set_attn_processor(MosaicFluxAttnProcessor())
+        processor = MosaicFluxAttnProcessor()
+        previous = next(iter(transformer.attn_processors.values()), None)
+        for name in ("_attention_backend", "_parallel_config"):  # keep a backend chosen before wrapping
+            setattr(processor, name, getattr(previous, name, None))
+        transformer.set_attn_processor(processor)
 
     # -- embeddings ----------------------------------------------------------------------------------
     def _embed_time(self, timestep, guidance, pooled, dtype) -> torch.Tensor:
@@ -836,12 +838,17 @@ class MosaicFluxTransformer(nn.Module):
             if reference_cache.batch_size not in (1, batch):
                 raise ValueError(f"Expected a reference cache of batch 1 or {batch}, but got {reference_cache.batch_size}.")
             counts = reference_cache.reference_token_counts
+            blocks = len(t.transformer_blocks) + len(t.single_transformer_blocks)
+            if len(reference_cache.keys) != blocks or len(reference_cache.values) != blocks:
+                raise ValueError(
+                    f"Expected a reference cache with one entry per block ({blocks}), but got {len(reference_cache.keys)}."
+                )
         if capture is not None and reference_tokens is None:
             raise ValueError("Expected `reference_tokens` with a `capture`.")
         captures = [] if capture is None else list(capture) if isinstance(capture, (list, tuple)) else [capture]
 
-        dtype = target_tokens.dtype
         target = _base(t.x_embedder)(target_tokens)
+        dtype = target.dtype  # as stock: the embedded tokens' dtype (differs from the input's under autocast)
         temb = self._embed_time(timestep, guidance, pooled_embeddings, dtype)
         text = t.context_embedder(text_embeddings)
         rotary = t.pos_embed(torch.cat([text_ids, target_ids]))
@@ -867,7 +874,7 @@ class MosaicFluxTransformer(nn.Module):
                 if feed:
                     for each in captures:
                         each.add(q_cap, k_cap)
-        return t.proj_out(t.norm_out(target, temb))
+        return _base(t.proj_out)(t.norm_out(target, temb))
 
     @torch.no_grad()
     def build_reference_cache(

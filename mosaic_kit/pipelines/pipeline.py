@@ -281,7 +281,7 @@ class MosaicFluxPipeline(FluxPipeline):
                     target_tokens=target,
                     text_embeddings=prompt_embeds,
                     pooled_embeddings=pooled,
-                    timestep=(t / 1000).expand(batch).to(target.dtype),
+                    timestep=t.expand(batch).to(target.dtype) / 1000,  # FluxPipeline's rounding order
                     target_ids=target_ids,
                     text_ids=text_ids,
                     guidance=guidance,
@@ -302,11 +302,13 @@ class MosaicFluxPipeline(FluxPipeline):
         return MosaicFluxPipelineOutput(images=images, references=references)
 
     def progress_bar(self, iterable=None, total=None, disable: bool = False):
-        """diffusers' progress bar, which can be switched off per call."""
-        if disable:
-            self.set_progress_bar_config(disable=True)
-            try:
-                return super().progress_bar(iterable=iterable, total=total)
-            finally:
-                self.set_progress_bar_config(disable=False)
-        return super().progress_bar(iterable=iterable, total=total)
+        """diffusers' progress bar, which can also be switched off per call (the pipeline's own
+        `set_progress_bar_config` is kept)."""
+        if not disable:
+            return super().progress_bar(iterable=iterable, total=total)
+        saved = dict(getattr(self, "_progress_bar_config", {}))
+        self._progress_bar_config = {**saved, "disable": True}
+        try:
+            return super().progress_bar(iterable=iterable, total=total)
+        finally:
+            self._progress_bar_config = saved

@@ -39,7 +39,6 @@ from ..models import (
     add_reference_lora,
     latent_image_ids,
     load_reference_lora,
-    lora_state_from_model_state,
     pack_latents,
     reference_lora_state_dict,
     reference_position_ids,
@@ -53,6 +52,7 @@ log = logging.getLogger("mosaic_kit.training")
 CHECKPOINT_PREFIX = "step-"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMA_LORA_FILE = "ema_lora_weights.safetensors"
+RAW_LORA_FILE = "lora_parameters.safetensors"
 
 
 def flux_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -93,6 +93,29 @@ def sample_sigmas(batch: int, generator: torch.Generator, image_seq_len: int | N
         return u
     mu = flux_shift_mu(image_seq_len)
     return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+
+
+class TrainingForward(torch.nn.Module):
+    """What the accelerator wraps (DDP): the multi-reference forward *and* the capture statistics.
+
+    Returning the `CaptureResult` from ``forward`` makes every tensor the loss uses an output of
+    the wrapped module, so DDP's unused-parameter search sees the gradient paths that reach the
+    LoRA only through the captured attention (e.g. the last block's queries with
+    ``capture_blocks="all"``).
+
+    Args:
+        model: the `MosaicFluxTransformer`.
+    """
+
+    def __init__(self, model: MosaicFluxTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: dict, capture: RefTargetCapture | None = None, diagnostics: list | None = None):
+        """Returns ``(prediction, capture.result() or None)``; ``diagnostics`` are fed too."""
+        captures = ([capture] if capture is not None else []) + list(diagnostics or [])
+        prediction = self.model(**inputs, capture=captures or None)
+        return prediction, None if capture is None else capture.result()
 
 
 def _flat_config(config: TrainConfig) -> dict:
@@ -206,10 +229,11 @@ class MosaicTrainer:
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.pipe = pipe
-        self.model = MosaicFluxTransformer(
+        mosaic = MosaicFluxTransformer(
             transformer, reference_attention=cfg.reference_attention, capture_blocks=cfg.capture_blocks
         )
-        pipe.__dict__["_mosaic_transformer"] = self.model  # validation samples use the same settings
+        pipe.__dict__["_mosaic_transformer"] = mosaic  # validation samples use the same settings
+        self.model = TrainingForward(mosaic)
         self.lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
 
     def _build_data(self) -> None:
@@ -248,11 +272,29 @@ class MosaicTrainer:
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
         from accelerate.utils import DistributedType
 
-        if cfg.ema_decay and self.accelerator.distributed_type == DistributedType.FSDP:
-            raise ValueError("Expected `ema_decay: null` under FSDP: the EMA of sharded LoRA weights is not supported.")
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError(
+                "FSDP is not supported yet: the multi-reference forward calls each block's submodules per "
+                "stream, so FSDP units wrapped around whole blocks are never gathered, and wrapping every "
+                "linear layer gave different outputs in our CPU check. Use DDP (multi_gpu.yaml) or DeepSpeed "
+                "ZeRO-2 (deepspeed_zero2.yaml)."
+            )
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            self._configure_deepspeed()
         self.ema = EMAModel(self.lora_parameters, decay=cfg.ema_decay) if cfg.ema_decay else None
         if self.ema is not None:
             self.ema.to(self.device)
+
+    def _configure_deepspeed(self) -> None:
+        """DeepSpeed reads batch size, accumulation and clipping from its own config: set them
+        from ours (accelerate cannot infer the micro-batch without a prepared DataLoader)."""
+        cfg = self.config
+        plugin = self.accelerator.state.deepspeed_plugin
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+        ds["gradient_accumulation_steps"] = cfg.gradient_accumulation
+        ds["gradient_clipping"] = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 0.0
+        ds.pop("train_batch_size", None)
 
     # -- one step ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -307,26 +349,21 @@ class MosaicTrainer:
         sigmas = sigmas.to(self.device)
         noisy = (1 - sigmas[:, None, None]) * latents + sigmas[:, None, None] * noise
         corr = batch.corr.to(self.device)
-        captures = []
         capture = None
         if self.objective.scal_weight(self.step) or self.objective.mdl_weight(self.step):
             capture = RefTargetCapture(corr, aggregate=self.objective.mdl_aggregate)
-            captures.append(capture)
         rows = PointAttentionRows(corr) if log_step else None
-        if rows is not None:
-            captures.append(rows)
         guidance = torch.full((bsz,), cfg.objective.guidance, device=self.device)
+        model_inputs = {
+            k: v.to(self.weight_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and "ids" not in k else v
+            for k, v in inputs.items()
+        }
+        model_inputs.update(target_tokens=noisy.to(self.weight_dtype), timestep=sigmas.to(self.weight_dtype),
+                            guidance=guidance)
         with self.accelerator.autocast():
-            prediction = self.model(
-                target_tokens=noisy.to(self.weight_dtype),
-                timestep=sigmas.to(self.weight_dtype),
-                guidance=guidance,
-                capture=captures or None,
-                **{k: v.to(self.weight_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and "ids" not in k
-                   else v for k, v in inputs.items()},
-            )
-        out = self.objective(prediction.float(), noise, latents, None if capture is None else capture.result(),
-                             corr if capture is not None else None, step=self.step)
+            prediction, attention = self.model(model_inputs, capture, [rows] if rows is not None else None)
+        out = self.objective(prediction.float(), noise, latents, attention, corr if capture is not None else None,
+                             step=self.step)
         self.accelerator.backward(out.loss)
         scalars = {"loss": out.loss.detach(), "flow_matching": out.flow_matching.detach(), "scal": out.scal.detach(),
                    "mdl": out.mdl.detach(), "scal_weight": out.scal_weight, "mdl_weight": out.mdl_weight}
@@ -422,7 +459,7 @@ class MosaicTrainer:
         return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
     def _transformer(self):
-        return self.accelerator.unwrap_model(self.model).transformer
+        return self.accelerator.unwrap_model(self.model).model.transformer
 
     def save_checkpoint(self) -> Path:
         """Writes ``checkpoints/step-N`` atomically: everything goes to a temporary folder that is
@@ -433,17 +470,21 @@ class MosaicTrainer:
         tmp = root / f".tmp-{CHECKPOINT_PREFIX}{self.step:07d}"
         if acc.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in root.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # left by a crash while saving
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         acc.wait_for_everyone()
         # optimiser, LR schedule and RNG states of every process (accelerate); LoRA only, not the model
-        acc.save_state(str(tmp), safe_serialization=True)
+        from accelerate.utils import DistributedType
+
+        extra = {"exclude_frozen_parameters": True} if acc.distributed_type == DistributedType.DEEPSPEED else {}
+        acc.save_state(str(tmp), safe_serialization=True, **extra)
         rank = acc.process_index
         torch.save({"generator": self.generator.get_state(), "dropout_generator": self.dropout_generator.get_state(),
                     "loader": self.loader.state_dict()}, tmp / f"trainer_rank{rank}.pt")
-        lora_state = self._lora_state()  # every process takes part under FSDP
         if acc.is_main_process:
-            self._write_lora(lora_state, tmp / LORA_FILE)
+            save_reference_lora(self._transformer(), tmp / LORA_FILE)  # for inference (alpha/rank folded in)
+            write_lora_file(reference_lora_state_dict(self._transformer()), tmp / RAW_LORA_FILE)  # for resume
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), tmp / "ema.pt")
                 self._save_ema_lora(tmp / EMA_LORA_FILE)
@@ -453,27 +494,21 @@ class MosaicTrainer:
                 json.dump({"step": self.step, "processes": acc.num_processes, "history": self.history}, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
+            for written in tmp.iterdir():  # durable before the rename publishes the checkpoint
+                with open(written, "rb") as handle:
+                    os.fsync(handle.fileno())
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            directory = os.open(root, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
             for old in self.checkpoints()[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
-
-    def _lora_state(self) -> dict[str, torch.Tensor]:
-        """The LoRA weights in diffusers' layout; under FSDP gathered from every process (all must
-        call), elsewhere read from the local model."""
-        from accelerate.utils import DistributedType
-
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            full = self.accelerator.get_state_dict(self.model)
-            return lora_state_from_model_state(full, prefix="transformer.")
-        return reference_lora_state_dict(self._transformer())
-
-    def _write_lora(self, state: dict[str, torch.Tensor], path: Path) -> None:
-        config = self._transformer().peft_config["mosaic"]
-        write_lora_file(state, path, config.r, config.lora_alpha)
 
     def _save_ema_lora(self, path: Path) -> None:
         params = self.lora_parameters
@@ -511,14 +546,9 @@ class MosaicTrainer:
             )
         from accelerate.utils import DistributedType
 
-        if acc.distributed_type == DistributedType.FSDP:  # write the LoRA into the sharded parameters
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            with FullyShardedDataParallel.summon_full_params(self.model, writeback=True):
-                load_reference_lora_values(self._transformer(), path / LORA_FILE)
-        else:
-            load_reference_lora_values(self._transformer(), path / LORA_FILE)
-        acc.load_state(str(path))
+        load_reference_lora_values(self._transformer(), path / RAW_LORA_FILE)
+        extra = {"load_module_strict": False} if acc.distributed_type == DistributedType.DEEPSPEED else {}
+        acc.load_state(str(path), **extra)
         rank_state = torch.load(path / f"trainer_rank{acc.process_index}.pt", weights_only=True)
         self.generator.set_state(rank_state["generator"])
         self.dropout_generator.set_state(rank_state["dropout_generator"])
@@ -582,7 +612,6 @@ class MosaicTrainer:
     def finish(self, seconds: float, resumed_from) -> dict:
         """Final LoRA files, loss curves, bad-data tally and ``summary.json``."""
         acc = self.accelerator
-        lora_state = self._lora_state()
         tallies = acc.gather_for_metrics([self.loader.tally.state_dict()], use_gather_object=True) \
             if acc.num_processes > 1 else [self.loader.tally.state_dict()]
         summary = {}
@@ -592,7 +621,7 @@ class MosaicTrainer:
             tally = BadDataTally()
             for state in tallies:
                 tally.merge(BadDataTally.from_state_dict(state))
-            self._write_lora(lora_state, self.output_dir / LORA_FILE)
+            save_reference_lora(self._transformer(), self.output_dir / LORA_FILE)
             if self.ema is not None:
                 self._save_ema_lora(self.output_dir / EMA_LORA_FILE)
             curves = plot_loss_curves(self.history, self.output_dir / "loss_curves.png")

@@ -1,0 +1,378 @@
+"""The synthetic ablation: does SCAL, then MDL, change attention and generated subjects?
+
+Trains a tiny pixel-space FLUX-architecture model with `MosaicTrainer` (the code path of
+``recipes/flux_mosaic_train.py``) on the synthetic multi-subject world in three settings
+(diffusion only; + SCAL; + SCAL + MDL, eq. 15) for several seeds, scores every run on held-out
+subjects for K = 1…6 with `mosaic_kit.eval.evaluate_synthetic`, and writes, in the output folder:
+
+- ``runs/<setting>/seed<N>/``: the trainer's files (config, metrics.jsonl, loss curves, final
+  checkpoint, LoRA), ``transformer.safetensors`` (the whole trained transformer when the base
+  trains), ``eval.json`` (every score), ``figure.pt`` (the figure sample's attention maps);
+- ``results.json`` (everything: per run, per K, per noise level, baselines, timings),
+  ``records.csv`` (one line per scored sample), ``per_k.csv``;
+- ``table.md`` (the analogue of the paper's Table 3 and a per-noise-level table);
+- ``attention_vs_k.png``, ``fidelity_vs_k.png``, ``attention_maps.png`` (the paper's Fig. 6 in
+  this world), ``samples.png`` (generated images per setting).
+
+Finished (setting, seed) runs are skipped, so an interrupted command resumes where it stopped (a
+run interrupted during training starts that run over). ``--publish DIR`` copies the PNGs into
+``DIR`` as ``synthetic_<name>.png`` (the docs page uses ``docs/results``).
+
+    python recipes/synthetic_ablation.py                  # --preset cpu: about 25 min on 2 cores
+    python recipes/synthetic_ablation.py --preset gpu     # larger, for one GPU
+    python recipes/synthetic_ablation.py --smoke --output /tmp/ablation   # seconds
+
+Settings: ``--preset`` or ``--config`` YAML, then ``dotted.key=value`` overrides of its
+``ablation``, ``eval`` and ``train`` sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from mosaic_kit.eval import (
+    METRICS,
+    SyntheticEvalConfig,
+    ablation_table,
+    evaluate_synthetic,
+    fidelity_baselines,
+    held_out_world,
+    plot_attention_maps,
+    plot_metric_against_k,
+    summarise_records,
+)
+from mosaic_kit.training import MosaicTrainer, apply_overrides, config_from_dict
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+PRESETS = {"cpu": CONFIGS / "synthetic_cpu.yaml", "gpu": CONFIGS / "synthetic_gpu.yaml"}
+SMOKE = [
+    "ablation.seeds=[0]", "ablation.figure_sample=[2,0]", "ablation.sheet_num_refs=[2]",
+    "eval.num_refs=[1,2]", "eval.attention_samples=2", "eval.sigmas=[0.5]", "eval.generation_samples=1",
+    "eval.inference_steps=2", "eval.batch_size=2", "eval.target_size=64", "eval.ref_size=32",
+    "train.max_steps=2", "train.log_every=1", "train.data.batch_size=2", "train.data.target_size=64",
+    "train.data.ref_size=32", "train.model.lora_rank=4",
+    "train.model.tiny_overrides={num_layers: 1, num_single_layers: 1, num_attention_heads: 2, attention_head_dim: 16}",
+]
+ABLATION_KEYS = {"output_dir", "seeds", "settings", "train_base", "threads", "figure_sample", "sheet_num_refs"}
+ATTENTION_PLOT = ["hit_rate", "log_prob", "overlap", "own_mass"]
+FIDELITY_PLOT = ["denoise_mse", "ref_gain", "sample_ncc", "sample_colour", "sample_leakage"]
+SAMPLE_METRICS = ["sample_ncc", "sample_colour", "sample_leakage"]
+
+
+class AblationTrainer(MosaicTrainer):
+    """`MosaicTrainer`, optionally training the whole transformer instead of only the LoRA.
+
+    The tiny model's base weights are random: frozen, they cannot denoise, and only the reference
+    LoRA would learn. With ``train_base`` every transformer weight joins the optimiser (and EMA);
+    everything else, the forward, the objective and the capture included, is the trainer's own.
+    """
+
+    def __init__(self, config, train_base: bool) -> None:
+        super().__init__(config)
+        self.train_base = bool(train_base)
+
+    def _build_models(self) -> None:
+        super()._build_models()
+        if self.train_base:
+            transformer = self.pipe.transformer
+            transformer.requires_grad_(True)
+            self.lora_parameters = list(transformer.parameters())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="config preset (default cpu)")
+    parser.add_argument("--config", help="a YAML file instead of the preset")
+    parser.add_argument("--output", help="output folder (default: ablation.output_dir)")
+    parser.add_argument("--smoke", action="store_true", help="tiny steps and samples (tests)")
+    parser.add_argument("--publish", help="copy the PNGs here, prefixed 'synthetic_' (the docs use docs/results)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.max_steps=200 ablation.seeds=[0,1]")
+    return parser.parse_args(argv)
+
+
+def load_settings(args: argparse.Namespace) -> dict:
+    path = Path(args.config) if args.config else PRESETS[args.preset]
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict) or set(values) - {"ablation", "eval", "train"}:
+        raise ValueError(f"Expected {path} to hold the sections ablation, eval and train, but got {sorted(values)}.")
+    values = apply_overrides(values, (SMOKE if args.smoke else []) + list(args.overrides))
+    ablation = values.get("ablation") or {}
+    unknown = set(ablation) - ABLATION_KEYS
+    if unknown:
+        raise ValueError(f"Unknown settings in `ablation`: {sorted(unknown)}; expected among {sorted(ABLATION_KEYS)}.")
+    if args.output:
+        ablation["output_dir"] = args.output
+    settings = ablation.get("settings")
+    if not isinstance(settings, dict) or not settings:
+        raise ValueError(f"Expected `ablation.settings` to map names to objective overrides, but got {settings!r}.")
+    eval_config = SyntheticEvalConfig(**(values.get("eval") or {}))
+    config_from_dict(values.get("train") or {})  # validates the shared training settings once
+    return {"path": str(path), "ablation": ablation, "eval": eval_config, "eval_dict": values.get("eval") or {},
+            "train": values.get("train") or {}}
+
+
+def run_config(train: dict, setting_overrides: dict, seed: int, run_dir: Path):
+    values = json.loads(json.dumps(train))  # deep copy
+    values["output_dir"] = str(run_dir)
+    values["seed"] = seed
+    values.setdefault("model", {})["tiny_seed"] = seed
+    values.setdefault("data", {})["seed"] = seed
+    objective = values.setdefault("objective", {})
+    objective["overrides"] = {**(objective.get("overrides") or {}), **setting_overrides}
+    return config_from_dict(values)
+
+
+def train_and_evaluate(name: str, seed: int, settings: dict, run_dir: Path) -> dict:
+    """One (setting, seed): train (or load the finished weights), evaluate, write eval.json."""
+    from safetensors.torch import load_file, save_file
+
+    ablation = settings["ablation"]
+    config = run_config(settings["train"], ablation["settings"][name] or {}, seed, run_dir)
+    weights = run_dir / "transformer.safetensors"
+    trained = (run_dir / "summary.json").is_file() and weights.is_file()
+    if not trained and run_dir.exists():
+        shutil.rmtree(run_dir)  # an interrupted run starts over (checkpoints hold the LoRA only)
+    trainer = AblationTrainer(config, ablation.get("train_base", True))
+    start = time.perf_counter()
+    if trained:
+        trainer.setup()
+        trainer.pipe.transformer.load_state_dict(load_file(str(weights)))
+        train_seconds = json.loads((run_dir / "summary.json").read_text())["seconds"]
+    else:
+        summary = trainer.train()
+        if trainer.ema is not None:
+            trainer.ema.copy_to(trainer.lora_parameters)
+        state = {k: v.detach().contiguous().cpu() for k, v in trainer.pipe.transformer.state_dict().items()}
+        save_file(state, str(weights))
+        train_seconds = summary["seconds"]
+    figure_sample = tuple(ablation.get("figure_sample") or ()) or None
+    eval_start = time.perf_counter()
+    result = evaluate_synthetic(trainer.pipe, trainer.encode_batch, settings["eval"], figure_sample=figure_sample,
+                                progress=lambda line: print(f"  [{name} seed {seed}] {line}", flush=True))
+    eval_seconds = time.perf_counter() - eval_start
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    payload = {
+        "setting": name, "seed": seed, "objective_overrides": ablation["settings"][name] or {},
+        "train_seconds": train_seconds, "eval_seconds": round(eval_seconds, 2),
+        "final_losses": history[-1] if history else None, "records": result.records,
+    }
+    if result.figure is not None:
+        torch.save(result.figure, run_dir / "figure.pt")
+    torch.save({k: v for k, v in result.images.items()}, run_dir / "images.pt")
+    tmp = run_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(run_dir / "eval.json")
+    done = "loaded the trained weights" if trained else f"trained in {train_seconds:.0f} s"
+    print(f"[{name} seed {seed}] {done}, evaluated in {eval_seconds:.0f} s "
+          f"(total {time.perf_counter() - start:.0f} s)", flush=True)
+    del trainer, result
+    gc.collect()
+    return payload
+
+
+def _finite(value: float) -> float | None:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def sample_sheet(runs: dict, settings: dict, out: Path) -> Path:
+    """References | ground truth | one generated image per setting (first seed), for a few K."""
+    from PIL import Image, ImageDraw
+
+    config: SyntheticEvalConfig = settings["eval"]
+    world = held_out_world(config)
+    size = config.target_size
+    names = list(runs)
+    rows = []
+    for k in settings["ablation"].get("sheet_num_refs") or [2]:
+        if k not in config.num_refs:
+            continue
+        sample = world.sample(0, num_refs=k)
+        per_side = math.ceil(math.sqrt(k))
+        grid = torch.ones(3, size, size)
+        cell = size // per_side
+        for j, image in enumerate(sample.references):
+            small = torch.nn.functional.interpolate(image[None], size=(cell, cell), mode="bilinear", antialias=True)[0]
+            r, c = divmod(j, per_side)
+            grid[:, r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] = small
+        tiles = [grid, sample.target]
+        for name in names:
+            images = runs[name][0]["images"].get(k)
+            tiles.append(images[0] if images is not None and len(images) else torch.zeros(3, size, size))
+        rows.append(torch.cat([torch.cat((t, torch.ones(3, size, 2)), 2) for t in tiles], 2))
+    if not rows:
+        raise ValueError("Expected `ablation.sheet_num_refs` to name a K that is evaluated, but none is.")
+    sheet = torch.cat([torch.cat((r, torch.ones(3, 2, r.shape[2])), 1) for r in rows], 1)
+    scale = max(1, 384 // size)
+    image = Image.fromarray((sheet.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    header = Image.new("RGB", (image.width, 18), "white")
+    draw = ImageDraw.Draw(header)
+    for i, title in enumerate(["references", "ground truth", *names]):
+        draw.text((i * (size + 2) * scale + 4, 3), title, fill="black")
+    full = Image.new("RGB", (image.width, image.height + 18), "white")
+    full.paste(header, (0, 0))
+    full.paste(image, (0, 18))
+    path = out / "samples.png"
+    full.save(path)
+    return path
+
+
+def aggregate(settings: dict, payloads: dict, baselines: list[dict], out: Path, wall: float) -> dict:
+    names = list(payloads)
+    config: SyntheticEvalConfig = settings["eval"]
+    overall = {n: [summarise_records(p["records"], by=())[0] for p in payloads[n]] for n in names}
+    references = {
+        "ground truth (real target)": summarise_records([r for r in baselines if r["kind"] == "ground_truth"],
+                                                        by=(), metrics=SAMPLE_METRICS)[0],
+        "chance (other subjects' target)": summarise_records([r for r in baselines if r["kind"] == "chance"],
+                                                             by=(), metrics=SAMPLE_METRICS)[0],
+    }
+    table = ablation_table(overall, reference_rows=references)
+
+    sigma_lines = ["| setting | σ | hit-rate ↑ | log-prob ↑ | overlap ↓ | own mass ↑ | denoise MSE ↓ | ref gain ↑ |",
+                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    per_sigma = {}
+    for n in names:
+        rows = [summarise_records(p["records"], by=("sigma",)) for p in payloads[n]]
+        per_sigma[n] = rows
+        for i, sigma in enumerate(config.sigmas):
+            cells = []
+            for metric in ("hit_rate", "log_prob", "overlap", "own_mass", "denoise_mse", "ref_gain"):
+                values = [r[i][metric] for r in rows if math.isfinite(r[i][metric])]
+                mean = sum(values) / len(values) if values else float("nan")
+                std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+                cells.append(f"{mean:.3f} ± {std:.3f}")
+            sigma_lines.append(f"| {n} | {sigma} | " + " | ".join(cells) + " |")
+
+    k_ranges = {"K ≤ 4 (trained range)": [k for k in config.num_refs if k <= 4],
+                "K ≥ 5 (beyond training)": [k for k in config.num_refs if k >= 5]}
+    range_tables = []
+    for title, ks in k_ranges.items():
+        if not ks:
+            continue
+        per_range = {n: [summarise_records([r for r in p["records"] if r["num_refs"] in ks], by=())[0]
+                         for p in payloads[n]] for n in names}
+        range_tables.append(f"**{title}**\n\n" + ablation_table(
+            per_range, metrics=["hit_rate", "overlap", "own_mass", "ref_gain", "sample_ncc", "sample_leakage"]))
+
+    header = (f"Mean ± standard deviation over seeds {settings['ablation']['seeds']}; every value is first "
+              f"averaged over K = {list(config.num_refs)} ({config.attention_samples} held-out samples per K, "
+              f"σ = {list(config.sigmas)} for the teacher-forced scores; {config.generation_samples} generated "
+              f"images per K for the sample scores).")
+    markdown = "\n\n".join([header, table, "Per noise level (teacher-forced scores, all K):", "\n".join(sigma_lines),
+                            *range_tables]) + "\n"
+    (out / "table.md").write_text(markdown)
+
+    per_k_rows, curves = [], {m: {} for m in METRICS}
+    for n in names:
+        for p in payloads[n]:
+            for row in summarise_records(p["records"], by=("num_refs",)):
+                per_k_rows.append({"setting": n, "seed": p["seed"], **row})
+                for metric in METRICS:
+                    curves[metric].setdefault(n, {}).setdefault(row["num_refs"], []).append(row[metric])
+    base_k = {kind: summarise_records([r for r in baselines if r["kind"] == kind], by=("num_refs",), metrics=SAMPLE_METRICS)
+              for kind in ("ground_truth", "chance")}
+    reference_lines = {m: {"ground truth": {r["num_refs"]: r[m] for r in base_k["ground_truth"]},
+                           "chance": {r["num_refs"]: r[m] for r in base_k["chance"]}} for m in SAMPLE_METRICS}
+    plot_metric_against_k(curves, out / "attention_vs_k.png", ATTENTION_PLOT)
+    plot_metric_against_k(curves, out / "fidelity_vs_k.png", FIDELITY_PLOT, references=reference_lines)
+
+    with open(out / "per_k.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["setting", "seed", "num_refs", *METRICS])
+        writer.writeheader()
+        writer.writerows(per_k_rows)
+    fields = ["setting", "seed", "kind", "num_refs", "index", "sigma", *METRICS, "other_mass"]
+    with open(out / "records.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for n in names:
+            for p in payloads[n]:
+                for record in p["records"]:
+                    writer.writerow({"setting": n, "seed": p["seed"], **record})
+        for record in baselines:
+            writer.writerow({"setting": record["kind"], "seed": "", **record})
+
+    results = {
+        "config": settings["path"], "ablation": settings["ablation"], "eval": settings["eval_dict"],
+        "train": settings["train"], "wall_seconds": round(wall, 1),
+        "run_seconds": {n: [round(p["train_seconds"] + p["eval_seconds"], 1) for p in payloads[n]] for n in names},
+        "table_markdown": markdown,
+        "overall": {n: overall[n] for n in names},
+        "per_sigma": per_sigma,
+        "per_k": per_k_rows,
+        "baselines": {"overall": references, "per_k": base_k},
+        "runs": {n: [{k: v for k, v in p.items() if k != "records"} for p in payloads[n]] for n in names},
+        "hardware": {"torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"},
+    }
+    clean = json.loads(json.dumps(results, default=str), parse_constant=lambda _: None)
+    (out / "results.json").write_text(json.dumps(clean, indent=1, default=str))
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    wall_start = time.perf_counter()
+    settings = load_settings(args)
+    ablation = settings["ablation"]
+    torch.set_num_threads(int(ablation.get("threads") or torch.get_num_threads()))
+    out = Path(ablation.get("output_dir") or "outputs/ablation")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.yaml").write_text(yaml.safe_dump(
+        {"ablation": ablation, "eval": settings["eval_dict"], "train": settings["train"]}, sort_keys=False))
+    payloads: dict[str, list[dict]] = {}
+    for seed in ablation["seeds"]:
+        for name in ablation["settings"]:
+            run_dir = out / "runs" / name / f"seed{seed}"
+            if (run_dir / "eval.json").is_file():
+                payload = json.loads((run_dir / "eval.json").read_text())
+                print(f"[{name} seed {seed}] done earlier: skipped", flush=True)
+            else:
+                payload = train_and_evaluate(name, seed, settings, run_dir)
+            payload["images"] = torch.load(run_dir / "images.pt", weights_only=True) if (run_dir / "images.pt").is_file() else {}
+            payloads.setdefault(name, []).append(payload)
+    baselines = fidelity_baselines(settings["eval"])
+    figures = {}
+    first_seed = ablation["seeds"][0]
+    for name in ablation["settings"]:
+        path = out / "runs" / name / f"seed{first_seed}" / "figure.pt"
+        if path.is_file():
+            figures[name] = torch.load(path, weights_only=True)
+    if figures:
+        plot_attention_maps(figures, out / "attention_maps.png")
+    sample_sheet(payloads, settings, out)
+    for payloads_of_setting in payloads.values():
+        for payload in payloads_of_setting:
+            payload.pop("images", None)
+    wall = time.perf_counter() - wall_start
+    results = aggregate(settings, payloads, baselines, out, wall)
+    if args.publish:
+        publish = Path(args.publish)
+        publish.mkdir(parents=True, exist_ok=True)
+        for name in ("attention_vs_k.png", "fidelity_vs_k.png", "attention_maps.png", "samples.png"):
+            if (out / name).is_file():
+                shutil.copyfile(out / name, publish / f"synthetic_{name}")
+    print(results["table_markdown"])
+    print(f"wall time: {wall:.0f} s ({wall / 60:.1f} min); outputs in {out}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
