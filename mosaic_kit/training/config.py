@@ -134,6 +134,9 @@ class TrainConfig:
     validation_steps: int = _help("denoising steps of validation samples", 28)
     tracker: str | None = _help("accelerate tracker: tensorboard, wandb, ... or null", "tensorboard")
     ema_decay: float | None = _help("EMA decay of the LoRA weights (null: no EMA)", 0.999)
+    cpu_threads: int | None = _help(
+        "torch threads when training on the CPU (null: torch's default); tiny models gain nothing from "
+        "threads, and threads oversubscribed on a busy machine slow a step many times over", None)
     model: ModelConfig = _help("model", factory=ModelConfig)
     data: DataConfig = _help("data", factory=DataConfig)
     objective: ObjectiveConfig = _help("objective", factory=ObjectiveConfig)
@@ -145,6 +148,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}.")
+        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
+            raise ValueError(f"Expected `cpu_threads` to be a positive int or null, but got {self.cpu_threads!r}.")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"Expected `ema_decay` in (0, 1) or null, but got {self.ema_decay!r}.")
 

@@ -181,6 +181,8 @@ class MosaicTrainer:
         acc.register_save_state_pre_hook(skip_model_weights)
         acc.register_load_state_pre_hook(skip_model_loading)
         self.device = acc.device
+        if cfg.cpu_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(cfg.cpu_threads)
         self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
         self._build_models()
         self._build_data()
@@ -681,10 +683,16 @@ def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
     for ax, (title, keys) in zip(axes, panels):
         for key in keys:
             values = [r.get(key, float("nan")) for r in history]
-            ax.plot(steps, values, label=key)
+            if key == "lr":  # its own scale
+                twin = ax.twinx()
+                twin.plot(steps, values, label=key, color="tab:orange")
+                twin.set_ylabel("lr", fontsize=8)
+                twin.legend(fontsize=8, loc="lower right")
+            else:
+                ax.plot(steps, values, label=key)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
