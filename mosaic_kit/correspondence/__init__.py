@@ -49,6 +49,7 @@ from .matching import (
 from .sampling import SUBSAMPLE_METHODS, subsample
 from .synthetic import (
     PhotometricJitter,
+    colour_jitter,
     inside,
     pck,
     random_homographies,
@@ -60,6 +61,7 @@ __all__ = [
     "MATCH_DIRECTIONS",
     "MATCH_FILTERS",
     "PhotometricJitter",
+    "colour_jitter",
     "Correspondences",
     "DenseMatches",
     "FORMAT_VERSION",

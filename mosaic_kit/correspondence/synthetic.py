@@ -189,12 +189,24 @@ def _check_homographies(homographies: object, batch: int) -> torch.Tensor:
     return homographies
 
 
-def _photometric(images: torch.Tensor, jitter: PhotometricJitter, generator: torch.Generator) -> torch.Tensor:
-    batch = images.shape[0]
-    draws = torch.rand(batch, 4, generator=generator, device=generator.device, dtype=torch.float64) * 2 - 1
-    noise = torch.randn(images.shape, generator=generator, device=generator.device, dtype=images.dtype)
-    draws, noise = draws.to(images.device), noise.to(images.device)
-    factors = draws.to(images.dtype)
+def colour_jitter(images: torch.Tensor, jitter: PhotometricJitter, factors: torch.Tensor) -> torch.Tensor:
+    """The colour part of `PhotometricJitter` (kornia brightness, contrast, saturation, hue) with
+    given per-image ``factors`` in ``[-1, 1]`` (no sensor noise).
+
+    Args:
+        images: ``(B, 3, H, W)`` in ``[0, 1]``.
+        jitter: the strengths.
+        factors: ``(B, 4)``: brightness, contrast, saturation and hue draws in ``[-1, 1]``.
+
+    Returns:
+        ``(B, 3, H, W)`` in ``[0, 1]``.
+
+    Example:
+        >>> images = torch.full((2, 3, 4, 4), 0.5)
+        >>> out = colour_jitter(images, PhotometricJitter(brightness=0.2), torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]))
+        >>> out[:, 0, 0, 0]
+        tensor([0.7000, 0.3000])
+    """
     out = images
     if jitter.brightness:
         out = adjust_brightness(out, factors[:, 0] * jitter.brightness, clip_output=True)
@@ -204,6 +216,15 @@ def _photometric(images: torch.Tensor, jitter: PhotometricJitter, generator: tor
         out = adjust_saturation(out, 1 + factors[:, 2] * jitter.saturation).clamp(0, 1)
     if jitter.hue:
         out = adjust_hue(out, factors[:, 3] * (2 * math.pi * jitter.hue)).clamp(0, 1)
+    return out
+
+
+def _photometric(images: torch.Tensor, jitter: PhotometricJitter, generator: torch.Generator) -> torch.Tensor:
+    batch = images.shape[0]
+    draws = torch.rand(batch, 4, generator=generator, device=generator.device, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(images.shape, generator=generator, device=generator.device, dtype=images.dtype)
+    draws, noise = draws.to(images.device), noise.to(images.device)
+    out = colour_jitter(images, jitter, draws.to(images.dtype))
     if jitter.noise:
         out = (out + noise * jitter.noise).clamp(0, 1)
     return out

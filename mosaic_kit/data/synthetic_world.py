@@ -45,17 +45,12 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from kornia.enhance import (
-    adjust_brightness,
-    adjust_contrast,
-    adjust_hue,
-    adjust_saturation,
-)
 from kornia.geometry.transform import warp_affine
 from torch.utils.data import Dataset
 
 from ..correspondence import PhotometricJitter, draw_matches
 from ..correspondence._checks import check_real
+from ..correspondence.synthetic import colour_jitter
 from .sample import MultiSubjectSample
 
 __all__ = [
@@ -633,16 +628,7 @@ def _background(size: int, rng: random.Random, generator: torch.Generator) -> to
 
 def _jitter(images: torch.Tensor, jitter: PhotometricJitter, factors: torch.Tensor) -> torch.Tensor:
     """kornia colour changes of ``(K, 3, h, w)`` images with per-image ``factors`` ``(K, 4)`` in [-1, 1]."""
-    out = images.clamp(0.0, 1.0)
-    if jitter.brightness:
-        out = adjust_brightness(out, factors[:, 0] * jitter.brightness, clip_output=True)
-    if jitter.contrast:
-        out = adjust_contrast(out, 1 + factors[:, 1] * jitter.contrast, clip_output=True)
-    if jitter.saturation:
-        out = adjust_saturation(out, 1 + factors[:, 2] * jitter.saturation).clamp(0, 1)
-    if jitter.hue:
-        out = adjust_hue(out, factors[:, 3] * (2 * math.pi * jitter.hue)).clamp(0, 1)
-    return out
+    return colour_jitter(images.clamp(0.0, 1.0), jitter, factors)
 
 
 def _caption(names: list[str]) -> str:
