@@ -276,10 +276,11 @@ class MosaicTrainer:
 
         if self.accelerator.distributed_type == DistributedType.FSDP:
             raise ValueError(
-                "FSDP is not supported yet: the multi-reference forward calls each block's submodules per "
-                "stream, so FSDP units wrapped around whole blocks are never gathered, and wrapping every "
-                "linear layer gave different outputs in our CPU check. Use DDP (multi_gpu.yaml) or DeepSpeed "
-                "ZeRO-2 (deepspeed_zero2.yaml)."
+                "FSDP is not supported by the trainer yet. The model side works with every nn.Linear as an "
+                "FSDP unit (exact forward and gradients, tests/test_fsdp.py), but FSDP units around whole "
+                "blocks are never gathered (the forward calls block submodules per stream), and accelerate's "
+                "save_state would write the whole base model under FSDP. Use DDP (multi_gpu.yaml) or "
+                "DeepSpeed ZeRO-2 (deepspeed_zero2.yaml)."
             )
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             self._configure_deepspeed()
