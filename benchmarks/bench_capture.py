@@ -34,11 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -232,13 +229,9 @@ def _scal_worker(points_total: int, device_name: str, repeats: int) -> dict:
 
 # ---------------------------------------------------------------------------------------- parent
 def _run_worker(args: list[str]) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from mosaic_kit.reporting import run_in_fresh_process
+
+    return run_in_fresh_process(__file__, args)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -254,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from mosaic_kit.reporting import format_table, hardware_info
+    from mosaic_kit.reporting import format_table, hardware_info, write_report
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     cfg = PRESETS[args.preset]
@@ -309,10 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
             ["mosaic_kit scal", str(scal_result["points"]), f"{scal_result['vectorised']['time_ms']:.3f}", f"{ratio:.0f}x"],
         ]))
         report["scal"] = scal_result
-    out = args.out or Path(__file__).parent / "results" / f"capture-{args.preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    write_report(report, args.out or Path(__file__).parent / "results" / f"capture-{args.preset}.json")
     return report
 
 

@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -206,11 +204,9 @@ def _worker(method: str, mode: str, refs: int, cfg: dict, device_name: str, repe
 
 
 def _run_worker(args: list[str]) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from mosaic_kit.reporting import run_in_fresh_process
+
+    return run_in_fresh_process(__file__, args)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -227,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from mosaic_kit.reporting import format_table, hardware_info
+    from mosaic_kit.reporting import format_table, hardware_info, write_report
 
     device = args.device
     if device == "auto":
@@ -265,10 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{r['peak_mib']:.1f}", f"{r['memory_ratio']:.2f}x"])
     print(format_table(rows))
     report = {"preset": args.preset, "config": cfg, "hardware": hardware_info(device), "results": results}
-    out = args.out or RESULTS / f"forward-{args.preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    write_report(report, args.out or RESULTS / f"forward-{args.preset}.json")
     return report
 
 

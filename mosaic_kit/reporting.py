@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-__all__ = ["PeakMemory", "format_table", "hardware_info"]
+__all__ = ["PeakMemory", "format_table", "hardware_info", "run_in_fresh_process", "write_report"]
 
 
 def format_table(rows: Sequence[Sequence[str]]) -> str:
@@ -104,3 +108,52 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
         return _rss_mib("VmHWM") - self.base
+
+
+def run_in_fresh_process(script: str | os.PathLike, args: Sequence[str]) -> dict:
+    """Runs ``python script *args`` in a fresh process and returns the JSON object its last output
+    line holds: how the benchmarks measure each method without another one's memory around.
+
+    Small allocations are kept out of glibc's arenas (``MALLOC_MMAP_THRESHOLD_``) so that freed
+    memory leaves the resident set and the peak of one measurement does not hide the next.
+
+    Args:
+        script: the Python file to run.
+        args: its command-line arguments.
+
+    Returns:
+        The parsed last line of its standard output.
+
+    Raises:
+        RuntimeError: if the process fails (with the end of its standard error).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "worker.py"
+        >>> _ = path.write_text("import json, sys; print(json.dumps({'args': sys.argv[1:]}))")
+        >>> run_in_fresh_process(path, ["a", "b"])
+        {'args': ['a', 'b']}
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {list(args)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_report(report: dict, path: str | os.PathLike) -> Path:
+    """Writes a benchmark report as indented JSON (creating the folder) and says where.
+
+    Example:
+        >>> import tempfile
+        >>> out = write_report({"ok": True}, Path(tempfile.mkdtemp()) / "sub" / "r.json")  # doctest: +ELLIPSIS
+        <BLANKLINE>
+        wrote .../sub/r.json
+        >>> json.loads(out.read_text())
+        {'ok': True}
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {path}")
+    return path

@@ -1211,11 +1211,7 @@ def plot_metric_against_k(
     if with_references and with_references[0] is not axes[0][0]:
         with_references[0].legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 _REF_COLOURS = ((0.90, 0.10, 0.10), (0.10, 0.45, 0.95), (0.10, 0.75, 0.20), (0.95, 0.60, 0.05),
@@ -1288,6 +1284,13 @@ def plot_attention_maps(figures: Mapping[str, Mapping], path: str | Path) -> Pat
         ax.set_yticks([])
     fig.suptitle(f"aggregated attention of each reference over the target (K = {k}, σ = {first['sigma']})", fontsize=10)
     fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    """Saves a matplotlib figure as PNG (creating the folder), closes it and returns the path."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

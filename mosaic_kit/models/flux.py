@@ -527,7 +527,7 @@ class MosaicFluxAttnProcessor(FluxAttnProcessor):
         double = encoder_hidden_states is not None or attn.added_kv_proj_dim is not None
         head_dim = attn.head_dim
 
-        def project(x: torch.Tensor, lora: bool, rotary) -> tuple[torch.Tensor, ...]:
+        def project(x: torch.Tensor, lora: bool) -> tuple[torch.Tensor, ...]:
             q = attn.norm_q(_heads(_apply(attn.to_q, x, lora), head_dim))
             k = attn.norm_k(_heads(_apply(attn.to_k, x, lora), head_dim))
             v = _heads(_apply(attn.to_v, x, lora), head_dim)
@@ -536,7 +536,7 @@ class MosaicFluxAttnProcessor(FluxAttnProcessor):
         # main stream: text + target (double blocks project text with the context weights)
         q_main = k_main = v_main = None
         if mosaic.main_present:
-            q_main, k_main, v_main = project(hidden_states, False, None)
+            q_main, k_main, v_main = project(hidden_states, False)
             if double:
                 q_txt = attn.norm_added_q(_heads(attn.add_q_proj(encoder_hidden_states), head_dim))
                 k_txt = attn.norm_added_k(_heads(attn.add_k_proj(encoder_hidden_states), head_dim))
@@ -548,7 +548,7 @@ class MosaicFluxAttnProcessor(FluxAttnProcessor):
 
         q_ref = k_ref = v_ref = None
         if mosaic.references is not None:
-            q_ref, k_ref, v_ref = project(mosaic.references, True, None)
+            q_ref, k_ref, v_ref = project(mosaic.references, True)
             if mosaic.reference_rotary is not None:
                 q_ref = apply_rotary_emb(q_ref, mosaic.reference_rotary, sequence_dim=1)
                 k_ref = apply_rotary_emb(k_ref, mosaic.reference_rotary, sequence_dim=1)
