@@ -15,3 +15,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _finite_checks():
+    """Every test runs with the hot paths' non-finite checks on (mosaic_kit.finite_checks)."""
+    from mosaic_kit import finite_checks
+
+    with finite_checks(True):
+        yield
