@@ -193,6 +193,7 @@ class DatasetBuilder:
 
             from ...pipelines.tiny import tiny_flux_components
 
+            kwargs["extra"] = {"max_sequence_length": 16, "_auto_resize": False, **kwargs["extra"]}
             return DiffusersEditor(FluxKontextPipeline(**tiny_flux_components(self.config.seed + 1)), name="tiny", **kwargs)
         return DiffusersEditor.from_pretrained(cfg.editor, device=self.config.device, dtype=_DTYPES[cfg.dtype], **kwargs)
 

@@ -376,8 +376,23 @@ class InstructionRewriter:
         return " ".join(answer.split())
 
     def __call__(self, record: PromptRecord) -> PromptRecord:
-        """The record with the rewrite when it keeps every subject, else unchanged (the refusal recorded)."""
-        answer = self.rewrite(record)
+        """The record with the model's rewrite when it keeps every subject (`apply`)."""
+        return self.apply(record, self.rewrite(record))
+
+    def apply(self, record: PromptRecord, answer: str) -> PromptRecord:
+        """The record with ``answer`` as its prompt when ``answer`` is non-empty, at most
+        ``max_chars`` long and names every listed subject; else the record unchanged, with the
+        refusal and its reason in ``provenance["rewrite"]``.
+
+        Example:
+            >>> model, tokenizer = tiny_instruction_model()
+            >>> rewriter = InstructionRewriter(model, tokenizer)
+            >>> record = PromptRecord("p0", "a dog and a cat", ["dog", "cat"])
+            >>> rewriter.apply(record, "A fluffy dog naps beside a grey cat.").prompt
+            'A fluffy dog naps beside a grey cat.'
+            >>> rewriter.apply(record, "A fluffy dog naps.").provenance["rewrite"]["rejected"]
+            "missing subjects ['cat']"
+        """
         missing = subjects_mentioned(answer, record.subjects)
         info: dict[str, Any] = {"model": self.name, "seed": item_seed(self.seed, record.id), "answer": answer}
         provenance = dict(record.provenance)
@@ -392,7 +407,8 @@ class InstructionRewriter:
 
 
 def tiny_instruction_model(seed: int = 0) -> tuple[Any, Any]:
-    """A tiny random causal LM (a 2-layer GPT-2) and a character-level tokenizer, built in code.
+    """A tiny random causal LM (a 2-layer GPT-2) and a character-level (WordPiece) tokenizer of
+    lower-case letters, digits and a little punctuation, built in code.
 
     Its output is gibberish: it only exercises the rewriting code. Deterministic given ``seed``;
     the global RNG is untouched.
@@ -402,16 +418,16 @@ def tiny_instruction_model(seed: int = 0) -> tuple[Any, Any]:
 
     Example:
         >>> model, tokenizer = tiny_instruction_model()
-        >>> model.config.n_layer, len(tokenizer) > 90
-        (2, True)
+        >>> model.config.n_layer, tokenizer.decode(tokenizer("A dog.").input_ids, skip_special_tokens=True)
+        (2, 'a dog.')
     """
     import transformers
 
-    from ...pipelines.tiny import tiny_t5_tokenizer
+    from .subjects import _tiny_bert_tokenizer
 
-    tokenizer = tiny_t5_tokenizer(model_max_length=1024)
+    tokenizer = _tiny_bert_tokenizer()
     config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=32, n_layer=2, n_head=2,
-                                     bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                     bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
                                      pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

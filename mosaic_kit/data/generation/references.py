@@ -93,7 +93,7 @@ class DiffusersEditor:
         >>> from diffusers import FluxKontextPipeline
         >>> from mosaic_kit.pipelines.tiny import tiny_flux_components
         >>> editor = DiffusersEditor(FluxKontextPipeline(**tiny_flux_components()), size=32, num_inference_steps=2,
-        ...                          extra={"max_sequence_length": 16})
+        ...                          extra={"max_sequence_length": 16, "_auto_resize": False})
         >>> view, info = editor(Image.new("RGB", (32, 32), "red"), "dog", "p0/0")
         >>> view.size, info["seed"] == item_seed(0, "p0/0")
         ((32, 32), True)
