@@ -414,3 +414,15 @@ def test_subject_pairs_checks_inputs():
         subject_pairs(image, [torch.ones(32, 32, dtype=torch.bool)], [image], [None], sift, match_filter="best")
     with pytest.raises(ValueError, match="extractor"):
         subject_pairs(image, [torch.ones(32, 32, dtype=torch.bool)], [image], [None], [])
+
+
+def test_sam_segments_several_boxes_as_one_by_one():
+    from mosaic_kit.data.generation import GroundingDinoSam, tiny_grounding_dino, tiny_sam
+
+    finder = GroundingDinoSam(*tiny_grounding_dino(seed=0), *tiny_sam(seed=1))
+    image = tensor_to_pil(textured(2, 64)).resize((64, 48))
+    boxes = [[2.0, 3.0, 30.0, 40.0], [20.0, 10.0, 60.0, 44.0], [0.0, 0.0, 64.0, 48.0]]
+    masks, scores = finder.segment_boxes(image, boxes)
+    for box, mask, score in zip(boxes, masks, scores):
+        single, single_score = finder.segment(image, box)
+        assert torch.equal(single, mask) and abs(single_score - score) < 1e-5

@@ -17,15 +17,21 @@ from ...correspondence import DISJOINT_POLICIES
 from ...correspondence.matching import MATCH_FILTERS
 
 __all__ = [
+    "IMAGE_SOURCES", "PROMPT_SOURCES", "QUALITY_SCORES", "REFERENCE_SOURCES", "SUBJECT_SOURCES",
     "CorrespondenceStageConfig", "DatasetBuildConfig", "FilterStageConfig", "ImageStageConfig", "PromptStageConfig",
     "ReferenceStageConfig", "SubjectStageConfig", "dataset_config_from_dict", "dreambench_root", "resolve_path",
 ]
 
 PROMPT_SOURCES = ("templates", "file")
+"""The values of ``prompts.source``."""
 IMAGE_SOURCES = ("diffusers", "folder", "photo_composites")
+"""The values of ``images.source``."""
 SUBJECT_SOURCES = ("models", "files")
+"""The values of ``subjects.source``."""
 QUALITY_SCORES = ("sharpness", "clip_iqa")
+"""The values of ``filter.quality``."""
 REFERENCE_SOURCES = ("editor", "cutout", "files", "other_views")
+"""The values of ``references.source``."""
 
 
 def _allowed(name: str, value: Any, allowed: tuple) -> None:
@@ -70,7 +76,14 @@ def resolve_path(value: str | None) -> Path | None:
 
 @dataclass
 class PromptStageConfig:
-    """Stage 1. ``source``: templates (``templates`` section) or file (``file``, ``names``)."""
+    """Stage 1. ``source``: templates (``templates``: the arguments of `PromptTemplates`) or file
+    (``file``, and ``names``: a placeholder → name mapping or a DreamBench-style ``prompts.json``);
+    ``count`` prompts; ``rewriter``: optional ``{model, max_new_tokens, temperature}``.
+
+    Example:
+        >>> PromptStageConfig(source="file", file="prompts.json", count=20).count
+        20
+    """
 
     source: str = "templates"
     count: int = 100
@@ -89,7 +102,13 @@ class PromptStageConfig:
 
 @dataclass
 class ImageStageConfig:
-    """Stage 2. ``source``: diffusers (``model``), folder (``folder``) or photo_composites (``root``)."""
+    """Stage 2. ``source``: diffusers (``model`` and the generation settings), folder
+    (``folder``) or photo_composites (``root``, ``canvas_size``, ``scale_range``).
+
+    Example:
+        >>> ImageStageConfig(source="folder", folder="images").folder
+        'images'
+    """
 
     source: str = "diffusers"
     model: str | None = None
@@ -115,7 +134,12 @@ class ImageStageConfig:
 @dataclass
 class SubjectStageConfig:
     """Stage 4. ``source``: models (``detector``, ``segmenter``) or files (``folder``; null: the
-    box files the images stage wrote)."""
+    box files the images stage wrote; with ``segmenter`` set, boxes without masks are segmented).
+
+    Example:
+        >>> SubjectStageConfig(source="files", segmenter=None).detector
+        'IDEA-Research/grounding-dino-base'
+    """
 
     source: str = "models"
     detector: str | None = "IDEA-Research/grounding-dino-base"
@@ -132,7 +156,13 @@ class SubjectStageConfig:
 
 @dataclass
 class FilterStageConfig:
-    """Stage "filter": the scorers and the thresholds (`FilterThresholds`; null turns one off)."""
+    """Stage "filter": ``clip`` (a CLIP model), ``quality`` (`QUALITY_SCORES`) and the thresholds
+    of `FilterThresholds` (null turns one off).
+
+    Example:
+        >>> FilterStageConfig(quality="sharpness", min_quality=20.0).min_quality
+        20.0
+    """
 
     clip: str | None = None
     quality: str | None = "sharpness"
@@ -157,8 +187,13 @@ class FilterStageConfig:
 
 @dataclass
 class ReferenceStageConfig:
-    """Stage 5. ``source``: editor (``editor`` model), cutout, files (``files``: JSON
-    ``{id: [path per subject]}``) or other_views (the images stage's other photos of each subject)."""
+    """Stage 5. ``source``: editor (``editor`` model, ``prompt``), cutout, files (``files``: JSON
+    ``{id: [path per subject]}``) or other_views (the images stage's other photos of each subject).
+
+    Example:
+        >>> ReferenceStageConfig(source="editor", editor="black-forest-labs/FLUX.1-Kontext-dev").size
+        512
+    """
 
     source: str = "cutout"
     editor: str | None = None
@@ -183,7 +218,12 @@ class ReferenceStageConfig:
 @dataclass
 class CorrespondenceStageConfig:
     """Stage 6: extractors (`mosaic_kit.features.parse_extractor_spec` strings), sizes of the
-    manifest's images, the filter, eq. 2 policy, and the fewest pairs a reference must keep."""
+    manifest's images, the filter, eq. 2 policy, and the fewest pairs a reference must keep.
+
+    Example:
+        >>> CorrespondenceStageConfig(extractors=["sift"], target_size=128, ref_size=64).disjoint
+        'confidence'
+    """
 
     extractors: list[str] = field(default_factory=lambda: ["sift"])
     grid: int = 64
@@ -207,7 +247,15 @@ class CorrespondenceStageConfig:
 
 @dataclass
 class DatasetBuildConfig:
-    """The whole pipeline: output folder, seed, device, one section per stage, contact sheets."""
+    """The whole pipeline: output folder, seed, device, one section per stage, and how many
+    samples each contact sheet shows (build one with `dataset_config_from_dict`).
+
+    Example:
+        >>> config = DatasetBuildConfig(prompts=PromptStageConfig(source="file", file="prompts.json"),
+        ...                             images=ImageStageConfig(source="folder", folder="images"))
+        >>> config.references.source, config.correspondences.extractors
+        ('cutout', ['sift'])
+    """
 
     out: str = "runs/dataset"
     seed: int = 0

@@ -41,6 +41,12 @@ class SubjectPairs:
         pairs: per reference, ``(P_k, 4)`` float pixel pairs ``(ref_x, ref_y, tgt_x, tgt_y)`` at
             token centres (reference frame ``ref_size``, target frame ``target_size``).
         corr: the same pairs as token `Correspondences` (batch 1).
+
+    Example:
+        >>> out = subject_pairs(torch.rand(3, 32, 32), [torch.ones(32, 32, dtype=torch.bool)], [torch.rand(3, 32, 32)],
+        ...                     [None], [torch.nn.Identity()], match_filter="none")
+        >>> isinstance(out, SubjectPairs), out.pairs[0].shape[1], out.corr.num_refs
+        (True, 4, 1)
     """
 
     pairs: list[torch.Tensor]

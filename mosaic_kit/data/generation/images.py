@@ -55,6 +55,10 @@ class GeneratedImage:
             it (`PhotoComposites`), else empty.
         other_views: per listed subject, paths of other images of the same subject (for
             references from files), else empty.
+
+    Example:
+        >>> GeneratedImage(Image.new("RGB", (8, 8)), seed=3).subject_masks
+        []
     """
 
     image: Image.Image

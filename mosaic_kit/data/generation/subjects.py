@@ -97,6 +97,11 @@ class DetectedSubjects:
             from a file; 0 when absent).
         counts: per distinct name, the number of detections above the threshold.
         provenance: how they were found.
+
+    Example:
+        >>> found = DetectedSubjects(["dog"], [[0, 0, 4, 4]], [0.9], [box_mask([0, 0, 4, 4], 8, 8)], [0.0], {"dog": 1})
+        >>> int(found.masks[0].sum())
+        16
     """
 
     names: list[str]
@@ -195,24 +200,33 @@ class GroundingDinoSam:
     def segment(self, image: Image.Image, box: Sequence[float]) -> tuple[torch.Tensor, float]:
         """``(H, W)`` bool mask of the object in ``box`` and SAM's predicted IoU; without a
         segmenter, the box's mask and score 0 (nothing was predicted)."""
+        (mask,), (score,) = self.segment_boxes(image, [box])
+        return mask, score
+
+    @torch.no_grad()
+    def segment_boxes(self, image: Image.Image, boxes: Sequence[Sequence[float]]) -> tuple[list[torch.Tensor], list[float]]:
+        """`segment` for several boxes of one image, with one SAM image encoding for all."""
+        if not boxes:
+            return [], []
         if self.segmenter is None:
-            return box_mask(box, image.height, image.width), 0.0
+            return [box_mask(box, image.height, image.width) for box in boxes], [0.0] * len(boxes)
         device = next(self.segmenter.parameters()).device
-        inputs = self.segmenter_processor(images=image, input_boxes=[[list(map(float, box))]], return_tensors="pt").to(device)
+        inputs = self.segmenter_processor(images=image, input_boxes=[[list(map(float, b)) for b in boxes]],
+                                          return_tensors="pt").to(device)
         outputs = self.segmenter(**inputs, multimask_output=False)
         masks = self.segmenter_processor.post_process_masks(outputs.pred_masks.cpu(), inputs["original_sizes"].cpu(),
-                                                            inputs["reshaped_input_sizes"].cpu())
-        return masks[0][0, 0].bool(), float(outputs.iou_scores[0, 0, 0])
+                                                            inputs["reshaped_input_sizes"].cpu())[0]
+        return [masks[i, 0].bool() for i in range(len(boxes))], outputs.iou_scores[0, :, 0].float().cpu().tolist()
 
     def __call__(self, image: Image.Image, names: Sequence[str]) -> DetectedSubjects:
-        """Detects every distinct name once and segments each listed subject's box."""
+        """Detects every distinct name once and segments the listed subjects' boxes (one SAM pass)."""
         detections = {name: self.detect(image, name) for name in dict.fromkeys(names)}
         boxes, scores = _slot_assign(names, detections)
-        masks, mask_scores = [], []
-        for box in boxes:
-            mask, score = (None, 0.0) if box is None else self.segment(image, box)
-            masks.append(mask)
-            mask_scores.append(score)
+        found = [k for k, box in enumerate(boxes) if box is not None]
+        masks: list[torch.Tensor | None] = [None] * len(boxes)
+        mask_scores = [0.0] * len(boxes)
+        for k, mask, score in zip(found, *self.segment_boxes(image, [boxes[k] for k in found])):
+            masks[k], mask_scores[k] = mask, score
         return DetectedSubjects(list(names), boxes, scores, masks, mask_scores,
                                 {name: len(found) for name, found in detections.items()},
                                 {"model": self.name, "box_threshold": self.box_threshold})
