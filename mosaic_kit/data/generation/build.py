@@ -12,7 +12,8 @@ with ``kept: false`` and its reasons; later stages skip it.
   (target, references, per-subject target masks, reference masks, pixel pairs, caption,
   subjects, and in ``meta`` the provenance of every stage); it trains with
   ``recipes/flux_mosaic_train.py`` (``data.kind: manifest``);
-- ``summary.json``: per stage, items done and kept, rejected per reason, seconds per item;
+- ``summary.json``: per stage, items done and kept and rejections per reason (an item may fail
+  several criteria), the items accepted and rejected, seconds per item of this run;
 - ``sheets/accepted.png`` and ``sheets/rejected.png``: contact sheets with masks and matches drawn.
 """
 
@@ -477,6 +478,8 @@ class DatasetBuilder:
             if stage == "correspondences":
                 lines = [rec["manifest"] for rec in records if rec.get("kept")]
         summary["accepted"] = len(lines)
+        summary["rejected_items"] = sum(
+            any(self.stores[s].done(i) and not self.stores[s].read(i).get("kept", True) for s in STAGES) for i in plan)
         summary["seconds_per_item"] = {stage: round(t["seconds"] / t["items"], 4)
                                        for stage, t in self.timings.items() if t["items"]}
         text = "".join(json.dumps(line) + "\n" for line in lines)
