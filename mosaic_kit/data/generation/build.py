@@ -77,7 +77,7 @@ class DatasetBuilder:
             ``"subjects"``, ``"clip"``, ``"editor"``, ``"extractors"``), instead of building them
             from the config (tests pass tiny models this way).
 
-    Example:
+    Examples:
         >>> builder = DatasetBuilder(DatasetBuildConfig(), shard=(0, 2))  # doctest: +SKIP
         >>> builder.run(); builder.finish()  # doctest: +SKIP
     """
@@ -549,7 +549,7 @@ def overlay_masks(image: Image.Image, masks: Sequence[torch.Tensor], boxes: Sequ
     Returns:
         A new RGB image.
 
-    Example:
+    Examples:
         >>> mask = torch.zeros(4, 4, dtype=torch.bool); mask[0, 0] = True
         >>> out = overlay_masks(Image.new("RGB", (4, 4), "black"), [mask])
         >>> out.getpixel((0, 0)) != (0, 0, 0), out.getpixel((3, 3))
@@ -579,7 +579,7 @@ def contact_sheet(rows: Sequence[tuple[Sequence[Image.Image], str]], height: int
     Returns:
         The sheet.
 
-    Example:
+    Examples:
         >>> sheet = contact_sheet([([Image.new("RGB", (32, 16)), Image.new("RGB", (16, 16))], "a")], height=16)
         >>> sheet.size
         (48, 32)

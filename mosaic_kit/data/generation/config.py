@@ -46,7 +46,7 @@ def dreambench_root() -> Path:
     Raises:
         ValueError: naming both places when neither holds it.
 
-    Example:
+    Examples:
         >>> dreambench_root().name  # doctest: +SKIP
         'dreambench'
     """
@@ -63,7 +63,7 @@ def dreambench_root() -> Path:
 def resolve_path(value: str | None) -> Path | None:
     """A config path: ``@dreambench/...`` inside `dreambench_root`, else as given (None stays None).
 
-    Example:
+    Examples:
         >>> resolve_path("data/prompts.json")
         PosixPath('data/prompts.json')
     """
@@ -80,7 +80,7 @@ class PromptStageConfig:
     (``file``, and ``names``: a placeholder → name mapping or a DreamBench-style ``prompts.json``);
     ``count`` prompts; ``rewriter``: optional ``{model, max_new_tokens, temperature}``.
 
-    Example:
+    Examples:
         >>> PromptStageConfig(source="file", file="prompts.json", count=20).count
         20
     """
@@ -105,7 +105,7 @@ class ImageStageConfig:
     """Stage 2. ``source``: diffusers (``model`` and the generation settings), folder
     (``folder``) or photo_composites (``root``, ``canvas_size``, ``scale_range``).
 
-    Example:
+    Examples:
         >>> ImageStageConfig(source="folder", folder="images").folder
         'images'
     """
@@ -136,7 +136,7 @@ class SubjectStageConfig:
     """Stage 4. ``source``: models (``detector``, ``segmenter``) or files (``folder``; null: the
     box files the images stage wrote; with ``segmenter`` set, boxes without masks are segmented).
 
-    Example:
+    Examples:
         >>> SubjectStageConfig(source="files", segmenter=None).detector
         'IDEA-Research/grounding-dino-base'
     """
@@ -159,7 +159,7 @@ class FilterStageConfig:
     """Stage "filter": ``clip`` (a CLIP model), ``quality`` (`QUALITY_SCORES`) and the thresholds
     of `FilterThresholds` (null turns one off).
 
-    Example:
+    Examples:
         >>> FilterStageConfig(quality="sharpness", min_quality=20.0).min_quality
         20.0
     """
@@ -190,7 +190,7 @@ class ReferenceStageConfig:
     """Stage 5. ``source``: editor (``editor`` model, ``prompt``), cutout, files (``files``: JSON
     ``{id: [path per subject]}``) or other_views (the images stage's other photos of each subject).
 
-    Example:
+    Examples:
         >>> ReferenceStageConfig(source="editor", editor="black-forest-labs/FLUX.1-Kontext-dev").size
         512
     """
@@ -220,7 +220,7 @@ class CorrespondenceStageConfig:
     """Stage 6: extractors (`mosaic_kit.features.parse_extractor_spec` strings), sizes of the
     manifest's images, the filter, eq. 2 policy, and the fewest pairs a reference must keep.
 
-    Example:
+    Examples:
         >>> CorrespondenceStageConfig(extractors=["sift"], target_size=128, ref_size=64).disjoint
         'confidence'
     """
@@ -250,7 +250,7 @@ class DatasetBuildConfig:
     """The whole pipeline: output folder, seed, device, one section per stage, and how many
     samples each contact sheet shows (build one with `dataset_config_from_dict`).
 
-    Example:
+    Examples:
         >>> config = DatasetBuildConfig(prompts=PromptStageConfig(source="file", file="prompts.json"),
         ...                             images=ImageStageConfig(source="folder", folder="images"))
         >>> config.references.source, config.correspondences.extractors
@@ -277,7 +277,7 @@ _SECTIONS = {"prompts": PromptStageConfig, "images": ImageStageConfig, "subjects
 def dataset_config_from_dict(values: dict[str, Any]) -> DatasetBuildConfig:
     """A `DatasetBuildConfig` from nested dicts (a parsed YAML file); unknown keys are errors.
 
-    Example:
+    Examples:
         >>> config = dataset_config_from_dict({"prompts": {"source": "file", "file": "p.json"},
         ...     "images": {"source": "folder", "folder": "imgs"}, "subjects": {"source": "files"}})
         >>> config.images.source, config.references.source

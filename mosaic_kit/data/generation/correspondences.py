@@ -42,7 +42,7 @@ class SubjectPairs:
             token centres (reference frame ``ref_size``, target frame ``target_size``).
         corr: the same pairs as token `Correspondences` (batch 1).
 
-    Example:
+    Examples:
         >>> out = subject_pairs(torch.rand(3, 32, 32), [torch.ones(32, 32, dtype=torch.bool)], [torch.rand(3, 32, 32)],
         ...                     [None], [torch.nn.Identity()], match_filter="none")
         >>> isinstance(out, SubjectPairs), out.pairs[0].shape[1], out.corr.num_refs
@@ -92,7 +92,7 @@ def subject_pairs(
     Returns:
         A `SubjectPairs`.
 
-    Example:
+    Examples:
         >>> from mosaic_kit.features import DenseSIFT
         >>> image = torch.rand(3, 64, 64)
         >>> left = torch.zeros(64, 64, dtype=torch.bool); left[:, :32] = True

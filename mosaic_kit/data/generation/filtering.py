@@ -40,7 +40,7 @@ REJECT_REASONS = ("low_clip", "low_quality", "subject_missing", "subject_repeate
 class FilterThresholds:
     """The filter's thresholds; None switches a criterion off.
 
-    Example:
+    Examples:
         >>> FilterThresholds(min_clip=20.0).min_clip
         20.0
     """
@@ -70,7 +70,7 @@ class SharpnessScore:
     """Weight-free image quality: variance of the Laplacian of the grey image (× 1000, on
     ``size × size``). Blurred or flat images score low.
 
-    Example:
+    Examples:
         >>> sharp = Image.frombytes("L", (64, 64), bytes((i * 7919) % 256 for i in range(64 * 64))).convert("RGB")
         >>> score = SharpnessScore()
         >>> score([sharp])[0] > score([Image.new("RGB", (64, 64), "grey")])[0]
@@ -101,7 +101,7 @@ class ClipQualityScore:
     Args:
         scorer: a `mosaic_kit.eval.CLIPScorer`.
 
-    Example:
+    Examples:
         >>> from mosaic_kit.eval import tiny_clip_scorer
         >>> score, = ClipQualityScore(tiny_clip_scorer())([Image.new("RGB", (32, 32))])
         >>> 0 <= score <= 1
@@ -129,7 +129,7 @@ def subject_scores(found: DetectedSubjects, image_size: tuple[int, int]) -> dict
         found: the subjects stage's result.
         image_size: ``(H, W)``.
 
-    Example:
+    Examples:
         >>> found = DetectedSubjects(["dog", "cat"], [[0, 0, 4, 4], [4, 4, 8, 8]], [0.9, 0.8],
         ...     [torch.ones(8, 8, dtype=torch.bool), None], [0.9, 0.0], {"dog": 1, "cat": 1})
         >>> subject_scores(found, (8, 8))["areas"], subject_scores(found, (8, 8))["max_box_iou"]
@@ -160,7 +160,7 @@ def decide(scores: dict[str, Any], thresholds: FilterThresholds) -> tuple[bool, 
     Raises:
         ValueError: when a threshold is set but its score is missing.
 
-    Example:
+    Examples:
         >>> scores = {"clip": 18.0, "counts": {"dog": 2, "cat": 1}, "listed": {"dog": 1, "cat": 1},
         ...           "mask_scores": [0.9, 0.9], "areas": [0.2, 0.1], "max_box_iou": 0.0}
         >>> decide(scores, FilterThresholds(min_clip=20.0))

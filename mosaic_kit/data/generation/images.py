@@ -33,7 +33,7 @@ _SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     """A ``(3, H, W)`` float image in [0, 1] as an RGB PIL image.
 
-    Example:
+    Examples:
         >>> tensor_to_pil(torch.ones(3, 4, 6)).size
         (6, 4)
     """
@@ -56,7 +56,7 @@ class GeneratedImage:
         other_views: per listed subject, paths of other images of the same subject (for
             references from files), else empty.
 
-    Example:
+    Examples:
         >>> GeneratedImage(Image.new("RGB", (8, 8)), seed=3).subject_masks
         []
     """
@@ -74,7 +74,8 @@ class DiffusersImageGenerator:
     Args:
         pipeline: a diffusers text-to-image pipeline (called with ``prompt``, ``height``,
             ``width``, ``num_inference_steps``, ``guidance_scale``, ``generator``).
-        height, width: image size (multiples of the pipeline's factor, 16 for FLUX).
+        height: image height (a multiple of the pipeline's factor, 16 for FLUX).
+        width: image width (likewise).
         num_inference_steps: denoising steps.
         guidance_scale: the pipeline's guidance scale.
         batch_size: prompts per pipeline call.
@@ -82,7 +83,7 @@ class DiffusersImageGenerator:
         extra: more keyword arguments for the pipeline (e.g. ``max_sequence_length``).
         name: what the provenance calls the model.
 
-    Example:
+    Examples:
         >>> from diffusers import FluxPipeline
         >>> from mosaic_kit.pipelines.tiny import tiny_flux_components
         >>> pipe = FluxPipeline(**tiny_flux_components())
@@ -144,7 +145,7 @@ class ImagesFromFolder:
     Args:
         folder: the folder.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> folder = Path(tempfile.mkdtemp()); Image.new("RGB", (8, 8)).save(folder / "p0.png")
         >>> ImagesFromFolder(folder)([PromptRecord("p0", "a dog", ["dog"])])[0].provenance["file"].endswith("p0.png")
@@ -185,7 +186,7 @@ class PhotoComposites:
         background: canvas grey level in [0, 1].
         seed: the run's seed.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> root = Path(tempfile.mkdtemp())
         >>> for name in ("dog", "cat"):

@@ -48,7 +48,7 @@ class PromptRecord:
         rewritten: whether an instruction model's rewrite replaced the template's prompt.
         provenance: how the prompt was made (sampler, seed, rewriter, rejected rewrites).
 
-    Example:
+    Examples:
         >>> PromptRecord("p0", "a dog and a cat", ["dog", "cat"]).to_dict()["subjects"]
         ['dog', 'cat']
     """
@@ -91,7 +91,7 @@ def subjects_mentioned(text: str, subjects: Sequence[str]) -> list[str]:
     Returns:
         The missing names (empty when every subject is mentioned).
 
-    Example:
+    Examples:
         >>> subjects_mentioned("A dog chases a red ball", ["dog", "ball", "cat"])
         ['cat']
         >>> subjects_mentioned("two dogs in the snow", ["dog", "dog"])
@@ -140,7 +140,7 @@ class PromptTemplates:
         distinct_categories: draw each prompt's subjects from different categories.
         max_tries: consecutive repeated draws before giving up.
 
-    Example:
+    Examples:
         >>> sampler = PromptTemplates({"animal": ["dog", "cat"], "object": ["teapot", "clock"]},
         ...                           scenes=["on a beach"], styles=["a photo"], interactions=["next to each other"])
         >>> records = sampler.sample(3, seed=0)
@@ -253,7 +253,7 @@ def prompts_from_file(path: str | Path, names: Mapping[str, str] | None = None, 
     Raises:
         ValueError: naming the file and the entry, for a missing file, bad JSON or a bad entry.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "prompts.json"
         >>> _ = path.write_text(json.dumps([{"subjects": ["dog2", "clock"], "prompt": "a {dog2} and a {clock}"}]))
@@ -320,7 +320,7 @@ class InstructionRewriter:
         seed: the run's seed.
         name: what the provenance calls the model (its hub id or path).
 
-    Example:
+    Examples:
         >>> model, tokenizer = tiny_instruction_model()
         >>> rewriter = InstructionRewriter(model, tokenizer, max_new_tokens=4)
         >>> record = rewriter(PromptRecord("p0", "a dog and a cat", ["dog", "cat"]))
@@ -384,7 +384,7 @@ class InstructionRewriter:
         ``max_chars`` long and names every listed subject; else the record unchanged, with the
         refusal and its reason in ``provenance["rewrite"]``.
 
-        Example:
+        Examples:
             >>> model, tokenizer = tiny_instruction_model()
             >>> rewriter = InstructionRewriter(model, tokenizer)
             >>> record = PromptRecord("p0", "a dog and a cat", ["dog", "cat"])
@@ -416,7 +416,7 @@ def tiny_instruction_model(seed: int = 0) -> tuple[Any, Any]:
     Returns:
         ``(model, tokenizer)``.
 
-    Example:
+    Examples:
         >>> model, tokenizer = tiny_instruction_model()
         >>> model.config.n_layer, tokenizer.decode(tokenizer("A dog.").input_ids, skip_special_tokens=True)
         (2, 'a dog.')

@@ -35,7 +35,7 @@ def in_shard(item_id: str, shard: int, num_shards: int) -> bool:
     Returns:
         True for exactly one ``shard`` per id.
 
-    Example:
+    Examples:
         >>> [sum(in_shard(f"p{i:06d}", s, 3) for s in range(3)) for i in range(4)]
         [1, 1, 1, 1]
     """
@@ -50,7 +50,7 @@ def item_seed(seed: int, item_id: str) -> int:
     """The seed of one item: a stable function of the run's seed and the item's id (not of the
     shard, the batch or the order), below ``2**31``.
 
-    Example:
+    Examples:
         >>> item_seed(0, "p000001") == item_seed(0, "p000001") != item_seed(1, "p000001")
         True
     """
@@ -61,7 +61,7 @@ def reject_reason_key(reason: str) -> str:
     """The summary key of a rejection reason: the part before the first ``:``
     (``"subject_missing: dog"`` → ``"subject_missing"``).
 
-    Example:
+    Examples:
         >>> reject_reason_key("subject_missing: dog")
         'subject_missing'
     """
@@ -75,7 +75,7 @@ class StageStore:
         root: the run's output folder.
         stage: one of `STAGES`.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> store = StageStore(tempfile.mkdtemp(), "images")
         >>> store.done("p0"), store.write("p0", {"id": "p0", "seed": 3}), store.done("p0"), store.read("p0")["seed"]

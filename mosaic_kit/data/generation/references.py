@@ -42,7 +42,7 @@ def cutout(image: Image.Image, mask: torch.Tensor, size: int, margin: float = 0.
     Returns:
         ``(reference, reference_mask)``: an RGB image and its ``(size, size)`` bool mask.
 
-    Example:
+    Examples:
         >>> mask = torch.zeros(32, 64, dtype=torch.bool); mask[8:24, 40:56] = True
         >>> reference, ref_mask = cutout(Image.new("RGB", (64, 32), "red"), mask, size=16, margin=0.0)
         >>> reference.size, int(ref_mask.sum()), reference.getpixel((0, 0))
@@ -89,7 +89,7 @@ class DiffusersEditor:
         extra: more keyword arguments for the pipeline.
         name: what the provenance calls the model.
 
-    Example:
+    Examples:
         >>> from diffusers import FluxKontextPipeline
         >>> from mosaic_kit.pipelines.tiny import tiny_flux_components
         >>> editor = DiffusersEditor(FluxKontextPipeline(**tiny_flux_components()), size=32, num_inference_steps=2,

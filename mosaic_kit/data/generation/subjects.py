@@ -31,7 +31,7 @@ __all__ = ["DetectedSubjects", "GroundingDinoSam", "SubjectsFromFiles", "box_iou
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pairwise IoU of ``(N, 4)`` and ``(M, 4)`` boxes ``(x0, y0, x1, y1)`` → ``(N, M)``.
 
-    Example:
+    Examples:
         >>> box_iou(torch.tensor([[0., 0., 2., 2.]]), torch.tensor([[1., 1., 3., 3.], [0., 0., 2., 2.]]))
         tensor([[0.1429, 1.0000]])
     """
@@ -55,7 +55,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5) -
         scores: ``(N,)`` scores.
         iou_threshold: a box overlapping a kept one by more than this is dropped.
 
-    Example:
+    Examples:
         >>> nms(torch.tensor([[0., 0., 2., 2.], [0., 0., 2., 2.1], [5., 5., 6., 6.]]), torch.tensor([0.9, 0.8, 0.7]))
         tensor([0, 2])
     """
@@ -73,7 +73,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5) -
 def box_mask(box: Sequence[float], height: int, width: int) -> torch.Tensor:
     """``(H, W)`` bool mask of the pixels whose centres lie inside ``box = (x0, y0, x1, y1)``.
 
-    Example:
+    Examples:
         >>> box_mask([1, 0, 3, 2], 3, 4).int().tolist()
         [[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
     """
@@ -98,7 +98,7 @@ class DetectedSubjects:
         counts: per distinct name, the number of detections above the threshold.
         provenance: how they were found.
 
-    Example:
+    Examples:
         >>> found = DetectedSubjects(["dog"], [[0, 0, 4, 4]], [0.9], [box_mask([0, 0, 4, 4], 8, 8)], [0.0], {"dog": 1})
         >>> int(found.masks[0].sum())
         16
@@ -143,7 +143,7 @@ class GroundingDinoSam:
         nms_iou: boxes of one name overlapping more than this are merged (greedy NMS).
         name: what the provenance calls the models.
 
-    Example:
+    Examples:
         >>> detector, detector_processor = tiny_grounding_dino()
         >>> sam, sam_processor = tiny_sam()
         >>> found = GroundingDinoSam(detector, detector_processor, sam, sam_processor)(Image.new("RGB", (64, 48)), ["dog", "cat"])
@@ -246,7 +246,7 @@ class SubjectsFromFiles:
         folder: the folder of JSON files.
         segmenter: optional, segments boxes without masks.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> folder = Path(tempfile.mkdtemp())
         >>> _ = (folder / "p0.json").write_text(json.dumps({"subjects": [{"name": "dog", "box": [0, 0, 4, 4]}]}))
@@ -320,7 +320,7 @@ def tiny_grounding_dino(seed: int = 0, image_size: int = 64) -> tuple[Any, Any]:
     Returns:
         ``(GroundingDinoForObjectDetection, GroundingDinoProcessor)``.
 
-    Example:
+    Examples:
         >>> model, processor = tiny_grounding_dino()
         >>> model.config.num_queries
         10
@@ -353,7 +353,7 @@ def tiny_sam(seed: int = 0, image_size: int = 64) -> tuple[Any, Any]:
     Returns:
         ``(SamModel, SamProcessor)``.
 
-    Example:
+    Examples:
         >>> model, processor = tiny_sam()
         >>> model.config.vision_config.image_size
         64
