@@ -23,26 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 
 import torch
 import yaml
 
-from mosaic_kit.data.generation import STAGES, DatasetBuilder, dataset_config_from_dict
+from mosaic_kit.data.generation import STAGES, DatasetBuilder, dataset_config_from_dict, parse_shard
 from mosaic_kit.training.config import apply_overrides
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dataset_cpu.yaml"
 log = logging.getLogger("build_dataset")
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` → ``(i, n)`` with ``0 <= i < n``."""
-    match = re.fullmatch(r"(\d+)/(\d+)", text)
-    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
-        raise argparse.ArgumentTypeError(f"expected --shard i/n with 0 <= i < n, got {text!r}")
-    return int(match.group(1)), int(match.group(2))
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: the CPU run)")
     parser.add_argument("--stage", action="append", choices=[*STAGES, "manifest"],
                         help="run only this stage (repeatable); 'manifest' only collects the outputs")
-    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this shard of n")
+    parser.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: this shard of n")
     parser.add_argument("--overwrite", action="store_true", help="redo items that already have a record")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -267,3 +267,20 @@ def test_shipped_dataset_configs_parse():
     for name in ("dataset_cpu", "dataset_real"):
         config = dataset_config_from_dict(yaml.safe_load((ROOT / "recipes" / "configs" / f"{name}.yaml").read_text()))
         assert config.correspondences.target_size % 16 == 0, name
+
+
+def test_recipe_command_line_shards_then_manifest(photos, capsys):
+    import yaml
+
+    out = photos / "cli"
+    config = photos / "config.yaml"
+    config.write_text(yaml.safe_dump(config_for(photos, out)))
+    for shard in ("0/2", "1/2"):
+        recipe.main(["--config", str(config), "--shard", shard, "--no-progress"])
+    assert sorted(p.name for p in out.glob("config-*.json")) == ["config-0of2.json", "config-1of2.json"]
+    summary = recipe.main(["--config", str(config), "--stage", "manifest", "--no-progress", "sheets=1"])
+    assert summary["stages"]["prompts"]["done"] == 8 and summary["accepted"] == len(read_manifest(out / "manifest.jsonl"))
+    assert "seconds_per_item" in summary and summary["seconds_per_item"] == {}  # nothing ran in the last call
+    with pytest.raises(SystemExit):
+        recipe.main(["--config", str(config), "--shard", "2/2"])
+    assert "0 <= i < n" in capsys.readouterr().err

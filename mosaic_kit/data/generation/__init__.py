@@ -27,7 +27,9 @@ from .records import (
     StageStore,
     in_shard,
     item_seed,
+    parse_shard,
     reject_reason_key,
+    write_text_atomic,
 )
 from .prompts import (
     DEFAULT_TEMPLATES,
@@ -138,6 +140,7 @@ __all__ = [
     "item_seed",
     "nms",
     "overlay_masks",
+    "parse_shard",
     "prompts_from_file",
     "reject_reason_key",
     "resolve_path",
@@ -148,4 +151,5 @@ __all__ = [
     "tiny_grounding_dino",
     "tiny_instruction_model",
     "tiny_sam",
+    "write_text_atomic",
 ]

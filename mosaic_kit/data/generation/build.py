@@ -38,7 +38,7 @@ from .correspondences import subject_pairs
 from .filtering import ClipQualityScore, FilterThresholds, SharpnessScore, decide, subject_scores
 from .images import GeneratedImage, tensor_to_pil
 from .prompts import PromptRecord, PromptTemplates, prompts_from_file
-from .records import STAGES, StageStore, in_shard, reject_reason_key
+from .records import STAGES, StageStore, in_shard, reject_reason_key, write_text_atomic
 from .references import cutout
 from .subjects import DetectedSubjects
 
@@ -269,8 +269,7 @@ class DatasetBuilder:
                     continue
                 _save_mask(mask, folder / "boxes" / f"{record.id}_{k}.png")
                 entries.append({"name": name, "box": box, "score": 1.0, "mask": f"{record.id}_{k}.png"})
-            (folder / "boxes").mkdir(parents=True, exist_ok=True)
-            (folder / "boxes" / f"{record.id}.json").write_text(json.dumps({"subjects": entries}))
+            write_text_atomic(folder / "boxes" / f"{record.id}.json", json.dumps({"subjects": entries}))
         self.stores["images"].write(record.id, {
             "id": record.id, "file": f"images/{record.id}.png", "width": generated.image.width,
             "height": generated.image.height, "seed": generated.seed, "provenance": generated.provenance,
@@ -437,7 +436,7 @@ class DatasetBuilder:
             if ref_mask is not None:
                 _save_mask(ref_mask, self.out / folder / f"ref_mask_{k}.png")
         pairs = [[[round(v, 3) for v in pair] for pair in p.tolist()] for p in result.pairs]
-        (self.out / folder / "pairs.json").write_text(json.dumps(pairs))
+        write_text_atomic(self.out / folder / "pairs.json", json.dumps(pairs))
         provenance = {stage: self._provenance(stage, item_id) for stage in STAGES[:-1]}
         provenance["correspondences"] = {"extractors": list(cfg.extractors), "grid": cfg.grid, "filter": cfg.filter,
                                          "disjoint": cfg.disjoint, "eq2_disjoint": bool(is_disjoint(result.corr).all())}
@@ -482,10 +481,9 @@ class DatasetBuilder:
             any(self.stores[s].done(i) and not self.stores[s].read(i).get("kept", True) for s in STAGES) for i in plan)
         summary["seconds_per_item"] = {stage: round(t["seconds"] / t["items"], 4)
                                        for stage, t in self.timings.items() if t["items"]}
-        text = "".join(json.dumps(line) + "\n" for line in lines)
-        (self.out / "manifest.jsonl").write_text(text)
+        write_text_atomic(self.out / "manifest.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
         summary["sheets"] = self.write_sheets(plan)
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     def write_sheets(self, plan: Sequence[str]) -> list[str]:

@@ -8,6 +8,7 @@ A record on disk means the item is finished for that stage, so a rerun skips it.
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from ...correspondence.io import _atomic_write
 
-__all__ = ["STAGES", "StageStore", "in_shard", "item_seed", "reject_reason_key"]
+__all__ = ["STAGES", "StageStore", "in_shard", "item_seed", "parse_shard", "reject_reason_key", "write_text_atomic"]
 
 STAGES = ("prompts", "images", "subjects", "filter", "references", "correspondences")
 """The stages in the order they run (the filter needs the subjects' detections)."""
@@ -44,6 +45,40 @@ def in_shard(item_id: str, shard: int, num_shards: int) -> bool:
     if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards:
         raise ValueError(f"Expected `shard` to be an int in [0, {num_shards}), but got {shard!r}.")
     return zlib.crc32(item_id.encode()) % num_shards == shard
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` → ``(i, n)``, this shard and the number of shards.
+
+    Raises:
+        ValueError: unless ``0 <= i < n``.
+
+    Examples:
+        >>> parse_shard("2/8")
+        (2, 8)
+        >>> parse_shard("8/8")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected a shard 'i/n' with 0 <= i < n, but got '8/8'.
+    """
+    match = re.fullmatch(r"(\d+)/(\d+)", str(text).strip())
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise ValueError(f"Expected a shard 'i/n' with 0 <= i < n, but got {text!r}.")
+    return int(match.group(1)), int(match.group(2))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically (a reader sees the old file or the new one, never a
+    part), creating the folder.
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "a" / "b.json"
+        >>> write_text_atomic(path, "{}"); path.read_text()
+        '{}'
+    """
+    data = text.encode()
+    _atomic_write(Path(path), lambda stream: stream.write(data))
 
 
 def item_seed(seed: int, item_id: str) -> int:
@@ -101,8 +136,7 @@ class StageStore:
 
     def write(self, item_id: str, record: dict[str, Any]) -> None:
         """Writes the record atomically (write the item's other files first)."""
-        text = json.dumps(record, indent=1, sort_keys=True).encode()
-        _atomic_write(self.path(item_id), lambda stream: stream.write(text))
+        write_text_atomic(self.path(item_id), json.dumps(record, indent=1, sort_keys=True))
 
     def read(self, item_id: str) -> dict[str, Any]:
         """The item's record; raises FileNotFoundError naming the stage when it has none."""
