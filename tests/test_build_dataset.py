@@ -210,6 +210,9 @@ def test_missing_inputs_are_rejected_with_reasons(photos):
         dataset_config_from_dict(config_for(photos, out, filter={"min_clipp": 3}))
     with pytest.raises(ValueError, match="not a file"):
         build(config_for(photos, out, prompts={"file": str(photos / "none.json")}))
+    with pytest.raises(ValueError, match="prompts.templates"):
+        build(config_for(photos, out, prompts={"source": "templates", "templates": {"categories": {"a": ["dog"]},
+                                                                                     "scene": ["x"]}}))
 
 
 def test_every_stage_runs_with_tiny_models(tmp_path):

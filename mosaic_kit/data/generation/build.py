@@ -78,8 +78,24 @@ class DatasetBuilder:
             from the config (tests pass tiny models this way).
 
     Examples:
-        >>> builder = DatasetBuilder(DatasetBuildConfig(), shard=(0, 2))  # doctest: +SKIP
-        >>> builder.run(); builder.finish()  # doctest: +SKIP
+        >>> import tempfile
+        >>> from mosaic_kit.data.generation import dataset_config_from_dict
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for name in ("dog", "cat"):
+        ...     (root / "photos" / name).mkdir(parents=True)
+        ...     for i in range(2):
+        ...         Image.effect_noise((64, 64), 60).convert("RGB").save(root / "photos" / name / f"{i}.png")
+        >>> _ = (root / "prompts.json").write_text(json.dumps([{"prompt": "a {dog} and a {cat}", "subjects": ["dog", "cat"]}]))
+        >>> config = dataset_config_from_dict({"out": str(root / "out"),
+        ...     "prompts": {"source": "file", "file": str(root / "prompts.json")},
+        ...     "images": {"source": "photo_composites", "root": str(root / "photos"), "canvas_size": 128},
+        ...     "subjects": {"source": "files", "segmenter": None}, "references": {"source": "other_views", "size": 32},
+        ...     "correspondences": {"grid": 16, "target_size": 64, "ref_size": 32}})
+        >>> builder = DatasetBuilder(config, progress=False)
+        >>> builder.run()
+        >>> summary = builder.finish()
+        >>> summary["items"], summary["accepted"], (root / "out" / "manifest.jsonl").is_file()
+        (1, 1, True)
     """
 
     def __init__(self, config: DatasetBuildConfig, shard: tuple[int, int] = (0, 1), *, progress: bool = True,
@@ -103,7 +119,11 @@ class DatasetBuilder:
                 data = json.loads(resolve_path(names).read_text())
                 names = {s["name"]: s["class"] for s in data["subjects"]}
             return prompts_from_file(resolve_path(cfg.file), names=names)[: cfg.count]
-        return PromptTemplates(**cfg.templates).sample(cfg.count, seed=self.config.seed)
+        try:
+            sampler = PromptTemplates(**cfg.templates)
+        except TypeError as error:
+            raise ValueError(f"Expected `prompts.templates` to hold arguments of PromptTemplates, but: {error}") from None
+        return sampler.sample(cfg.count, seed=self.config.seed)
 
     def _mine(self, ids: Sequence[str]) -> list[str]:
         return [i for i in ids if in_shard(i, *self.shard)]
