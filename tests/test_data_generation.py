@@ -426,3 +426,38 @@ def test_sam_segments_several_boxes_as_one_by_one():
     for box, mask, score in zip(boxes, masks, scores):
         single, single_score = finder.segment(image, box)
         assert torch.equal(single, mask) and abs(single_score - score) < 1e-5
+
+
+def test_diffusers_generator_drives_a_tiny_sd3_pipeline():
+    """Any diffusers text-to-image pipeline: a tiny StableDiffusion3Pipeline built in code."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from mosaic_kit.data.generation import DiffusersImageGenerator
+    from mosaic_kit.pipelines.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    tokenizer, tokenizer_3 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    clip_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, projection_dim=16, bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                        pooled_projection_dim=32, out_channels=4, pos_embed_max_size=32)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1, shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae.eval(), transformer=transformer.eval(),
+        text_encoder=CLIPTextModelWithProjection(clip_config).eval(), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(clip_config).eval(), tokenizer_2=tokenizer,
+        text_encoder_3=t5.eval(), tokenizer_3=tokenizer_3,
+    )
+    generator = DiffusersImageGenerator(pipe, height=32, width=48, num_inference_steps=2, batch_size=2, seed=0,
+                                        extra={"max_sequence_length": 16})
+    records = [PromptRecord("p0", "a dog and a cat", ["dog", "cat"]), PromptRecord("p1", "a cat and a clock", ["cat", "clock"])]
+    first, again = generator(records), generator(records)
+    assert [g.image.size for g in first] == [(48, 32)] * 2
+    assert [g.provenance["seed"] for g in first] == [item_seed(0, "p0"), item_seed(0, "p1")]
+    assert all(a.image.tobytes() == b.image.tobytes() for a, b in zip(first, again))
