@@ -16,6 +16,9 @@ composition carry them exactly); `collate_samples` turns a list of them into a `
 - `mosaic_kit.data.fixtures`: tiny data sets written on the fly (tests, examples).
 - `mosaic_kit.data.synthetic_world`: a procedural multi-subject world with exact correspondences
   (`SyntheticWorld`, `SyntheticDataset`), for CPU training and the ablation.
+- `mosaic_kit.data.generation`: the SemAlign-MS data-building pipeline (paper §3): prompts →
+  images → subjects → filter → references → correspondences → manifest (`DatasetBuilder`,
+  ``recipes/build_dataset.py``).
 """
 
 from .bad import BAD_SAMPLE_KINDS, BadDataTally, BadSample, skip_bad
@@ -83,6 +86,7 @@ from .synthetic_world import (
     save_example_sheet,
     subject_descriptor,
 )
+from . import generation  # noqa: E402  (the data-building pipeline, a subpackage)
 
 __all__ = [
     "BAD_SAMPLE_KINDS",
@@ -125,6 +129,7 @@ __all__ = [
     "compose_samples",
     "count_released_rows",
     "decode_released_row",
+    "generation",
     "iter_released_rows",
     "iter_released_samples",
     "join_subjects",

@@ -1,0 +1,627 @@
+"""The whole data-building pipeline over per-item records: stages, resume, shards, manifest, summary.
+
+`DatasetBuilder` runs the stages of `STAGES` for the items of one shard. Each stage reads the
+previous stages' records, writes its files and then its record (`StageStore`), and skips items it
+already finished, so a killed run resumes and one stage can be rerun alone (delete its folder, or
+pass ``overwrite=True``). An item that fails a stage (a missing file, a rejection) gets a record
+with ``kept: false`` and its reasons; later stages skip it.
+
+`DatasetBuilder.finish` (any shard, after all shards for the full data set) writes:
+
+- ``manifest.jsonl``: one line per accepted item in the format of `mosaic_kit.data.manifest`
+  (target, references, per-subject target masks, reference masks, pixel pairs, caption,
+  subjects, and in ``meta`` the provenance of every stage); it trains with
+  ``recipes/flux_mosaic_train.py`` (``data.kind: manifest``);
+- ``summary.json``: per stage, items done and kept and rejections per reason (an item may fail
+  several criteria), the items accepted and rejected, seconds per item of this run;
+- ``sheets/accepted.png`` and ``sheets/rejected.png``: contact sheets with masks and matches drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from tqdm import tqdm
+
+from ...correspondence import TokenGrid, draw_matches, is_disjoint
+from .._images import load_mask, pil_to_tensor, resize_mask
+from .config import DatasetBuildConfig, resolve_path
+from .correspondences import subject_pairs
+from .filtering import ClipQualityScore, FilterThresholds, SharpnessScore, decide, subject_scores
+from .images import GeneratedImage, tensor_to_pil
+from .prompts import PromptRecord, PromptTemplates, prompts_from_file
+from .records import STAGES, StageStore, in_shard, reject_reason_key, write_text_atomic
+from .references import cutout
+from .subjects import DetectedSubjects
+
+__all__ = ["DatasetBuilder", "contact_sheet", "overlay_masks"]
+
+_ITEM_ERRORS = (OSError, UnidentifiedImageError, ValueError)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _save_mask(mask: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((mask.to(torch.uint8) * 255).numpy(), mode="L").save(path)
+
+
+def _save_image(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    image.save(temporary)
+    temporary.replace(path)
+
+
+def _open(path: Path) -> Image.Image:
+    with Image.open(path) as opened:
+        return opened.convert("RGB")
+
+
+class DatasetBuilder:
+    """Runs the data-building stages of one shard from a `DatasetBuildConfig`.
+
+    Args:
+        config: the configuration.
+        shard: ``(i, n)``: this shard of ``n`` (items are assigned by `in_shard`).
+        progress: show one tqdm bar per stage.
+        overwrite: redo items that already have a record.
+        models: optional prebuilt stage objects by name (``"rewriter"``, ``"images"``,
+            ``"subjects"``, ``"clip"``, ``"editor"``, ``"extractors"``), instead of building them
+            from the config (tests pass tiny models this way).
+
+    Examples:
+        >>> import tempfile
+        >>> from mosaic_kit.data.generation import dataset_config_from_dict
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for name in ("dog", "cat"):
+        ...     (root / "photos" / name).mkdir(parents=True)
+        ...     for i in range(2):
+        ...         Image.effect_noise((64, 64), 60).convert("RGB").save(root / "photos" / name / f"{i}.png")
+        >>> _ = (root / "prompts.json").write_text(json.dumps([{"prompt": "a {dog} and a {cat}", "subjects": ["dog", "cat"]}]))
+        >>> config = dataset_config_from_dict({"out": str(root / "out"),
+        ...     "prompts": {"source": "file", "file": str(root / "prompts.json")},
+        ...     "images": {"source": "photo_composites", "root": str(root / "photos"), "canvas_size": 128},
+        ...     "subjects": {"source": "files", "segmenter": None}, "references": {"source": "other_views", "size": 32},
+        ...     "correspondences": {"grid": 16, "target_size": 64, "ref_size": 32}})
+        >>> builder = DatasetBuilder(config, progress=False)
+        >>> builder.run()
+        >>> summary = builder.finish()
+        >>> summary["items"], summary["accepted"], (root / "out" / "manifest.jsonl").is_file()
+        (1, 1, True)
+    """
+
+    def __init__(self, config: DatasetBuildConfig, shard: tuple[int, int] = (0, 1), *, progress: bool = True,
+                 overwrite: bool = False, models: dict[str, Any] | None = None) -> None:
+        if not isinstance(config, DatasetBuildConfig):
+            raise ValueError(f"Expected `config` to be a DatasetBuildConfig, but got {type(config).__name__}.")
+        in_shard("check", *shard)  # validates the shard
+        self.config, self.shard, self.progress, self.overwrite = config, tuple(shard), progress, overwrite
+        self.out = Path(config.out)
+        self.stores = {stage: StageStore(self.out, stage) for stage in STAGES}
+        self.models: dict[str, Any] = dict(models or {})
+        self.timings: dict[str, dict[str, float]] = {}
+
+    # -- plan -------------------------------------------------------------------------------------
+    def plan(self) -> list[PromptRecord]:
+        """Every item's prompt before rewriting (all shards; cheap and deterministic)."""
+        cfg = self.config.prompts
+        if cfg.source == "file":
+            names = cfg.names
+            if isinstance(names, str):  # a DreamBench-style prompts.json: subjects[].name → class
+                data = json.loads(resolve_path(names).read_text())
+                names = {s["name"]: s["class"] for s in data["subjects"]}
+            return prompts_from_file(resolve_path(cfg.file), names=names)[: cfg.count]
+        try:
+            sampler = PromptTemplates(**cfg.templates)
+        except TypeError as error:
+            raise ValueError(f"Expected `prompts.templates` to hold arguments of PromptTemplates, but: {error}") from None
+        return sampler.sample(cfg.count, seed=self.config.seed)
+
+    def _mine(self, ids: Sequence[str]) -> list[str]:
+        return [i for i in ids if in_shard(i, *self.shard)]
+
+    def _todo(self, stage: str, ids: Sequence[str]) -> list[str]:
+        store = self.stores[stage]
+        return [i for i in ids if self.overwrite or not store.done(i)]
+
+    def _kept(self, stage: str, ids: Sequence[str]) -> list[str]:
+        """Ids whose record in ``stage`` exists and is not a rejection."""
+        store = self.stores[stage]
+        return [i for i in ids if store.done(i) and store.read(i).get("kept", True)]
+
+    def _bar(self, stage: str, ids: Sequence[str]):
+        return tqdm(ids, desc=f"{stage} {self.shard[0]}/{self.shard[1]}", unit="item", disable=not self.progress)
+
+    def _timed(self, stage: str, count: int, seconds: float) -> None:
+        entry = self.timings.setdefault(stage, {"items": 0, "seconds": 0.0})
+        entry["items"] += count
+        entry["seconds"] += seconds
+
+    def _fail(self, stage: str, item_id: str, reason: str) -> None:
+        self.stores[stage].write(item_id, {"id": item_id, "kept": False, "reasons": [reason]})
+
+    # -- models -----------------------------------------------------------------------------------
+    def _model(self, key: str, build: Callable[[], Any]) -> Any:
+        if key not in self.models:
+            self.models[key] = build()
+        return self.models[key]
+
+    def _build_rewriter(self):
+        from .prompts import InstructionRewriter, tiny_instruction_model
+
+        spec = dict(self.config.prompts.rewriter or {})
+        name = spec.pop("model", None)
+        if not name:
+            raise ValueError("Expected `prompts.rewriter.model` (a hub id, folder or 'tiny'), but got none.")
+        if name == "tiny":
+            model, tokenizer = tiny_instruction_model(self.config.seed)
+            return InstructionRewriter(model, tokenizer, seed=self.config.seed, name="tiny", **spec)
+        return InstructionRewriter.from_pretrained(name, device=self.config.device, seed=self.config.seed, **spec)
+
+    def _build_images(self):
+        from .images import DiffusersImageGenerator, ImagesFromFolder, PhotoComposites
+
+        cfg = self.config.images
+        if cfg.source == "folder":
+            return ImagesFromFolder(resolve_path(cfg.folder))
+        if cfg.source == "photo_composites":
+            return PhotoComposites(resolve_path(cfg.root), canvas_size=cfg.canvas_size, scale_range=tuple(cfg.scale_range),
+                                   seed=self.config.seed)
+        kwargs = dict(height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                      batch_size=cfg.batch_size, seed=self.config.seed, extra=cfg.extra)
+        if cfg.model == "tiny":
+            from diffusers import FluxPipeline
+
+            from ...pipelines.tiny import tiny_flux_components
+
+            return DiffusersImageGenerator(FluxPipeline(**tiny_flux_components(self.config.seed)), name="tiny", **kwargs)
+        return DiffusersImageGenerator.from_pretrained(cfg.model, device=self.config.device, dtype=_DTYPES[cfg.dtype], **kwargs)
+
+    def _build_segmenter(self):
+        from .subjects import GroundingDinoSam, tiny_grounding_dino, tiny_sam
+
+        cfg = self.config.subjects
+        if cfg.detector == "tiny" or cfg.segmenter == "tiny":
+            detector, processor = tiny_grounding_dino(self.config.seed)
+            sam, sam_processor = tiny_sam(self.config.seed) if cfg.segmenter else (None, None)
+            return GroundingDinoSam(detector, processor, sam, sam_processor, box_threshold=cfg.box_threshold,
+                                    text_threshold=cfg.text_threshold, name="tiny")
+        return GroundingDinoSam.from_pretrained(cfg.detector, cfg.segmenter, device=self.config.device,
+                                                box_threshold=cfg.box_threshold, text_threshold=cfg.text_threshold)
+
+    def _build_clip(self):
+        from ...eval import CLIPScorer, tiny_clip_scorer
+
+        name = self.config.filter.clip
+        return tiny_clip_scorer(self.config.seed) if name == "tiny" else CLIPScorer.from_pretrained(name, device=self.config.device)
+
+    def _build_editor(self):
+        from .references import DiffusersEditor
+
+        cfg = self.config.references
+        kwargs = dict(prompt=cfg.prompt, size=cfg.size, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                      seed=self.config.seed, extra=cfg.extra)
+        if cfg.editor == "tiny":
+            from diffusers import FluxKontextPipeline
+
+            from ...pipelines.tiny import tiny_flux_components
+
+            kwargs["extra"] = {"max_sequence_length": 16, "_auto_resize": False, **kwargs["extra"]}
+            return DiffusersEditor(FluxKontextPipeline(**tiny_flux_components(self.config.seed + 1)), name="tiny", **kwargs)
+        return DiffusersEditor.from_pretrained(cfg.editor, device=self.config.device, dtype=_DTYPES[cfg.dtype], **kwargs)
+
+    def _build_extractors(self):
+        from ...features import build_extractor, parse_extractor_spec
+
+        cfg = self.config.correspondences
+        out = []
+        for spec in cfg.extractors:
+            name, kwargs = parse_extractor_spec(spec)
+            out.append(build_extractor(name, **{"grid_size": cfg.grid, **kwargs}).to(self.config.device).eval())
+        return out
+
+    # -- stages -----------------------------------------------------------------------------------
+    def run(self, stages: Sequence[str] | None = None) -> None:
+        """Runs ``stages`` (default: all, in order) for this shard's items."""
+        stages = list(STAGES if stages is None else stages)
+        for stage in stages:
+            if stage not in STAGES:
+                raise ValueError(f"Expected stages among {list(STAGES)}, but got {stage!r}.")
+        plan = self.plan()
+        by_id = {record.id: record for record in plan}
+        ids = self._mine(list(by_id))
+        for stage in STAGES:
+            if stage in stages:
+                getattr(self, f"_stage_{stage}")(ids, by_id)
+
+    def _stage_prompts(self, ids: list[str], by_id: dict[str, PromptRecord]) -> None:
+        store = self.stores["prompts"]
+        rewriter = self._model("rewriter", self._build_rewriter) if self.config.prompts.rewriter else None
+        start, todo = time.perf_counter(), self._todo("prompts", ids)
+        for item_id in self._bar("prompts", todo):
+            record = by_id[item_id]
+            if rewriter is not None:
+                record = rewriter(record)
+            store.write(item_id, record.to_dict())
+        self._timed("prompts", len(todo), time.perf_counter() - start)
+
+    def _stage_images(self, ids: list[str], by_id: dict[str, PromptRecord]) -> None:
+        store = self.stores["images"]
+        todo = self._todo("images", self._kept("prompts", ids))
+        source = self._model("images", self._build_images)
+        batch = max(1, getattr(source, "batch_size", 1))
+        start = time.perf_counter()
+        bar = self._bar("images", todo)
+        for first in range(0, len(todo), batch):
+            chunk = todo[first:first + batch]
+            records = [PromptRecord.from_dict(self.stores["prompts"].read(i)) for i in chunk]
+            try:
+                images = source(records)
+            except _ITEM_ERRORS as error:
+                if len(chunk) > 1:
+                    raise
+                self._fail("images", chunk[0], f"image_error: {error}")
+                bar.update(1)
+                continue
+            for record, generated in zip(records, images):
+                self._write_image(record, generated)
+            bar.update(len(chunk))
+        bar.close()
+        self._timed("images", len(todo), time.perf_counter() - start)
+
+    def _write_image(self, record: PromptRecord, generated: GeneratedImage) -> None:
+        folder = self.out / "images"
+        _save_image(generated.image, folder / f"{record.id}.png")
+        if generated.subject_masks:  # the exact regions: a box file the subjects stage can read
+            entries = []
+            for k, (name, mask) in enumerate(zip(record.subjects, generated.subject_masks)):
+                ys, xs = torch.nonzero(mask, as_tuple=True)
+                box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else None
+                if box is None:
+                    continue
+                _save_mask(mask, folder / "boxes" / f"{record.id}_{k}.png")
+                entries.append({"name": name, "box": box, "score": 1.0, "mask": f"{record.id}_{k}.png"})
+            write_text_atomic(folder / "boxes" / f"{record.id}.json", json.dumps({"subjects": entries}))
+        self.stores["images"].write(record.id, {
+            "id": record.id, "file": f"images/{record.id}.png", "width": generated.image.width,
+            "height": generated.image.height, "seed": generated.seed, "provenance": generated.provenance,
+            "other_views": generated.other_views,
+        })
+
+    def _stage_subjects(self, ids: list[str], by_id: dict[str, PromptRecord]) -> None:
+        from .subjects import SubjectsFromFiles
+
+        cfg = self.config.subjects
+        todo = self._todo("subjects", self._kept("images", ids))
+        finder = segmenter = None
+        if todo and cfg.source == "files":  # boxes without masks are segmented when a segmenter is named
+            folder = resolve_path(cfg.folder) if cfg.folder else self.out / "images" / "boxes"
+            sam = self._model("subjects", self._build_segmenter) if cfg.segmenter else None
+            finder = SubjectsFromFiles(folder, sam)
+        elif todo:
+            segmenter = self._model("subjects", self._build_segmenter)
+        start = time.perf_counter()
+        for item_id in self._bar("subjects", todo):
+            prompt = PromptRecord.from_dict(self.stores["prompts"].read(item_id))
+            image = _open(self.out / self.stores["images"].read(item_id)["file"])
+            try:
+                found = finder(item_id, image, prompt.subjects) if finder else segmenter(image, prompt.subjects)
+            except _ITEM_ERRORS as error:
+                self._fail("subjects", item_id, f"subjects_error: {error}")
+                continue
+            self._write_subjects(item_id, found)
+        self._timed("subjects", len(todo), time.perf_counter() - start)
+
+    def _write_subjects(self, item_id: str, found: DetectedSubjects) -> None:
+        masks = []
+        for k, mask in enumerate(found.masks):
+            if mask is None:
+                masks.append(None)
+                continue
+            name = f"subjects/{item_id}_{k}.png"
+            _save_mask(mask, self.out / name)
+            masks.append(name)
+        self.stores["subjects"].write(item_id, {
+            "id": item_id, "names": found.names, "boxes": found.boxes, "scores": found.scores, "masks": masks,
+            "mask_scores": found.mask_scores, "counts": found.counts, "provenance": found.provenance,
+        })
+
+    def _load_subjects(self, item_id: str, size: tuple[int, int]) -> DetectedSubjects:
+        data = self.stores["subjects"].read(item_id)
+        masks = [None if m is None else resize_mask(load_mask(self.out / m), size) for m in data["masks"]]
+        return DetectedSubjects(data["names"], data["boxes"], data["scores"], masks, data["mask_scores"], data["counts"],
+                                data["provenance"])
+
+    def _stage_filter(self, ids: list[str], by_id: dict[str, PromptRecord]) -> None:
+        cfg = self.config.filter
+        thresholds = FilterThresholds(cfg.min_clip, cfg.min_quality, cfg.exactly_once, cfg.min_mask_score,
+                                      cfg.min_subject_area, cfg.max_subject_area, cfg.max_box_iou)
+        todo = self._todo("filter", self._kept("subjects", ids))
+        clip = self._model("clip", self._build_clip) if cfg.clip and todo else None
+        quality = None
+        if cfg.quality == "sharpness":
+            quality = SharpnessScore()
+        elif cfg.quality == "clip_iqa" and todo:
+            quality = ClipQualityScore(clip)
+        start = time.perf_counter()
+        for item_id in self._bar("filter", todo):
+            prompt = PromptRecord.from_dict(self.stores["prompts"].read(item_id))
+            image = _open(self.out / self.stores["images"].read(item_id)["file"])
+            scores: dict[str, Any] = subject_scores(self._load_subjects(item_id, (image.height, image.width)),
+                                                    (image.height, image.width))
+            if clip is not None:
+                scores["clip"] = float(clip.clip_t([image], prompt.prompt)[0])
+            if quality is not None:
+                scores["quality"] = float(quality([image])[0])
+                scores["quality_score"] = quality.name
+            kept, reasons = decide(scores, thresholds)
+            self.stores["filter"].write(item_id, {"id": item_id, "kept": kept, "reasons": reasons, "scores": scores,
+                                                   "thresholds": vars(thresholds)})
+        self._timed("filter", len(todo), time.perf_counter() - start)
+
+    def _stage_references(self, ids: list[str], by_id: dict[str, PromptRecord]) -> None:
+        cfg = self.config.references
+        todo = self._todo("references", self._kept("filter", ids))
+        editor = self._model("editor", self._build_editor) if cfg.source == "editor" and todo else None
+        mapping = None
+        if cfg.source == "files":
+            mapping = json.loads(resolve_path(cfg.files).read_text())
+        start = time.perf_counter()
+        for item_id in self._bar("references", todo):
+            try:
+                self._write_references(item_id, editor, mapping)
+            except _ITEM_ERRORS as error:
+                self._fail("references", item_id, f"reference_error: {error}")
+        self._timed("references", len(todo), time.perf_counter() - start)
+
+    def _write_references(self, item_id: str, editor: Any, mapping: dict | None) -> None:
+        cfg = self.config.references
+        prompt = PromptRecord.from_dict(self.stores["prompts"].read(item_id))
+        image_record = self.stores["images"].read(item_id)
+        image = _open(self.out / image_record["file"])
+        found = self._load_subjects(item_id, (image.height, image.width))
+        entries = []
+        for k, (name, mask) in enumerate(zip(prompt.subjects, found.masks)):
+            if mask is None or not bool(mask.any()):
+                raise ValueError(f"subject {k} ({name}) has no mask")
+            path, mask_path = f"references/{item_id}_{k}.png", f"references/{item_id}_{k}_mask.png"
+            if cfg.source in ("files", "other_views"):
+                if cfg.source == "files":
+                    files = mapping.get(item_id) if isinstance(mapping, dict) else None
+                else:
+                    files = [views[0] if views else None for views in image_record.get("other_views") or []]
+                if not files or len(files) != len(prompt.subjects) or files[k] is None:
+                    raise ValueError(f"no reference file for subject {k} ({name}) of item {item_id}")
+                view = _open(Path(files[k])).resize((cfg.size, cfg.size), Image.BICUBIC)
+                _save_image(view, self.out / path)
+                entries.append({"file": path, "mask": None, "source": cfg.source, "from": str(files[k])})
+                continue
+            cut, cut_mask = cutout(image, mask, cfg.size, margin=cfg.margin, background=cfg.background)
+            if editor is None:
+                _save_image(cut, self.out / path)
+                _save_mask(cut_mask, self.out / mask_path)
+                entries.append({"file": path, "mask": mask_path, "source": "cutout"})
+            else:
+                view, info = editor(cut, name, f"{item_id}/{k}")
+                _save_image(view, self.out / path)
+                entries.append({"file": path, "mask": None, "source": "editor", **info})
+        self.stores["references"].write(item_id, {"id": item_id, "references": entries})
+
+    def _stage_correspondences(self, ids: list[str], by_id: dict[str, PromptRecord]) -> None:
+        todo = self._todo("correspondences", self._kept("references", ids))
+        extractors = self._model("extractors", self._build_extractors) if todo else None
+        start = time.perf_counter()
+        for item_id in self._bar("correspondences", todo):
+            try:
+                self._write_correspondences(item_id, extractors)
+            except _ITEM_ERRORS as error:
+                self._fail("correspondences", item_id, f"correspondence_error: {error}")
+        self._timed("correspondences", len(todo), time.perf_counter() - start)
+
+    def _write_correspondences(self, item_id: str, extractors: list) -> None:
+        cfg = self.config.correspondences
+        tsize, rsize = cfg.target_size, cfg.ref_size
+        prompt = PromptRecord.from_dict(self.stores["prompts"].read(item_id))
+        image = _open(self.out / self.stores["images"].read(item_id)["file"]).resize((tsize, tsize), Image.BICUBIC)
+        found = self._load_subjects(item_id, (tsize, tsize))
+        ref_entries = self.stores["references"].read(item_id)["references"]
+        references = [_open(self.out / e["file"]).resize((rsize, rsize), Image.BICUBIC) for e in ref_entries]
+        ref_masks = [None if e["mask"] is None else resize_mask(load_mask(self.out / e["mask"]), (rsize, rsize))
+                     for e in ref_entries]
+        target_masks = [m if m is not None else torch.zeros(tsize, tsize, dtype=torch.bool) for m in found.masks]
+        result = subject_pairs(pil_to_tensor(image), target_masks, [pil_to_tensor(r) for r in references], ref_masks,
+                               extractors, match_filter=cfg.filter, cycle_radius=cfg.cycle_radius,
+                               consensus_radius=cfg.consensus_radius, disjoint=cfg.disjoint, max_points=cfg.max_points)
+        counts = [int(p.shape[0]) for p in result.pairs]
+        few = [k for k, c in enumerate(counts) if c < cfg.min_pairs]
+        folder = f"correspondences/{item_id}"
+        if few:
+            self.stores["correspondences"].write(item_id, {
+                "id": item_id, "kept": False, "num_pairs": counts,
+                "reasons": [f"few_pairs: references {few} have fewer than {cfg.min_pairs} pairs"],
+            })
+            return
+        _save_image(image, self.out / folder / "target.png")
+        for k, (reference, mask, ref_mask) in enumerate(zip(references, target_masks, ref_masks)):
+            _save_image(reference, self.out / folder / f"ref_{k}.png")
+            _save_mask(mask, self.out / folder / f"target_mask_{k}.png")
+            if ref_mask is not None:
+                _save_mask(ref_mask, self.out / folder / f"ref_mask_{k}.png")
+        pairs = [[[round(v, 3) for v in pair] for pair in p.tolist()] for p in result.pairs]
+        write_text_atomic(self.out / folder / "pairs.json", json.dumps(pairs))
+        provenance = {stage: self._provenance(stage, item_id) for stage in STAGES[:-1]}
+        provenance["correspondences"] = {"extractors": list(cfg.extractors), "grid": cfg.grid, "filter": cfg.filter,
+                                         "disjoint": cfg.disjoint, "eq2_disjoint": bool(is_disjoint(result.corr).all())}
+        line = {
+            "id": item_id, "target": f"{folder}/target.png",
+            "references": [f"{folder}/ref_{k}.png" for k in range(len(references))],
+            "caption": prompt.prompt, "subjects": list(prompt.subjects),
+            "target_masks": [f"{folder}/target_mask_{k}.png" for k in range(len(references))],
+            "reference_masks": [None if m is None else f"{folder}/ref_mask_{k}.png" for k, m in enumerate(ref_masks)],
+            "correspondences": f"{folder}/pairs.json", "meta": {"provenance": provenance},
+        }
+        self.stores["correspondences"].write(item_id, {"id": item_id, "kept": True, "num_pairs": counts,
+                                                        "manifest": line})
+
+    def _provenance(self, stage: str, item_id: str) -> dict[str, Any]:
+        record = self.stores[stage].read(item_id)
+        keep = {"prompts": ("template", "rewritten", "provenance", "identities"), "images": ("seed", "provenance"),
+                "subjects": ("boxes", "scores", "mask_scores", "counts", "provenance"), "filter": ("scores",),
+                "references": ("references",)}[stage]
+        return {key: record.get(key) for key in keep}
+
+    # -- outputs ----------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Writes ``manifest.jsonl``, ``summary.json`` and the contact sheets from every record in
+        the output folder (all shards written so far); returns the summary."""
+        plan = [r.id for r in self.plan()]
+        summary: dict[str, Any] = {"items": len(plan), "stages": {}, "rejected": {}}
+        lines = []
+        for stage in STAGES:
+            store = self.stores[stage]
+            done = [i for i in plan if store.done(i)]
+            records = [store.read(i) for i in done]
+            rejected = Counter(reject_reason_key(r) for rec in records if not rec.get("kept", True) for r in rec["reasons"])
+            summary["stages"][stage] = {"done": len(done), "kept": sum(rec.get("kept", True) for rec in records),
+                                        "rejected": dict(sorted(rejected.items()))}
+            for key, count in rejected.items():
+                summary["rejected"][key] = summary["rejected"].get(key, 0) + count
+            if stage == "correspondences":
+                lines = [rec["manifest"] for rec in records if rec.get("kept")]
+        summary["accepted"] = len(lines)
+        summary["rejected_items"] = sum(
+            any(self.stores[s].done(i) and not self.stores[s].read(i).get("kept", True) for s in STAGES) for i in plan)
+        summary["seconds_per_item"] = {stage: round(t["seconds"] / t["items"], 4)
+                                       for stage, t in self.timings.items() if t["items"]}
+        write_text_atomic(self.out / "manifest.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
+        summary["sheets"] = self.write_sheets(plan)
+        write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
+        return summary
+
+    def write_sheets(self, plan: Sequence[str]) -> list[str]:
+        """``sheets/accepted.png`` and ``sheets/rejected.png`` (up to ``config.sheets`` items each)."""
+        accepted, rejected = [], []
+        for item_id in plan:
+            for stage in reversed(STAGES):
+                store = self.stores[stage]
+                if store.done(item_id):
+                    record = store.read(item_id)
+                    if stage == "correspondences" and record.get("kept"):
+                        accepted.append(item_id)
+                    elif not record.get("kept", True):
+                        rejected.append((item_id, stage, record["reasons"]))
+                    break
+        written = []
+        for name, rows in (("accepted", [self._accepted_row(i) for i in accepted[: self.config.sheets]]),
+                           ("rejected", [self._rejected_row(*r) for r in rejected[: self.config.sheets]])):
+            if rows:
+                path = self.out / "sheets" / f"{name}.png"
+                _save_image(contact_sheet(rows, min_width=480), path)
+                written.append(str(path.relative_to(self.out)))
+        return written
+
+    def _accepted_row(self, item_id: str) -> tuple[list[Image.Image], str]:
+        line = self.stores["correspondences"].read(item_id)["manifest"]
+        target = _open(self.out / line["target"])
+        masks = [load_mask(self.out / m) for m in line["target_masks"]]
+        pairs = json.loads((self.out / line["correspondences"]).read_text())
+        panels = [overlay_masks(target, masks)]
+        for k, path in enumerate(line["references"]):
+            reference = pil_to_tensor(_open(self.out / path))
+            p = torch.tensor(pairs[k]).reshape(-1, 4)
+            canvas = draw_matches(reference, pil_to_tensor(target), p[:, :2], p[:, 2:], max_lines=40, seed=k)
+            panels.append(tensor_to_pil(canvas.float() / 255))
+        counts = [len(p) for p in pairs]
+        return panels, f"{item_id} kept: {line['caption'][:60]} | pairs {counts}"
+
+    def _rejected_row(self, item_id: str, stage: str, reasons: list[str]) -> tuple[list[Image.Image], str]:
+        image = _open(self.out / self.stores["images"].read(item_id)["file"]) if self.stores["images"].done(item_id) \
+            and "file" in self.stores["images"].read(item_id) else Image.new("RGB", (128, 128), "grey")
+        masks, boxes = [], []
+        if self.stores["subjects"].done(item_id) and "names" in self.stores["subjects"].read(item_id):
+            found = self._load_subjects(item_id, (image.height, image.width))
+            masks = [m for m in found.masks if m is not None]
+            boxes = [b for b in found.boxes if b is not None]
+        return [overlay_masks(image, masks, boxes)], f"{item_id} rejected at {stage}: {'; '.join(reasons)[:90]}"
+
+
+_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+
+
+def overlay_masks(image: Image.Image, masks: Sequence[torch.Tensor], boxes: Sequence[Sequence[float]] = ()) -> Image.Image:
+    """``image`` with each mask tinted in its colour (and each box outlined).
+
+    Args:
+        image: the image.
+        masks: ``(h, w)`` bool masks (any size; read at the image's pixel centres).
+        boxes: optional ``[x0, y0, x1, y1]`` boxes in the image's pixels.
+
+    Returns:
+        A new RGB image.
+
+    Examples:
+        >>> mask = torch.zeros(4, 4, dtype=torch.bool); mask[0, 0] = True
+        >>> out = overlay_masks(Image.new("RGB", (4, 4), "black"), [mask])
+        >>> out.getpixel((0, 0)) != (0, 0, 0), out.getpixel((3, 3))
+        (True, (0, 0, 0))
+    """
+    pixels = pil_to_tensor(image)
+    for k, mask in enumerate(masks):
+        mask = resize_mask(mask, (image.height, image.width))
+        colour = torch.tensor(_COLOURS[k % len(_COLOURS)], dtype=torch.float32).view(3, 1) / 255
+        pixels[:, mask] = 0.5 * pixels[:, mask] + 0.5 * colour
+    out = tensor_to_pil(pixels)
+    draw = ImageDraw.Draw(out)
+    for k, box in enumerate(boxes):
+        draw.rectangle([float(v) for v in box], outline=_COLOURS[k % len(_COLOURS)], width=2)
+    return out
+
+
+def contact_sheet(rows: Sequence[tuple[Sequence[Image.Image], str]], height: int = 160, min_width: int = 0) -> Image.Image:
+    """One row per sample: its panels scaled to ``height`` side by side, its caption above (at
+    most two lines, wrapped).
+
+    Args:
+        rows: per sample, its panels and a caption.
+        height: panel height in pixels.
+        min_width: the sheet's least width in pixels.
+
+    Returns:
+        The sheet.
+
+    Examples:
+        >>> sheet = contact_sheet([([Image.new("RGB", (32, 16)), Image.new("RGB", (16, 16))], "a")], height=16)
+        >>> sheet.size
+        (48, 32)
+        >>> contact_sheet([([Image.new("RGB", (16, 16))], "a long caption " * 9)], height=16, min_width=120).size
+        (120, 44)
+    """
+    if not rows:
+        raise ValueError("Expected at least one row in `rows`, but got none.")
+    scaled = [[p.resize((max(1, round(p.width * height / p.height)), height)) for p in panels] for panels, _ in rows]
+    width = max(max(sum(p.width for p in panels) for panels in scaled), min_width)
+    chars = max(8, width // 6)  # PIL's default bitmap font is about 6 pixels per character
+    captions = [textwrap.wrap(caption, chars)[:2] or [""] for _, caption in rows]
+    line = 12
+    tops, top = [], 0
+    for lines in captions:
+        tops.append(top)
+        top += len(lines) * line + 4 + height
+    sheet = Image.new("RGB", (width, top), "white")
+    draw = ImageDraw.Draw(sheet)
+    for panels, lines, top in zip(scaled, captions, tops):
+        for i, text in enumerate(lines):
+            draw.text((2, top + 2 + i * line), text, fill=(0, 0, 0))
+        x, y = 0, top + len(lines) * line + 4
+        for panel in panels:
+            sheet.paste(panel, (x, y))
+            x += panel.width
+    return sheet

@@ -1,0 +1,307 @@
+"""The data-building configuration: one dataclass per stage, read from a YAML/dict config.
+
+Model entries take a hub id, a local folder, or ``"tiny"`` (a tiny random model built in code:
+for tests and CPU smoke runs; its outputs mean nothing). Paths starting with ``@dreambench/``
+resolve inside the DreamBench copy (`dreambench_root`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...correspondence import DISJOINT_POLICIES
+from ...correspondence.matching import MATCH_FILTERS
+
+__all__ = [
+    "IMAGE_SOURCES", "PROMPT_SOURCES", "QUALITY_SCORES", "REFERENCE_SOURCES", "SUBJECT_SOURCES",
+    "CorrespondenceStageConfig", "DatasetBuildConfig", "FilterStageConfig", "ImageStageConfig", "PromptStageConfig",
+    "ReferenceStageConfig", "SubjectStageConfig", "dataset_config_from_dict", "dreambench_root", "resolve_path",
+]
+
+PROMPT_SOURCES = ("templates", "file")
+"""The values of ``prompts.source``."""
+IMAGE_SOURCES = ("diffusers", "folder", "photo_composites")
+"""The values of ``images.source``."""
+SUBJECT_SOURCES = ("models", "files")
+"""The values of ``subjects.source``."""
+QUALITY_SCORES = ("sharpness", "clip_iqa")
+"""The values of ``filter.quality``."""
+REFERENCE_SOURCES = ("editor", "cutout", "files", "other_views")
+"""The values of ``references.source``."""
+
+
+def _allowed(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"Expected `{name}` to be one of {list(allowed)}, but got {value!r}.")
+
+
+def dreambench_root() -> Path:
+    """The DreamBench copy: ``$MOSAIC_DREAMBENCH``, else ``shared/data/dreambench`` beside the
+    repository (``<repo>/../shared/data/dreambench``) or beside one of its parent folders.
+
+    Raises:
+        ValueError: naming both places when neither holds it.
+
+    Examples:
+        >>> dreambench_root().name  # doctest: +SKIP
+        'dreambench'
+    """
+    repo = Path(__file__).resolve().parents[3]
+    candidates = [Path(os.environ["MOSAIC_DREAMBENCH"])] if os.environ.get("MOSAIC_DREAMBENCH") else []
+    candidates += [folder / "shared" / "data" / "dreambench" for folder in repo.parents]
+    for candidate in candidates:
+        if (candidate / "pairs_multi.json").is_file():
+            return candidate
+    raise ValueError(f"Expected the DreamBench copy (with pairs_multi.json) at {' or '.join(map(str, candidates))}, "
+                     "but found none; set MOSAIC_DREAMBENCH to its folder.")
+
+
+def resolve_path(value: str | None) -> Path | None:
+    """A config path: ``@dreambench/...`` inside `dreambench_root`, else as given (None stays None).
+
+    Examples:
+        >>> resolve_path("data/prompts.json")
+        PosixPath('data/prompts.json')
+    """
+    if value is None:
+        return None
+    if value == "@dreambench" or value.startswith("@dreambench/"):
+        return dreambench_root() / value[len("@dreambench/"):] if "/" in value else dreambench_root()
+    return Path(value)
+
+
+@dataclass
+class PromptStageConfig:
+    """Stage 1. ``source``: templates (``templates``: the arguments of `PromptTemplates`) or file
+    (``file``, and ``names``: a placeholder → name mapping or a DreamBench-style ``prompts.json``);
+    ``count`` prompts; ``rewriter``: optional ``{model, max_new_tokens, temperature}``.
+
+    Examples:
+        >>> PromptStageConfig(source="file", file="prompts.json", count=20).count
+        20
+    """
+
+    source: str = "templates"
+    count: int = 100
+    file: str | None = None
+    names: dict[str, str] | str | None = None
+    templates: dict[str, Any] = field(default_factory=dict)
+    rewriter: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        _allowed("prompts.source", self.source, PROMPT_SOURCES)
+        if self.source == "file" and not self.file:
+            raise ValueError("Expected `prompts.file` for prompts.source = 'file', but got none.")
+        if self.source == "templates" and not self.templates.get("categories"):
+            raise ValueError("Expected `prompts.templates.categories` for prompts.source = 'templates', but got none.")
+
+
+@dataclass
+class ImageStageConfig:
+    """Stage 2. ``source``: diffusers (``model`` and the generation settings), folder
+    (``folder``) or photo_composites (``root``, ``canvas_size``, ``scale_range``).
+
+    Examples:
+        >>> ImageStageConfig(source="folder", folder="images").folder
+        'images'
+    """
+
+    source: str = "diffusers"
+    model: str | None = None
+    height: int = 512
+    width: int = 512
+    steps: int = 28
+    guidance_scale: float = 3.5
+    batch_size: int = 1
+    dtype: str = "bfloat16"
+    extra: dict[str, Any] = field(default_factory=dict)
+    folder: str | None = None
+    root: str | None = None
+    canvas_size: int = 256
+    scale_range: list[float] = field(default_factory=lambda: [0.3, 0.6])
+
+    def __post_init__(self) -> None:
+        _allowed("images.source", self.source, IMAGE_SOURCES)
+        need = {"diffusers": "model", "folder": "folder", "photo_composites": "root"}[self.source]
+        if not getattr(self, need):
+            raise ValueError(f"Expected `images.{need}` for images.source = {self.source!r}, but got none.")
+
+
+@dataclass
+class SubjectStageConfig:
+    """Stage 4. ``source``: models (``detector``, ``segmenter``) or files (``folder``; null: the
+    box files the images stage wrote; with ``segmenter`` set, boxes without masks are segmented).
+
+    Examples:
+        >>> SubjectStageConfig(source="files", segmenter=None).detector
+        'IDEA-Research/grounding-dino-base'
+    """
+
+    source: str = "models"
+    detector: str | None = "IDEA-Research/grounding-dino-base"
+    segmenter: str | None = "facebook/sam-vit-huge"
+    box_threshold: float = 0.35
+    text_threshold: float = 0.25
+    folder: str | None = None
+
+    def __post_init__(self) -> None:
+        _allowed("subjects.source", self.source, SUBJECT_SOURCES)
+        if self.source == "models" and not self.detector:
+            raise ValueError("Expected `subjects.detector` for subjects.source = 'models', but got none.")
+
+
+@dataclass
+class FilterStageConfig:
+    """Stage "filter": ``clip`` (a CLIP model), ``quality`` (`QUALITY_SCORES`) and the thresholds
+    of `FilterThresholds` (null turns one off).
+
+    Examples:
+        >>> FilterStageConfig(quality="sharpness", min_quality=20.0).min_quality
+        20.0
+    """
+
+    clip: str | None = None
+    quality: str | None = "sharpness"
+    min_clip: float | None = None
+    min_quality: float | None = None
+    exactly_once: bool = True
+    min_mask_score: float | None = None
+    min_subject_area: float | None = None
+    max_subject_area: float | None = None
+    max_box_iou: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.quality is not None:
+            _allowed("filter.quality", self.quality, QUALITY_SCORES)
+        if self.min_clip is not None and not self.clip:
+            raise ValueError("Expected `filter.clip` (a CLIP model) for filter.min_clip, but got none.")
+        if self.quality == "clip_iqa" and not self.clip:
+            raise ValueError("Expected `filter.clip` (a CLIP model) for filter.quality = 'clip_iqa', but got none.")
+        if self.min_quality is not None and self.quality is None:
+            raise ValueError("Expected `filter.quality` for filter.min_quality, but got none.")
+
+
+@dataclass
+class ReferenceStageConfig:
+    """Stage 5. ``source``: editor (``editor`` model, ``prompt``), cutout, files (``files``: JSON
+    ``{id: [path per subject]}``) or other_views (the images stage's other photos of each subject).
+
+    Examples:
+        >>> ReferenceStageConfig(source="editor", editor="black-forest-labs/FLUX.1-Kontext-dev").size
+        512
+    """
+
+    source: str = "cutout"
+    editor: str | None = None
+    prompt: str | None = None
+    size: int = 512
+    steps: int = 28
+    guidance_scale: float = 2.5
+    dtype: str = "bfloat16"
+    extra: dict[str, Any] = field(default_factory=dict)
+    margin: float = 0.1
+    background: float = 1.0
+    files: str | None = None
+
+    def __post_init__(self) -> None:
+        _allowed("references.source", self.source, REFERENCE_SOURCES)
+        if self.source == "editor" and not self.editor:
+            raise ValueError("Expected `references.editor` for references.source = 'editor', but got none.")
+        if self.source == "files" and not self.files:
+            raise ValueError("Expected `references.files` for references.source = 'files', but got none.")
+
+
+@dataclass
+class CorrespondenceStageConfig:
+    """Stage 6: extractors (`mosaic_kit.features.parse_extractor_spec` strings), sizes of the
+    manifest's images, the filter, eq. 2 policy, and the fewest pairs a reference must keep.
+
+    Examples:
+        >>> CorrespondenceStageConfig(extractors=["sift"], target_size=128, ref_size=64).disjoint
+        'confidence'
+    """
+
+    extractors: list[str] = field(default_factory=lambda: ["sift"])
+    grid: int = 64
+    target_size: int = 512
+    ref_size: int = 512
+    filter: str = "mutual"
+    cycle_radius: float = 1.0
+    consensus_radius: float = 0.0
+    disjoint: str = "confidence"
+    max_points: int = 0
+    min_pairs: int = 1
+
+    def __post_init__(self) -> None:
+        _allowed("correspondences.filter", self.filter, MATCH_FILTERS)
+        _allowed("correspondences.disjoint", self.disjoint, DISJOINT_POLICIES)
+        for name in ("target_size", "ref_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value % 16:
+                raise ValueError(f"Expected `correspondences.{name}` to be a positive multiple of 16, but got {value!r}.")
+
+
+@dataclass
+class DatasetBuildConfig:
+    """The whole pipeline: output folder, seed, device, one section per stage, and how many
+    samples each contact sheet shows (build one with `dataset_config_from_dict`).
+
+    Examples:
+        >>> config = DatasetBuildConfig(prompts=PromptStageConfig(source="file", file="prompts.json"),
+        ...                             images=ImageStageConfig(source="folder", folder="images"))
+        >>> config.references.source, config.correspondences.extractors
+        ('cutout', ['sift'])
+    """
+
+    out: str = "runs/dataset"
+    seed: int = 0
+    device: str = "cpu"
+    prompts: PromptStageConfig = field(default_factory=PromptStageConfig)
+    images: ImageStageConfig = field(default_factory=ImageStageConfig)
+    subjects: SubjectStageConfig = field(default_factory=SubjectStageConfig)
+    filter: FilterStageConfig = field(default_factory=FilterStageConfig)
+    references: ReferenceStageConfig = field(default_factory=ReferenceStageConfig)
+    correspondences: CorrespondenceStageConfig = field(default_factory=CorrespondenceStageConfig)
+    sheets: int = 4
+
+
+_SECTIONS = {"prompts": PromptStageConfig, "images": ImageStageConfig, "subjects": SubjectStageConfig,
+             "filter": FilterStageConfig, "references": ReferenceStageConfig,
+             "correspondences": CorrespondenceStageConfig}
+
+
+def dataset_config_from_dict(values: dict[str, Any]) -> DatasetBuildConfig:
+    """A `DatasetBuildConfig` from nested dicts (a parsed YAML file); unknown keys are errors.
+
+    Examples:
+        >>> config = dataset_config_from_dict({"prompts": {"source": "file", "file": "p.json"},
+        ...     "images": {"source": "folder", "folder": "imgs"}, "subjects": {"source": "files"}})
+        >>> config.images.source, config.references.source
+        ('folder', 'cutout')
+        >>> dataset_config_from_dict({"prompt": {}})
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected only the keys [...], but got unknown ['prompt'].
+    """
+    if not isinstance(values, dict):
+        raise ValueError(f"Expected the config to be a mapping, but got {type(values).__name__}.")
+    top = {f.name for f in dataclasses.fields(DatasetBuildConfig)}
+    unknown = sorted(set(values) - top)
+    if unknown:
+        raise ValueError(f"Expected only the keys {sorted(top)}, but got unknown {unknown}.")
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in _SECTIONS:
+            cls = _SECTIONS[key]
+            names = {f.name for f in dataclasses.fields(cls)}
+            bad = sorted(set(value or {}) - names)
+            if bad:
+                raise ValueError(f"Expected only the keys {sorted(names)} in `{key}`, but got unknown {bad}.")
+            kwargs[key] = cls(**(value or {}))
+        else:
+            kwargs[key] = value
+    return DatasetBuildConfig(**kwargs)
