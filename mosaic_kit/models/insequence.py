@@ -760,7 +760,7 @@ class CaptureProcessors:
         see `install_capture_processors`.
     """
 
-    def __init__(self, transformer, originals: dict, processors: dict, state: _State) -> None:
+    def __init__(self, transformer: torch.nn.Module, originals: dict, processors: dict, state: _State) -> None:
         self.transformer = transformer
         self.processors = processors
         self.block_names = tuple(processors)
@@ -824,7 +824,7 @@ class CaptureProcessors:
 
 
 def install_capture_processors(
-    transformer, blocks: str | Sequence[str] | Callable[[str], bool] = "all"
+    transformer: torch.nn.Module, blocks: str | Sequence[str] | Callable[[str], bool] = "all"
 ) -> CaptureProcessors:
     """Installs MOSAIC capture processors on a diffusers DiT with in-sequence references.
 
