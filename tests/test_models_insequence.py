@@ -23,6 +23,7 @@ from diffusers import (  # noqa: E402
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
 )
+from diffusers.models.attention_dispatch import AttentionBackendName  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
 from mosaic_kit.attention import RefTargetCapture, dense_ref_target_attention  # noqa: E402
@@ -457,3 +458,25 @@ def test_layout_split_is_the_explicit_gather_for_any_placement(data):
         p = perms[0 if shared else b].tolist()
         assert torch.equal(ref_q[b], query[b, [offset + i for i in p[n_tgt:n_tgt + sum(refs)]]].transpose(0, 1))
         assert torch.equal(tgt_k[b], key[b, [offset + i for i in p[:n_tgt]]].transpose(0, 1))
+
+
+@pytest.mark.parametrize("before_install", [True, False], ids=["backend-set-before", "backend-set-after"])
+def test_the_attention_backend_is_respected(before_install):
+    """A backend chosen with `set_attention_backend` (before or after installing) is the one the
+    active path dispatches to: its output equals the stock model's under the same backend."""
+    model, inputs, *_ = _qwen_case(1)
+    stock_model, *_ = _qwen_case(1)
+    stock_model.set_attention_backend("_native_math")
+    if before_install:
+        model.set_attention_backend("_native_math")
+    handle = install_capture_processors(model)
+    if not before_install:
+        model.set_attention_backend("_native_math")
+    assert all(AttentionBackendName(p._attention_backend) is AttentionBackendName._NATIVE_MATH
+               for p in handle.processors.values())
+    corr = _corr(1, TGT, REF)
+    with torch.no_grad():
+        with handle.capture(RefTargetCapture(corr), _layout("concatenated", 1)) as capture:
+            active = _output(model, inputs)
+        assert torch.equal(active, _output(stock_model, inputs))
+    assert capture.num_blocks == 2
