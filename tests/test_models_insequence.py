@@ -480,3 +480,32 @@ def test_the_attention_backend_is_respected(before_install):
             active = _output(model, inputs)
         assert torch.equal(active, _output(stock_model, inputs))
     assert capture.num_blocks == 2
+
+
+def test_sd3_without_qk_norm_feeds_the_plain_projections():
+    """SD3-medium has no q/k norm: the softmax sees the projections themselves (hooked on to_q/to_k)."""
+    model = _seeded(lambda: SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16))
+    _, inputs, *_ = _sd3_case(1)
+    with torch.no_grad():
+        stock = _output(model, inputs)
+    handle = install_capture_processors(model)
+    records = {}
+    hooks = [
+        getattr(model.get_submodule(block).attn, name).register_forward_hook(
+            lambda module, args, output, key=(block, name): records.__setitem__(key, output))
+        for block in handle.block_names for name in ("to_q", "to_k")
+    ]
+    corr = _corr(1, 16, 16)
+    with torch.no_grad(), handle.capture(RefTargetCapture(corr), _sd3_layout()) as capture:
+        active = _output(model, inputs)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(active, stock)
+    qk = [tuple(records[(block, name)].unflatten(-1, (2, 8)) for name in ("to_q", "to_k")) for block in handle.block_names]
+    pair_log, rows = _dense_stats(qk, _explicit_positions("canvas", 1), corr)
+    out = capture.result()
+    torch.testing.assert_close(out.pair_log_probs, pair_log, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out.ref_rows, rows, rtol=1e-9, atol=1e-10)
