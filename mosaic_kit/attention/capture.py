@@ -335,7 +335,8 @@ class RefTargetCapture:
             UserWarning: grad mode is on but neither ``query`` nor ``key`` requires grad (a
                 loss from this capture would train nothing).
 
-        Example (inside a checkpointed block, as with diffusers' gradient checkpointing):
+        Example:
+            >>> # inside a checkpointed block, as with diffusers' gradient checkpointing
             >>> from torch.utils.checkpoint import checkpoint
             >>> corr = Correspondences.from_dicts([[{0: 1}]], ref_tokens=[2], tgt_tokens=3)
             >>> capture = RefTargetCapture(corr, aggregate="all")

@@ -298,7 +298,8 @@ class MosaicObjective(nn.Module):
             An `ObjectiveOutput`; its ``flow_matching`` (alias ``diffusion``) is
             ``diffusion_loss`` in float32 (float64 for float64 inputs).
 
-        Example (epsilon prediction, as a DDPM-trained model):
+        Example:
+            >>> # epsilon prediction, as a DDPM-trained model
             >>> import torch.nn.functional as F
             >>> corr = Correspondences.from_dicts([[{0: 0}, {0: 1}]], ref_tokens=[1, 1], tgt_tokens=2)
             >>> noise = torch.randn(1, 4, 8, 8)
