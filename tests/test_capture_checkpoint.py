@@ -9,6 +9,8 @@ import warnings
 import pytest
 import torch
 from helpers import random_corr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from mosaic_kit import finite_checks
@@ -220,3 +222,27 @@ def test_non_finite_inputs_raise_while_checks_are_on(name, bad):
     with finite_checks(False):  # off (the default in training): no device sync, no check
         capture.add(tensors["query"], tensors["key"])
     assert capture.num_blocks == 1
+
+
+@settings(max_examples=12)
+@given(
+    seed=st.integers(0, 10_000),
+    batch=st.integers(1, 2),
+    refs=st.integers(1, 3),
+    blocks=st.integers(1, 3),
+    aggregate=st.sampled_from(["points", "all", None]),
+    chunk_rows=st.integers(1, 6),
+)
+def test_checkpointing_never_changes_values_or_block_counts(seed, batch, refs, blocks, aggregate, chunk_rows):
+    corr = random_corr(seed, batch, refs, tgt_tokens=7)
+    model = ToyBlocks(corr, blocks=blocks, seed=seed)
+    x = _inputs(corr, seed=seed)
+    weights = [torch.ones(corr.point_mask.shape, dtype=torch.float64),
+               torch.ones(corr.batch_size, corr.num_refs, corr.tgt_tokens, dtype=torch.float64), torch.ones_like(x)]
+    kwargs = dict(aggregate=aggregate, max_chunk_elements=chunk_rows * batch * HEADS * corr.tgt_tokens)
+    plain, plain_grads, _, _ = _run(model, x, corr, None, weights, **kwargs)
+    checked, checked_grads, _, _ = _run(model, x, corr, False, weights, **kwargs)
+    assert torch.equal(checked.pair_log_probs, plain.pair_log_probs)
+    assert checked.num_blocks == plain.num_blocks == blocks
+    for a, b in zip(checked_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
