@@ -277,26 +277,28 @@ class SequenceLayout:
 
     # -- the gather ---------------------------------------------------------------------------------
     def _take(self, x: torch.Tensor, index: torch.Tensor, offset: int, seq_dim: int) -> torch.Tensor:
+        """``x``'s tokens at ``index + offset`` on ``seq_dim``: a view for a shared contiguous run,
+        ``index_select`` for a shared layout, ``gather`` per sample otherwise (indices cached per
+        device, so a training step moves nothing to the device after the first)."""
+        count = index.shape[1]
+        key = (id(index), offset, x.device)
+        if key not in self._runs:
+            positions = index + offset
+            start = int(positions[0, 0])
+            contiguous = self.shared and torch.equal(positions[0], torch.arange(start, start + count))
+            self._runs[key] = start if contiguous else positions.to(x.device)
+        run = self._runs[key]
+        if isinstance(run, int):
+            return x.narrow(seq_dim, run, count)
         if self.shared:
-            key = (id(index), offset, x.device)
-            if key not in self._runs:
-                positions = index[0] + offset
-                start = int(positions[0])
-                contiguous = torch.equal(positions, torch.arange(start, start + positions.numel()))
-                self._runs[key] = start if contiguous else positions.to(x.device)
-            run = self._runs[key]
-            if isinstance(run, int):
-                return x.narrow(seq_dim, run, index.shape[1])
-            return x.index_select(seq_dim, run)
-        if x.shape[0] != index.shape[0]:
-            raise ValueError(f"Expected a batch of {index.shape[0]} samples (the layout's B), but got {x.shape[0]}.")
-        shape = [-1, -1, -1, -1]
-        shape[seq_dim] = index.shape[1]
-        view = [index.shape[0], 1, 1, 1]
-        view[seq_dim] = index.shape[1]
-        return x.gather(seq_dim, (index.to(x.device) + offset).view(view).expand(*(
-            s if i != seq_dim else index.shape[1] for i, s in enumerate(x.shape)
-        )))
+            return x.index_select(seq_dim, run[0])
+        if x.shape[0] != run.shape[0]:
+            raise ValueError(f"Expected a batch of {run.shape[0]} samples (the layout's B), but got {x.shape[0]}.")
+        view = [run.shape[0], 1, 1, 1]
+        view[seq_dim] = count
+        expanded = list(x.shape)
+        expanded[seq_dim] = count
+        return x.gather(seq_dim, run.view(view).expand(expanded))
 
     def split(
         self, query: torch.Tensor, key: torch.Tensor, image_offset: int, seq_dim: int
@@ -340,11 +342,15 @@ class _State:
     def target(self) -> tuple[RefTargetCapture, SequenceLayout] | None:
         """The capture to feed now: the active one, or during a backward pass (a non-reentrant
         checkpoint recomputing a block, torch's signal as in `torch.utils.module_tracker`) the
-        last one cleared; None: run the stock processor."""
+        last one cleared; None: run the stock processor. A forward outside any backward that
+        builds a graph starts another step: the last capture is forgotten then."""
         if self.capture is not None:
             return self.capture, self.layout
-        if self.replay is not None and torch._C._current_graph_task_id() != -1:
-            return self.replay
+        if self.replay is not None:
+            if torch._C._current_graph_task_id() != -1:
+                return self.replay
+            if torch.is_grad_enabled():
+                self.replay = None
         return None
 
 
@@ -795,7 +801,9 @@ class CaptureProcessors:
         One exception keeps gradient checkpointing exact: a backward pass that recomputes
         checkpointed blocks feeds the last cleared capture again (the capture recognises the
         recomputation and counts each block once), so the backward may come after the ``with``.
-        Call backward before the next capture's forward; `set_capture` and `remove` forget it.
+        Call it before the next forward that builds a graph (forwards under ``no_grad``, e.g.
+        validation or sampling, may come between); that forward, `set_capture` and `remove`
+        forget the cleared capture.
         """
         state = self._state
         if state.capture is not None:
