@@ -77,7 +77,9 @@ def _run(model, x, corr, checkpointing, weights, **capture_kwargs):
     out = capture.result()
     blocks_before = capture.num_blocks
     loss = _loss(out, hidden, weights)
-    grads = torch.autograd.grad(loss, [x, *model.parameters()])
+    inputs = [x, *model.parameters()]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)  # q/k weights unused when nothing is annotated
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
     assert capture.num_blocks == blocks_before == len(model.qk)  # recomputation added nothing
     return out, grads, [q.detach() for q in queries], [k.detach() for k in keys]
 
