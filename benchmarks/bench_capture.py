@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
     print(f"bench_capture: preset {args.preset} {cfg} on {device}, median of {args.repeats} runs", flush=True)
     common = ["--preset", args.preset, "--device", device, "--repeats", str(args.repeats)]
-    report = {"preset": args.preset, "config": cfg, "hardware": hardware_info(device), "repeats": args.repeats}
+    report = {"preset": args.preset, "config": cfg, "hardware": hardware_info(device), "repeats": args.repeats,
+              "worker_threads": 1}
     settings = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     for checkpointing in settings:
         flag = ["--checkpointing", "on" if checkpointing else "off"]

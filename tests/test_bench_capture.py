@@ -62,7 +62,7 @@ def test_benchmark_runs_and_writes_its_report(tmp_path):
     assert set(saved["ratios"]["mosaic_kit"]) == {"memory", "memory_grads_consumed", "speed"}
     assert "capture_checkpointing" not in saved
     assert saved["scal"]["points"] == 64 and saved["scal"]["speed_ratio"] > 1
-    assert saved["hardware"]["device"] == "cpu"
+    assert saved["hardware"]["device"] == "cpu" and saved["worker_threads"] == 1
 
 
 def test_checkpointing_worker_measures_both_methods():
