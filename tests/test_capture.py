@@ -187,7 +187,8 @@ def test_bad_arguments_and_state():
         capture.result()
     with pytest.raises(ValueError, match="floating dtype"):
         capture.add(torch.ones(1, 1, 4, 2, dtype=torch.long), torch.ones(1, 1, 6, 2, dtype=torch.long))
-    capture.add(torch.randn(1, 2, 4, 3), torch.randn(1, 2, 6, 3))
+    with pytest.warns(UserWarning, match="would train nothing"):  # grad mode on, nothing requires grad
+        capture.add(torch.randn(1, 2, 4, 3), torch.randn(1, 2, 6, 3))
     with pytest.raises(ValueError, match=r"every block with \(H, D\) = \(2, 3\), but got \(4, 3\)"):
         capture.add(torch.randn(1, 4, 4, 3), torch.randn(1, 4, 6, 3))
     with pytest.raises(ValueError, match="float64"):

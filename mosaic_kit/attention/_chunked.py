@@ -9,9 +9,16 @@ over chunks of a list of query rows ``r`` (``R`` of them) and computes in one pa
   at the pair's target;
 - ``rows[b, k, t] = sum_r weight[b, k, r] * mean_h p_h(r, t)``: weighted mean attention rows.
 
-Neither the ``R × N_tgt`` probabilities nor the logits are kept: the forward saves only the
+Neither the ``R × N_tgt`` probabilities nor the logits are kept: the forward keeps only the
 per-row log-sum-exp ``(B, H, R)`` and the per-pair values; the backward recomputes each chunk's
 softmax from the saved queries and keys, one chunk at a time (flash-attention style).
+
+Activation checkpointing: only the query and key go through ``ctx.save_for_backward`` (so
+autograd's saved-tensor hooks, e.g. non-reentrant ``torch.utils.checkpoint``, may drop and
+recompute them), and ``backward`` reads ``ctx.saved_tensors`` exactly once (checkpoint allows one
+unpack per saved tensor). The small statistics (log-sum-exps, pair values) live on ``ctx`` and
+are never recomputed, so a checkpoint's recomputation only has to *replay* the function: with
+``replay=True`` it saves the same two tensors and computes nothing.
 
 Gradients (per head ``h``, row ``r``, target ``t``; ``δ`` the Kronecker delta):
 
@@ -73,17 +80,28 @@ def _rows_of(query: torch.Tensor, rows: torch.Tensor | None, start: int, stop: i
 
 
 class TargetSoftmaxStats(torch.autograd.Function):
-    """See the module docstring. ``apply(query, key, plan, scale)`` with ``query``
+    """See the module docstring. ``apply(query, key, plan, scale, replay=False)`` with ``query``
     ``(B, H, N_q, D)`` and ``key`` ``(B, H, N_tgt, D)`` returns ``(pair (n,), rows (B, K, N_tgt) or
-    an empty tensor)`` in the compute dtype (float64 for float64 inputs, else float32)."""
+    an empty tensor)`` in the compute dtype (float64 for float64 inputs, else float32). With
+    ``replay=True`` (a checkpoint's recomputation) it only saves ``query`` and ``key`` and
+    returns two empty tensors."""
 
     @staticmethod
-    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, plan: Plan, scale: float):  # type: ignore[override]
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, plan: Plan, scale: float, replay: bool = False):  # type: ignore[override]
+        ctx.plan, ctx.scale = plan, scale
+        ctx.save_for_backward(query, key)  # the only tensors autograd's hooks see
+        if replay:
+            ctx.lse = ctx.pair = None
+            empty = query.new_empty(0, dtype=compute_dtype(query.dtype))
+            return empty, empty.clone()
         with torch.autocast(query.device.type, enabled=False):  # loss math stays in the compute dtype
-            return TargetSoftmaxStats._forward(ctx, query, key, plan, scale)
+            lse, pair, agg = TargetSoftmaxStats._forward(query, key, plan, scale)
+        # A private copy of `pair`: the output itself may be changed in place by the caller.
+        ctx.lse, ctx.pair = lse, pair.detach().clone()
+        return pair, agg
 
     @staticmethod
-    def _forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, plan: Plan, scale: float):
+    def _forward(query: torch.Tensor, key: torch.Tensor, plan: Plan, scale: float):
         dtype = compute_dtype(query.dtype)
         batch, heads, num_q, _ = query.shape
         num_t = key.shape[2]
@@ -111,24 +129,32 @@ class TargetSoftmaxStats(torch.autograd.Function):
             lse[:, :, start:stop] = chunk_lse
             if hi > lo:
                 pair[lo:hi] = torch.logsumexp(pair_logits - chunk_lse[b, :, r], dim=1)
-        ctx.plan, ctx.scale = plan, scale
-        ctx.save_for_backward(query, key, lse, pair)
-        return pair, agg
+        return lse, pair, agg
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_pair: torch.Tensor | None, grad_agg: torch.Tensor | None):  # type: ignore[override]
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
-            return TargetSoftmaxStats._backward(ctx, grad_pair, grad_agg)
+        query, key = ctx.saved_tensors  # exactly once: checkpoint allows one unpack per tensor
+        if ctx.lse is None:
+            raise RuntimeError("Internal error: backward through a replayed capture block (it has no statistics).")
+        with torch.autocast(query.device.type, enabled=False):
+            return TargetSoftmaxStats._backward(ctx, query, key, ctx.lse, ctx.pair, grad_pair, grad_agg)
 
     @staticmethod
-    def _backward(ctx: Any, grad_pair: torch.Tensor | None, grad_agg: torch.Tensor | None):
-        query, key, lse, pair = ctx.saved_tensors
+    def _backward(
+        ctx: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        lse: torch.Tensor,
+        pair: torch.Tensor,
+        grad_pair: torch.Tensor | None,
+        grad_agg: torch.Tensor | None,
+    ):
         plan: Plan = ctx.plan
         use_pair = grad_pair is not None and pair.numel() > 0
         use_agg = grad_agg is not None and plan.weights is not None
         if not (use_pair or use_agg):
-            return None, None, None, None
+            return None, None, None, None, None
         dtype, scale = lse.dtype, ctx.scale
         batch, heads, num_q, dim = query.shape
         num_rows = lse.shape[2]
@@ -172,4 +198,4 @@ class TargetSoftmaxStats(torch.autograd.Function):
                 index = plan.rows[:, None, start:stop, None].expand(batch, heads, -1, dim)
                 grad_q.scatter_add_(2, index, grad_q_chunk)
             grad_k.add_(torch.matmul(grad_s.transpose(-1, -2), q))
-        return grad_q.to(query.dtype), grad_k.to(key.dtype), None, None
+        return grad_q.to(query.dtype), grad_k.to(key.dtype), None, None, None

@@ -49,33 +49,46 @@ def row_logsumexp(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch
 
 
 class FusedPairStats(torch.autograd.Function):
-    """``apply(query_rows, key, pair_batch, pair_pos, pair_target, scale)`` with
+    """``apply(query_rows, key, pair_batch, pair_pos, pair_target, scale, replay=False)`` with
     ``query_rows`` ``(B, H, R, D)`` (the annotated rows), ``key`` ``(B, H, N_tgt, D)`` and the flat
-    pair indices; returns ``pair (n,)`` = ``logsumexp_h log p_h(r_i, v_i)`` in the compute dtype."""
+    pair indices; returns ``pair (n,)`` = ``logsumexp_h log p_h(r_i, v_i)`` in the compute dtype.
+
+    As in `TargetSoftmaxStats`, only ``query_rows`` and ``key`` go through
+    ``ctx.save_for_backward`` (read once in backward); the indices and the small statistics live
+    on ``ctx``, and ``replay=True`` (a checkpoint's recomputation) saves the two tensors and
+    computes nothing."""
 
     @staticmethod
-    def forward(ctx: Any, query_rows, key, pair_batch, pair_pos, pair_target, scale: float):  # type: ignore[override]
+    def forward(ctx: Any, query_rows, key, pair_batch, pair_pos, pair_target, scale: float, replay: bool = False):  # type: ignore[override]
         dtype = compute_dtype(query_rows.dtype)
         ctx.scale = scale
-        if pair_pos.numel() == 0:  # no pairs: nothing to compute (and kernels reject empty rows)
-            ctx.save_for_backward(query_rows, key, pair_batch, pair_pos, pair_target, query_rows.new_empty(0), query_rows.new_empty(0))
+        ctx.save_for_backward(query_rows, key)  # the only tensors autograd's hooks see
+        ctx.pair_index = (pair_batch, pair_pos, pair_target)
+        ctx.lse = ctx.pair = None
+        if replay or pair_pos.numel() == 0:  # replay, or no pairs (kernels reject empty rows)
+            ctx.empty = pair_pos.numel() == 0
             return query_rows.new_empty(0, dtype=dtype)
+        ctx.empty = False
         with torch.autocast(query_rows.device.type, enabled=False):
             lse = row_logsumexp(query_rows, key, scale).to(dtype)
             b, r, v = pair_batch, pair_pos, pair_target
             logits = (query_rows[b, :, r].to(dtype) * key[b, :, v].to(dtype)).sum(-1) * scale  # (n, H)
             pair = torch.logsumexp(logits - lse[b, :, r], dim=1)
-        ctx.save_for_backward(query_rows, key, pair_batch, pair_pos, pair_target, lse, pair)
+        ctx.lse, ctx.pair = lse, pair.detach().clone()
         return pair
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_pair: torch.Tensor):  # type: ignore[override]
-        query_rows, key, b, r, v, lse, pair = ctx.saved_tensors
-        if r.numel() == 0:
-            return None, None, None, None, None, None
+        query_rows, key = ctx.saved_tensors  # exactly once: checkpoint allows one unpack per tensor
+        if ctx.empty:
+            return None, None, None, None, None, None, None
+        if ctx.lse is None:
+            raise RuntimeError("Internal error: backward through a replayed capture block (it has no statistics).")
+        b, r, v = ctx.pair_index
         with torch.autocast(query_rows.device.type, enabled=False):
-            return FusedPairStats._backward(ctx, grad_pair, query_rows, key, b, r, v, lse, pair)
+            grads = FusedPairStats._backward(ctx, grad_pair, query_rows, key, b, r, v, ctx.lse, ctx.pair)
+        return grads + (None,)
 
     @staticmethod
     def _backward(ctx: Any, grad_pair, query_rows, key, b, r, v, lse, pair):

@@ -22,9 +22,12 @@ log-probabilities minus $\\log(L H)$, and the rows are accumulated as ``(B, K, N
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import FunctionCtx
 
 from ..correspondence import Correspondences
 from ..correspondence._checks import (
@@ -34,6 +37,7 @@ from ..correspondence._checks import (
     check_shape,
     compute_dtype,
 )
+from ..correspondence._finite import check_finite
 from ._chunked import Plan, TargetSoftmaxStats
 from ._fused import FusedPairStats
 
@@ -69,7 +73,8 @@ class CaptureResult:
     Example:
         >>> corr = Correspondences.from_dicts([[{0: 1}]], ref_tokens=[2], tgt_tokens=3)
         >>> capture = RefTargetCapture(corr, aggregate="all")
-        >>> capture.add(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 3, 4))  # uniform attention
+        >>> with torch.no_grad():  # evaluation: no gradients needed
+        ...     capture.add(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 3, 4))  # uniform attention
         >>> out = capture.result()
         >>> out.pair_log_probs.exp(), out.ref_rows, (out.num_blocks, out.num_heads)
         (tensor([[[0.3333]]]), tensor([[[0.3333, 0.3333, 0.3333]]]), (1, 2))
@@ -81,6 +86,42 @@ class CaptureResult:
     corr: Correspondences
     num_blocks: int
     num_heads: int
+
+
+def _in_backward_pass() -> bool:
+    """True while autograd's engine runs a backward pass on this thread.
+
+    A capture's ``add`` called then is a non-reentrant checkpoint's recomputation of a block that
+    was already fed in the forward (checkpoint recomputes inside the backward, when the first
+    saved tensor of the region is unpacked). torch's own trackers use the same signal
+    (``torch.utils.module_tracker``).
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def _inside_function_forward(max_depth: int = 64) -> bool:
+    """True when called (at most ``max_depth`` frames down) from the ``forward`` of a custom
+    ``torch.autograd.Function``, which runs under no_grad: what reentrant checkpointing
+    (``torch.utils.checkpoint(..., use_reentrant=True)``, DeepSpeed's) wraps the block in."""
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "forward" and code.co_argcount >= 1:
+            if isinstance(frame.f_locals.get(code.co_varnames[0]), FunctionCtx):
+                return True
+        frame = frame.f_back
+    return False
+
+
+_REENTRANT_MESSAGE = (
+    "`add` was called inside the forward of a custom autograd Function, such as "
+    "torch.utils.checkpoint(..., use_reentrant=True), which runs it under no_grad: the captured statistics "
+    "would carry no graph and a loss from them would train nothing. "
+    "Use non-reentrant checkpointing, `checkpoint(fn, ..., use_reentrant=False)` (what diffusers' "
+    "enable_gradient_checkpointing() does), or feed the capture outside the checkpointed function."
+)
 
 
 def _points_weights(corr: Correspondences, dtype: torch.dtype) -> torch.Tensor:
@@ -113,6 +154,24 @@ class RefTargetCapture:
 
     Loss math runs in float32 (float64 for float64 inputs) whatever the model dtype; gradients
     flow to the queries and keys in their own dtype.
+
+    Life cycle: one capture per forward pass. Create it (or `reset` it), feed every chosen block,
+    take `result`, build the loss and backpropagate; then `reset` before the next forward (for
+    gradient accumulation: per micro-batch). Feeding a capture again after its `result` was taken
+    raises `ValueError` instead of mixing two steps.
+
+    Activation checkpointing: `add` may be called inside a function checkpointed with
+    ``torch.utils.checkpoint(fn, ..., use_reentrant=False)`` (diffusers'
+    ``enable_gradient_checkpointing()``). Only the fed query and key are saved through autograd
+    (so the checkpoint frees and recomputes them), the recomputation in backward replays `add`
+    without recording a second block, and values and gradients equal the unchecked run. Inside a
+    reentrant checkpoint (``use_reentrant=True``, which runs its function under no_grad) `add`
+    (or in any custom autograd Function's forward) raises `RuntimeError`, since a loss from it
+    would train nothing.
+
+    Non-finite values: while `mosaic_kit.finite_checks` is on, `add` raises `ValueError` for
+    NaN or inf in the query or key, and `result` for non-finite statistics (one device sync each;
+    off by default).
 
     Args:
         corr: the correspondences of the batch (moved to the queries' device on first use).
@@ -177,11 +236,14 @@ class RefTargetCapture:
 
     # -- state --------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forgets every fed block (call between training steps when reusing the object)."""
+        """Forgets every fed block and the taken result (call between training steps, or between
+        micro-batches, when reusing the object)."""
         self._pair_blocks: list[torch.Tensor] = []
         self._rows_sum: torch.Tensor | None = None
         self._num_heads: int | None = None
         self._head_dim: int | None = None
+        self._result_taken = False
+        self._warned_no_grad = False
 
     @property
     def num_blocks(self) -> int:
@@ -255,10 +317,39 @@ class RefTargetCapture:
     def add(self, query: torch.Tensor, key: torch.Tensor) -> None:
         """Feeds one block.
 
+        Safe inside a non-reentrant checkpointed function: called again by the checkpoint's
+        recomputation during backward, it replays the block without counting it twice.
+
         Args:
             query: ``(B, H, N_ref_total, D)`` post-RoPE queries of all reference tokens (the K
                 references concatenated in slot order).
             key: ``(B, H, N_tgt, D)`` post-RoPE keys of the target tokens.
+
+        Raises:
+            ValueError: bad shapes or dtypes; a capture whose `result` was taken and that was not
+                `reset`; NaN or inf in ``query`` or ``key`` while `mosaic_kit.finite_checks` is on.
+            RuntimeError: inside ``torch.utils.checkpoint(..., use_reentrant=True)`` (or any
+                custom autograd Function's forward, which runs under no_grad).
+
+        Warns:
+            UserWarning: grad mode is on but neither ``query`` nor ``key`` requires grad (a
+                loss from this capture would train nothing).
+
+        Example:
+            >>> # inside a checkpointed block, as with diffusers' gradient checkpointing
+            >>> from torch.utils.checkpoint import checkpoint
+            >>> corr = Correspondences.from_dicts([[{0: 1}]], ref_tokens=[2], tgt_tokens=3)
+            >>> capture = RefTargetCapture(corr, aggregate="all")
+            >>> weight = torch.randn(8, 8, requires_grad=True)
+            >>> def block(x):  # a toy block: q, k projections; the capture is fed inside
+            ...     qk = (x @ weight).view(1, 5, 2, 4).transpose(1, 2)  # (B, H, tokens, D)
+            ...     capture.add(qk[:, :, :2], qk[:, :, 2:])  # reference queries, target keys
+            ...     return x @ weight
+            >>> out = checkpoint(block, torch.randn(1, 5, 8), use_reentrant=False)
+            >>> loss = capture.result().pair_log_probs.sum() + out.sum()
+            >>> loss.backward()  # recomputes the block, which calls `add` again
+            >>> capture.num_blocks, weight.grad.shape
+            (1, torch.Size([8, 8]))
         """
         corr = self.corr
         check_shape("query", query, [corr.batch_size, None, corr.total_ref_tokens, None], "(B, H, N_ref_total, D)")
@@ -274,6 +365,9 @@ class RefTargetCapture:
             raise ValueError(
                 f"Expected every block with (H, D) = ({self._num_heads}, {self._head_dim}), but got ({heads}, {dim})."
             )
+        replay = _in_backward_pass()  # a checkpoint recomputing a block fed in the forward
+        if not replay:
+            self._check_feeding(query, key)
         dtype = compute_dtype(query.dtype)
         prepared = self._prepare(query.device, dtype)
         scale = self.scale if self.scale is not None else dim**-0.5
@@ -282,23 +376,54 @@ class RefTargetCapture:
         fused = self.backend == "fused" or (
             self.backend == "auto" and self.aggregate is None and query.is_cuda and query.dtype in _FUSED_AUTO_DTYPES
         )
+        # A replay runs the same ops that save tensors for backward (the checkpoint matches them
+        # by order) but computes and records nothing.
         if fused:
             rows_index = prepared["rows"]
             query_rows = query.gather(2, rows_index[:, None, :, None].expand(-1, heads, -1, dim))
             pair = FusedPairStats.apply(
-                query_rows, key, prepared["pair_batch"], prepared["pair_pos"], prepared["pair_target"], scale
+                query_rows, key, prepared["pair_batch"], prepared["pair_pos"], prepared["pair_target"], scale, replay
             )
             rows = None
         else:
-            pair, rows = TargetSoftmaxStats.apply(query, key, self._plan(prepared, heads), scale)
+            pair, rows = TargetSoftmaxStats.apply(query, key, self._plan(prepared, heads), scale, replay)
+        if replay:
+            return
         self._pair_blocks.append(pair)
         if self.aggregate is not None:
             self._rows_sum = rows if self._rows_sum is None else self._rows_sum + rows
 
+    def _check_feeding(self, query: torch.Tensor, key: torch.Tensor) -> None:
+        """The checks of a forward-pass `add` (not of a checkpoint's replay)."""
+        if self._result_taken:
+            raise ValueError(
+                f"Expected a fresh capture, but got one whose `result()` was already taken after {self.num_blocks} "
+                "block(s): call `reset()` before feeding the next forward pass (or micro-batch), so that two steps "
+                "never mix."
+            )
+        if not torch.is_grad_enabled():
+            if _inside_function_forward():
+                raise RuntimeError(_REENTRANT_MESSAGE)
+        elif not (query.requires_grad or key.requires_grad) and not self._warned_no_grad:
+            self._warned_no_grad = True
+            warnings.warn(
+                "RefTargetCapture.add: grad mode is on but neither `query` nor `key` requires grad, so a loss "
+                "from this capture would train nothing (were they detached, or computed under no_grad?).",
+                UserWarning,
+                stacklevel=3,
+            )
+        check_finite("query", query)
+        check_finite("key", key)
+
     def result(self) -> CaptureResult:
-        """The statistics averaged over the fed blocks and heads (see `CaptureResult`)."""
+        """The statistics averaged over the fed blocks and heads (see `CaptureResult`).
+
+        After this, `add` raises until `reset` (a capture serves one forward pass). While
+        `mosaic_kit.finite_checks` is on, raises `ValueError` for non-finite statistics.
+        """
         if not self._pair_blocks:
             raise ValueError("Expected at least one block fed with `add(query, key)` before `result()`, but got none.")
+        self._result_taken = True
         prepared = self._prepared
         assert prepared is not None and self._num_heads is not None
         blocks = len(self._pair_blocks)
@@ -307,6 +432,9 @@ class RefTargetCapture:
         pair_log_probs = log_mean.new_zeros(corr.point_mask.numel()).scatter(0, prepared["pair_flat"], log_mean)
         pair_log_probs = pair_log_probs.view(corr.point_mask.shape)
         rows = None if self._rows_sum is None else self._rows_sum / blocks
+        check_finite("pair_log_probs", pair_log_probs)
+        if rows is not None:
+            check_finite("ref_rows", rows)
         return CaptureResult(
             pair_log_probs=pair_log_probs,
             ref_rows=rows,

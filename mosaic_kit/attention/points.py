@@ -6,6 +6,7 @@ import torch
 
 from ..correspondence import Correspondences
 from ..correspondence._checks import check_shape
+from .capture import _in_backward_pass
 
 
 class PointAttentionRows:
@@ -37,7 +38,13 @@ class PointAttentionRows:
 
     @torch.no_grad()
     def add(self, query: torch.Tensor, key: torch.Tensor) -> None:
-        """Feeds one block: ``query (B, H, N_ref_total, D)``, ``key (B, H, N_tgt, D)`` (post-RoPE)."""
+        """Feeds one block: ``query (B, H, N_ref_total, D)``, ``key (B, H, N_tgt, D)`` (post-RoPE).
+
+        Inside a checkpointed function, the checkpoint's recomputation during backward calls it
+        again: such calls are ignored, so no block counts twice.
+        """
+        if _in_backward_pass():
+            return
         corr = self.corr
         check_shape("query", query, [corr.batch_size, None, corr.total_ref_tokens, None], "(B, H, N_ref_total, D)")
         heads, dim = query.shape[1], query.shape[3]

@@ -1,4 +1,9 @@
-"""The MOSAIC training objective (eq. 15): flow matching + α·SCAL + β·MDL."""
+"""The MOSAIC training objective (eq. 15): a diffusion loss + α·SCAL + β·MDL.
+
+The paper trains FLUX with flow matching, and `MosaicObjective.forward` computes that loss
+itself. Any other diffusion loss (epsilon, v or x0 prediction, any timestep weighting) goes
+through `MosaicObjective.combine`, which takes the scalar the caller already computed.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from torch import nn
 
 from ..attention import AGGREGATES, CaptureResult
 from ..correspondence import Correspondences
-from ..correspondence._checks import check_int, check_option, check_shape
+from ..correspondence._checks import check_int, check_option, check_shape, compute_dtype
+from ..correspondence._finite import check_finite
 from ._mdl import MDL_DIVERGENCES, mdl
 from ._reduce import check_eps
 from ._scal import SCAL_REDUCTIONS, scal
@@ -140,7 +146,10 @@ class ObjectiveOutput:
 
     Args:
         loss: scalar total, ``flow_matching + scal_weight·scal + mdl_weight·mdl``.
-        flow_matching: scalar flow-matching term.
+        flow_matching: scalar diffusion term: the flow-matching loss from
+            `MosaicObjective.forward`, or the caller's loss given to `MosaicObjective.combine`
+            (whatever its parameterisation; the name stays for compatibility, `diffusion` is
+            the same tensor under a neutral name).
         scal: scalar SCAL value (unweighted).
         mdl: scalar MDL value (unweighted).
         scal_weight: α at this step.
@@ -159,6 +168,11 @@ class ObjectiveOutput:
     scal_weight: float
     mdl_weight: float
 
+    @property
+    def diffusion(self) -> torch.Tensor:
+        """The diffusion term (the same tensor as ``flow_matching``), whatever its parameterisation."""
+        return self.flow_matching
+
 
 def _as_schedule(name: str, value: float | Schedule) -> Schedule:
     if isinstance(value, (ConstantSchedule, LinearRampSchedule)):
@@ -170,6 +184,10 @@ def _as_schedule(name: str, value: float | Schedule) -> Schedule:
 
 class MosaicObjective(nn.Module):
     """The MOSAIC training objective, eq. 15: ``L = L_flow_matching + α·SCAL + β·MDL``.
+
+    `forward` computes the flow-matching loss of FLUX-style models (velocity ``noise - latents``)
+    and adds the weighted terms; `combine` adds them to any diffusion loss the caller has already
+    computed (epsilon, v, flow or x0 prediction; any weighting), so the objective serves any model.
 
     Args:
         scal_weight: α, a number or a schedule (paper: 0.4).
@@ -251,9 +269,61 @@ class MosaicObjective(nn.Module):
         Returns:
             An `ObjectiveOutput` with the total and every term.
         """
+        return self.combine(flow_matching_loss(model_pred, noise, latents), attention, corr, step=step)
+
+    def combine(
+        self,
+        diffusion_loss: torch.Tensor,
+        attention: CaptureResult | torch.Tensor | None,
+        corr: Correspondences | None,
+        step: int = 0,
+    ) -> ObjectiveOutput:
+        """Eq. 15 with a diffusion loss the caller computed: ``diffusion_loss + α·SCAL + β·MDL``.
+
+        Use it for any model and any parameterisation: compute the model's own loss (epsilon,
+        v, flow or x0 prediction, with whatever timestep weighting the model is trained with),
+        reduce it to a scalar, and pass it here with the captured attention. `forward` is this
+        method after `flow_matching_loss`.
+
+        Args:
+            diffusion_loss: scalar (0-dim) floating tensor, the model's diffusion loss with its
+                graph (e.g. ``F.mse_loss(eps_pred, noise)``).
+            attention: the captured attention (`RefTargetCapture.result`) or a dense
+                ``(B, N_ref_total, N_tgt)`` A; may be None only when both weights are 0 at
+                ``step``.
+            corr: the correspondences; may be None only with ``attention``.
+            step: the optimisation step, for the weight schedules.
+
+        Returns:
+            An `ObjectiveOutput`; its ``flow_matching`` (alias ``diffusion``) is
+            ``diffusion_loss`` in float32 (float64 for float64 inputs).
+
+        Example:
+            >>> # epsilon prediction, as a DDPM-trained model
+            >>> import torch.nn.functional as F
+            >>> corr = Correspondences.from_dicts([[{0: 0}, {0: 1}]], ref_tokens=[1, 1], tgt_tokens=2)
+            >>> noise = torch.randn(1, 4, 8, 8)
+            >>> eps_pred = noise + 0.1  # what the model predicted for the added noise
+            >>> diffusion_loss = F.mse_loss(eps_pred, noise)
+            >>> A = torch.tensor([[[0.8, 0.2], [0.2, 0.8]]])  # or capture.result()
+            >>> out = MosaicObjective(scal_weight=0.4, mdl_weight=0.6).combine(diffusion_loss, A, corr, step=0)
+            >>> round(out.diffusion.item(), 4), round(out.loss.item(), 4)  # 0.01 + 0.4·(-log 0.8) + 0.6·(-0.8318)
+            (0.01, -0.3998)
+        """
+        if not isinstance(diffusion_loss, torch.Tensor) or diffusion_loss.dim() != 0 or not diffusion_loss.is_floating_point():
+            got = (
+                f"a {tuple(diffusion_loss.shape)} {diffusion_loss.dtype} tensor"
+                if isinstance(diffusion_loss, torch.Tensor)
+                else type(diffusion_loss).__name__
+            )
+            raise ValueError(
+                f"Expected `diffusion_loss` to be a scalar (0-dim) floating tensor (reduce the per-element loss, "
+                f"e.g. with .mean()), but got {got}."
+            )
+        check_finite("diffusion_loss", diffusion_loss)
         step = check_int("step", step, minimum=0)
         alpha, beta = self.scal_weight(step), self.mdl_weight(step)
-        flow = flow_matching_loss(model_pred, noise, latents)
+        flow = diffusion_loss.to(compute_dtype(diffusion_loss.dtype))
         zero = flow.new_zeros(())
         if attention is None or corr is None:
             if alpha or beta:
