@@ -623,7 +623,7 @@ class MosaicTrainer:
 
             tally = BadDataTally()
             for state in tallies:
-                tally.merge(BadDataTally.from_state_dict(state))
+                tally = tally.merge(BadDataTally.from_state_dict(state))  # merge returns a new tally
             save_reference_lora(self._transformer(), self.output_dir / LORA_FILE)
             if self.ema is not None:
                 self._save_ema_lora(self.output_dir / EMA_LORA_FILE)
