@@ -417,7 +417,7 @@ class MosaicTrainer:
         out = self.objective(prediction.float(), noise, latents, attention, corr if capture is not None else None,
                              step=self.step)
         self._stop_if_not_finite(
-            {"loss": out.loss, "flow_matching": out.flow_matching, "scal": out.scal, "mdl": out.mdl})
+            {"flow_matching": out.flow_matching, "scal": out.scal, "mdl": out.mdl, "loss": out.loss})
         self.accelerator.backward(out.loss)
         scalars = {"loss": out.loss.detach(), "flow_matching": out.flow_matching.detach(), "scal": out.scal.detach(),
                    "mdl": out.mdl.detach(), "scal_weight": out.scal_weight, "mdl_weight": out.mdl_weight}
@@ -440,14 +440,16 @@ class MosaicTrainer:
             finite = finite[None]
         if bool(finite.all()):
             return
-        process, index = (~finite).nonzero()[0].tolist()
+        process = int((~finite).any(dim=1).nonzero()[0])
         names = list(terms)
-        bad = names[index]
-        if bad == "loss":  # every term is finite: the weighting made it bad (e.g. 0 * inf)
-            bad = "loss (the weighted total)"
+        bad = [name for name, ok in zip(names, finite[process].tolist()) if not ok]
+        if len(bad) > 1 and "loss" in bad:  # the total is bad because a term is
+            bad.remove("loss")
+        bad = ", ".join(f"`{name}`" if name != "loss" else "`loss` (the weighted total; every term is finite)"
+                        for name in bad)
         local = ", ".join(f"{name} = {float(v):.6g}" for name, v in zip(names, values.tolist()))
         raise NonFiniteTrainingError(
-            f"Training stopped at step {self.step + 1}: `{bad}` is not finite on process {process} "
+            f"Training stopped at step {self.step + 1}: {bad} is not finite on process {process} "
             f"(this process: {local}). No optimiser step was taken with it; {self._newest_checkpoint_note()} "
             f"Resume with `--resume latest` after lowering optim.lr, or raise check_finite_steps to find the "
             f"first tensor that goes bad.")
