@@ -3,7 +3,8 @@
 - `MosaicFluxTransformer`: the multi-reference forward over a stock diffusers
   `FluxTransformer2DModel` (eq. 4-7), feeding `mosaic_kit.attention.RefTargetCapture`.
 - `add_reference_lora`, `load_reference_lora`, `save_reference_lora`: the reference LoRA through
-  peft, in diffusers' LoRA safetensors layout (released checkpoints load unchanged).
+  peft, in diffusers' LoRA safetensors layout (released checkpoints load unchanged); files the
+  project writes carry a digest of their tensors (`read_lora_file` verifies it).
 - `pack_latents`, `latent_image_ids`, `reference_position_ids`: packing and position ids.
 - `PixelAutoencoder`: pixel space behind the VAE interface, for CPU-sized experiments.
 - `mosaic_kit.models.testing`: tiny random transformers and inputs.
@@ -12,6 +13,7 @@
 from .flux import (
     CAPTURE_BLOCKS,
     DEFAULT_ADAPTER,
+    LORA_DIGEST_KEY,
     REFERENCE_ATTENTION,
     REFERENCE_LORA_TARGETS,
     MosaicFluxAttnProcessor,
@@ -20,7 +22,9 @@ from .flux import (
     add_reference_lora,
     latent_image_ids,
     load_reference_lora,
+    lora_state_digest,
     pack_latents,
+    read_lora_file,
     reference_lora_state_dict,
     reference_position_ids,
     save_reference_lora,
@@ -33,6 +37,7 @@ from .pixel import PixelAutoencoder
 __all__ = [
     "CAPTURE_BLOCKS",
     "DEFAULT_ADAPTER",
+    "LORA_DIGEST_KEY",
     "REFERENCE_ATTENTION",
     "REFERENCE_LORA_TARGETS",
     "MosaicFluxAttnProcessor",
@@ -42,7 +47,9 @@ __all__ = [
     "add_reference_lora",
     "latent_image_ids",
     "load_reference_lora",
+    "lora_state_digest",
     "pack_latents",
+    "read_lora_file",
     "reference_lora_state_dict",
     "reference_position_ids",
     "save_reference_lora",
