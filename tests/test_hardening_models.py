@@ -169,3 +169,151 @@ def test_gradients_of_the_reference_lora_with_a_style_active():
     unused = tuple(last + m for m in ("attn.to_q.", "proj_mlp.", "proj_out."))
     assert set(grads) == {n for n in trainable if not any(u in n for u in unused)}
     assert all(g.abs().sum() > 0 for g in grads.values())
+
+
+# -- LoRA files ----------------------------------------------------------------------------------------
+def saved_lora(tmp_path, name="lora.safetensors", **overrides):
+    transformer = tiny_flux_transformer(**overrides)
+    add_reference_lora(transformer, rank=2)
+    randomise(transformer, "mosaic", seed=2)
+    return transformer, save_reference_lora(transformer, tmp_path / name)
+
+
+def test_lora_of_a_smaller_model_is_refused_and_lists_what_is_missing(tmp_path):
+    source, path = saved_lora(tmp_path, num_layers=1, num_single_layers=1)
+    target = tiny_flux_transformer()
+    with pytest.raises(ValueError) as error:
+        load_reference_lora(target, path)
+    message = str(error.value)
+    assert str(path) in message and "covers 13 of 25" in message and "missing 12" in message
+    assert "'transformer_blocks.1.norm1.linear'" in message and "partial=True" in message
+    assert not getattr(target, "peft_config", {})  # nothing was loaded
+    load_reference_lora(target, path, partial=True)  # explicit partial loading works
+    loaded, expected = reference_lora_state_dict(target), reference_lora_state_dict(source)
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_lora_of_a_larger_model_is_refused_and_lists_what_is_unexpected(tmp_path):
+    _, path = saved_lora(tmp_path, num_layers=3)
+    for partial in (False, True):
+        with pytest.raises(ValueError, match=r"naming no linear module.*transformer_blocks\.2\.") as error:
+            load_reference_lora(tiny_flux_transformer(), path, partial=partial)
+        assert str(path) in str(error.value)
+
+
+def test_files_the_project_writes_carry_a_digest(tmp_path):
+    from safetensors import safe_open
+
+    source, path = saved_lora(tmp_path)
+    with safe_open(str(path), framework="pt") as handle:
+        recorded = handle.metadata()[LORA_DIGEST_KEY]
+    assert recorded == lora_state_digest(read_lora_file(path))
+    assert recorded == lora_state_digest(reference_lora_state_dict(source, scaled=True))
+
+
+def data_start(path):
+    raw = path.read_bytes()
+    return 8 + int.from_bytes(raw[:8], "little"), raw
+
+
+@given(offset=st.integers(0, 10**6), mask=st.integers(1, 255))
+def test_any_flipped_byte_is_refused_or_harmless(tmp_path_factory, offset, mask):
+    """Flip one byte anywhere in the file: the load raises a ValueError naming the file, or (a
+    byte the tensors do not depend on, such as header padding) gives bit-identical tensors."""
+    folder = tmp_path_factory.mktemp("flip")
+    path = write_lora_file(FLIP_STATE, folder / "lora.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[offset % len(raw)] ^= mask
+    path.write_bytes(bytes(raw))
+    try:
+        state = read_lora_file(path)
+    except ValueError as error:
+        assert str(path) in str(error)
+    else:
+        assert state.keys() == FLIP_STATE.keys() and all(torch.equal(state[k], FLIP_STATE[k]) for k in state)
+
+
+FLIP_STATE = {"transformer.x_embedder.lora_A.weight": torch.randn(2, 64, generator=torch.Generator().manual_seed(0)),
+              "transformer.x_embedder.lora_B.weight": torch.randn(32, 2, generator=torch.Generator().manual_seed(1))}
+
+
+def test_flipped_tensor_bytes_are_refused_with_the_file_named(tmp_path):
+    _, path = saved_lora(tmp_path)
+    start, raw = data_start(path)
+    damaged = bytearray(raw)
+    damaged[start + 5] ^= 0x10
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="is damaged") as error:
+        load_reference_lora(tiny_flux_transformer(), path)
+    assert str(path) in str(error.value)
+
+
+def test_files_without_a_digest_load_as_before(tmp_path):
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+
+    source, _ = saved_lora(tmp_path)
+    state = reference_lora_state_dict(source, scaled=True)
+    save_file(state, str(tmp_path / "released.safetensors"))  # like the released checkpoint: no metadata
+    unprefixed = {k.removeprefix("transformer."): v for k, v in state.items()}  # diffusers adds the prefix
+    FluxPipeline.save_lora_weights(tmp_path / "diffusers", transformer_lora_layers=unprefixed)
+    for path in (tmp_path / "released.safetensors", tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"):
+        target = tiny_flux_transformer()
+        load_reference_lora(target, path)
+        loaded = reference_lora_state_dict(target)
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_lora_weights_are_refused(tmp_path, bad):
+    from safetensors.torch import save_file
+
+    source, _ = saved_lora(tmp_path)
+    state = reference_lora_state_dict(source, scaled=True)
+    key = "transformer.single_transformer_blocks.1.proj_mlp.lora_B.weight"
+    state[key] = state[key].clone()
+    state[key][3, 1] = bad
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match="finite") as error:
+        load_reference_lora(tiny_flux_transformer(), path)
+    assert str(path) in str(error.value) and key in str(error.value)
+    with pytest.raises(ValueError, match="LoRA state dict.*finite"):
+        load_reference_lora(tiny_flux_transformer(), state)
+
+
+def test_integer_lora_tensors_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "int.safetensors"
+    save_file({"transformer.x_embedder.lora_A.weight": torch.zeros(2, 64, dtype=torch.int32),
+               "transformer.x_embedder.lora_B.weight": torch.zeros(32, 2, dtype=torch.int32)}, str(path))
+    with pytest.raises(ValueError, match="floating-point") as error:
+        load_reference_lora(tiny_flux_transformer(), path, partial=True)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong shape", "half pair", "bad key", "off route"])
+def test_every_lora_load_error_names_the_file(tmp_path, damage):
+    from safetensors.torch import save_file
+
+    source, path = saved_lora(tmp_path)
+    state = reference_lora_state_dict(source, scaled=True)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 64)
+    else:
+        if damage == "wrong shape":
+            state["transformer.x_embedder.lora_A.weight"] = torch.zeros(2, 7)
+        elif damage == "half pair":
+            del state["transformer.x_embedder.lora_B.weight"]
+        elif damage == "bad key":
+            state["unet.down.lora_A.weight"] = torch.zeros(2, 2)
+        else:
+            state["transformer.context_embedder.lora_A.weight"] = torch.zeros(2, 32)
+            state["transformer.context_embedder.lora_B.weight"] = torch.zeros(32, 2)
+        save_file(state, str(path))
+    with pytest.raises(ValueError) as error:
+        load_reference_lora(tiny_flux_transformer(), path)
+    assert str(path) in str(error.value)
