@@ -1055,12 +1055,24 @@ class MosaicFluxTransformer(nn.Module):
             ``(B, N_tgt, C_out)`` the velocity prediction for the target tokens.
         """
         t = self.transformer
-        batch = target_tokens.shape[0]
         _check_tokens("target_tokens", target_tokens, t.config.in_channels)
+        batch = target_tokens.shape[0]
+        _check_tokens("text_embeddings", text_embeddings, t.config.joint_attention_dim, batch, "D_joint", min_tokens=0)
         _check_ids("target_ids", target_ids, target_tokens.shape[1])
         _check_ids("text_ids", text_ids, text_embeddings.shape[1])
+        self._check_conditioning(batch, pooled_embeddings, timestep, guidance, reference_guidance)
+        _check_dtype("target_tokens", target_tokens, t.x_embedder)
+        _check_dtype("text_embeddings", text_embeddings, t.context_embedder)
+        for name, tensor in (("target_tokens", target_tokens), ("text_embeddings", text_embeddings),
+                             ("target_ids", target_ids), ("text_ids", text_ids)):
+            check_finite(name, tensor)  # behind the `finite_checks` switch: a sync per tensor
         counts = self._check_references(reference_tokens, reference_ids, reference_token_counts, batch)
         if reference_cache is not None:
+            if not isinstance(reference_cache, ReferenceKVCache):
+                raise ValueError(
+                    "Expected `reference_cache` to be a ReferenceKVCache (from `build_reference_cache`), but got "
+                    f"{type(reference_cache).__name__}."
+                )
             if reference_tokens is not None:
                 raise ValueError("Expected `reference_tokens=None` with a `reference_cache` (its keys replace them).")
             if capture is not None:
@@ -1076,6 +1088,12 @@ class MosaicFluxTransformer(nn.Module):
         if capture is not None and reference_tokens is None:
             raise ValueError("Expected `reference_tokens` with a `capture`.")
         captures = [] if capture is None else list(capture) if isinstance(capture, (list, tuple)) else [capture]
+        for k, each in enumerate(captures):
+            if not callable(getattr(each, "add", None)):
+                raise ValueError(
+                    f"Expected `capture` to be a RefTargetCapture (anything with `add(query, key)`) or a list of them, "
+                    f"but {'got' if len(captures) == 1 else f'item {k} is'} {type(each).__name__}."
+                )
 
         target = _apply(t.x_embedder, target_tokens, self.reference_adapter)
         dtype = target.dtype  # as stock: the embedded tokens' dtype (differs from the input's under autocast)
@@ -1136,7 +1154,9 @@ class MosaicFluxTransformer(nn.Module):
             The cache.
         """
         t = self.transformer
+        _check_tokens("reference_tokens", reference_tokens, t.config.in_channels)
         batch = reference_tokens.shape[0]
+        self._check_conditioning(batch, pooled_embeddings, None, guidance, reference_guidance)
         counts = self._check_references(reference_tokens, reference_ids, reference_token_counts, batch)
         refs = t.x_embedder(reference_tokens)
         temb_ref = self._reference_embedding(batch, pooled_embeddings, guidance, reference_guidance, refs.dtype, refs.device)
@@ -1157,28 +1177,104 @@ class MosaicFluxTransformer(nn.Module):
                 raise ValueError("Expected `reference_ids` and `reference_token_counts` only with `reference_tokens`.")
             return ()
         _check_tokens("reference_tokens", reference_tokens, self.transformer.config.in_channels, batch)
+        _check_dtype("reference_tokens", reference_tokens, self.transformer.x_embedder)
+        check_finite("reference_tokens", reference_tokens)
         total = reference_tokens.shape[1]
+        if counts is not None and not isinstance(counts, (tuple, list)):
+            raise ValueError(f"Expected `reference_token_counts` to be a tuple of ints, but got {type(counts).__name__}.")
         counts = (total,) if counts is None else tuple(counts)
-        if not counts or any(not isinstance(c, int) or c < 1 for c in counts) or sum(counts) != total:
+        if not counts or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in counts) or sum(counts) != total:
             raise ValueError(
                 f"Expected `reference_token_counts` of positive ints summing to N_ref = {total}, but got {counts!r}."
             )
         if reference_ids is None:
             raise ValueError("Expected `reference_ids` (N_ref, 3) with `reference_tokens`.")
         _check_ids("reference_ids", reference_ids, total)
+        check_finite("reference_ids", reference_ids)
         return counts
 
+    def _check_conditioning(self, batch, pooled, timestep, guidance, reference_guidance) -> None:
+        """Shapes of the pooled embedding, timestep and guidance for the batch; the timestep in
+        [0, 1] and the guidance finite, in one device sync per forward (not per block)."""
+        config = self.transformer.config
+        _check_tensor("pooled_embeddings", pooled, (batch, config.pooled_projection_dim), "(B, D_pooled)")
+        _check_dtype("pooled_embeddings", pooled, self.transformer.time_text_embed.text_embedder.linear_1)
+        check_finite("pooled_embeddings", pooled)
+        if timestep is not None:
+            _check_tensor("timestep", timestep, (batch,), "(B,)")
+        if config.guidance_embeds:
+            if guidance is None:
+                raise ValueError("Expected `guidance` for a guidance-distilled transformer (guidance_embeds=True).")
+            _check_tensor("guidance", guidance, (batch,), "(B,)")
+        elif guidance is not None:
+            raise ValueError(
+                "Expected `guidance=None`: this transformer has no guidance embedding (guidance_embeds=False), "
+                f"but got a {type(guidance).__name__}."
+            )
+        if reference_guidance is not None:
+            if isinstance(reference_guidance, torch.Tensor):
+                if reference_guidance.shape not in ((), (batch,)) or not reference_guidance.is_floating_point():
+                    raise ValueError(
+                        f"Expected `reference_guidance` as a float, a 0-d or a ({batch},) float tensor, but got "
+                        f"shape {tuple(reference_guidance.shape)} {reference_guidance.dtype}."
+                    )
+            elif isinstance(reference_guidance, bool) or not isinstance(reference_guidance, (int, float)):
+                raise ValueError(f"Expected `reference_guidance` to be a number or a tensor, but got {reference_guidance!r}.")
+            elif not math.isfinite(reference_guidance):
+                raise ValueError(f"Expected a finite `reference_guidance`, but got {reference_guidance!r}.")
+        values = []
+        if timestep is not None:
+            values.append(((timestep >= 0) & (timestep <= 1)).all())
+        if config.guidance_embeds:
+            values.append(torch.isfinite(guidance).all())
+        if isinstance(reference_guidance, torch.Tensor):
+            values.append(torch.isfinite(reference_guidance).all().to(values[0].device) if values else
+                          torch.isfinite(reference_guidance).all())
+        if values and not bool(torch.stack([v.to(values[0].device) for v in values]).all()):  # the one sync
+            if timestep is not None and not bool(((timestep >= 0) & (timestep <= 1)).all()):
+                raise ValueError(
+                    "Expected `timestep` in [0, 1] (the flow-matching time; the forward multiplies it by 1000 "
+                    f"itself, so do not pass 0-1000), but got values in [{timestep.min().item():g}, "
+                    f"{timestep.max().item():g}]{' and NaN' if bool(timestep.isnan().any()) else ''}."
+                )
+            for name, tensor in (("guidance", guidance), ("reference_guidance", reference_guidance)):
+                if isinstance(tensor, torch.Tensor):
+                    check_finite(name, tensor, force=True)
 
-def _check_tokens(name: str, tokens: torch.Tensor, channels: int, batch: int | None = None) -> None:
+
+def _check_tokens(
+    name: str, tokens: torch.Tensor, channels: int, batch: int | None = None, what: str = "C_in", min_tokens: int = 1
+) -> None:
     ok = isinstance(tokens, torch.Tensor) and tokens.ndim == 3 and tokens.shape[2] == channels
-    ok = ok and (batch is None or tokens.shape[0] == batch)
+    ok = ok and tokens.shape[0] >= 1 and tokens.shape[1] >= min_tokens and (batch is None or tokens.shape[0] == batch)
     if not ok:
         got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        b = "B" if batch is None else batch
-        raise ValueError(f"Expected `{name}` of shape ({b}, N, {channels}), but got {got}.")
+        b = "B ≥ 1" if batch is None else batch
+        n = "N" if min_tokens == 0 else f"N ≥ {min_tokens}"
+        raise ValueError(f"Expected `{name}` of shape ({b}, {n}, {what} = {channels}), but got {got}.")
+    if not tokens.is_floating_point():
+        raise ValueError(f"Expected `{name}` to be a floating-point tensor, but got {tokens.dtype}.")
+
+
+def _check_tensor(name: str, value: torch.Tensor, shape: tuple[int, ...], layout: str) -> None:
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"Expected `{name}` of shape {layout} = {shape}, but got {got}.")
+    if not value.is_floating_point():
+        raise ValueError(f"Expected `{name}` to be a floating-point tensor, but got {value.dtype}.")
+
+
+def _check_dtype(name: str, tensor: torch.Tensor, module: nn.Module) -> None:
+    """The input's dtype must be the weights' (outside autocast, which casts both itself)."""
+    weight = _base(module).weight
+    if tensor.dtype != weight.dtype and not torch.is_autocast_enabled(tensor.device.type):
+        raise ValueError(
+            f"Expected `{name}` in the model's dtype {weight.dtype} (or a torch.autocast region), but got "
+            f"{tensor.dtype}; cast it with `.to({weight.dtype})`."
+        )
 
 
 def _check_ids(name: str, ids: torch.Tensor, tokens: int) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.shape != (tokens, 3):
+    if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != (tokens, 3):
         got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"Expected `{name}` of shape ({tokens}, 3), but got {got}.")
