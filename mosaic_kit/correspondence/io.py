@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .batch import Correspondences
+from .batch import Correspondences, check_correspondences
 
 __all__ = ["FORMAT_VERSION", "load_correspondences", "load_released_dicts", "save_correspondences", "save_released_dicts"]
 
@@ -108,6 +108,7 @@ def save_released_dicts(corr: Correspondences, path: str | os.PathLike) -> None:
         >>> path.read_text()  # JSON keys are strings
         '[[{"0": 3}, {}]]'
     """
+    check_correspondences("corr", corr)
     text = json.dumps(corr.to_dicts())
     _atomic_write(Path(path), lambda stream: stream.write(text.encode()))
 
@@ -123,7 +124,21 @@ def load_released_dicts(path: str | os.PathLike) -> list[list[dict[int, int]]]:
         >>> load_released_dicts(path)
         [[{0: 1, 3: 2}]]
     """
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"Expected `path` to hold UTF-8 JSON, but {path} does not: {error}") from None
     if not isinstance(data, list) or not all(isinstance(s, list) for s in data):
         raise ValueError(f"Expected `path` to hold a list over samples of lists over references, but {path} does not.")
-    return [[{int(u): int(v) for u, v in refs.items()} for refs in sample] for sample in data]
+    out = []
+    for b, sample in enumerate(data):
+        refs_out = []
+        for k, refs in enumerate(sample):
+            if not isinstance(refs, dict):
+                raise ValueError(f"{path}: expected sample {b}, reference {k} to be a dict {{ref_token: tgt_token}}, but got {refs!r}.")
+            try:
+                refs_out.append({int(u): int(v) for u, v in refs.items()})
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: expected integer tokens in sample {b}, reference {k}, but got {refs!r}.") from None
+        out.append(refs_out)
+    return out
