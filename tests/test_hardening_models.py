@@ -95,9 +95,8 @@ def test_style_lora_acts_on_reference_tokens_too():
     got = model(**inputs)
     torch.testing.assert_close(got, naive_forward(both, inputs), rtol=1e-9, atol=1e-9)
     # with the style switched off on the reference stream only, the result would differ
-    without = copy.deepcopy(both)
-    without.set_adapters(["mosaic"])
-    assert not torch.allclose(MosaicFluxTransformer(without)(**inputs), got)
+    both.set_adapters(["mosaic"])
+    assert not torch.allclose(model(**inputs), got)
 
 
 def test_style_lora_loaded_after_the_reference_lora_acts_everywhere(tmp_path):
@@ -317,3 +316,180 @@ def test_every_lora_load_error_names_the_file(tmp_path, damage):
     with pytest.raises(ValueError) as error:
         load_reference_lora(tiny_flux_transformer(), path)
     assert str(path) in str(error.value)
+
+
+# -- forward arguments ---------------------------------------------------------------------------------
+MODEL = MosaicFluxTransformer(tiny_flux_transformer())
+INPUTS = random_packed_inputs(MODEL.transformer, batch=2, reference_sizes=[(32, 32)])
+
+
+def call(**change):
+    with torch.no_grad():
+        return MODEL(**{**INPUTS, **change})
+
+
+class RefTargetCaptureLike:
+    def add(self, query, key):
+        pass
+
+
+@given(width=st.integers(1, 80).filter(lambda w: w != 32), which=st.sampled_from(["text", "pooled"]))
+def test_wrong_embedding_widths_name_the_argument(width, which):
+    if which == "text":
+        name, change = "text_embeddings", {"text_embeddings": torch.randn(2, 5, width)}
+    else:
+        name, change = "pooled_embeddings", {"pooled_embeddings": torch.randn(2, width)}
+    with pytest.raises(ValueError, match=rf"`{name}` of shape .*32.*but got"):
+        call(**change)
+
+
+@given(shape=st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple).filter(lambda s: s != (2,)),
+       which=st.sampled_from(["timestep", "guidance", "text_embeddings", "pooled_embeddings"]))
+def test_batch_shapes_of_the_conditioning_name_the_argument(shape, which):
+    """timestep and guidance must be (B,), text (B, N, D), pooled (B, D): any other batch shape raises."""
+    trailing = {"timestep": (), "guidance": (), "text_embeddings": (5, 32), "pooled_embeddings": (32,)}[which]
+    value = torch.rand(shape + trailing)
+    with pytest.raises(ValueError, match=rf"`{which}` of shape"):
+        call(**{which: value})
+
+
+@given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=2, max_size=2))
+def test_timestep_outside_zero_one_is_refused_inside_accepted(values):
+    timestep = torch.tensor(values)
+    inside = all(0 <= v <= 1 for v in values)  # NaN compares False
+    if inside:
+        assert torch.isfinite(call(timestep=timestep)).all()
+    else:
+        with pytest.raises(ValueError, match=r"`timestep` in \[0, 1\]"):
+            call(timestep=timestep)
+
+
+def test_timestep_of_zero_to_thousand_is_refused():
+    with pytest.raises(ValueError, match=r"do not pass 0-1000.*\[500, 999\]"):
+        call(timestep=torch.tensor([500.0, 999.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["reference_tokens", "target_tokens", "text_embeddings", "pooled_embeddings"])
+def test_inputs_in_another_dtype_than_the_model_are_refused(name, dtype):
+    with pytest.raises(ValueError, match=rf"`{name}` in the model's dtype torch.float32.*{dtype}"):
+        call(**{name: INPUTS[name].to(dtype)})
+
+
+def test_autocast_accepts_inputs_of_another_dtype():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = call(reference_tokens=INPUTS["reference_tokens"].bfloat16())
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("name", ["target_tokens", "text_embeddings", "pooled_embeddings", "reference_tokens",
+                                  "target_ids", "text_ids", "reference_ids", "guidance"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_are_refused_behind_the_switch(name, bad):
+    from mosaic_kit import finite_checks
+
+    value = INPUTS[name].clone()
+    value.view(-1)[1] = bad
+    with pytest.raises(ValueError, match=rf"`{name}` to hold only finite values"):
+        call(**{name: value})
+    if name != "guidance":  # guidance is checked with the timestep, in the forward's one sync
+        with finite_checks(False):
+            call(**{name: value})  # switch off: no check, no sync (hot path)
+
+
+def test_guidance_for_a_model_without_guidance_embedding_is_refused():
+    model = MosaicFluxTransformer(tiny_flux_transformer(guidance_embeds=False))
+    inputs = random_packed_inputs(model.transformer, batch=1)
+    with pytest.raises(ValueError, match="guidance=None"):
+        model(**{**inputs, "guidance": torch.ones(1)})
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"reference_guidance": float("nan")}, "finite `reference_guidance`"),
+        ({"reference_guidance": torch.ones(3)}, "reference_guidance"),
+        ({"reference_guidance": "1"}, "reference_guidance"),
+        ({"reference_guidance": torch.tensor(float("inf"))}, "reference_guidance"),
+        ({"reference_token_counts": (True, 3)}, "reference_token_counts"),
+        ({"reference_token_counts": 4}, "reference_token_counts"),
+        ({"target_tokens": torch.randn(2, 0, 64), "target_ids": torch.zeros(0, 3)}, "target_tokens"),
+        ({"target_tokens": torch.zeros(2, 4, 64, dtype=torch.long)}, "floating-point"),
+        ({"timestep": 0.5}, "timestep"),
+        ({"text_embeddings": [[0.0] * 32]}, "text_embeddings"),
+        ({"capture": 5}, "capture"),
+        ({"capture": [RefTargetCaptureLike(), "x"]}, "item 1"),
+    ],
+)
+def test_other_bad_forward_arguments_name_themselves(change, match):
+    with pytest.raises(ValueError, match=match):
+        call(**change)
+
+
+def test_a_reference_cache_of_the_wrong_type_is_refused():
+    main = {k: v for k, v in INPUTS.items() if not k.startswith("reference_")}
+    with pytest.raises(ValueError, match="ReferenceKVCache"):
+        MODEL(**main, reference_cache={})
+    with pytest.raises(ValueError, match="pooled_embeddings"):
+        MODEL.build_reference_cache(INPUTS["reference_tokens"], INPUTS["reference_ids"], torch.randn(2, 7),
+                                    guidance=INPUTS["guidance"])
+
+
+# -- pipeline arguments --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pipe():
+    from mosaic_kit.pipelines import tiny_mosaic_pipeline
+
+    return tiny_mosaic_pipeline()
+
+
+FAST = {"height": 32, "width": 32, "ref_size": 32, "num_inference_steps": 1, "max_sequence_length": 8,
+        "progress": False}
+
+
+def red():
+    from PIL import Image
+
+    return [Image.new("RGB", (32, 32), "red")]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+        ({"num_images_per_prompt": -1}, "num_images_per_prompt"),
+        ({"num_images_per_prompt": 1.5}, "num_images_per_prompt"),
+        ({"num_images_per_prompt": True}, "num_images_per_prompt"),
+        ({"output_type": "jpg"}, r"output_type.*'pil', 'np', 'pt', 'latent'"),
+        ({"output_type": None}, "output_type"),
+        ({"max_sequence_length": 0}, "max_sequence_length"),
+        ({"max_sequence_length": 1000}, "max_sequence_length"),
+        ({"reference_guidance": float("nan")}, "reference_guidance"),
+        ({"guidance_scale": True}, "guidance_scale"),
+        ({"use_reference_cache": "yes"}, "use_reference_cache"),
+        ({"latents": torch.randn(1, 5, 16)}, r"latents.*\(1, 4, 16\)"),
+        ({"latents": torch.full((1, 4, 16), float("nan"))}, "latents"),
+        ({"latents": torch.zeros(1, 4, 16, dtype=torch.long)}, "latents"),
+    ],
+)
+def test_bad_pipeline_arguments_name_themselves(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe("a photo", red(), **{**FAST, **kwargs})
+
+
+def test_pipeline_routes_the_adapter_it_loaded_and_warns_when_it_is_inactive(tmp_path):
+    from mosaic_kit.pipelines import tiny_mosaic_pipeline
+
+    source = tiny_mosaic_pipeline(seed=0)
+    randomise(source.transformer, "mosaic", seed=4)
+    path = save_reference_lora(source.transformer, tmp_path / "lora.safetensors")
+    expected = source("a photo", red(), generator=torch.Generator().manual_seed(0), output_type="pt", **FAST).images
+    other = tiny_mosaic_pipeline(seed=0)
+    other.transformer.delete_adapters("mosaic")
+    other.load_mosaic_weights(path, adapter_name="subjects")  # any adapter name is routed
+    assert other.mosaic_transformer.reference_adapter == "subjects"
+    got = other("a photo", red(), generator=torch.Generator().manual_seed(0), output_type="pt", **FAST).images
+    torch.testing.assert_close(got, expected)
+    other.transformer.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="style")  # now the only one
+    with pytest.warns(UserWarning, match="'subjects' is loaded but not active"):
+        other("a photo", red(), **FAST)
