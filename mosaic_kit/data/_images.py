@@ -59,8 +59,26 @@ def check_pixels(image: Image.Image, where: str) -> None:
 def open_image(path: str | Path) -> Image.Image:
     """The image of a file, decoded, after checking its declared size against `MAX_IMAGE_PIXELS`.
 
+    Args:
+        path: the image file.
+
+    Returns:
+        The decoded PIL image, in its own mode (pass it to `to_rgb`).
+
     Raises:
         ValueError: naming the file, when it is missing, not an image, too large or truncated.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "grey16.png"
+        >>> Image.new("I;16", (3, 2), 65535).save(path)
+        >>> image = open_image(path)
+        >>> image.mode, image.size, to_rgb(image).getpixel((0, 0))
+        ('I;16', (3, 2), (255, 255, 255))
+        >>> open_image(path.with_name("missing.png"))
+        Traceback (most recent call last):
+        ...
+        ValueError: ...missing.png: expected a readable image file, but FileNotFoundError: ...
     """
     try:
         with warnings.catch_warnings():  # PIL warns above 89 M pixels; anything that large is refused below
