@@ -493,3 +493,36 @@ def test_pipeline_routes_the_adapter_it_loaded_and_warns_when_it_is_inactive(tmp
     other.transformer.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="style")  # now the only one
     with pytest.warns(UserWarning, match="'subjects' is loaded but not active"):
         other("a photo", red(), **FAST)
+
+
+@pytest.mark.parametrize("kind", ["16-bit grey", "16-bit grey file", "CMYK", "palette with transparency", "LA"])
+def test_reference_images_of_every_mode_become_correct_rgb(tmp_path, kind):
+    """Never clipped to white: each reference is the colour it shows (alpha composited on white)."""
+    import numpy as np
+    from PIL import Image
+
+    from mosaic_kit.pipelines import load_reference_image
+
+    if kind.startswith("16-bit"):
+        image, expected = Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)), (156, 156, 156)
+        if kind.endswith("file"):
+            image.save(tmp_path / "grey16.png")
+            image = tmp_path / "grey16.png"
+    elif kind == "CMYK":
+        image, expected = Image.new("CMYK", (8, 8), (0, 255, 255, 0)), (255, 0, 0)
+    elif kind == "LA":
+        image, expected = Image.new("LA", (8, 8), (0, 0)), (255, 255, 255)  # fully transparent black
+    else:
+        image = Image.new("P", (8, 8), 1)
+        image.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+        image.info["transparency"] = 0
+        expected = (10, 20, 30)
+    rgb = load_reference_image(image, 0)
+    assert rgb.mode == "RGB" and rgb.getpixel((4, 4)) == expected
+
+
+def test_reference_images_of_unsupported_modes_are_refused(pipe):
+    from PIL import Image
+
+    with pytest.raises(ValueError, match=r"reference_images\[0\].*mode 'F'"):
+        pipe("a photo", [Image.new("F", (8, 8), 3.5)], **FAST)

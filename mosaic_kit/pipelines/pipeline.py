@@ -13,9 +13,10 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils import BaseOutput
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..correspondence._finite import check_finite
+from ..data import open_image, to_rgb
 from ..models import (
     MosaicFluxTransformer,
     load_reference_lora,
@@ -49,7 +50,8 @@ def fit_on_white(image: Image.Image, size: int, scale: float = 0.9) -> Image.Ima
     white ``size × size`` square.
 
     Args:
-        image: any PIL image (converted to RGB; transparency composited on white).
+        image: a PIL image, converted with `mosaic_kit.data.to_rgb` (16-bit grey scaled, palette,
+            CMYK; transparency composited on white; unsupported modes refused).
         size: the square's side in pixels.
         scale: the fraction of the side the longer image side fills.
 
@@ -61,11 +63,7 @@ def fit_on_white(image: Image.Image, size: int, scale: float = 0.9) -> Image.Ima
         >>> out.size, out.getpixel((0, 0)), out.getpixel((32, 32))
         ((64, 64), (255, 255, 255), (255, 0, 0))
     """
-    if image.mode in ("RGBA", "LA", "P"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    image = image.convert("RGB")
+    image = to_rgb(image)
     side = max(1, round(size * scale))
     ratio = side / max(image.size)
     resized = image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))), Image.LANCZOS)
@@ -75,29 +73,32 @@ def fit_on_white(image: Image.Image, size: int, scale: float = 0.9) -> Image.Ima
 
 
 def load_reference_image(image: ImageInput, index: int) -> Image.Image:
-    """Reads one reference into a PIL image, or raises a ValueError naming it (never substitutes).
+    """Reads one reference into an RGB PIL image (`mosaic_kit.data.to_rgb`: 16-bit grey scaled,
+    palette, CMYK, alpha on white; files over `mosaic_kit.data.MAX_IMAGE_PIXELS` refused from
+    their header), or raises a ValueError naming it (never substitutes).
 
     Args:
         image: see `ImageInput`.
         index: its position in ``reference_images`` (for the error message).
+
+    Returns:
+        An RGB PIL image.
     """
     name = f"reference_images[{index}]"
     if isinstance(image, Image.Image):
-        return image
+        return to_rgb(image, f"`{name}`")
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise ValueError(f"Expected `{name}` to be a readable image file, but {str(path)!r} does not exist.")
         try:
-            with Image.open(path) as opened:
-                opened.load()
-                return opened.copy()
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"Expected `{name}` to be a readable image file, but {str(path)!r} failed: {error}") from error
+            return to_rgb(open_image(path), str(path))
+        except ValueError as error:
+            raise ValueError(f"Expected `{name}` to be a readable image file, but {str(path)!r} failed: {error}") from None
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
             raise ValueError(f"Expected `{name}` as an (H, W, 3|4) uint8 array, but got {image.shape} {image.dtype}.")
-        return Image.fromarray(image)
+        return to_rgb(Image.fromarray(image), f"`{name}`")
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
             raise ValueError(f"Expected `{name}` as a (3, H, W) float tensor in [0, 1], but got {tuple(image.shape)}.")
