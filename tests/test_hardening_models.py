@@ -526,3 +526,18 @@ def test_reference_images_of_unsupported_modes_are_refused(pipe):
 
     with pytest.raises(ValueError, match=r"reference_images\[0\].*mode 'F'"):
         pipe("a photo", [Image.new("F", (8, 8), 3.5)], **FAST)
+
+
+def test_reference_lora_helpers_refuse_bad_arguments():
+    transformer = tiny_flux_transformer()
+    add_reference_lora(transformer, rank=2)
+    with pytest.raises(ValueError, match="already has an adapter 'mosaic'"):
+        add_reference_lora(transformer, rank=2)
+    with pytest.raises(ValueError, match="`scale`"):
+        set_reference_lora_scale(transformer, True)
+    with pytest.raises(ValueError, match="named 'other'"):
+        set_reference_lora_scale(transformer, 1.0, adapter_name="other")
+    with pytest.raises(ValueError, match="`partial`"):
+        load_reference_lora(transformer, reference_lora_state_dict(transformer), partial="yes")
+    with pytest.raises(ValueError, match="reference_adapter"):
+        MosaicFluxTransformer(transformer, reference_adapter="")

@@ -488,6 +488,16 @@ def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Raises:
         ValueError: the file is missing, is not safetensors, its tensors do not match its digest
             (damaged bytes), or a tensor is not floating point or holds NaN or inf.
+
+    Example:
+        >>> import tempfile
+        >>> path = write_lora_file({"transformer.x_embedder.lora_A.weight": torch.ones(2, 64)},
+        ...                        tempfile.mkdtemp() + "/lora.safetensors")
+        >>> raw = bytearray(path.read_bytes()); raw[-1] ^= 1; _ = path.write_bytes(bytes(raw))
+        >>> read_lora_file(path)
+        Traceback (most recent call last):
+        ...
+        ValueError: LoRA file '...lora.safetensors' is damaged: its tensors hash to sha256 ...
     """
     from safetensors import safe_open
 
