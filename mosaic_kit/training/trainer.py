@@ -418,6 +418,7 @@ class MosaicTrainer:
                              step=self.step)
         self._stop_if_not_finite(
             {"flow_matching": out.flow_matching, "scal": out.scal, "mdl": out.mdl, "loss": out.loss})
+        self._terms_checked = True
         self.accelerator.backward(out.loss)
         scalars = {"loss": out.loss.detach(), "flow_matching": out.flow_matching.detach(), "scal": out.scal.detach(),
                    "mdl": out.mdl.detach(), "scal_weight": out.scal_weight, "mdl_weight": out.mdl_weight}
@@ -428,18 +429,34 @@ class MosaicTrainer:
                 scalars["hit_rate"] = torch.tensor(float("nan"), device=self.device)
         return scalars
 
-    def _stop_if_not_finite(self, terms: dict[str, torch.Tensor]) -> None:
+    def _stop_if_not_finite(self, terms: dict[str, torch.Tensor], failed_check: ValueError | None = None) -> None:
         """Raises `NonFiniteTrainingError` on every process when a term is NaN or inf on any
-        process (one scalar sync, plus one small all-gather with several processes)."""
+        process (one scalar sync, plus one small all-gather with several processes).
+
+        ``failed_check``: this process's hot-path check failed (``terms`` are then placeholders);
+        the other processes learn it from the same all-gather, so every process stops together
+        instead of waiting in the backward's all-reduce."""
         acc = self.accelerator
-        values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
-        finite = torch.isfinite(values)
+        values = torch.stack([t.detach().float().reshape(()).to(self.device) for t in terms.values()])
+        flags = torch.cat([torch.isfinite(values), torch.tensor([failed_check is None], device=self.device)])
         if acc.num_processes > 1:
-            finite = acc.gather(finite[None].to(torch.uint8)).bool()  # (processes, terms)
+            flags = acc.gather(flags[None].to(torch.uint8)).bool()  # (processes, terms + 1)
         else:
-            finite = finite[None]
-        if bool(finite.all()):
+            flags = flags[None]
+        if bool(flags.all()):
             return
+        if failed_check is not None:
+            raise NonFiniteTrainingError(
+                f"Training stopped at step {self.step + 1} (finite checks of the first "
+                f"{self.config.check_finite_steps} steps): {failed_check} No optimiser step was taken with it; "
+                f"{self._newest_checkpoint_note()}") from failed_check
+        checked_elsewhere = (~flags[:, -1]).nonzero()
+        if len(checked_elsewhere):
+            raise NonFiniteTrainingError(
+                f"Training stopped at step {self.step + 1}: a finite check failed on process "
+                f"{int(checked_elsewhere[0])} (its error names the tensor). No optimiser step was taken; "
+                f"{self._newest_checkpoint_note()}")
+        finite = flags[:, :-1]
         process = int((~finite).any(dim=1).nonzero()[0])
         names = list(terms)
         bad = [name for name, ok in zip(names, finite[process].tolist()) if not ok]
@@ -489,15 +506,21 @@ class MosaicTrainer:
                 batch = next(batches)
                 with acc.accumulate(self.model):
                     with finite_checks(True) if checking else contextlib.nullcontext():
+                        self._terms_checked = False  # until training_step's collective check of the terms
                         try:
                             scalars = self.training_step(batch, log_step)
-                        except ValueError as error:
+                        except ValueError as error:  # a hot-path check (`check_finite`) named the tensor
                             if "to hold only finite values" not in str(error):
                                 raise
-                            raise NonFiniteTrainingError(
-                                f"Training stopped at step {self.step + 1} (finite checks of the first "
-                                f"{cfg.check_finite_steps} steps): {error} No optimiser step was taken with it; "
-                                f"{self._newest_checkpoint_note()}") from error
+                            if self._terms_checked:  # past the collective check (the hit-rate): this process only
+                                raise NonFiniteTrainingError(
+                                    f"Training stopped at step {self.step + 1} on process {acc.process_index} (finite "
+                                    f"checks of the first {cfg.check_finite_steps} steps): {error} "
+                                    f"{self._newest_checkpoint_note()}") from error
+                            nan = torch.tensor(float("nan"))
+                            self._stop_if_not_finite(dict.fromkeys(("flow_matching", "scal", "mdl", "loss"), nan),
+                                                     failed_check=error)
+                            raise  # not reached: _stop_if_not_finite raised
                     grad_norm = None
                     if acc.sync_gradients:
                         if cfg.optim.grad_clip > 0:
