@@ -29,7 +29,9 @@ from mosaic_kit.correspondence import (
     enforce_disjoint,
     find_conflicts,
     is_disjoint,
+    load_correspondences,
     load_released_dicts,
+    save_correspondences,
     save_released_dicts,
     subsample,
 )
@@ -247,6 +249,28 @@ def test_constructor_and_released_dicts_holes(tmp_path):
     path.write_bytes(b'[[{"0": 1}]]\xff')
     with pytest.raises(ValueError, match="UTF-8 JSON"):
         load_released_dicts(path)
+
+
+@given(st.floats(0.0, 0.99))
+def test_truncated_or_malformed_correspondence_files_are_named(fraction):
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())
+    path = folder / "corr.pt"
+    save_correspondences(Correspondences.from_dicts([[{0: 1}, {1: 2}]], [2, 2], 4), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(ValueError, match=r"corr.pt"):
+        load_correspondences(path)
+    torch.save({"format_version": torch.tensor(1), "ref_index": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match=r"corr.pt lacks \['tgt_index'"):
+        load_correspondences(path)
+    payload = {name: torch.zeros(1, 1, 1, dtype=torch.long) for name in ("ref_index", "tgt_index")}
+    payload.update(point_mask=torch.ones(1, 1, 1), ref_present=torch.ones(1, 1, dtype=torch.bool),
+                   ref_tokens=torch.tensor([2]), tgt_tokens=torch.tensor(4), format_version=torch.tensor(1))
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=r"corr.pt: malformed correspondences: Expected `point_mask` to be bool"):
+        load_correspondences(path)
 
 
 # -- images --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -72,7 +73,9 @@ def load_correspondences(path: str | os.PathLike) -> Correspondences:
     """Reads a file written by `save_correspondences` (``weights_only=True``).
 
     Raises:
-        ValueError: if the file is not in the project's format or has another version.
+        FileNotFoundError: when the file does not exist.
+        ValueError: naming the file, if it cannot be read (truncated, not a torch file), is not in
+            the project's format, has another version or holds malformed tensors.
 
     Example:
         >>> import tempfile, pathlib
@@ -82,18 +85,29 @@ def load_correspondences(path: str | os.PathLike) -> Correspondences:
         >>> corr.ref_tokens, corr.tgt_tokens, corr.to_dicts()
         ((4,), 8, [[{1: 2}]])
     """
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:  # truncated, not torch
+        raise ValueError(f"Expected `path` to hold mosaic_kit correspondences, but {path} cannot be read: {error}") from None
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise ValueError(f"Expected `path` to hold mosaic_kit correspondences, but {path} does not.")
     version = int(payload["format_version"])
     if version != FORMAT_VERSION:
         raise ValueError(f"Expected correspondence format version {FORMAT_VERSION}, but {path} has {version}.")
-    return Correspondences(
-        **{name: payload[name] for name in _TENSORS},
-        ref_tokens=tuple(payload["ref_tokens"].tolist()),
-        tgt_tokens=int(payload["tgt_tokens"]),
-        confidence=payload.get("confidence"),
-    )
+    missing = [name for name in (*_TENSORS, "ref_tokens", "tgt_tokens") if name not in payload]
+    if missing:
+        raise ValueError(f"Expected `path` to hold mosaic_kit correspondences, but {path} lacks {missing}.")
+    try:
+        return Correspondences(
+            **{name: payload[name] for name in _TENSORS},
+            ref_tokens=tuple(payload["ref_tokens"].tolist()),
+            tgt_tokens=int(payload["tgt_tokens"]),
+            confidence=payload.get("confidence"),
+        )
+    except (ValueError, AttributeError, TypeError) as error:
+        raise ValueError(f"{path}: malformed correspondences: {error}") from None
 
 
 def save_released_dicts(corr: Correspondences, path: str | os.PathLike) -> None:
