@@ -169,9 +169,11 @@ def test_trainer_checkpoints_carry_a_digest_and_a_damaged_one_is_refused_by_name
     out = tmp_path / "run"
     (out / "checkpoints" / ".tmp-step-0000005").mkdir(parents=True)  # left by a killed save
     (out / "checkpoints" / ".trash-step-0000001").mkdir()  # left by a killed prune
+    (out / ".tmp-summary.json").write_text("{")  # left by a killed atomic write
     trainer = MosaicTrainer(tiny_config(out, "max_steps=2", "checkpoint_every=1", "keep_checkpoints=1"))
     trainer.setup()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []  # cleaned at the start
+    assert not list(out.glob(".tmp-*"))
     trainer.train()
     (only,) = trainer.checkpoints()
     files = verify_checkpoint(only)

@@ -240,6 +240,9 @@ class MosaicTrainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             clean_stale_checkpoints(self.output_dir / "checkpoints")  # what a killed save or prune left
+            for partial in self.output_dir.glob(".tmp-*"):  # what a killed atomic write (summary, LoRA files) left
+                if partial.is_file():
+                    partial.unlink()
             import yaml
 
             _write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
