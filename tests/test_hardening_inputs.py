@@ -414,6 +414,8 @@ def test_non_utf8_manifest_names_file_line_and_column(tmp_path):
         read_manifest(path)
     path.write_bytes(good + b"\r\n" + json.dumps({"id": "b", "caption": "café", "target": "t.png", "references": ["r.png"]}).encode())
     assert [e.caption for e in read_manifest(path)] == ["", "café"]  # UTF-8 and CRLF are fine
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n")
+    assert [e.id for e in read_manifest(path)] == ["a"]  # a byte-order mark is fine
 
 
 @pytest.fixture

@@ -237,6 +237,8 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
                 path, number, f"expected UTF-8 text, but byte 0x{raw[error.start]:02x} at column {error.start + 1} "
                 "is not valid UTF-8 (re-save the manifest as UTF-8)",
             ) from None
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors write
         if not line.strip():
             continue
         try:
