@@ -182,6 +182,11 @@ def test_trainer_checkpoints_carry_a_digest_and_a_damaged_one_is_refused_by_name
     assert {"trainer_state.json", "lora_parameters.safetensors", "trainer_rank0.pt", "optimizer.bin"} <= set(files)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]
 
+    other_rank = MosaicTrainer(tiny_config(out, "max_steps=2", "model.lora_rank=8"))  # intact, but not this model's
+    with pytest.raises(CheckpointError, match="lora_parameters.safetensors': cannot be loaded") as caught:
+        other_rank.load_checkpoint(only)
+    assert caught.value.folder == only
+
     with open(only / "lora_parameters.safetensors", "r+b") as handle:
         handle.seek(-3, os.SEEK_END)
         handle.write(b"\x00\x01\x02")

@@ -92,6 +92,13 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
+def _read_trainer_state(path: Path) -> dict:
+    state = json.loads(path.read_text())
+    if not isinstance(state, dict) or not {"step", "processes", "history"} <= set(state):
+        raise ValueError(f"expected a mapping with step, processes and history, but got {str(state)[:200]}")
+    return state
+
+
 def _load_checkpoint_file(folder: Path, name: str, load: Callable[[Path], object]):
     """``load(folder / name)``, with any error re-raised as a `CheckpointError` naming both."""
     try:
@@ -701,7 +708,7 @@ class MosaicTrainer:
         if error is not None:
             raise CheckpointError(*error)
         path = Path(path)
-        state = _load_checkpoint_file(path, TRAINER_STATE_FILE, lambda f: json.loads(f.read_text()))
+        state = _load_checkpoint_file(path, TRAINER_STATE_FILE, _read_trainer_state)
         if state["processes"] != acc.num_processes:
             raise CheckpointError(
                 path, TRAINER_STATE_FILE, f"expected to resume with {state['processes']} processes (the checkpoint's), "
@@ -713,8 +720,8 @@ class MosaicTrainer:
         try:
             acc.load_state(str(path), **extra)
         except Exception as raised:  # names the folder; accelerate's message names the file
-            raise CheckpointError(path, None, f"accelerate's load_state failed ({type(raised).__name__}: {raised})") \
-                from raised
+            raise CheckpointError(path, None, "accelerate's load_state (optimizer.bin, scheduler.bin, random_states_*.pkl) "
+                                  f"failed ({type(raised).__name__}: {raised})") from raised
         rank_file = f"trainer_rank{acc.process_index}.pt"
         rank_state = _load_checkpoint_file(path, rank_file, lambda f: torch.load(f, weights_only=True))
         try:
