@@ -63,7 +63,7 @@ from mosaic_kit.correspondence import (
     save_released_dicts,
     subsample,
 )
-from mosaic_kit.data import count_released_rows, decode_released_row, iter_released_rows
+from mosaic_kit.data import count_released_rows, decode_released_row, iter_released_rows, open_image, to_rgb
 from mosaic_kit.data import read_manifest as read_manifest_entries
 from mosaic_kit.features import build_extractor, parse_extractor_spec
 
@@ -112,12 +112,10 @@ def read_manifest(path: Path) -> list[dict]:
 
 
 def load_image(source: Path | Image.Image, size: int) -> torch.Tensor:
-    """``(3, size, size)`` float image in [0, 1] from a path or a PIL image."""
-    if isinstance(source, Image.Image):
-        image = source.convert("RGB").resize((size, size), Image.BICUBIC)
-    else:
-        with Image.open(source) as opened:
-            image = opened.convert("RGB").resize((size, size), Image.BICUBIC)
+    """``(3, size, size)`` float image in [0, 1] from a path or a PIL image (16-bit, palette, CMYK and
+    alpha images converted by `mosaic_kit.data.to_rgb`; too large or unreadable: ValueError)."""
+    image = to_rgb(source) if isinstance(source, Image.Image) else to_rgb(open_image(source), str(source))
+    image = image.resize((size, size), Image.BICUBIC)
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return data.view(size, size, 3).permute(2, 0, 1).float() / 255
 
@@ -128,9 +126,8 @@ def load_mask(path: Path | list[Path] | None, size: int) -> torch.Tensor | None:
         return None
     if isinstance(path, list):
         return torch.stack([load_mask(p, size) for p in path]).any(0)
-    with Image.open(path) as image:
-        image = image.convert("L").resize((size, size), Image.NEAREST)
-        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    image = open_image(path).convert("L").resize((size, size), Image.NEAREST)  # refuses bombs by name
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     mask = data.view(1, size, size) > 0
     if not bool(mask.any()):
         raise ValueError(f"empty mask {path}")

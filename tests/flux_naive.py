@@ -15,12 +15,18 @@ import torch.nn.functional as F
 
 
 def linear(module, x, lora: bool, adapter: str = "mosaic"):
+    """``x @ W.T + b`` with the reference adapter merged in on reference tokens (``lora``) and
+    every other active adapter (a user's style LoRA) merged in on every token."""
     base = module.base_layer if hasattr(module, "base_layer") else module
     weight = base.weight
     if lora and hasattr(module, "lora_A") and adapter in module.lora_A:
         a = module.lora_A[adapter].weight
         b = module.lora_B[adapter].weight
         weight = weight + module.scaling[adapter] * (b @ a)
+    if hasattr(module, "lora_A") and not module.disable_adapters:
+        for other in module.active_adapters:
+            if other != adapter and other in module.lora_A:
+                weight = weight + module.scaling[other] * (module.lora_B[other].weight @ module.lora_A[other].weight)
     out = x @ weight.T
     return out if base.bias is None else out + base.bias
 

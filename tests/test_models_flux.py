@@ -316,7 +316,7 @@ def test_lora_only_on_modules_the_forward_routes():
     inputs = random_packed_inputs(transformer, reference_sizes=[(32, 32)])
     before = MosaicFluxTransformer(transformer)(**inputs)
     load_reference_lora(transformer, {"transformer.proj_out.lora_A.weight": torch.ones(2, 32),
-                                      "transformer.proj_out.lora_B.weight": torch.ones(64, 2)})
+                                      "transformer.proj_out.lora_B.weight": torch.ones(64, 2)}, partial=True)
     torch.testing.assert_close(MosaicFluxTransformer(transformer)(**inputs), before)
 
 
@@ -352,8 +352,8 @@ def test_reference_cache_of_another_model_is_refused():
     "state,match",
     [
         ({"transformer.nope.lora_A.weight": torch.zeros(2, 3), "transformer.nope.lora_B.weight": torch.zeros(3, 2)},
-         "names no linear module"),
-        ({"unet.x.lora_A.weight": torch.zeros(2, 3)}, "Expected LoRA keys"),
+         "LoRA state dict.*naming no linear module"),
+        ({"unet.x.lora_A.weight": torch.zeros(2, 3)}, "LoRA state dict: expected LoRA keys"),
         ({"transformer.x_embedder.lora_A.weight": torch.zeros(2, 5),
           "transformer.x_embedder.lora_B.weight": torch.zeros(32, 2)}, "of shape"),
         ({"transformer.x_embedder.lora_A.weight": torch.zeros(2, 64)}, "both lora_A and lora_B"),

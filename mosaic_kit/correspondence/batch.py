@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import math
+
 import torch
 
 from ._checks import check_int, check_int_list, check_int_pair, check_shape
@@ -15,6 +17,38 @@ __all__ = ["Correspondences"]
 
 # A (B, K) nested list of per-reference point lists, each a list of (u, v, confidence).
 _PointLists = list[list[list[tuple[int, int, float]]]]
+
+
+def check_correspondences(name: str, value: object) -> Correspondences:
+    """Raises `ValueError` naming ``name`` unless ``value`` is a `Correspondences` (private)."""
+    if not isinstance(value, Correspondences):
+        raise ValueError(f"Expected `{name}` to be a Correspondences, but got {type(value).__name__}.")
+    return value
+
+
+def _as_confidence(name: str, value: Any) -> float:
+    """A finite real confidence (not a bool, a string or None) as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+        isinstance(value, torch.Tensor) and value.ndim == 0 and value.is_floating_point()
+    ):
+        raise ValueError(f"Expected `{name}` to be a finite real confidence, but got {value!r}.")
+    as_float = float(value)
+    if not math.isfinite(as_float):
+        raise ValueError(f"Expected `{name}` to be a finite real confidence, but got {value!r}.")
+    return as_float
+
+
+def _as_tensor(name: str, value: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.as_tensor(value)``, or a `ValueError` naming ``name`` when it is not numeric."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"Expected `{name}` to be a tensor or a list of numbers, but got {value!r}.")
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"Expected `{name}` to be a tensor or a list of numbers, but got {type(value).__name__} ({error}).") from None
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise ValueError(f"Expected `{name}` to hold real numbers, but got {tensor.dtype}.")
+    return tensor if dtype is None else tensor.to(dtype)
 
 
 def _as_token(name: str, value: Any) -> int:
@@ -81,6 +115,8 @@ class Correspondences:
     confidence: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.ref_tokens, (str, bytes)) or not isinstance(self.ref_tokens, Sequence):
+            raise ValueError(f"Expected `ref_tokens` to be a list of K token counts, but got {self.ref_tokens!r}.")
         ref_tokens = tuple(check_int("ref_tokens[k]", n, minimum=1) for n in self.ref_tokens)
         object.__setattr__(self, "ref_tokens", ref_tokens)
         object.__setattr__(self, "tgt_tokens", check_int("tgt_tokens", self.tgt_tokens, minimum=1))
@@ -274,6 +310,13 @@ class Correspondences:
         tgt_tokens = check_int("tgt_tokens", tgt_tokens, minimum=1)
         if isinstance(samples, Mapping) or not isinstance(samples, Sequence):
             raise ValueError(f"Expected `samples` to be a list over the batch, but got {type(samples).__name__}.")
+        if confidences is not None and (
+            isinstance(confidences, (Mapping, str, bytes, torch.Tensor)) or not isinstance(confidences, Sequence)
+        ):
+            raise ValueError(
+                "Expected `confidences` to mirror `samples` (a list over samples of lists over references of "
+                f"{{ref_token: confidence}} dicts), but got {type(confidences).__name__}."
+            )
         if confidences is not None and len(confidences) != len(samples):
             raise ValueError(
                 f"Expected `confidences` with one entry per sample ({len(samples)}), but got {len(confidences)}."
@@ -298,9 +341,19 @@ class Correspondences:
                     )
                 conf_map = None
                 if confidences is not None:
-                    if len(confidences[b]) != len(sample) or not isinstance(confidences[b][k], Mapping):
-                        raise ValueError(f"Expected `confidences[{b}]` to mirror `samples[{b}]`.")
-                    conf_map = {_as_token(f"confidences[{b}][{k}] key", u): c for u, c in confidences[b][k].items()}
+                    conf_sample = confidences[b]
+                    if (
+                        isinstance(conf_sample, (Mapping, str, bytes)) or not isinstance(conf_sample, Sequence)
+                        or len(conf_sample) != len(sample) or not isinstance(conf_sample[k], Mapping)
+                    ):
+                        raise ValueError(
+                            f"Expected `confidences[{b}]` to mirror `samples[{b}]` (a list of {len(sample)} dicts "
+                            f"{{ref_token: confidence}}), but got {conf_sample!r}."
+                        )
+                    conf_map = {
+                        _as_token(f"confidences[{b}][{k}] key", u): _as_confidence(f"confidences[{b}][{k}][{u!r}]", c)
+                        for u, c in conf_sample[k].items()
+                    }
                 pts = []
                 for u_raw, v_raw in mapping.items():
                     u = _as_token(f"samples[{b}][{k}] key", u_raw)
@@ -317,7 +370,7 @@ class Correspondences:
                         )
                     if conf_map is not None and u not in conf_map:
                         raise ValueError(f"Expected `confidences[{b}][{k}]` to hold reference token {u}, but it is missing.")
-                    pts.append((u, v, float(conf_map[u]) if conf_map is not None else 1.0))
+                    pts.append((u, v, conf_map[u] if conf_map is not None else 1.0))
                 per_ref.append(pts)
             point_lists.append(per_ref)
         return cls._from_point_lists(point_lists, ref_tokens, tgt_tokens, with_confidence=confidences is not None)
@@ -360,6 +413,17 @@ class Correspondences:
         """
         if isinstance(samples, torch.Tensor) or not isinstance(samples, Sequence):
             raise ValueError(f"Expected `samples` to be a list over the batch, but got {type(samples).__name__}.")
+        for b, sample in enumerate(samples):
+            if isinstance(sample, (Mapping, str, bytes, torch.Tensor)) or not isinstance(sample, Sequence):
+                raise ValueError(
+                    f"Expected `samples[{b}]` to be a list over references of (ref_xy, tgt_xy[, confidence]), "
+                    f"but got {type(sample).__name__}."
+                )
+            for k, pair in enumerate(sample):
+                if isinstance(pair, (Mapping, str, bytes)) or not isinstance(pair, (Sequence, torch.Tensor)):
+                    raise ValueError(
+                        f"Expected `samples[{b}][{k}]` = (ref_xy, tgt_xy[, confidence]), but got {type(pair).__name__}."
+                    )
         num_refs = max((len(s) for s in samples), default=0)
         if isinstance(ref_grids, TokenGrid):
             ref_grids = [ref_grids] * max(num_refs, 1)
@@ -392,11 +456,17 @@ class Correspondences:
                     raise ValueError(
                         f"Expected `samples[{b}][{k}]` = (ref_xy, tgt_xy[, confidence]), but got {len(pair)} items."
                     )
-                ref_xy, tgt_xy = torch.as_tensor(pair[0]), torch.as_tensor(pair[1])
+                ref_xy = _as_tensor(f"samples[{b}][{k}] ref_xy", pair[0])
+                tgt_xy = _as_tensor(f"samples[{b}][{k}] tgt_xy", pair[1])
                 check_shape(f"samples[{b}][{k}] ref_xy", ref_xy, [None, 2], "(P, 2)")
                 check_shape(f"samples[{b}][{k}] tgt_xy", tgt_xy, [ref_xy.shape[0], 2], "(P, 2)")
-                conf = torch.ones(ref_xy.shape[0]) if len(pair) == 2 else torch.as_tensor(pair[2], dtype=torch.float32)
+                conf = (
+                    torch.ones(ref_xy.shape[0]) if len(pair) == 2
+                    else _as_tensor(f"samples[{b}][{k}] confidence", pair[2], dtype=torch.float32)
+                )
                 check_shape(f"samples[{b}][{k}] confidence", conf, [ref_xy.shape[0]], "(P,)")
+                if not bool(torch.isfinite(conf).all()):
+                    raise ValueError(f"Expected `samples[{b}][{k}] confidence` to be finite, but got {conf.tolist()}.")
                 size = None if ref_image_sizes is None else check_int_pair(f"ref_image_sizes[{k}]", ref_image_sizes[k])
                 u = ref_grids[k].pixel_to_token(ref_xy, image_size=size)
                 v = tgt_grid.pixel_to_token(tgt_xy, image_size=tgt_image_size)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_option
-from .batch import Correspondences
+from .batch import Correspondences, check_correspondences
 
 __all__ = ["DISJOINT_POLICIES", "contested_tokens", "enforce_disjoint", "find_conflicts", "is_disjoint"]
 
@@ -46,6 +46,7 @@ def find_conflicts(corr: Correspondences) -> torch.Tensor:
         tensor([[[ True, False],
                  [ True, False]]])
     """
+    check_correspondences("corr", corr)
     contested = _claims(corr).sum(1) >= 2
     return _gather_tokens(contested, corr) & corr.point_mask
 
@@ -69,6 +70,7 @@ def contested_tokens(corr: Correspondences) -> list[list[int]]:
         >>> contested_tokens(corr)
         [[3, 6], []]
     """
+    check_correspondences("corr", corr)
     contested = (_claims(corr).sum(1) >= 2).cpu()
     return [row.nonzero().flatten().tolist() for row in contested]
 
@@ -84,7 +86,9 @@ def enforce_disjoint(corr: Correspondences, policy: str = "drop") -> Corresponde
       to the lower index); needs `confidence`;
     - ``"strict"``: change nothing and raise if any token is contested.
 
-    Removed points are masked out (``P`` is kept; call `compact` to trim).
+    Removed points are masked out (``P`` is kept; call `compact` to trim). A batch with no
+    reference slot (K = 0) or no point slot (P = 0) has nothing to contest and is returned as it
+    is under every policy (``"confidence"`` still needs confidences).
 
     Args:
         corr: the correspondences.
@@ -94,8 +98,9 @@ def enforce_disjoint(corr: Correspondences, policy: str = "drop") -> Corresponde
         The correspondences with eq. 2 satisfied.
 
     Raises:
-        ValueError: on an unknown policy; with ``"confidence"`` and no confidences; with
-            ``"strict"`` when a token is contested (the message names the tokens).
+        ValueError: when ``corr`` is not a `Correspondences`; on an unknown policy; with
+            ``"confidence"`` and no confidences; with ``"strict"`` when a token is contested (the
+            message names the tokens).
 
     Example:
         >>> corr = Correspondences.from_dicts([[{0: 3, 1: 4}, {0: 3, 2: 5}]], ref_tokens=[4, 4], tgt_tokens=8)
@@ -104,7 +109,12 @@ def enforce_disjoint(corr: Correspondences, policy: str = "drop") -> Corresponde
         >>> enforce_disjoint(corr, "first").to_dicts()
         [[{0: 3, 1: 4}, {2: 5}]]
     """
+    check_correspondences("corr", corr)
     check_option("policy", policy, DISJOINT_POLICIES)
+    if policy == "confidence" and corr.confidence is None:
+        raise ValueError("Expected `corr.confidence` for policy 'confidence', but got None.")
+    if corr.num_refs == 0 or corr.max_points == 0:
+        return corr  # nothing to contest (argmax over zero references is undefined)
     conflicts = find_conflicts(corr)
     if policy == "strict":
         if bool(conflicts.any()):
@@ -122,8 +132,6 @@ def enforce_disjoint(corr: Correspondences, policy: str = "drop") -> Corresponde
         # argmax returns the first maximal index, i.e. the lowest claiming reference.
         score = _claims(corr).to(torch.int8)
     else:
-        if corr.confidence is None:
-            raise ValueError("Expected `corr.confidence` for policy 'confidence', but got None.")
         score = torch.full(
             (corr.batch_size, corr.num_refs, corr.tgt_tokens), float("-inf"),
             dtype=corr.confidence.dtype, device=corr.device,

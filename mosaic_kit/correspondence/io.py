@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .batch import Correspondences
+from .batch import Correspondences, check_correspondences
 
 __all__ = ["FORMAT_VERSION", "load_correspondences", "load_released_dicts", "save_correspondences", "save_released_dicts"]
 
@@ -72,7 +73,9 @@ def load_correspondences(path: str | os.PathLike) -> Correspondences:
     """Reads a file written by `save_correspondences` (``weights_only=True``).
 
     Raises:
-        ValueError: if the file is not in the project's format or has another version.
+        FileNotFoundError: when the file does not exist.
+        ValueError: naming the file, if it cannot be read (truncated, not a torch file), is not in
+            the project's format, has another version or holds malformed tensors.
 
     Example:
         >>> import tempfile, pathlib
@@ -82,18 +85,29 @@ def load_correspondences(path: str | os.PathLike) -> Correspondences:
         >>> corr.ref_tokens, corr.tgt_tokens, corr.to_dicts()
         ((4,), 8, [[{1: 2}]])
     """
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:  # truncated, not torch
+        raise ValueError(f"Expected `path` to hold mosaic_kit correspondences, but {path} cannot be read: {error}") from None
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise ValueError(f"Expected `path` to hold mosaic_kit correspondences, but {path} does not.")
     version = int(payload["format_version"])
     if version != FORMAT_VERSION:
         raise ValueError(f"Expected correspondence format version {FORMAT_VERSION}, but {path} has {version}.")
-    return Correspondences(
-        **{name: payload[name] for name in _TENSORS},
-        ref_tokens=tuple(payload["ref_tokens"].tolist()),
-        tgt_tokens=int(payload["tgt_tokens"]),
-        confidence=payload.get("confidence"),
-    )
+    missing = [name for name in (*_TENSORS, "ref_tokens", "tgt_tokens") if name not in payload]
+    if missing:
+        raise ValueError(f"Expected `path` to hold mosaic_kit correspondences, but {path} lacks {missing}.")
+    try:
+        return Correspondences(
+            **{name: payload[name] for name in _TENSORS},
+            ref_tokens=tuple(payload["ref_tokens"].tolist()),
+            tgt_tokens=int(payload["tgt_tokens"]),
+            confidence=payload.get("confidence"),
+        )
+    except (ValueError, AttributeError, TypeError) as error:
+        raise ValueError(f"{path}: malformed correspondences: {error}") from None
 
 
 def save_released_dicts(corr: Correspondences, path: str | os.PathLike) -> None:
@@ -108,6 +122,7 @@ def save_released_dicts(corr: Correspondences, path: str | os.PathLike) -> None:
         >>> path.read_text()  # JSON keys are strings
         '[[{"0": 3}, {}]]'
     """
+    check_correspondences("corr", corr)
     text = json.dumps(corr.to_dicts())
     _atomic_write(Path(path), lambda stream: stream.write(text.encode()))
 
@@ -123,7 +138,21 @@ def load_released_dicts(path: str | os.PathLike) -> list[list[dict[int, int]]]:
         >>> load_released_dicts(path)
         [[{0: 1, 3: 2}]]
     """
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"Expected `path` to hold UTF-8 JSON, but {path} does not: {error}") from None
     if not isinstance(data, list) or not all(isinstance(s, list) for s in data):
         raise ValueError(f"Expected `path` to hold a list over samples of lists over references, but {path} does not.")
-    return [[{int(u): int(v) for u, v in refs.items()} for refs in sample] for sample in data]
+    out = []
+    for b, sample in enumerate(data):
+        refs_out = []
+        for k, refs in enumerate(sample):
+            if not isinstance(refs, dict):
+                raise ValueError(f"{path}: expected sample {b}, reference {k} to be a dict {{ref_token: tgt_token}}, but got {refs!r}.")
+            try:
+                refs_out.append({int(u): int(v) for u, v in refs.items()})
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: expected integer tokens in sample {b}, reference {k}, but got {refs!r}.") from None
+        out.append(refs_out)
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_int, check_int_pair, check_option
-from .batch import Correspondences
+from .batch import Correspondences, check_correspondences
 from .grid import TokenGrid
 
 __all__ = ["SUBSAMPLE_METHODS", "subsample"]
@@ -71,6 +71,7 @@ def subsample(
         >>> subsample(corr, 2, "random", seed=3).num_points
         tensor([[2]])
     """
+    check_correspondences("corr", corr)
     check_option("method", method, SUBSAMPLE_METHODS)
     max_points = check_int("max_points", max_points, minimum=1)
     seed = check_int("seed", seed)

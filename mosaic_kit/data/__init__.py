@@ -14,6 +14,8 @@ composition carry them exactly); `collate_samples` turns a list of them into a `
 - `mosaic_kit.data.bad` and `mosaic_kit.data.loader`: `BadSample`, `BadDataTally`, `skip_bad`,
   `ResumableSampler`, `SkippingLoader` (exact resume).
 - `mosaic_kit.data.fixtures`: tiny data sets written on the fly (tests, examples).
+- Image files: `open_image` (refuses more than `MAX_IMAGE_PIXELS` pixels from the header) and
+  `to_rgb` (16-bit, palette, CMYK and alpha images to RGB, alpha on `ALPHA_BACKGROUND`).
 - `mosaic_kit.data.synthetic_world`: a procedural multi-subject world with exact correspondences
   (`SyntheticWorld`, `SyntheticDataset`), for CPU training and the ablation.
 - `mosaic_kit.data.generation`: the SemAlign-MS data-building pipeline (paper §3): prompts →
@@ -21,6 +23,7 @@ composition carry them exactly); `collate_samples` turns a list of them into a `
   ``recipes/build_dataset.py``).
 """
 
+from ._images import ALPHA_BACKGROUND, MAX_IMAGE_PIXELS, open_image, to_rgb
 from .bad import BAD_SAMPLE_KINDS, BadDataTally, BadSample, skip_bad
 from .collate import (
     COLLATE_DISJOINT_POLICIES,
@@ -106,6 +109,8 @@ __all__ = [
     "TARGET_BOX",
     "TEXTURES",
     "TRAIN_IDENTITIES",
+    "ALPHA_BACKGROUND",
+    "MAX_IMAGE_PIXELS",
     "BadDataTally",
     "BadSample",
     "ComposedDataset",
@@ -137,6 +142,7 @@ __all__ = [
     "load_released_coords",
     "make_manifest_fixture",
     "make_released_fixture",
+    "open_image",
     "mask_to_grid",
     "read_manifest",
     "released_coord_path",
@@ -148,4 +154,5 @@ __all__ = [
     "skip_bad",
     "split_panels",
     "subject_descriptor",
+    "to_rgb",
 ]

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ._images import as_size, load_mask, pil_to_tensor, resize_mask, scale_pairs
+from ._images import as_size, load_mask, open_image, pil_to_tensor, resize_mask, scale_pairs, to_rgb
 from .bad import BadSample
 from .sample import MultiSubjectSample
 
@@ -206,7 +206,8 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
         One `ManifestEntry` per non-blank line, paths resolved against the manifest's folder.
 
     Raises:
-        ValueError: ``"<path>:<line>: ..."`` naming the key, what was expected and what arrived.
+        ValueError: ``"<path>:<line>: ..."`` naming the key, what was expected and what arrived
+            (also for a line that is not UTF-8).
 
     Examples:
         >>> import tempfile
@@ -228,7 +229,16 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
     base = path.parent
     entries: list[ManifestEntry] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise _fail(
+                path, number, f"expected UTF-8 text, but byte 0x{raw[error.start]:02x} at column {error.start + 1} "
+                "is not valid UTF-8 (re-save the manifest as UTF-8)",
+            ) from None
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors write
         if not line.strip():
             continue
         try:
@@ -309,10 +319,9 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
 def _open_image(sample_id: str, path: Path, size: tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:
     """The image as ``(3, H, W)`` at ``size`` (or its own size), and its original ``(H, W)``."""
     try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise BadSample("unreadable_image", sample_id, f"{path}: {error}") from None
+        image = to_rgb(open_image(path), str(path))
+    except ValueError as error:  # missing, undecodable, too large or an unsupported mode; names the file
+        raise BadSample("unreadable_image", sample_id, str(error)) from None
     original = (image.size[1], image.size[0])
     if size is not None and original != size:
         image = image.resize((size[1], size[0]), Image.BICUBIC)
@@ -341,7 +350,9 @@ class ManifestDataset(torch.utils.data.Dataset):
     pixel centres of the resized frames, pairs scaled from the files' pixel frames to the resized
     ones. ``meta`` holds the line's ``meta``, ``subjects`` (when given) and ``line``.
 
-    Bad data raises `BadSample`: ``"unreadable_image"`` (missing or undecodable image or mask),
+    Bad data raises `BadSample`: ``"unreadable_image"`` (missing or undecodable image or mask, an
+    image of more than `MAX_IMAGE_PIXELS` pixels or of an unsupported mode; see `to_rgb` for how
+    16-bit, palette, CMYK and alpha images are converted),
     ``"missing_mask"``, ``"empty_mask"``, ``"missing_coordinates"`` (correspondence file) and
     ``"malformed_coordinates"`` (a malformed file, or a pair outside its image).
 

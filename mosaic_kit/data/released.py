@@ -36,6 +36,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from ._images import to_rgb
+
 __all__ = [
     "REFERENCE_BOX",
     "TARGET_BOX",
@@ -104,7 +106,7 @@ def split_panels(image: Image.Image) -> tuple[Image.Image, Image.Image]:
             f"Expected a released image of at least {REFERENCE_BOX[2]}×{REFERENCE_BOX[3]} pixels (W×H), "
             f"but got {width}×{height}."
         )
-    image = image.convert("RGB")
+    image = to_rgb(image, "released image")  # 16-bit, palette, CMYK and alpha converted; see `to_rgb`
     return image.crop(TARGET_BOX), image.crop(REFERENCE_BOX)
 
 
@@ -147,15 +149,41 @@ def _parquet():
     return pq
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """The errors pyarrow raises on a truncated or corrupt file."""
+    import pyarrow
+
+    return (OSError, ValueError, pyarrow.ArrowException)
+
+
+def _shard_error(shard: Path, error: Exception, where: str = "") -> ValueError:
+    return ValueError(
+        f"{shard}{where}: expected a readable parquet shard, but it cannot be read (truncated or corrupt?): "
+        f"{type(error).__name__}: {error}"
+    )
+
+
+def _open_shard(shard: Path):
+    """``pyarrow.parquet.ParquetFile`` of a shard; a truncated or corrupt one raises a `ValueError`
+    naming it (pyarrow's own error, e.g. "Parquet magic bytes not found", does not)."""
+    pq = _parquet()
+    try:
+        return pq.ParquetFile(shard)
+    except _read_errors() as error:
+        raise _shard_error(shard, error) from None
+
+
 def count_released_rows(root: str | Path) -> int:
     """The number of rows in all shards (from the parquet metadata; no image is decoded).
+
+    Raises:
+        ValueError: naming the shard, when one is truncated or corrupt (its footer cannot be read).
 
     Example (the data set of the module docstring):
         >>> count_released_rows(root)
         1
     """
-    pq = _parquet()
-    return sum(pq.ParquetFile(shard).metadata.num_rows for shard in released_shards(root))
+    return sum(_open_shard(shard).metadata.num_rows for shard in released_shards(root))
 
 
 def _image_bytes(value) -> bytes:
@@ -193,14 +221,23 @@ class ReleasedRow:
 def iter_released_rows(root: str | Path, batch_size: int = 32) -> Iterator[ReleasedRow]:
     """Yields the undecoded rows of every shard under ``root`` in order (shards sorted by path).
 
+    Raises:
+        ValueError: naming the shard, when one is truncated or corrupt.
+
     Example (the data set of the module docstring):
         >>> [(row.row, row.description["description_0"]) for row in iter_released_rows(root)]
         [(0, 'a dog')]
     """
-    pq = _parquet()
     for shard in released_shards(root):
         row = 0
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_size, columns=["image", "description"]):
+        batches = _open_shard(shard).iter_batches(batch_size=batch_size, columns=["image", "description"])
+        while True:
+            try:
+                batch = next(batches, None)
+            except _read_errors() as error:
+                raise _shard_error(shard, error, f" (after row {row})") from None
+            if batch is None:
+                break
             for image, description in zip(batch.column("image").to_pylist(), batch.column("description").to_pylist()):
                 yield ReleasedRow(shard, row, image, description)
                 row += 1
@@ -221,7 +258,7 @@ def decode_released_row(row: ReleasedRow, root: str | Path) -> ReleasedSample:
         description = _description(row.description)
         with Image.open(io.BytesIO(_image_bytes(row.image))) as image:
             target, reference = split_panels(image)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"{row.shard} row {row.row}: {error}") from error
     uid = released_uid(description["item"], description["description_0"], target)
     return ReleasedSample(

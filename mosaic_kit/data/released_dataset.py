@@ -40,7 +40,8 @@ from .bad import BadSample
 from .released import (
     ReleasedRow,
     _description,
-    _parquet,
+    _open_shard,
+    _read_errors,
     decode_released_row,
     released_shards,
 )
@@ -253,13 +254,18 @@ class ReleasedDataset(torch.utils.data.Dataset):
     (each pixel reads the mask at its centre). ``meta`` holds ``uid``, ``subjects`` (``[item]``),
     ``reference_caption``, ``shard`` and ``row``.
 
-    Bad rows raise `BadSample`: ``"malformed_row"`` (description), ``"unreadable_image"`` (the
-    image or the mask cannot be decoded), ``"missing_mask"``, ``"empty_mask"``,
+    Bad rows raise `BadSample`: ``"malformed_row"`` (description, or a row group of a shard that
+    cannot be read), ``"unreadable_image"`` (the image or the mask cannot be decoded, is larger
+    than `MAX_IMAGE_PIXELS` or of an unsupported mode), ``"missing_mask"``, ``"empty_mask"``,
     ``"missing_coordinates"`` and ``"malformed_coordinates"``. The sample id is the uid, or
     ``"<shard file>:<row>"`` when the row cannot be decoded.
 
     Random access reads (and caches) one parquet row group at a time, so reading in shard order is
     much faster than a random order over large row groups.
+
+    A shard whose footer cannot be read (truncated, or not parquet) is refused when the dataset is
+    built, with a `ValueError` naming it; a row group that cannot be read later makes its rows
+    ``"malformed_row"`` bad samples.
 
     Args:
         root: the data folder (shards anywhere below it, ``mask/`` and ``coord/`` at its top).
@@ -300,13 +306,12 @@ class ReleasedDataset(torch.utils.data.Dataset):
         self.grid = check_int("grid", grid, minimum=1)
         check_option("layout", layout, COORD_LAYOUTS)
         self.layout = layout
-        pq = _parquet()
         self.shards = released_shards(self.root)
         self._group_starts: list[list[int]] = []
         self._starts: list[int] = []
         total = 0
         for shard in self.shards:
-            metadata = pq.ParquetFile(shard).metadata
+            metadata = _open_shard(shard).metadata  # a truncated shard: ValueError naming it
             starts, offset = [], 0
             for group in range(metadata.num_row_groups):
                 starts.append(offset)
@@ -368,8 +373,14 @@ class ReleasedDataset(torch.utils.data.Dataset):
             self._files, self._cache, self._pid = {}, None, os.getpid()
         if self._cache is None or self._cache[0] != (shard, group):
             if shard not in self._files:
-                self._files[shard] = _parquet().ParquetFile(path)
-            table = self._files[shard].read_row_group(group, columns=["image", "description"])
+                self._files[shard] = _open_shard(path)
+            try:
+                table = self._files[shard].read_row_group(group, columns=["image", "description"])
+            except _read_errors() as error:  # a corrupt row group: its rows are bad
+                raise BadSample(
+                    "malformed_row", f"{path.name}:{row}",
+                    f"{path} row group {group}: cannot be read (corrupt?): {type(error).__name__}: {error}",
+                ) from None
             self._cache = ((shard, group), table)
         table = self._cache[1]
         offset = row - starts[group]

@@ -3,6 +3,10 @@
 The losses accept ``x`` as a `CaptureResult` (fast path) or as a
 dense ``(B, N_ref_total, N_tgt)`` tensor holding A (slow, obviously-correct twin). Both are
 reduced here to the same two quantities, so the loss math that follows is shared.
+
+A dense map is checked in full (it is the slow path, where a device sync costs nothing): finite,
+non-negative, and every row of a present reference summing to 1 within `row_sum_tolerance` (a
+map whose rows sum to 2 would otherwise give a plausible, wrong loss).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from ..attention import CaptureResult
 from ..correspondence import Correspondences
 from ..correspondence._checks import check_floating, check_shape, compute_dtype
+from ..correspondence._finite import check_finite
 
 
 def _same_points(a: Correspondences, b: Correspondences) -> bool:
@@ -48,6 +53,56 @@ def check_inputs(x: object, corr: object) -> None:
         )
     check_shape("x", x, [corr.batch_size, corr.total_ref_tokens, corr.tgt_tokens], "(B, N_ref_total, N_tgt)")
     check_floating("x", x)
+    check_dense_map(x, corr)
+
+
+def row_sum_tolerance(dtype: torch.dtype) -> float:
+    """How far a row of a dense map may sum from 1: ``max(1e-3, 4·eps(dtype))`` (bf16: 0.031)."""
+    return max(1e-3, 4 * torch.finfo(dtype).eps)
+
+
+def present_rows(corr: Correspondences) -> torch.Tensor:
+    """``(B, N_ref_total)`` bool: the rows of A that belong to a present reference."""
+    counts = torch.tensor(corr.ref_tokens, device=corr.device)
+    return torch.repeat_interleave(corr.ref_present, counts, dim=1)
+
+
+def check_dense_map(x: torch.Tensor, corr: Correspondences) -> None:
+    """Raises unless the dense map ``x`` is finite, >= 0 and its present rows sum to 1 (see module doc)."""
+    check_finite("x", x, force=True)
+    with torch.no_grad():
+        negative = x < 0
+        if bool(negative.any()):
+            b, row, col = (int(i) for i in negative.nonzero()[0])
+            raise ValueError(
+                f"Expected `x` to hold attention probabilities >= 0, but got {int(negative.sum())} negative entries "
+                f"(e.g. x[{b}, {row}, {col}] = {float(x[b, row, col]):.6g})."
+            )
+        sums = x.sum(-1, dtype=compute_dtype(x.dtype))
+        tolerance = row_sum_tolerance(x.dtype)
+        off = present_rows(corr).to(x.device) & ((sums - 1).abs() > tolerance)
+        if bool(off.any()):
+            b, row = (int(i) for i in off.nonzero()[0])
+            raise ValueError(
+                f"Expected every row of `x` of a present reference (A softmaxed over the N_tgt target tokens) to sum "
+                f"to 1 within {tolerance:.3g}, but {int(off.sum())} rows do not, e.g. row {row} of sample {b} sums to "
+                f"{float(sums[b, row]):.6g}."
+            )
+
+
+def check_no_exact_zero(x: torch.Tensor, corr: Correspondences) -> None:
+    """With ``eps == 0``: raises when the dense map is exactly 0 at an annotated pair (SCAL = +inf)."""
+    rows = torch.where(corr.point_mask, corr.global_rows, 0)
+    cols = torch.where(corr.point_mask, corr.tgt_index, 0)
+    picked = x.detach()[torch.arange(corr.batch_size, device=x.device).view(-1, 1, 1), rows.to(x.device), cols.to(x.device)]
+    zero = (picked == 0) & corr.point_mask.to(x.device)
+    if bool(zero.any()):
+        b, k, p = (int(i) for i in zero.nonzero()[0])
+        raise ValueError(
+            f"Expected `x` > 0 at every annotated pair with eps = 0 (-log 0 is +inf), but A is exactly 0 at "
+            f"{int(zero.sum())} pairs, e.g. sample {b}, reference {k}, point {p} (row {int(rows[b, k, p])}, target "
+            f"token {int(cols[b, k, p])}); pass eps > 0 (released: 1e-9) or use the capture path, which works in log space."
+        )
 
 
 def pair_log_probs(x: CaptureResult | torch.Tensor, corr: Correspondences, eps: float) -> torch.Tensor:

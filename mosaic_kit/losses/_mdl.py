@@ -85,10 +85,17 @@ def mdl(
         eps: added inside the logs. Default: 1e-8 for ``"jsd"`` (released) and 0 for
             ``"sym_kl"``. With 0, probabilities inside the logs are clamped at the dtype's
             smallest normal number instead, which is exact unless a probability underflows and
-            keeps the loss and its gradient finite when one does.
+            keeps the loss and its gradient finite when one does: an exact 0 (two references
+            with disjoint supports) reads as that number, so the divergence is large and finite
+            (float32: ``log`` of it is -87.3) instead of +inf.
 
     Returns:
         Scalar loss in float32 (float64 for float64 inputs), <= 0.
+
+    Raises:
+        ValueError: on a bad option, ``corr`` or ``x``; for a dense ``x``, also when it holds a
+            NaN, inf or negative entry, or when a row of a present reference does not sum to 1
+            within ``max(1e-3, 4·eps(dtype))``.
 
     Example:
         >>> corr = Correspondences.from_dicts([[{0: 0}, {0: 1}]], ref_tokens=[1, 1], tgt_tokens=2)

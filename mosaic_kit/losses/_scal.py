@@ -8,7 +8,7 @@ from torch import nn
 from ..attention import CaptureResult
 from ..correspondence import Correspondences
 from ..correspondence._checks import check_option
-from ._inputs import check_inputs, pair_log_probs
+from ._inputs import check_inputs, check_no_exact_zero, pair_log_probs
 from ._reduce import batch_mean, check_eps
 
 __all__ = ["SCAL", "SCAL_REDUCTIONS", "scal"]
@@ -57,10 +57,17 @@ def scal(
         corr: the correspondences (B samples, K references, P points).
         reduction: ``"per_ref"`` (paper: mean over the points of each reference, then over
             references) or ``"pooled"`` (released: one mean over all points of the sample).
-        eps: added inside the log (paper: 0; released: 1e-9).
+        eps: added inside the log (paper: 0; released: 1e-9). With ``eps = 0`` a dense ``x``
+            that is exactly 0 at an annotated pair raises a `ValueError` (the loss would be
+            +inf); the capture path works with log-probabilities and never meets an exact 0.
 
     Returns:
         Scalar loss in float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: on a bad option, ``corr`` or ``x``; for a dense ``x``, also when it holds a
+            NaN, inf or negative entry, when a row of a present reference does not sum to 1
+            within ``max(1e-3, 4·eps(dtype))``, or (``eps = 0``) on an exact 0 at an annotated pair.
 
     Example:
         >>> corr = Correspondences.from_dicts([[{0: 1}, {0: 0, 1: 0}]], ref_tokens=[2, 2], tgt_tokens=2)
@@ -73,6 +80,8 @@ def scal(
     check_option("reduction", reduction, SCAL_REDUCTIONS)
     eps = check_eps("eps", eps)
     check_inputs(x, corr)
+    if eps == 0 and isinstance(x, torch.Tensor):
+        check_no_exact_zero(x, corr)
     return _scal_compute(pair_log_probs(x, corr, eps), corr, reduction)
 
 

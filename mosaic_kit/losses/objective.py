@@ -16,7 +16,7 @@ from torch import nn
 
 from ..attention import AGGREGATES, CaptureResult
 from ..correspondence import Correspondences
-from ..correspondence._checks import check_int, check_option, check_shape, compute_dtype
+from ..correspondence._checks import check_floating, check_int, check_option, check_shape, compute_dtype
 from ..correspondence._finite import check_finite
 from ._mdl import MDL_DIVERGENCES, mdl
 from ._reduce import check_eps
@@ -45,13 +45,22 @@ def flow_matching_loss(model_pred: torch.Tensor, noise: torch.Tensor, latents: t
     Returns:
         Scalar mean squared error in float32 (float64 for float64 inputs).
 
+    Raises:
+        ValueError: when the shapes differ, a tensor is not floating point, or (while
+            `mosaic_kit.finite_checks` is on: in tests and the trainer's first steps) one holds a
+            NaN or inf.
+
     Example:
         >>> x0, noise = torch.zeros(2, 4), torch.ones(2, 4)
         >>> flow_matching_loss(torch.ones(2, 4), noise, x0)
         tensor(0.)
     """
+    check_shape("model_pred", model_pred, [None] * getattr(model_pred, "ndim", 0), "(B, ...)")
     for name, tensor in (("noise", noise), ("latents", latents)):
         check_shape(name, tensor, list(model_pred.shape), "same as model_pred " + str(tuple(model_pred.shape)))
+    for name, tensor in (("model_pred", model_pred), ("noise", noise), ("latents", latents)):
+        check_floating(name, tensor)
+        check_finite(name, tensor)  # hot path: only while the switch is on
     dtype = torch.float64 if model_pred.dtype == torch.float64 else torch.float32
     target = noise.to(dtype) - latents.to(dtype)
     return (model_pred.to(dtype) - target).square().mean()

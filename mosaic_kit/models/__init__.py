@@ -3,7 +3,8 @@
 - `MosaicFluxTransformer`: the multi-reference forward over a stock diffusers
   `FluxTransformer2DModel` (eq. 4-7), feeding `mosaic_kit.attention.RefTargetCapture`.
 - `add_reference_lora`, `load_reference_lora`, `save_reference_lora`: the reference LoRA through
-  peft, in diffusers' LoRA safetensors layout (released checkpoints load unchanged).
+  peft, in diffusers' LoRA safetensors layout (released checkpoints load unchanged); files the
+  project writes carry a digest of their tensors (`read_lora_file` verifies it).
 - `pack_latents`, `latent_image_ids`, `reference_position_ids`: packing and position ids.
 - `install_capture_processors`, `SequenceLayout`, `CaptureProcessors` and the capture processors
   (`FluxCaptureProcessor`, `Flux2CaptureProcessor`, `Flux2ParallelCaptureProcessor`,
@@ -16,6 +17,7 @@
 from .flux import (
     CAPTURE_BLOCKS,
     DEFAULT_ADAPTER,
+    LORA_DIGEST_KEY,
     REFERENCE_ATTENTION,
     REFERENCE_LORA_TARGETS,
     MosaicFluxAttnProcessor,
@@ -24,7 +26,9 @@ from .flux import (
     add_reference_lora,
     latent_image_ids,
     load_reference_lora,
+    lora_state_digest,
     pack_latents,
+    read_lora_file,
     reference_lora_state_dict,
     reference_position_ids,
     save_reference_lora,
@@ -51,6 +55,7 @@ __all__ = [
     "Flux2CaptureProcessor",
     "Flux2ParallelCaptureProcessor",
     "FluxCaptureProcessor",
+    "LORA_DIGEST_KEY",
     "REFERENCE_ATTENTION",
     "REFERENCE_LORA_TARGETS",
     "MosaicFluxAttnProcessor",
@@ -64,7 +69,9 @@ __all__ = [
     "install_capture_processors",
     "latent_image_ids",
     "load_reference_lora",
+    "lora_state_digest",
     "pack_latents",
+    "read_lora_file",
     "reference_lora_state_dict",
     "reference_position_ids",
     "save_reference_lora",

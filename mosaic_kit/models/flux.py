@@ -24,6 +24,7 @@ adapter state is toggled during the forward.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -38,6 +39,7 @@ from torch import nn
 
 from ..attention import RefTargetCapture
 from ..correspondence._checks import check_option
+from ..correspondence._finite import check_finite
 
 try:  # diffusers and peft are the `flux` extra
     from diffusers import FluxTransformer2DModel
@@ -220,9 +222,65 @@ def _base(module: nn.Module) -> nn.Module:
     return get_base() if get_base is not None else module
 
 
-def _apply(module: nn.Module, x: torch.Tensor, lora: bool) -> torch.Tensor:
-    """``module(x)`` with its adapters (reference tokens) or through its base layer only."""
-    return module(x) if lora else _base(module)(x)
+def _apply(module: nn.Module, x: torch.Tensor, skip: str | None) -> torch.Tensor:
+    """``module(x)`` with every active peft adapter except ``skip``.
+
+    ``skip=None`` (reference tokens) is the plain call: every active adapter acts, as in stock
+    diffusers. ``skip=<reference adapter>`` (text and target tokens) leaves out that one adapter
+    and no other: a style LoRA the user loaded acts on these tokens exactly as in stock diffusers.
+    Without another active adapter this is the base layer alone (the common case, no extra work);
+    with one, it is peft's own `Linear.forward` with the reference adapter left out of the loop
+    (same operations in the same order, so it equals stock bit for bit).
+    """
+    if skip is None:
+        return module(x)
+    lora_a = getattr(module, "lora_A", None)
+    if lora_a is None or skip not in lora_a:
+        return module(x)  # a module without the reference adapter: as stock
+    if getattr(module, "merged", False):
+        raise ValueError(
+            f"Expected unmerged LoRA adapters on the modules the reference adapter {skip!r} adapts, but "
+            f"{sorted(module.merged_adapters)} are merged into a base layer: the forward cannot route merged "
+            "weights per stream. Unmerge them (diffusers `unfuse_lora()`, peft `unmerge_adapter()`) first."
+        )
+    others = [] if module.disable_adapters else [a for a in module.active_adapters if a != skip and a in lora_a]
+    base = module.get_base_layer()
+    if not others:
+        return base(x)
+    result = base(x)
+    result_dtype = result.dtype
+    variants = getattr(module, "lora_variant", {})
+    for name in others:  # peft's Linear.forward (peft/tuners/lora/layer.py) without `skip`
+        lora_in = lora_a[name]
+        cast = getattr(module, "_cast_input_dtype", None)
+        x = cast(x, lora_in.weight.dtype) if cast is not None else x.to(lora_in.weight.dtype)
+        if name in variants:
+            result = variants[name].forward(module, active_adapter=name, x=x, result=result)
+        elif getattr(module, "use_dora", {}).get(name, False):
+            raise ValueError(f"Expected plain LoRA adapters beside the reference adapter, but {name!r} is DoRA "
+                             "and this peft version has no `lora_variant` to run it.")
+        else:
+            result = result + module.lora_B[name](lora_in(module.lora_dropout[name](x))) * module.scaling[name]
+    return result.to(result_dtype)
+
+
+def _active_adapters(transformer: nn.Module) -> list[str]:
+    """The transformer's active peft adapters (none without any adapter)."""
+    if not getattr(transformer, "peft_config", None):
+        return []
+    return list(transformer.active_adapters())
+
+
+def _activate_with(transformer: nn.Module, previous: Sequence[str], adapter_name: str) -> None:
+    """Keeps the adapters that were active before ``adapter_name`` was added active beside it.
+
+    diffusers' ``add_adapter`` and ``load_lora_adapter`` make the new adapter the only active one,
+    which would silently switch off a style LoRA the user had loaded. Scales are kept; peft's
+    ``set_adapter`` marks active adapters trainable, so the callers set ``requires_grad`` after.
+    """
+    keep = [name for name in previous if name != adapter_name and name in transformer.peft_config]
+    if keep:
+        transformer.set_adapter([*keep, adapter_name])
 
 
 def add_reference_lora(
@@ -265,6 +323,9 @@ def add_reference_lora(
         target_modules=target_modules,
         init_lora_weights=True,
     )
+    if adapter_name in getattr(transformer, "peft_config", {}):
+        raise ValueError(f"Expected a new adapter name, but the transformer already has an adapter {adapter_name!r}.")
+    previous = _active_adapters(transformer)
     transformer.requires_grad_(False)
     transformer.add_adapter(config, adapter_name=adapter_name)
     adapted = [n for n, m in transformer.named_modules() if adapter_name in getattr(m, "lora_A", {})]
@@ -272,7 +333,10 @@ def add_reference_lora(
         _check_routed(adapted)
     except ValueError:
         transformer.delete_adapters(adapter_name)
+        if previous:
+            transformer.set_adapter(previous)
         raise
+    _activate_with(transformer, previous, adapter_name)
     for name, param in transformer.named_parameters():
         param.requires_grad_(f".{adapter_name}." in name and ".lora_" in name)
 
@@ -338,8 +402,39 @@ def save_reference_lora(transformer: nn.Module, path: str | os.PathLike, adapter
     return write_lora_file(reference_lora_state_dict(transformer, adapter_name, scaled=True), path)
 
 
+LORA_DIGEST_KEY = "mosaic_kit.sha256"
+"""The safetensors metadata key under which `write_lora_file` records the digest of the tensors
+(`lora_state_digest`); `read_lora_file` verifies it when present."""
+
+
+def lora_state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict: for each key in sorted order, the key, dtype, shape and the
+    tensor's bytes (little-endian, row-major, as stored on disk).
+
+    Args:
+        state: name → tensor (any device; read once, not modified).
+
+    Returns:
+        The hex digest.
+
+    Example:
+        >>> a = {"w": torch.ones(2, 3)}
+        >>> lora_state_digest(a) == lora_state_digest({"w": torch.ones(2, 3)})
+        True
+        >>> lora_state_digest(a) == lora_state_digest({"w": torch.ones(3, 2)})
+        False
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{str(value.dtype).removeprefix('torch.')}\0{tuple(value.shape)}\0".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def write_lora_file(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Writes a LoRA state dict as safetensors, atomically (temporary file, fsync, rename).
+    """Writes a LoRA state dict as safetensors, atomically (temporary file, fsync, rename), with
+    the digest of its tensors (`lora_state_digest`) in the metadata under `LORA_DIGEST_KEY`.
 
     Args:
         state: ``transformer.<module>.lora_A/B.weight`` → tensor.
@@ -347,12 +442,19 @@ def write_lora_file(state: dict[str, torch.Tensor], path: str | os.PathLike) -> 
 
     Returns:
         The path written.
+
+    Example:
+        >>> import tempfile
+        >>> path = write_lora_file({"transformer.x_embedder.lora_A.weight": torch.ones(2, 64)},
+        ...                        tempfile.mkdtemp() + "/lora.safetensors")
+        >>> sorted(read_lora_file(path))
+        ['transformer.x_embedder.lora_A.weight']
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    metadata = {"format": "pt"}
+    metadata = {"format": "pt", LORA_DIGEST_KEY: lora_state_digest(state)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -371,81 +473,209 @@ def write_lora_file(state: dict[str, torch.Tensor], path: str | os.PathLike) -> 
 _LORA_KEY = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
-def _read_lora_file(path_or_state: str | os.PathLike | dict) -> tuple[dict[str, torch.Tensor], dict]:
-    if isinstance(path_or_state, dict):
-        return dict(path_or_state), {}
+def read_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Reads a LoRA safetensors file (no pickle) and checks it: the digest in its metadata when
+    the file has one (files written by `write_lora_file`; the released checkpoint and files
+    written by diffusers have none and load as they are), and that every tensor is a finite
+    floating-point tensor. Every error names the file.
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Returns:
+        name → tensor, on the CPU.
+
+    Raises:
+        ValueError: the file is missing, is not safetensors, its tensors do not match its digest
+            (damaged bytes), or a tensor is not floating point or holds NaN or inf.
+
+    Example:
+        >>> import tempfile
+        >>> path = write_lora_file({"transformer.x_embedder.lora_A.weight": torch.ones(2, 64)},
+        ...                        tempfile.mkdtemp() + "/lora.safetensors")
+        >>> raw = bytearray(path.read_bytes()); raw[-1] ^= 1; _ = path.write_bytes(bytes(raw))
+        >>> read_lora_file(path)
+        Traceback (most recent call last):
+        ...
+        ValueError: LoRA file '...lora.safetensors' is damaged: its tensors hash to sha256 ...
+    """
     from safetensors import safe_open
 
-    path = Path(path_or_state)
+    path = Path(path)
     if not path.is_file():
         raise ValueError(f"Expected `path` to be an existing LoRA .safetensors file, but got {str(path)!r}.")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata = handle.metadata() or {}
     except Exception as error:  # safetensors raises its own error types
         raise ValueError(f"Could not read LoRA file {str(path)!r} as safetensors: {error}") from error
+    recorded = metadata.get(LORA_DIGEST_KEY)
+    if recorded is not None:
+        actual = lora_state_digest(state)
+        if actual != recorded:
+            raise ValueError(
+                f"LoRA file {str(path)!r} is damaged: its tensors hash to sha256 {actual[:16]}…, but the file "
+                f"records {recorded[:16]}… (metadata {LORA_DIGEST_KEY!r}). Re-copy or re-save it."
+            )
+    _check_tensors(state, f"LoRA file {str(path)!r}")
+    return state
+
+
+def _check_tensors(state: dict, source: str) -> None:
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            what = f"{value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{source}: expected floating-point LoRA tensors, but {key!r} is a {what}.")
+        try:
+            check_finite(key, value, force=True)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
 
 
 def load_reference_lora(
     transformer: FluxTransformer2DModel,
     path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor],
     adapter_name: str = DEFAULT_ADAPTER,
+    partial: bool = False,
 ) -> None:
     """Loads a reference LoRA (diffusers layout, any rank) into the transformer through diffusers'
     ``load_lora_adapter`` (peft injection), replacing an adapter of the same name.
 
     Every key must be ``transformer.<module>.lora_A.weight`` or ``.lora_B.weight`` of a linear
-    module of the transformer with matching shapes; anything else raises, so a file for another
-    model is never half-loaded, and only modules the forward routes per stream
-    (`REFERENCE_LORA_TARGETS`, plus the inert output projection) are accepted. The LoRA applies
-    with scale 1 (alpha = rank), as released.
+    module of the transformer with matching shapes, and the LoRA must cover every module the
+    forward routes per stream (`REFERENCE_LORA_TARGETS`; the inert output projection is
+    optional): a file for another model is never half-loaded. A file is read with
+    `read_lora_file` (digest verified when recorded, tensors finite). The LoRA applies with scale
+    1 (alpha = rank), as released. Adapters that were active before stay active beside it.
 
     Args:
         transformer: the FLUX transformer.
         path_or_state_dict: a ``.safetensors`` file or a state dict.
         adapter_name: peft adapter name.
+        partial: accept a LoRA that covers only some of the routed modules (the others keep
+            their base weights on reference tokens). Keys of modules that do not exist or are
+            not routed are refused either way.
+
+    Raises:
+        ValueError: naming the file (or "the state dict") and what is wrong: unreadable or
+            damaged file, non-finite or non-float tensors, malformed keys, wrong shapes,
+            modules missing (unless ``partial``) or unexpected.
+
+    Example:
+        >>> from mosaic_kit.models.testing import tiny_flux_transformer
+        >>> state = {"transformer.x_embedder.lora_A.weight": torch.zeros(2, 64),
+        ...          "transformer.x_embedder.lora_B.weight": torch.zeros(32, 2)}
+        >>> load_reference_lora(tiny_flux_transformer(), state)
+        Traceback (most recent call last):
+        ...
+        ValueError: LoRA state dict covers 1 of 25 reference-routed modules ...
+        >>> load_reference_lora(tiny_flux_transformer(), state, partial=True)
     """
-    state, _ = _read_lora_file(path_or_state_dict)
+    if not isinstance(partial, bool):
+        raise ValueError(f"Expected `partial` to be a bool, but got {partial!r}.")
+    if isinstance(path_or_state_dict, dict):
+        source = "LoRA state dict"
+        state = dict(path_or_state_dict)
+        _check_tensors(state, source)
+    else:
+        source = f"LoRA file {str(path_or_state_dict)!r}"
+        state = read_lora_file(path_or_state_dict)
     if not state:
-        raise ValueError("Expected a LoRA state dict with `transformer.<module>.lora_A/B.weight` keys, but got none.")
+        raise ValueError(f"{source}: expected `transformer.<module>.lora_A/B.weight` keys, but got none.")
     modules = dict(transformer.named_modules())
     ranks: dict[str, int] = {}
+    malformed, unknown = [], []
     for key, value in state.items():
         match = _LORA_KEY.match(key)
         if match is None:
-            raise ValueError(
-                f"Expected LoRA keys like `transformer.<module>.lora_A.weight`, but got {key!r}."
-            )
+            malformed.append(key)
+            continue
         name, part = match["module"], match["part"]
         module = modules.get(name)
         base = None if module is None else _base(module)
         if not isinstance(base, nn.Linear):
-            raise ValueError(f"LoRA key {key!r} names no linear module of the transformer.")
+            unknown.append(key)
+            continue
         if value.ndim != 2:
-            raise ValueError(f"Expected a 2-d tensor for {key!r}, but got shape {tuple(value.shape)}.")
+            raise ValueError(f"{source}: expected a 2-d tensor for {key!r}, but got shape {tuple(value.shape)}.")
         rank = value.shape[0] if part == "A" else value.shape[1]
         expected = (rank, base.in_features) if part == "A" else (base.out_features, rank)
         if tuple(value.shape) != expected:
-            raise ValueError(f"Expected {key!r} of shape {expected}, but got {tuple(value.shape)}.")
+            raise ValueError(f"{source}: expected {key!r} of shape {expected}, but got {tuple(value.shape)}.")
         if ranks.setdefault(name, rank) != rank:
-            raise ValueError(f"LoRA A and B of {name!r} disagree on the rank.")
-    missing = [name for name in ranks if f"transformer.{name}.lora_A.weight" not in state
-               or f"transformer.{name}.lora_B.weight" not in state]
-    if missing:
-        raise ValueError(f"Expected both lora_A and lora_B for every module, but {missing[:3]} miss one.")
-    _check_routed(list(ranks))
+            raise ValueError(f"{source}: LoRA A and B of {name!r} disagree on the rank.")
+    if malformed:
+        raise ValueError(
+            f"{source}: expected LoRA keys like `transformer.<module>.lora_A.weight`, but got {_listing(malformed)}."
+        )
+    half = [name for name in ranks if f"transformer.{name}.lora_A.weight" not in state
+            or f"transformer.{name}.lora_B.weight" not in state]
+    if half:
+        raise ValueError(f"{source}: expected both lora_A and lora_B for every module, but {_listing(half)} miss one.")
+    routed = re.compile(REFERENCE_LORA_TARGETS)
+    targets = [name for name, m in modules.items() if routed.fullmatch(name) and isinstance(_base(m), nn.Linear)]
+    missing = [name for name in targets if name not in ranks]
+    off_route = sorted(n for n in ranks if not routed.fullmatch(n) and not _INERT_LORA.fullmatch(n))
+    if unknown or off_route or (missing and not partial):
+        covered = sum(name in ranks for name in targets)
+        parts = [f"{source} covers {covered} of {len(targets)} reference-routed modules (REFERENCE_LORA_TARGETS)"]
+        if missing and not partial:
+            parts.append(f"missing {len(missing)}: {_listing(missing)}")
+        if unknown:
+            parts.append(f"unexpected, naming no linear module of the transformer: {_listing(unknown)}")
+        if off_route:
+            parts.append(
+                f"unexpected, on modules that are not reference-routed (the forward would apply them to text and "
+                f"target tokens too): {_listing(off_route)}"
+            )
+        hint = " Pass `partial=True` to load a LoRA of some of the routed modules." if missing and not partial else ""
+        raise ValueError("; ".join(parts) + "." + hint)
+    previous = _active_adapters(transformer)
     if adapter_name in getattr(transformer, "peft_config", {}):
         transformer.delete_adapters(adapter_name)
     transformer.load_lora_adapter(state, prefix="transformer", adapter_name=adapter_name)
+    _activate_with(transformer, previous, adapter_name)
     transformer.requires_grad_(False)
+
+
+def _listing(names: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(repr(n) for n in list(names)[:limit])
+    return f"[{shown}{', …' if len(names) > limit else ''}]"
 
 
 def set_reference_lora_scale(transformer: FluxTransformer2DModel, scale: float, adapter_name: str = DEFAULT_ADAPTER) -> None:
     """Sets the multiplier of the reference LoRA (1: as trained; 0: references go through the base
-    weights only), through diffusers' ``set_adapters``."""
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    weights only) with peft's per-layer ``set_scale`` and makes sure the adapter is active. Other
+    adapters keep their state and scales (diffusers' ``set_adapters([name], ...)`` would switch
+    them off).
+
+    Args:
+        transformer: the FLUX transformer with the adapter.
+        scale: the multiplier (finite).
+        adapter_name: which adapter.
+
+    Example:
+        >>> from mosaic_kit.models.testing import tiny_flux_transformer
+        >>> transformer = tiny_flux_transformer()
+        >>> add_reference_lora(transformer, rank=4, alpha=8)
+        >>> set_reference_lora_scale(transformer, 0.5)
+        >>> transformer.transformer_blocks[0].attn.to_q.scaling["mosaic"]  # 0.5 · alpha / rank
+        1.0
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"Expected `scale` to be a finite number, but got {scale!r}.")
-    transformer.set_adapters([adapter_name], weights=[float(scale)])
+    if adapter_name not in getattr(transformer, "peft_config", {}):
+        raise ValueError(f"Expected an adapter named {adapter_name!r} on the transformer, but it has none.")
+    for module in transformer.modules():
+        if adapter_name in getattr(module, "lora_A", {}) and hasattr(module, "set_scale"):
+            module.set_scale(adapter_name, float(scale))
+    active = _active_adapters(transformer)
+    if adapter_name not in active:
+        trainable = {name: param.requires_grad for name, param in transformer.named_parameters()}
+        transformer.set_adapter([*active, adapter_name])
+        for name, param in transformer.named_parameters():  # peft's set_adapter marks adapters trainable
+            param.requires_grad_(trainable[name])
 
 
 # -- attention ----------------------------------------------------------------------------------------
@@ -483,6 +713,7 @@ class _Streams:
     cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys, values) of the references
     store: tuple[list, list] | None = None  # where a cache build appends (keys, values)
     main_present: bool = True  # False while building a reference cache
+    reference_adapter: str = DEFAULT_ADAPTER  # the peft adapter that acts on reference tokens only
 
 
 @dataclass
@@ -527,16 +758,18 @@ class MosaicFluxAttnProcessor(FluxAttnProcessor):
         double = encoder_hidden_states is not None or attn.added_kv_proj_dim is not None
         head_dim = attn.head_dim
 
-        def project(x: torch.Tensor, lora: bool) -> tuple[torch.Tensor, ...]:
-            q = attn.norm_q(_heads(_apply(attn.to_q, x, lora), head_dim))
-            k = attn.norm_k(_heads(_apply(attn.to_k, x, lora), head_dim))
-            v = _heads(_apply(attn.to_v, x, lora), head_dim)
+        main_skip = mosaic.reference_adapter  # text/target tokens: every adapter but the reference one
+
+        def project(x: torch.Tensor, skip: str | None) -> tuple[torch.Tensor, ...]:
+            q = attn.norm_q(_heads(_apply(attn.to_q, x, skip), head_dim))
+            k = attn.norm_k(_heads(_apply(attn.to_k, x, skip), head_dim))
+            v = _heads(_apply(attn.to_v, x, skip), head_dim)
             return q, k, v
 
         # main stream: text + target (double blocks project text with the context weights)
         q_main = k_main = v_main = None
         if mosaic.main_present:
-            q_main, k_main, v_main = project(hidden_states, False)
+            q_main, k_main, v_main = project(hidden_states, main_skip)
             if double:
                 q_txt = attn.norm_added_q(_heads(attn.add_q_proj(encoder_hidden_states), head_dim))
                 k_txt = attn.norm_added_k(_heads(attn.add_k_proj(encoder_hidden_states), head_dim))
@@ -548,7 +781,7 @@ class MosaicFluxAttnProcessor(FluxAttnProcessor):
 
         q_ref = k_ref = v_ref = None
         if mosaic.references is not None:
-            q_ref, k_ref, v_ref = project(mosaic.references, True)
+            q_ref, k_ref, v_ref = project(mosaic.references, None)
             if mosaic.reference_rotary is not None:
                 q_ref = apply_rotary_emb(q_ref, mosaic.reference_rotary, sequence_dim=1)
                 k_ref = apply_rotary_emb(k_ref, mosaic.reference_rotary, sequence_dim=1)
@@ -577,9 +810,9 @@ class MosaicFluxAttnProcessor(FluxAttnProcessor):
                     [mosaic.text_tokens, main_out.shape[1] - mosaic.text_tokens], dim=1
                 )
                 text_out = attn.to_add_out(text_out.contiguous())
-                main_out = attn.to_out[1](_apply(attn.to_out[0], main_out.contiguous(), False))
+                main_out = attn.to_out[1](_apply(attn.to_out[0], main_out.contiguous(), main_skip))
             if ref_out is not None:
-                ref_out = attn.to_out[1](_apply(attn.to_out[0], ref_out, True))
+                ref_out = attn.to_out[1](_apply(attn.to_out[0], ref_out, None))
         return _AttentionOutputs(main_out, text_out, ref_out, capture_query, capture_key)
 
 
@@ -640,16 +873,16 @@ def _reference_attention(attend, q_ref, k_ref, v_ref, k_main, v_main, counts, mo
 
 
 # -- the multi-reference transformer ------------------------------------------------------------------
-def _ada_norm(norm: nn.Module, x: torch.Tensor, emb: torch.Tensor, chunks: int, lora: bool) -> list[torch.Tensor]:
+def _ada_norm(norm: nn.Module, x: torch.Tensor, emb: torch.Tensor, chunks: int, skip: str | None) -> list[torch.Tensor]:
     """diffusers' AdaLayerNormZero(Single) with the modulation linear called per stream."""
-    params = _apply(norm.linear, norm.silu(emb), lora).chunk(chunks, dim=1)
+    params = _apply(norm.linear, norm.silu(emb), skip).chunk(chunks, dim=1)
     shift, scale = params[0], params[1]
     return [norm.norm(x) * (1 + scale[:, None]) + shift[:, None], *params[2:]]
 
 
-def _feed_forward(ff: nn.Module, x: torch.Tensor, lora: bool) -> torch.Tensor:
+def _feed_forward(ff: nn.Module, x: torch.Tensor, skip: str | None) -> torch.Tensor:
     for module in ff.net:
-        x = _apply(module, x, lora)
+        x = _apply(module, x, skip)
     return x
 
 
@@ -672,6 +905,9 @@ class MosaicFluxTransformer(nn.Module):
         reference_timestep: the timestep of reference tokens (released: 0, clean).
         capture_blocks: which blocks feed a `RefTargetCapture`: ``"double"`` (released) or
             ``"all"``.
+        reference_adapter: the peft adapter name of the reference LoRA, the one adapter that
+            acts on reference tokens only. Any other active adapter (a style LoRA loaded with
+            ``load_lora_weights`` or ``add_adapter``) acts on every token, as in stock diffusers.
 
     Example:
         >>> from mosaic_kit.models.testing import tiny_flux_transformer, random_packed_inputs
@@ -688,8 +924,11 @@ class MosaicFluxTransformer(nn.Module):
         reference_attention: str = "isolated",
         reference_timestep: float = 0.0,
         capture_blocks: str = "double",
+        reference_adapter: str = DEFAULT_ADAPTER,
     ) -> None:
         super().__init__()
+        if not isinstance(reference_adapter, str) or not reference_adapter:
+            raise ValueError(f"Expected `reference_adapter` to be a non-empty string, but got {reference_adapter!r}.")
         if not isinstance(transformer, FluxTransformer2DModel):
             raise ValueError(f"Expected `transformer` to be a FluxTransformer2DModel, but got {type(transformer).__name__}.")
         check_option("reference_attention", reference_attention, REFERENCE_ATTENTION)
@@ -700,6 +939,7 @@ class MosaicFluxTransformer(nn.Module):
         self.reference_attention = reference_attention
         self.reference_timestep = float(reference_timestep)
         self.capture_blocks = capture_blocks
+        self.reference_adapter = reference_adapter
         processor = MosaicFluxAttnProcessor()
         previous = next(iter(transformer.attn_processors.values()), None)
         for name in ("_attention_backend", "_parallel_config"):  # keep a backend chosen before wrapping
@@ -727,13 +967,13 @@ class MosaicFluxTransformer(nn.Module):
     # -- blocks --------------------------------------------------------------------------------------
     def _double_block(self, block, text, target, refs, temb, temb_ref, streams: _Streams, rotary):
         if streams.main_present:
-            n_target, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_norm(block.norm1, target, temb, 6, False)
+            n_target, gate_msa, shift_mlp, scale_mlp, gate_mlp = _ada_norm(block.norm1, target, temb, 6, streams.reference_adapter)
             n_text, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(text, emb=temb)
         else:
             n_target = n_text = None
         streams.references = None
         if refs is not None:
-            n_refs, r_gate_msa, r_shift_mlp, r_scale_mlp, r_gate_mlp = _ada_norm(block.norm1, refs, temb_ref, 6, True)
+            n_refs, r_gate_msa, r_shift_mlp, r_scale_mlp, r_gate_mlp = _ada_norm(block.norm1, refs, temb_ref, 6, None)
             streams.references = n_refs
         out: _AttentionOutputs = block.attn(
             hidden_states=n_target, encoder_hidden_states=n_text, image_rotary_emb=rotary, mosaic=streams
@@ -741,36 +981,36 @@ class MosaicFluxTransformer(nn.Module):
         if streams.main_present:
             target = target + gate_msa.unsqueeze(1) * out.main
             normed = block.norm2(target) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-            target = target + gate_mlp.unsqueeze(1) * _feed_forward(block.ff, normed, False)
+            target = target + gate_mlp.unsqueeze(1) * _feed_forward(block.ff, normed, streams.reference_adapter)
             text = text + c_gate_msa.unsqueeze(1) * out.text
             normed = block.norm2_context(text) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
             text = _clip_fp16(text + c_gate_mlp.unsqueeze(1) * block.ff_context(normed))
         if refs is not None:
             refs = refs + r_gate_msa.unsqueeze(1) * out.references
             normed = block.norm2(refs) * (1 + r_scale_mlp[:, None]) + r_shift_mlp[:, None]
-            refs = refs + r_gate_mlp.unsqueeze(1) * _feed_forward(block.ff, normed, True)
+            refs = refs + r_gate_mlp.unsqueeze(1) * _feed_forward(block.ff, normed, None)
         return text, target, refs, out.capture_query, out.capture_key
 
     def _single_block(self, block, text, target, refs, temb, temb_ref, streams: _Streams, rotary):
-        def mlp_and_out(attn_out, normed, gate, residual, lora):
-            mlp = block.act_mlp(_apply(block.proj_mlp, normed, lora))
+        def mlp_and_out(attn_out, normed, gate, residual, skip):
+            mlp = block.act_mlp(_apply(block.proj_mlp, normed, skip))
             merged = torch.cat([attn_out, mlp], dim=2)
-            return _clip_fp16(residual + gate.unsqueeze(1) * _apply(block.proj_out, merged, lora))
+            return _clip_fp16(residual + gate.unsqueeze(1) * _apply(block.proj_out, merged, skip))
 
         main = normed_main = None
         if streams.main_present:
             main = torch.cat([text, target], dim=1)
-            normed_main, gate = _ada_norm(block.norm, main, temb, 3, False)
+            normed_main, gate = _ada_norm(block.norm, main, temb, 3, streams.reference_adapter)
         streams.references = None
         if refs is not None:
-            normed_refs, r_gate = _ada_norm(block.norm, refs, temb_ref, 3, True)
+            normed_refs, r_gate = _ada_norm(block.norm, refs, temb_ref, 3, None)
             streams.references = normed_refs
         out: _AttentionOutputs = block.attn(hidden_states=normed_main, image_rotary_emb=rotary, mosaic=streams)
         if streams.main_present:
-            main = mlp_and_out(out.main, normed_main, gate, main, False)
+            main = mlp_and_out(out.main, normed_main, gate, main, streams.reference_adapter)
             text, target = main[:, : streams.text_tokens], main[:, streams.text_tokens :]
         if refs is not None:
-            refs = mlp_and_out(out.references, normed_refs, r_gate, refs, True)
+            refs = mlp_and_out(out.references, normed_refs, r_gate, refs, None)
         return text, target, refs, out.capture_query, out.capture_key
 
     def _run_block(self, kind, block, *args):
@@ -825,12 +1065,24 @@ class MosaicFluxTransformer(nn.Module):
             ``(B, N_tgt, C_out)`` the velocity prediction for the target tokens.
         """
         t = self.transformer
-        batch = target_tokens.shape[0]
         _check_tokens("target_tokens", target_tokens, t.config.in_channels)
+        batch = target_tokens.shape[0]
+        _check_tokens("text_embeddings", text_embeddings, t.config.joint_attention_dim, batch, "D_joint", min_tokens=0)
         _check_ids("target_ids", target_ids, target_tokens.shape[1])
         _check_ids("text_ids", text_ids, text_embeddings.shape[1])
+        self._check_conditioning(batch, pooled_embeddings, timestep, guidance, reference_guidance)
+        _check_dtype("target_tokens", target_tokens, t.x_embedder)
+        _check_dtype("text_embeddings", text_embeddings, t.context_embedder)
+        for name, tensor in (("target_tokens", target_tokens), ("text_embeddings", text_embeddings),
+                             ("target_ids", target_ids), ("text_ids", text_ids)):
+            check_finite(name, tensor)  # behind the `finite_checks` switch: a sync per tensor
         counts = self._check_references(reference_tokens, reference_ids, reference_token_counts, batch)
         if reference_cache is not None:
+            if not isinstance(reference_cache, ReferenceKVCache):
+                raise ValueError(
+                    "Expected `reference_cache` to be a ReferenceKVCache (from `build_reference_cache`), but got "
+                    f"{type(reference_cache).__name__}."
+                )
             if reference_tokens is not None:
                 raise ValueError("Expected `reference_tokens=None` with a `reference_cache` (its keys replace them).")
             if capture is not None:
@@ -846,8 +1098,14 @@ class MosaicFluxTransformer(nn.Module):
         if capture is not None and reference_tokens is None:
             raise ValueError("Expected `reference_tokens` with a `capture`.")
         captures = [] if capture is None else list(capture) if isinstance(capture, (list, tuple)) else [capture]
+        for k, each in enumerate(captures):
+            if not callable(getattr(each, "add", None)):
+                raise ValueError(
+                    f"Expected `capture` to be a RefTargetCapture (anything with `add(query, key)`) or a list of them, "
+                    f"but {'got' if len(captures) == 1 else f'item {k} is'} {type(each).__name__}."
+                )
 
-        target = _base(t.x_embedder)(target_tokens)
+        target = _apply(t.x_embedder, target_tokens, self.reference_adapter)
         dtype = target.dtype  # as stock: the embedded tokens' dtype (differs from the input's under autocast)
         temb = self._embed_time(timestep, guidance, pooled_embeddings, dtype)
         text = t.context_embedder(text_embeddings)
@@ -867,14 +1125,15 @@ class MosaicFluxTransformer(nn.Module):
                 if cached is not None and cached[0].shape[0] != batch:
                     cached = tuple(c.expand(batch, *c.shape[1:]) for c in cached)
                 feed = capture is not None and (kind == "double" or self.capture_blocks == "all")
-                streams = _Streams(None, ref_rotary, counts, text.shape[1], self.reference_attention, feed, cached)
+                streams = _Streams(None, ref_rotary, counts, text.shape[1], self.reference_attention, feed, cached,
+                                   reference_adapter=self.reference_adapter)
                 text, target, refs, q_cap, k_cap = self._run_block(
                     kind, block, text, target, refs, temb, temb_ref, streams, rotary
                 )
                 if feed:
                     for each in captures:
                         each.add(q_cap, k_cap)
-        return _base(t.proj_out)(t.norm_out(target, temb))
+        return _apply(t.proj_out, t.norm_out(target, temb), self.reference_adapter)
 
     @torch.no_grad()
     def build_reference_cache(
@@ -905,7 +1164,9 @@ class MosaicFluxTransformer(nn.Module):
             The cache.
         """
         t = self.transformer
+        _check_tokens("reference_tokens", reference_tokens, t.config.in_channels)
         batch = reference_tokens.shape[0]
+        self._check_conditioning(batch, pooled_embeddings, None, guidance, reference_guidance)
         counts = self._check_references(reference_tokens, reference_ids, reference_token_counts, batch)
         refs = t.x_embedder(reference_tokens)
         temb_ref = self._reference_embedding(batch, pooled_embeddings, guidance, reference_guidance, refs.dtype, refs.device)
@@ -915,7 +1176,8 @@ class MosaicFluxTransformer(nn.Module):
         for kind, blocks in (("double", t.transformer_blocks), ("single", t.single_transformer_blocks)):
             fn = self._double_block if kind == "double" else self._single_block
             for block in blocks:
-                streams = _Streams(None, ref_rotary, counts, 0, "isolated", False, None, store, main_present=False)
+                streams = _Streams(None, ref_rotary, counts, 0, "isolated", False, None, store, main_present=False,
+                                   reference_adapter=self.reference_adapter)
                 _, _, refs, _, _ = fn(block, None, None, refs, None, temb_ref, streams, None)
         return cache
 
@@ -925,28 +1187,104 @@ class MosaicFluxTransformer(nn.Module):
                 raise ValueError("Expected `reference_ids` and `reference_token_counts` only with `reference_tokens`.")
             return ()
         _check_tokens("reference_tokens", reference_tokens, self.transformer.config.in_channels, batch)
+        _check_dtype("reference_tokens", reference_tokens, self.transformer.x_embedder)
+        check_finite("reference_tokens", reference_tokens)
         total = reference_tokens.shape[1]
+        if counts is not None and not isinstance(counts, (tuple, list)):
+            raise ValueError(f"Expected `reference_token_counts` to be a tuple of ints, but got {type(counts).__name__}.")
         counts = (total,) if counts is None else tuple(counts)
-        if not counts or any(not isinstance(c, int) or c < 1 for c in counts) or sum(counts) != total:
+        if not counts or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in counts) or sum(counts) != total:
             raise ValueError(
                 f"Expected `reference_token_counts` of positive ints summing to N_ref = {total}, but got {counts!r}."
             )
         if reference_ids is None:
             raise ValueError("Expected `reference_ids` (N_ref, 3) with `reference_tokens`.")
         _check_ids("reference_ids", reference_ids, total)
+        check_finite("reference_ids", reference_ids)
         return counts
 
+    def _check_conditioning(self, batch, pooled, timestep, guidance, reference_guidance) -> None:
+        """Shapes of the pooled embedding, timestep and guidance for the batch; the timestep in
+        [0, 1] and the guidance finite, in one device sync per forward (not per block)."""
+        config = self.transformer.config
+        _check_tensor("pooled_embeddings", pooled, (batch, config.pooled_projection_dim), "(B, D_pooled)")
+        _check_dtype("pooled_embeddings", pooled, self.transformer.time_text_embed.text_embedder.linear_1)
+        check_finite("pooled_embeddings", pooled)
+        if timestep is not None:
+            _check_tensor("timestep", timestep, (batch,), "(B,)")
+        if config.guidance_embeds:
+            if guidance is None:
+                raise ValueError("Expected `guidance` for a guidance-distilled transformer (guidance_embeds=True).")
+            _check_tensor("guidance", guidance, (batch,), "(B,)")
+        elif guidance is not None:
+            raise ValueError(
+                "Expected `guidance=None`: this transformer has no guidance embedding (guidance_embeds=False), "
+                f"but got a {type(guidance).__name__}."
+            )
+        if reference_guidance is not None:
+            if isinstance(reference_guidance, torch.Tensor):
+                if reference_guidance.shape not in ((), (batch,)) or not reference_guidance.is_floating_point():
+                    raise ValueError(
+                        f"Expected `reference_guidance` as a float, a 0-d or a ({batch},) float tensor, but got "
+                        f"shape {tuple(reference_guidance.shape)} {reference_guidance.dtype}."
+                    )
+            elif isinstance(reference_guidance, bool) or not isinstance(reference_guidance, (int, float)):
+                raise ValueError(f"Expected `reference_guidance` to be a number or a tensor, but got {reference_guidance!r}.")
+            elif not math.isfinite(reference_guidance):
+                raise ValueError(f"Expected a finite `reference_guidance`, but got {reference_guidance!r}.")
+        values = []
+        if timestep is not None:
+            values.append(((timestep >= 0) & (timestep <= 1)).all())
+        if config.guidance_embeds:
+            values.append(torch.isfinite(guidance).all())
+        if isinstance(reference_guidance, torch.Tensor):
+            values.append(torch.isfinite(reference_guidance).all().to(values[0].device) if values else
+                          torch.isfinite(reference_guidance).all())
+        if values and not bool(torch.stack([v.to(values[0].device) for v in values]).all()):  # the one sync
+            if timestep is not None and not bool(((timestep >= 0) & (timestep <= 1)).all()):
+                raise ValueError(
+                    "Expected `timestep` in [0, 1] (the flow-matching time; the forward multiplies it by 1000 "
+                    f"itself, so do not pass 0-1000), but got values in [{timestep.min().item():g}, "
+                    f"{timestep.max().item():g}]{' and NaN' if bool(timestep.isnan().any()) else ''}."
+                )
+            for name, tensor in (("guidance", guidance), ("reference_guidance", reference_guidance)):
+                if isinstance(tensor, torch.Tensor):
+                    check_finite(name, tensor, force=True)
 
-def _check_tokens(name: str, tokens: torch.Tensor, channels: int, batch: int | None = None) -> None:
+
+def _check_tokens(
+    name: str, tokens: torch.Tensor, channels: int, batch: int | None = None, what: str = "C_in", min_tokens: int = 1
+) -> None:
     ok = isinstance(tokens, torch.Tensor) and tokens.ndim == 3 and tokens.shape[2] == channels
-    ok = ok and (batch is None or tokens.shape[0] == batch)
+    ok = ok and tokens.shape[0] >= 1 and tokens.shape[1] >= min_tokens and (batch is None or tokens.shape[0] == batch)
     if not ok:
         got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        b = "B" if batch is None else batch
-        raise ValueError(f"Expected `{name}` of shape ({b}, N, {channels}), but got {got}.")
+        b = "B ≥ 1" if batch is None else batch
+        n = "N" if min_tokens == 0 else f"N ≥ {min_tokens}"
+        raise ValueError(f"Expected `{name}` of shape ({b}, {n}, {what} = {channels}), but got {got}.")
+    if not tokens.is_floating_point():
+        raise ValueError(f"Expected `{name}` to be a floating-point tensor, but got {tokens.dtype}.")
+
+
+def _check_tensor(name: str, value: torch.Tensor, shape: tuple[int, ...], layout: str) -> None:
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"Expected `{name}` of shape {layout} = {shape}, but got {got}.")
+    if not value.is_floating_point():
+        raise ValueError(f"Expected `{name}` to be a floating-point tensor, but got {value.dtype}.")
+
+
+def _check_dtype(name: str, tensor: torch.Tensor, module: nn.Module) -> None:
+    """The input's dtype must be the weights' (outside autocast, which casts both itself)."""
+    weight = _base(module).weight
+    if tensor.dtype != weight.dtype and not torch.is_autocast_enabled(tensor.device.type):
+        raise ValueError(
+            f"Expected `{name}` in the model's dtype {weight.dtype} (or a torch.autocast region), but got "
+            f"{tensor.dtype}; cast it with `.to({weight.dtype})`."
+        )
 
 
 def _check_ids(name: str, ids: torch.Tensor, tokens: int) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.shape != (tokens, 3):
+    if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != (tokens, 3):
         got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"Expected `{name}` of shape ({tokens}, 3), but got {got}.")

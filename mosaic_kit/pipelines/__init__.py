@@ -6,6 +6,7 @@
 """
 
 from .pipeline import (
+    OUTPUT_TYPES,
     MosaicFluxPipeline,
     MosaicFluxPipelineOutput,
     fit_on_white,
@@ -14,6 +15,7 @@ from .pipeline import (
 from .tiny import tiny_flux_components, tiny_mosaic_pipeline
 
 __all__ = [
+    "OUTPUT_TYPES",
     "MosaicFluxPipeline",
     "MosaicFluxPipelineOutput",
     "fit_on_white",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,14 +13,19 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils import BaseOutput
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..correspondence._finite import check_finite
+from ..data import open_image, to_rgb
 from ..models import (
     MosaicFluxTransformer,
     load_reference_lora,
     pack_latents,
     reference_position_ids,
 )
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+"""Allowed values of ``output_type`` in `MosaicFluxPipeline.__call__`."""
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 """What a reference image may be: a PIL image, a file path, an ``(H, W, 3)`` uint8 array or a
@@ -44,7 +50,8 @@ def fit_on_white(image: Image.Image, size: int, scale: float = 0.9) -> Image.Ima
     white ``size × size`` square.
 
     Args:
-        image: any PIL image (converted to RGB; transparency composited on white).
+        image: a PIL image, converted with `mosaic_kit.data.to_rgb` (16-bit grey scaled, palette,
+            CMYK; transparency composited on white; unsupported modes refused).
         size: the square's side in pixels.
         scale: the fraction of the side the longer image side fills.
 
@@ -56,11 +63,7 @@ def fit_on_white(image: Image.Image, size: int, scale: float = 0.9) -> Image.Ima
         >>> out.size, out.getpixel((0, 0)), out.getpixel((32, 32))
         ((64, 64), (255, 255, 255), (255, 0, 0))
     """
-    if image.mode in ("RGBA", "LA", "P"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    image = image.convert("RGB")
+    image = to_rgb(image)
     side = max(1, round(size * scale))
     ratio = side / max(image.size)
     resized = image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))), Image.LANCZOS)
@@ -70,29 +73,32 @@ def fit_on_white(image: Image.Image, size: int, scale: float = 0.9) -> Image.Ima
 
 
 def load_reference_image(image: ImageInput, index: int) -> Image.Image:
-    """Reads one reference into a PIL image, or raises a ValueError naming it (never substitutes).
+    """Reads one reference into an RGB PIL image (`mosaic_kit.data.to_rgb`: 16-bit grey scaled,
+    palette, CMYK, alpha on white; files over `mosaic_kit.data.MAX_IMAGE_PIXELS` refused from
+    their header), or raises a ValueError naming it (never substitutes).
 
     Args:
         image: see `ImageInput`.
         index: its position in ``reference_images`` (for the error message).
+
+    Returns:
+        An RGB PIL image.
     """
     name = f"reference_images[{index}]"
     if isinstance(image, Image.Image):
-        return image
+        return to_rgb(image, f"`{name}`")
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise ValueError(f"Expected `{name}` to be a readable image file, but {str(path)!r} does not exist.")
         try:
-            with Image.open(path) as opened:
-                opened.load()
-                return opened.copy()
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"Expected `{name}` to be a readable image file, but {str(path)!r} failed: {error}") from error
+            return to_rgb(open_image(path), str(path))
+        except ValueError as error:
+            raise ValueError(f"Expected `{name}` to be a readable image file, but {str(path)!r} failed: {error}") from None
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
             raise ValueError(f"Expected `{name}` as an (H, W, 3|4) uint8 array, but got {image.shape} {image.dtype}.")
-        return Image.fromarray(image)
+        return to_rgb(Image.fromarray(image), f"`{name}`")
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
             raise ValueError(f"Expected `{name}` as a (3, H, W) float tensor in [0, 1], but got {tuple(image.shape)}.")
@@ -126,13 +132,16 @@ class MosaicFluxPipeline(FluxPipeline):
     """
 
     max_references: int = 8
+    reference_adapter: str = "mosaic"
 
     @property
     def mosaic_transformer(self) -> MosaicFluxTransformer:
-        """The multi-reference wrapper of ``self.transformer`` (built on first use)."""
+        """The multi-reference wrapper of ``self.transformer`` (built on first use), routing the
+        adapter named `reference_adapter` to reference tokens."""
         wrapper = self.__dict__.get("_mosaic_transformer")
-        if wrapper is None or wrapper.transformer is not self.transformer:
-            wrapper = MosaicFluxTransformer(self.transformer)
+        if (wrapper is None or wrapper.transformer is not self.transformer
+                or wrapper.reference_adapter != self.reference_adapter):
+            wrapper = MosaicFluxTransformer(self.transformer, reference_adapter=self.reference_adapter)
             self.__dict__["_mosaic_transformer"] = wrapper
         return wrapper
 
@@ -140,16 +149,25 @@ class MosaicFluxPipeline(FluxPipeline):
         """Loads a MOSAIC reference LoRA (diffusers LoRA safetensors, e.g. the released
         checkpoint or one written by `recipes/flux_mosaic_train.py`) into the transformer.
 
+        Other LoRAs (a style LoRA loaded with ``load_lora_weights``) stay active and act on every
+        token, as in stock diffusers; this one acts on reference tokens only. Loading another LoRA
+        afterwards with diffusers' ``load_lora_weights`` makes that one the only active adapter (as
+        in stock diffusers): re-activate both with
+        ``pipe.transformer.set_adapters(["mosaic", "style"])`` (the pipeline warns otherwise).
+
         Args:
             path: the ``.safetensors`` file, or a folder holding ``pytorch_lora_weights.safetensors``.
-            adapter_name: peft adapter name.
+            adapter_name: peft adapter name (becomes `reference_adapter`).
         """
         path = Path(path)
         if path.is_dir():
             path = path / "pytorch_lora_weights.safetensors"
         load_reference_lora(self.transformer, path, adapter_name=adapter_name)
+        self.reference_adapter = adapter_name
 
-    def _check_call(self, prompt, reference_images, height, width, ref_size, num_inference_steps, guidance_scale):
+    def _check_call(self, prompt, reference_images, height, width, ref_size, num_inference_steps, guidance_scale,
+                    output_type="pil", reference_guidance=1.0, use_reference_cache=False, num_images_per_prompt=1,
+                    max_sequence_length=512, latents=None, progress=True):
         if not isinstance(prompt, str):
             raise ValueError(f"Expected `prompt` to be a string, but got {type(prompt).__name__}.")
         if isinstance(reference_images, (str, os.PathLike, Image.Image)) or not isinstance(reference_images, Sequence):
@@ -167,8 +185,32 @@ class MosaicFluxPipeline(FluxPipeline):
                 raise ValueError(f"Expected `{name}` to be a positive multiple of {multiple}, but got {value!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"Expected `num_inference_steps` to be a positive int, but got {num_inference_steps!r}.")
-        if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
-            raise ValueError(f"Expected `guidance_scale` to be a finite number, but got {guidance_scale!r}.")
+        for name, value in (("guidance_scale", guidance_scale), ("reference_guidance", reference_guidance)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise ValueError(f"Expected `{name}` to be a finite number, but got {value!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Expected `output_type` to be one of {OUTPUT_TYPES}, but got {output_type!r}.")
+        count = num_images_per_prompt
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"Expected `num_images_per_prompt` to be a positive int, but got {count!r}.")
+        length = max_sequence_length
+        if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= 512:
+            raise ValueError(f"Expected `max_sequence_length` to be an int in [1, 512] (T5 tokens), but got {length!r}.")
+        for name, value in (("use_reference_cache", use_reference_cache), ("progress", progress)):
+            if not isinstance(value, bool):
+                raise ValueError(f"Expected `{name}` to be a bool, but got {value!r}.")
+        if latents is not None:
+            tokens = (height // multiple) * (width // multiple)
+            shape = (num_images_per_prompt, tokens, self.transformer.config.in_channels)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(
+                    f"Expected `latents` as packed tokens of shape (num_images_per_prompt, (height/16)·(width/16), "
+                    f"C_in) = {shape}, but got {got}."
+                )
+            if not latents.is_floating_point():
+                raise ValueError(f"Expected `latents` to be a floating-point tensor, but got {latents.dtype}.")
+            check_finite("latents", latents, force=True)  # once per call: no hot-path cost
 
     @torch.no_grad()
     def encode_references(
@@ -226,22 +268,35 @@ class MosaicFluxPipeline(FluxPipeline):
             num_inference_steps: denoising steps (released: 28).
             guidance_scale: FLUX guidance for text and target (released: 3.5).
             generator: seeds the initial noise.
-            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (`OUTPUT_TYPES`).
             reference_guidance: guidance embedded for the reference stream (released: 1.0).
             use_reference_cache: compute the references' keys and values once, with references
                 attending only to themselves, and reuse them at every step (`build_reference_cache`):
                 faster, but the reference stream no longer sees the text or target it was trained
                 with, so subject fidelity may drop.
-            num_images_per_prompt: images generated.
-            max_sequence_length: T5 tokens.
-            latents: optional initial packed latents.
+            num_images_per_prompt: images generated (≥ 1).
+            max_sequence_length: T5 tokens (1 … 512).
+            latents: optional initial packed latents, ``(num_images_per_prompt, (height/16)·(width/16),
+                C_in)``, finite.
             progress: show a progress bar.
 
         Returns:
             `MosaicFluxPipelineOutput` with the images and the preprocessed references.
         """
-        self._check_call(prompt, reference_images, height, width, ref_size, num_inference_steps, guidance_scale)
+        self._check_call(prompt, reference_images, height, width, ref_size, num_inference_steps, guidance_scale,
+                         output_type, reference_guidance, use_reference_cache, num_images_per_prompt,
+                         max_sequence_length, latents, progress)
         references = [fit_on_white(load_reference_image(img, k), ref_size) for k, img in enumerate(reference_images)]
+        adapters = getattr(self.transformer, "peft_config", {})
+        if self.reference_adapter in adapters and self.reference_adapter not in self.transformer.active_adapters():
+            warnings.warn(
+                f"The reference LoRA {self.reference_adapter!r} is loaded but not active (active: "
+                f"{self.transformer.active_adapters()}), so references go through the base weights. Loading another "
+                "LoRA with `load_lora_weights` deactivates it; re-activate both with "
+                f"`pipe.transformer.set_adapters([{self.reference_adapter!r}, ...])`.",
+                UserWarning,
+                stacklevel=2,
+            )
         device = self._execution_device
         model = self.mosaic_transformer
         batch = num_images_per_prompt

@@ -137,6 +137,10 @@ class TrainConfig:
     cpu_threads: int | None = _help(
         "torch threads when training on the CPU (null: torch's default); tiny models gain nothing from "
         "threads, and threads oversubscribed on a busy machine slow a step many times over", None)
+    check_finite_steps: int = _help(
+        "run the first N steps with mosaic_kit.finite_checks() on: a NaN or inf in a query, key, attention "
+        "map, prediction or loss term raises a ValueError naming the tensor (one device sync per checked "
+        "tensor); 0: off. The loss terms and the gradient norm are checked at every step regardless", 10)
     model: ModelConfig = _help("model", factory=ModelConfig)
     data: DataConfig = _help("data", factory=DataConfig)
     objective: ObjectiveConfig = _help("objective", factory=ObjectiveConfig)
@@ -148,6 +152,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}.")
+        if not isinstance(self.check_finite_steps, int) or isinstance(self.check_finite_steps, bool) \
+                or self.check_finite_steps < 0:
+            raise ValueError(f"Expected `check_finite_steps` to be a non-negative int, but got {self.check_finite_steps!r}.")
         if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
             raise ValueError(f"Expected `cpu_threads` to be a positive int or null, but got {self.cpu_threads!r}.")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:

@@ -20,6 +20,7 @@ exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..attention import PointAttentionRows, RefTargetCapture
+from .. import check_finite, finite_checks
 from ..losses import MosaicObjective
 from ..models import (
     MosaicFluxTransformer,
@@ -45,14 +47,66 @@ from ..models import (
     save_reference_lora,
     write_lora_file,
 )
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    CheckpointError,
+    clean_stale_checkpoints,
+    latest_intact_checkpoint,
+    list_checkpoints,
+    publish_checkpoint,
+    remove_checkpoint,
+    verify_checkpoint,
+    write_checkpoint_digest,
+)
 from .config import TrainConfig, config_to_dict
 
 log = logging.getLogger("mosaic_kit.training")
 
-CHECKPOINT_PREFIX = "step-"
+TRAINER_STATE_FILE = "trainer_state.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMA_LORA_FILE = "ema_lora_weights.safetensors"
 RAW_LORA_FILE = "lora_parameters.safetensors"
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Training stopped on a NaN or inf: names the step, the process and the term that went bad
+    (``flow_matching``, ``scal``, ``mdl``, the weighted total or the gradient norm), or the weight
+    that is not finite when a checkpoint was about to be written. Raised before the optimiser
+    step, so the weights and every saved checkpoint stay finite.
+
+    Example:
+        >>> raise NonFiniteTrainingError("step 3: `scal` is nan")
+        Traceback (most recent call last):
+        ...
+        mosaic_kit.training.trainer.NonFiniteTrainingError: step 3: `scal` is nan
+    """
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``path`` through a temporary file renamed into place (never a half-written file)."""
+    partial = path.with_name(f".tmp-{path.name}")
+    with open(partial, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def _read_trainer_state(path: Path) -> dict:
+    state = json.loads(path.read_text())
+    if not isinstance(state, dict) or not {"step", "processes", "history"} <= set(state):
+        raise ValueError(f"expected a mapping with step, processes and history, but got {str(state)[:200]}")
+    return state
+
+
+def _load_checkpoint_file(folder: Path, name: str, load: Callable[[Path], object]):
+    """``load(folder / name)``, with any error re-raised as a `CheckpointError` naming both."""
+    try:
+        return load(folder / name)
+    except CheckpointError:
+        raise
+    except Exception as error:
+        raise CheckpointError(folder, name, f"cannot be loaded ({type(error).__name__}: {error})") from error
 
 
 def flux_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -192,9 +246,14 @@ class MosaicTrainer:
         self.history: list[dict] = []
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            clean_stale_checkpoints(self.output_dir / "checkpoints")  # what a killed save or prune left
+            for partial in self.output_dir.glob(".tmp-*"):  # what a killed atomic write (summary, LoRA files) left
+                if partial.is_file():
+                    partial.unlink()
             import yaml
 
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            _write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        acc.wait_for_everyone()
         if cfg.tracker:
             acc.init_trackers("mosaic", config=_flat_config(cfg))
         self._ready = True
@@ -367,6 +426,9 @@ class MosaicTrainer:
             prediction, attention = self.model(model_inputs, capture, [rows] if rows is not None else None)
         out = self.objective(prediction.float(), noise, latents, attention, corr if capture is not None else None,
                              step=self.step)
+        self._stop_if_not_finite(
+            {"flow_matching": out.flow_matching, "scal": out.scal, "mdl": out.mdl, "loss": out.loss})
+        self._terms_checked = True
         self.accelerator.backward(out.loss)
         scalars = {"loss": out.loss.detach(), "flow_matching": out.flow_matching.detach(), "scal": out.scal.detach(),
                    "mdl": out.mdl.detach(), "scal_weight": out.scal_weight, "mdl_weight": out.mdl_weight}
@@ -376,6 +438,60 @@ class MosaicTrainer:
             else:
                 scalars["hit_rate"] = torch.tensor(float("nan"), device=self.device)
         return scalars
+
+    def _stop_if_not_finite(self, terms: dict[str, torch.Tensor], failed_check: ValueError | None = None) -> None:
+        """Raises `NonFiniteTrainingError` on every process when a term is NaN or inf on any
+        process (one scalar sync, plus one small all-gather with several processes).
+
+        ``failed_check``: this process's hot-path check failed (``terms`` are then placeholders);
+        the other processes learn it from the same all-gather, so every process stops together
+        instead of waiting in the backward's all-reduce."""
+        acc = self.accelerator
+        values = torch.stack([t.detach().float().reshape(()).to(self.device) for t in terms.values()])
+        flags = torch.cat([torch.isfinite(values), torch.tensor([failed_check is None], device=self.device)])
+        if acc.num_processes > 1:
+            flags = acc.gather(flags[None].to(torch.uint8)).bool()  # (processes, terms + 1)
+        else:
+            flags = flags[None]
+        if bool(flags.all()):
+            return
+        if failed_check is not None:
+            raise NonFiniteTrainingError(
+                f"Training stopped at step {self.step + 1} (finite checks of the first "
+                f"{self.config.check_finite_steps} steps): {failed_check} No optimiser step was taken with it; "
+                f"{self._newest_checkpoint_note()}") from failed_check
+        checked_elsewhere = (~flags[:, -1]).nonzero()
+        if len(checked_elsewhere):
+            raise NonFiniteTrainingError(
+                f"Training stopped at step {self.step + 1}: a finite check failed on process "
+                f"{int(checked_elsewhere[0])} (its error names the tensor). No optimiser step was taken; "
+                f"{self._newest_checkpoint_note()}")
+        finite = flags[:, :-1]
+        process = int((~finite).any(dim=1).nonzero()[0])
+        names = list(terms)
+        bad = [name for name, ok in zip(names, finite[process].tolist()) if not ok]
+        if len(bad) > 1 and "loss" in bad:  # the total is bad because a term is
+            bad.remove("loss")
+        bad = ", ".join(f"`{name}`" if name != "loss" else "`loss` (the weighted total; every term is finite)"
+                        for name in bad)
+        local = ", ".join(f"{name} = {float(v):.6g}" for name, v in zip(names, values.tolist()))
+        raise NonFiniteTrainingError(
+            f"Training stopped at step {self.step + 1}: {bad} is not finite on process {process} "
+            f"(this process: {local}). No optimiser step was taken with it; {self._newest_checkpoint_note()} "
+            f"Resume with `--resume latest` after lowering optim.lr, or raise check_finite_steps to find the "
+            f"first tensor that goes bad.")
+
+    def _newest_checkpoint_note(self) -> str:
+        if not self.accelerator.is_main_process:
+            return "the newest checkpoint is verified by process 0."
+        found = self.checkpoints()
+        if not found:
+            return "no checkpoint was written yet."
+        try:
+            verify_checkpoint(found[-1])
+        except CheckpointError as error:
+            return f"the newest checkpoint is damaged ({error})."
+        return f"the newest checkpoint {found[-1]} is intact (verified against its digest)."
 
     # -- loop --------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -395,10 +511,26 @@ class MosaicTrainer:
         while self.step < cfg.max_steps:
             log_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
             accum: dict[str, list] = {}
+            checking = self.step < cfg.check_finite_steps  # hot-path checks in the first steps
             for _ in range(cfg.gradient_accumulation):
                 batch = next(batches)
                 with acc.accumulate(self.model):
-                    scalars = self.training_step(batch, log_step)
+                    with finite_checks(True) if checking else contextlib.nullcontext():
+                        self._terms_checked = False  # until training_step's collective check of the terms
+                        try:
+                            scalars = self.training_step(batch, log_step)
+                        except ValueError as error:  # a hot-path check (`check_finite`) named the tensor
+                            if "to hold only finite values" not in str(error):
+                                raise
+                            if self._terms_checked:  # past the collective check (the hit-rate): this process only
+                                raise NonFiniteTrainingError(
+                                    f"Training stopped at step {self.step + 1} on process {acc.process_index} (finite "
+                                    f"checks of the first {cfg.check_finite_steps} steps): {error} "
+                                    f"{self._newest_checkpoint_note()}") from error
+                            nan = torch.tensor(float("nan"))
+                            self._stop_if_not_finite(dict.fromkeys(("flow_matching", "scal", "mdl", "loss"), nan),
+                                                     failed_check=error)
+                            raise  # not reached: _stop_if_not_finite raised
                     grad_norm = None
                     if acc.sync_gradients:
                         if cfg.optim.grad_clip > 0:
@@ -406,6 +538,8 @@ class MosaicTrainer:
                         else:
                             grad_norm = torch.linalg.vector_norm(
                                 torch.stack([p.grad.norm() for p in self.lora_parameters if p.grad is not None]))
+                        if grad_norm is not None:  # DeepSpeed clips inside its own step
+                            self._stop_if_not_finite({"grad_norm": torch.as_tensor(grad_norm)})
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -453,28 +587,32 @@ class MosaicTrainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints of this run, oldest first."""
-        root = self.output_dir / "checkpoints"
-        if not root.is_dir():
-            return []
-        found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-                 and (p / "trainer_state.json").is_file()]
-        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+        """Complete checkpoints of this run (with their digest file), oldest first; `load_checkpoint`
+        verifies the bytes."""
+        return list_checkpoints(self.output_dir / "checkpoints")
 
     def _transformer(self):
         return self.accelerator.unwrap_model(self.model).model.transformer
 
     def save_checkpoint(self) -> Path:
-        """Writes ``checkpoints/step-N`` atomically: everything goes to a temporary folder that is
-        renamed when complete, so a crash leaves the previous checkpoints intact."""
+        """Writes ``checkpoints/step-N`` so that it cannot lie (`mosaic_kit.training.checkpoints`):
+        everything goes to a temporary folder, the digest of every file is written last, and the
+        folder is renamed when complete; a crash leaves the previous checkpoints intact. Old
+        checkpoints beyond ``keep_checkpoints`` are removed by rename-then-delete.
+
+        Raises:
+            NonFiniteTrainingError: when a LoRA weight (or its EMA) is NaN or inf: such a state is
+                never saved.
+        """
         acc = self.accelerator
         root = self.output_dir / "checkpoints"
         final = root / f"{CHECKPOINT_PREFIX}{self.step:07d}"
         tmp = root / f".tmp-{CHECKPOINT_PREFIX}{self.step:07d}"
+        self._check_state_finite()
         if acc.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # left by a crash while saving
-                shutil.rmtree(stale, ignore_errors=True)
+            if tmp.exists():  # left by a crash while saving this step
+                shutil.rmtree(tmp)
             tmp.mkdir()
         acc.wait_for_everyone()
         # optimiser, LR schedule and RNG states of every process (accelerate); LoRA only, not the model
@@ -493,25 +631,33 @@ class MosaicTrainer:
                 self._save_ema_lora(tmp / EMA_LORA_FILE)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            with open(tmp / "trainer_state.json", "w") as handle:
+            with open(tmp / TRAINER_STATE_FILE, "w") as handle:
                 json.dump({"step": self.step, "processes": acc.num_processes, "history": self.history}, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            for written in tmp.iterdir():  # durable before the rename publishes the checkpoint
-                with open(written, "rb") as handle:
-                    os.fsync(handle.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            directory = os.open(root, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-            for old in self.checkpoints()[: -self.config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            write_checkpoint_digest(tmp)  # fsyncs every file, then the digest, last
+            publish_checkpoint(tmp, final)
+            for old in list_checkpoints(root)[: -self.config.keep_checkpoints]:
+                remove_checkpoint(old)
         acc.wait_for_everyone()
         return final
+
+    def _check_state_finite(self) -> None:
+        params = dict(self._transformer().named_parameters())
+        for name, param in params.items():
+            if param.requires_grad:
+                try:
+                    check_finite(name, param, force=True)
+                except ValueError as error:
+                    raise NonFiniteTrainingError(
+                        f"Refusing to save a checkpoint at step {self.step}: {error} The last saved checkpoint "
+                        f"is left as it was.") from error
+        if self.ema is not None:
+            for index, shadow in enumerate(self.ema.shadow_params):
+                try:
+                    check_finite(f"EMA shadow parameter {index}", shadow, force=True)
+                except ValueError as error:
+                    raise NonFiniteTrainingError(
+                        f"Refusing to save a checkpoint at step {self.step}: {error} The last saved checkpoint "
+                        f"is left as it was.") from error
 
     def _save_ema_lora(self, path: Path) -> None:
         params = self.lora_parameters
@@ -525,45 +671,79 @@ class MosaicTrainer:
     def load_checkpoint(self, which: str | os.PathLike) -> Path:
         """Restores LoRA, EMA, optimiser, LR schedule, RNG states, data position and history.
 
+        Every file is first checked against the checkpoint's digest (`verify_checkpoint`). With
+        ``"latest"``, a damaged or incomplete newest checkpoint gives a warning naming the folder and
+        the file, and the newest intact one is used.
+
         Args:
             which: ``"latest"`` or a checkpoint folder.
 
         Returns:
             The checkpoint folder used.
+
+        Raises:
+            CheckpointError: (a ValueError) naming the folder and the file, when the named
+                checkpoint (or, for ``"latest"``, every checkpoint) is damaged, or a file cannot be loaded.
         """
         self.setup()
         acc = self.accelerator
-        if str(which) == "latest":
-            found = self.checkpoints()
-            if not found:
-                raise ValueError(f"Expected a checkpoint in {self.output_dir / 'checkpoints'} to resume from, but found none.")
-            path = found[-1]
+        root = self.output_dir / "checkpoints"
+        required = (TRAINER_STATE_FILE, RAW_LORA_FILE, *(f"trainer_rank{r}.pt" for r in range(acc.num_processes)))
+        error = None
+        if acc.is_main_process:  # one process verifies, all use its choice
+            try:
+                if str(which) == "latest":
+                    path = latest_intact_checkpoint(root, required)
+                else:
+                    path = Path(which)
+                    verify_checkpoint(path, required)
+            except CheckpointError as raised:
+                error, path = (str(raised.folder), raised.file, raised.reason), None
         else:
-            path = Path(which)
-            if not (path / "trainer_state.json").is_file():
-                raise ValueError(f"Expected a complete checkpoint folder, but {str(path)!r} has no trainer_state.json.")
-        state = json.loads((path / "trainer_state.json").read_text())
+            path = None
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            path, error = broadcast_object_list([path, error], from_process=0)
+        if error is not None:
+            raise CheckpointError(*error)
+        path = Path(path)
+        state = _load_checkpoint_file(path, TRAINER_STATE_FILE, _read_trainer_state)
         if state["processes"] != acc.num_processes:
-            raise ValueError(
-                f"Expected to resume with {state['processes']} processes (the checkpoint's), but got {acc.num_processes}."
-            )
+            raise CheckpointError(
+                path, TRAINER_STATE_FILE, f"expected to resume with {state['processes']} processes (the checkpoint's), "
+                f"but got {acc.num_processes}")
         from accelerate.utils import DistributedType
 
-        load_reference_lora_values(self._transformer(), path / RAW_LORA_FILE)
+        _load_checkpoint_file(path, RAW_LORA_FILE, lambda f: load_reference_lora_values(self._transformer(), f))
         extra = {"load_module_strict": False} if acc.distributed_type == DistributedType.DEEPSPEED else {}
-        acc.load_state(str(path), **extra)
-        rank_state = torch.load(path / f"trainer_rank{acc.process_index}.pt", weights_only=True)
-        self.generator.set_state(rank_state["generator"])
-        self.dropout_generator.set_state(rank_state["dropout_generator"])
-        self.loader.load_state_dict(rank_state["loader"])
+        try:
+            acc.load_state(str(path), **extra)
+        except Exception as raised:  # names the folder; accelerate's message names the file
+            raise CheckpointError(path, None, "accelerate's load_state (optimizer.bin, scheduler.bin, random_states_*.pkl) "
+                                  f"failed ({type(raised).__name__}: {raised})") from raised
+        rank_file = f"trainer_rank{acc.process_index}.pt"
+        rank_state = _load_checkpoint_file(path, rank_file, lambda f: torch.load(f, weights_only=True))
+        try:
+            self.generator.set_state(rank_state["generator"])
+            self.dropout_generator.set_state(rank_state["dropout_generator"])
+            self.loader.load_state_dict(rank_state["loader"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as raised:
+            raise CheckpointError(path, rank_file, f"unusable trainer state ({type(raised).__name__}: {raised})") \
+                from raised
         if self.ema is not None:
-            self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=True))
+            ema_state = _load_checkpoint_file(path, "ema.pt", lambda f: torch.load(f, weights_only=True))
+            try:
+                self.ema.load_state_dict(ema_state)
+            except (KeyError, TypeError, ValueError, RuntimeError) as raised:
+                raise CheckpointError(path, "ema.pt", f"unusable EMA state ({type(raised).__name__}: {raised})") \
+                    from raised
             self.ema.to(self.device)
         self.step = int(state["step"])
         self.history = list(state["history"])
         if acc.is_main_process:  # forget metrics logged after the checkpoint by the interrupted run
             lines = [json.dumps(r) for r in self.history]
-            (self.output_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+            _write_text_atomic(self.output_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
@@ -623,10 +803,13 @@ class MosaicTrainer:
 
             tally = BadDataTally()
             for state in tallies:
-                tally.merge(BadDataTally.from_state_dict(state))
-            save_reference_lora(self._transformer(), self.output_dir / LORA_FILE)
-            if self.ema is not None:
-                self._save_ema_lora(self.output_dir / EMA_LORA_FILE)
+                tally = tally.merge(BadDataTally.from_state_dict(state))  # merge returns a new tally
+            for name, save in ((LORA_FILE, lambda f: save_reference_lora(self._transformer(), f)),
+                               (EMA_LORA_FILE, self._save_ema_lora if self.ema is not None else None)):
+                if save is not None:  # through a temporary name: never a half-written LoRA file
+                    partial = self.output_dir / f".tmp-{name}"
+                    save(partial)
+                    os.replace(partial, self.output_dir / name)
             curves = plot_loss_curves(self.history, self.output_dir / "loss_curves.png")
             summary = {
                 "steps": self.step, "seconds": round(seconds, 2), "resumed_from": str(resumed_from) if resumed_from else None,
@@ -634,7 +817,7 @@ class MosaicTrainer:
                 "lora": str(self.output_dir / LORA_FILE), "loss_curves": str(curves) if curves else None,
                 "processes": acc.num_processes,
             }
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            _write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2))
             print(f"bad data: {tally.summary()}")
         acc.wait_for_everyone()
         acc.end_training()
