@@ -168,8 +168,10 @@ def test_the_first_steps_run_with_finite_checks_and_a_bad_tensor_there_stops_the
                 t.lora_parameters[0].view(-1)[0] = float("nan")  # a weight goes bad between steps
 
     trainer.on_step_end = poison
+    # the first hot-path check on the way is the capture's (RefTargetCapture.add checks the
+    # reference queries while the switch is on), before the prediction reaches the objective
     with finite_checks(False), pytest.raises(NonFiniteTrainingError, match=r"step 2 \(finite checks of the first 3 "
-                                             r"steps\): Expected `prediction` to hold only finite values"):
+                                             r"steps\): Expected `query` to hold only finite values"):
         trainer.train()
     assert [p.name for p in trainer.checkpoints()] == ["step-0000001"]
 
