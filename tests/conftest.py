@@ -24,3 +24,13 @@ def _finite_checks():
 
     with finite_checks(True):
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models gain nothing from threads and lose much to their
+    synchronisation); use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -42,13 +42,7 @@ CATEGORIES = {"animal": ["dog", "cat", "owl"], "object": ["teapot", "clock"], "t
               "food": ["apple", "cake"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads and lose much to their synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 def textured(seed: int, size: int = 64) -> torch.Tensor:

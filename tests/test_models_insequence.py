@@ -34,12 +34,7 @@ TEXT = 3
 TGT, REF = 16, 4  # a 4x4 target and two 2x2 references (FLUX, FLUX.2, Qwen)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 # -- a plain RoPE, written independently of diffusers' helpers ------------------------------------------

@@ -391,6 +391,43 @@ class _CaptureMixin:
         capture.add(*layout.split(query, key, image_offset, seq_dim))
 
 
+def _joint_attention(module, processor, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
+    """The stock body shared by diffusers 0.42's `FluxAttnProcessor` and `Flux2AttnProcessor` up to
+    the attention call, with one added call (marked): the joint ``[text | image]`` query and key,
+    after the q/k norms and RoPE, go to the capture. ``module`` is the diffusers module whose
+    helpers the stock processor uses. Returns the attention output ``(B, S, H·D)``."""
+    target = processor._state.target()
+    query, key, value, encoder_query, encoder_key, encoder_value = module._get_qkv_projections(
+        attn, hidden_states, encoder_hidden_states
+    )
+    query = query.unflatten(-1, (-1, attn.head_dim))
+    key = key.unflatten(-1, (-1, attn.head_dim))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+    if attn.added_kv_proj_dim is not None:
+        encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
+        encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
+        encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+        encoder_query = attn.norm_added_q(encoder_query)
+        encoder_key = attn.norm_added_k(encoder_key)
+        query = torch.cat([encoder_query, query], dim=1)
+        key = torch.cat([encoder_key, key], dim=1)
+        value = torch.cat([encoder_value, value], dim=1)
+    if image_rotary_emb is not None:
+        query = module.apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = module.apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    # MOSAIC: the joint sequence is [text | image]
+    image_tokens = hidden_states.shape[1] if encoder_hidden_states is not None else None
+    offset = query.shape[1] - (image_tokens or target[1].image_tokens)
+    processor._feed(target, query, key, offset, 1, image_tokens)
+    hidden_states = module.dispatch_attention_fn(
+        query, key, value, attn_mask=attention_mask, backend=processor._attention_backend,
+        parallel_config=processor._parallel_config,
+    )
+    return hidden_states.flatten(2, 3).to(query.dtype)
+
+
 class FluxCaptureProcessor(_CaptureMixin, _flux.FluxAttnProcessor):
     """`FluxAttnProcessor` that feeds a `RefTargetCapture` (FLUX.1 double and single blocks).
 
@@ -417,37 +454,9 @@ class FluxCaptureProcessor(_CaptureMixin, _flux.FluxAttnProcessor):
         target = self._state.target()
         if target is None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        # the stock body (diffusers 0.42 FluxAttnProcessor) with one added call, marked below
-        query, key, value, encoder_query, encoder_key, encoder_value = _flux._get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            encoder_query = attn.norm_added_q(encoder_query)
-            encoder_key = attn.norm_added_k(encoder_key)
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = _flux.apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = _flux.apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        # MOSAIC: the joint sequence is [text | image]
-        image_tokens = hidden_states.shape[1] if encoder_hidden_states is not None else None
-        offset = query.shape[1] - (image_tokens or target[1].image_tokens)
-        self._feed(target, query, key, offset, 1, image_tokens)
-        hidden_states = _flux.dispatch_attention_fn(
-            query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.to(query.dtype)
+        # the stock body (diffusers 0.42 FluxAttnProcessor) with the capture call, shared with the other FLUX processor
+        hidden_states = _joint_attention(_flux, self, attn, hidden_states, encoder_hidden_states, attention_mask,
+                                         image_rotary_emb)
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
                 [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
@@ -483,37 +492,9 @@ class Flux2CaptureProcessor(_CaptureMixin, _flux2.Flux2AttnProcessor):
         target = self._state.target()
         if target is None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        # the stock body (diffusers 0.42 Flux2AttnProcessor) with one added call, marked below
-        query, key, value, encoder_query, encoder_key, encoder_value = _flux2._get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            encoder_query = attn.norm_added_q(encoder_query)
-            encoder_key = attn.norm_added_k(encoder_key)
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = _flux2.apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = _flux2.apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        # MOSAIC: the joint sequence is [text | image]
-        image_tokens = hidden_states.shape[1] if encoder_hidden_states is not None else None
-        offset = query.shape[1] - (image_tokens or target[1].image_tokens)
-        self._feed(target, query, key, offset, 1, image_tokens)
-        hidden_states = _flux2.dispatch_attention_fn(
-            query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.to(query.dtype)
+        # the stock body (diffusers 0.42 Flux2AttnProcessor) with the capture call, shared with the other FLUX processor
+        hidden_states = _joint_attention(_flux2, self, attn, hidden_states, encoder_hidden_states, attention_mask,
+                                         image_rotary_emb)
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
                 [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
