@@ -1,5 +1,7 @@
 """FLUX with K reference images and the reference LoRA (needs the ``flux`` extra: diffusers, peft).
 
+- `ModelFamily`, `ModelInputs`, `TokenLayout`, `TRAINABLE`: the model boundary (`family.py`) that
+  the trainer, the pipelines and the evaluation use; one implementation per model family.
 - `MosaicFluxTransformer`: the multi-reference forward over a stock diffusers
   `FluxTransformer2DModel` (eq. 4-7), feeding `mosaic_kit.attention.RefTargetCapture`.
 - `add_reference_lora`, `load_reference_lora`, `save_reference_lora`: the reference LoRA through
@@ -14,6 +16,7 @@
 - `mosaic_kit.models.testing`: tiny random transformers and inputs.
 """
 
+from .family import TRAINABLE, ModelFamily, ModelInputs, TokenLayout, check_trainable
 from .flux import (
     CAPTURE_BLOCKS,
     DEFAULT_ADAPTER,
@@ -58,6 +61,8 @@ __all__ = [
     "LORA_DIGEST_KEY",
     "REFERENCE_ATTENTION",
     "REFERENCE_LORA_TARGETS",
+    "ModelFamily",
+    "ModelInputs",
     "MosaicFluxAttnProcessor",
     "MosaicFluxTransformer",
     "PixelAutoencoder",
@@ -65,7 +70,10 @@ __all__ = [
     "ReferenceKVCache",
     "SD3CaptureProcessor",
     "SequenceLayout",
+    "TRAINABLE",
+    "TokenLayout",
     "add_reference_lora",
+    "check_trainable",
     "install_capture_processors",
     "latent_image_ids",
     "load_reference_lora",
