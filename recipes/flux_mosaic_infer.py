@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from mosaic_kit.eval.sheets import SheetRow, contact_sheet
 from mosaic_kit.pipelines import MosaicFluxPipeline, tiny_mosaic_pipeline
+from mosaic_kit.utils import save_image_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,19 +68,6 @@ def default_references(dreambench: Path, size: int) -> list[Image.Image | Path]:
     return shapes
 
 
-def save_atomic(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     tiny = args.base is None
@@ -116,9 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - start
     image_path = Path(args.out)
     sheet_path = image_path.with_name(f"{image_path.stem}-sheet.png")
-    save_atomic(out.images[0], image_path)
+    save_image_atomic(out.images[0], image_path)
     sheet = contact_sheet([SheetRow(args.prompt, out.references, out.images)], thumb_size=max(128, args.height // 2))
-    save_atomic(sheet, sheet_path)
+    save_image_atomic(sheet, sheet_path)
     summary = {"image": str(image_path), "sheet": str(sheet_path), "seconds": round(seconds, 3),
                "references": len(references), "base": args.base or "tiny-random", "lora": args.lora}
     print(json.dumps(summary))

@@ -9,7 +9,7 @@ try:
 except ImportError:  # kornia < 0.8.3
     from kornia.utils import draw_line
 
-from ._checks import check_int, check_shape
+from ..utils.checks import check_int, check_shape
 
 __all__ = ["draw_matches"]
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..attention import PointAttentionRows
 from ..correspondence import Correspondences, TokenGrid
-from ..correspondence._checks import (
+from ..utils.checks import (
     check_floating,
     check_int,
     check_option,

@@ -1,4 +1,4 @@
-"""The switch for non-finite checks in hot paths (private; public as `mosaic_kit.finite_checks`).
+"""The switch for non-finite checks in hot paths (public as `mosaic_kit.finite_checks`).
 
 Checking a tensor for NaN or inf costs a device sync (``bool(tensor.isfinite().all())``). Doing
 that once per transformer block in every training step would stall a GPU, so the hot paths
