@@ -37,6 +37,7 @@ import mosaic_kit
 assert mosaic_kit.__file__.startswith(spec["repo"]), mosaic_kit.__file__
 import mosaic_kit.training.checkpoints as C
 import mosaic_kit.training.trainer as T
+import mosaic_kit.training.checkpointing as S  # the trainer's checkpoint writer
 
 state = {"saving": None, "calls": 0}
 point, kill_step = spec.get("point"), spec.get("step")
@@ -86,7 +87,7 @@ elif point == "after_accelerate_state":  # optimizer/scheduler/RNG files written
     import accelerate
     after(accelerate.Accelerator, "save_state")
 elif point == "before_raw_lora":  # the inference LoRA written, the resume LoRA not
-    before(T, "write_lora_file")
+    before(S, "write_lora_file")
 elif point == "mid_digest":  # half the files hashed, no digest file
     def third_hash():
         state["calls"] += armed()
@@ -100,9 +101,9 @@ elif point == "digest_not_renamed":  # the digest written under its temporary na
         return replace(src, dst, *args, **kwargs)
     os.replace = replace_unless_digest
 elif point == "before_publish":  # complete and digested, not renamed into place
-    before(T, "publish_checkpoint")
+    before(S, "publish_checkpoint")
 elif point == "before_prune":  # published, old checkpoints not yet removed
-    before(T, "remove_checkpoint")
+    before(S, "remove_checkpoint")
 elif point == "mid_prune":  # renamed to its trash name, half deleted
     rmtree = shutil.rmtree
     def half_rmtree(path, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""Small helpers shared by the benchmarks and recipes: plain-text tables and hardware facts."""
+"""Plain-text tables, hardware facts, peak memory and JSON reports: what the benchmarks and recipes print."""
 
 from __future__ import annotations
 

@@ -15,6 +15,9 @@ DATA_KINDS = ("synthetic", "released", "manifest")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 """Allowed ``train.mixed_precision`` values."""
 
+TRAINABLE = ("lora", "all")
+"""Allowed ``model.trainable`` values."""
+
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 """Allowed ``optim.schedule`` values (diffusers' ``get_scheduler`` names)."""
 
@@ -39,8 +42,12 @@ class ModelConfig:
     capture_blocks: str = _help("blocks feeding SCAL/MDL: double (released) or all", "double")
     gradient_checkpointing: bool = _help("diffusers gradient checkpointing of the transformer blocks", True)
     init_lora: str | None = _help("start from this LoRA file (e.g. the released checkpoint)", None)
+    trainable: str = _help(
+        "what trains: lora (the reference LoRA; the base stays frozen) or all (every transformer weight "
+        "too, e.g. a tiny random model whose base cannot denoise)", "lora")
 
     def __post_init__(self) -> None:
+        check_option("model.trainable", self.trainable, TRAINABLE)
         check_option("model.reference_attention", self.reference_attention, ("isolated", "full"))
         check_option("model.capture_blocks", self.capture_blocks, ("double", "all"))
         if self.base is not None and (self.tiny_overrides or self.pixel_space):

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..attention import PointAttentionRows, RefTargetCapture
-from .. import check_finite, finite_checks
+from .. import finite_checks
 from ..losses import MosaicObjective
 from ..models import (
     MosaicFluxTransformer,
@@ -42,112 +41,28 @@ from ..models import (
     latent_image_ids,
     load_reference_lora,
     pack_latents,
-    reference_lora_state_dict,
     reference_position_ids,
     save_reference_lora,
-    write_lora_file,
 )
-from .checkpoints import (
-    CHECKPOINT_PREFIX,
-    CheckpointError,
-    clean_stale_checkpoints,
-    latest_intact_checkpoint,
-    list_checkpoints,
-    publish_checkpoint,
-    remove_checkpoint,
-    verify_checkpoint,
-    write_checkpoint_digest,
+from .checkpointing import (
+    EMA_LORA_FILE,
+    LORA_FILE,
+    RAW_LORA_FILE,
+    TRAINER_STATE_FILE,
+    NonFiniteTrainingError,
+    _write_text_atomic,
+    check_state_finite,
+    load_reference_lora_values,
+    load_training_checkpoint,
+    save_training_checkpoint,
 )
+from .checkpoints import CheckpointError, clean_stale_checkpoints, list_checkpoints, verify_checkpoint
 from .config import TrainConfig, config_to_dict
+from .datasets import build_dataset
+from .timesteps import flux_shift_mu, sample_sigmas
+from ..reporting.training import _pil, attention_panels, plot_loss_curves, validation_sheet
 
 log = logging.getLogger("mosaic_kit.training")
-
-TRAINER_STATE_FILE = "trainer_state.json"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-EMA_LORA_FILE = "ema_lora_weights.safetensors"
-RAW_LORA_FILE = "lora_parameters.safetensors"
-
-
-class NonFiniteTrainingError(FloatingPointError):
-    """Training stopped on a NaN or inf: names the step, the process and the term that went bad
-    (``flow_matching``, ``scal``, ``mdl``, the weighted total or the gradient norm), or the weight
-    that is not finite when a checkpoint was about to be written. Raised before the optimiser
-    step, so the weights and every saved checkpoint stay finite.
-
-    Example:
-        >>> raise NonFiniteTrainingError("step 3: `scal` is nan")
-        Traceback (most recent call last):
-        ...
-        mosaic_kit.training.trainer.NonFiniteTrainingError: step 3: `scal` is nan
-    """
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Writes ``path`` through a temporary file renamed into place (never a half-written file)."""
-    partial = path.with_name(f".tmp-{path.name}")
-    with open(partial, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-
-
-def _read_trainer_state(path: Path) -> dict:
-    state = json.loads(path.read_text())
-    if not isinstance(state, dict) or not {"step", "processes", "history"} <= set(state):
-        raise ValueError(f"expected a mapping with step, processes and history, but got {str(state)[:200]}")
-    return state
-
-
-def _load_checkpoint_file(folder: Path, name: str, load: Callable[[Path], object]):
-    """``load(folder / name)``, with any error re-raised as a `CheckpointError` naming both."""
-    try:
-        return load(folder / name)
-    except CheckpointError:
-        raise
-    except Exception as error:
-        raise CheckpointError(folder, name, f"cannot be loaded ({type(error).__name__}: {error})") from error
-
-
-def flux_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                  base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """FLUX's resolution-dependent shift ``μ`` (linear in the number of image tokens).
-
-    Example:
-        >>> round(flux_shift_mu(256), 3), round(flux_shift_mu(4096), 3)
-        (0.5, 1.15)
-    """
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * slope + (base_shift - slope * base_seq_len)
-
-
-def sample_sigmas(batch: int, generator: torch.Generator, image_seq_len: int | None, mean: float = 0.0,
-                  std: float = 1.0) -> torch.Tensor:
-    """Flow-matching noise levels: ``u = sigmoid(N(mean, std))`` (logit-normal), then FLUX's shift
-    ``σ = e^μ / (e^μ + 1/u - 1)`` for ``image_seq_len`` target tokens (None: no shift).
-
-    Args:
-        batch: how many.
-        generator: a CPU generator (advanced by ``batch`` normal draws).
-        image_seq_len: target tokens, for the shift.
-        mean: logit-normal mean.
-        std: logit-normal std.
-
-    Returns:
-        ``(batch,)`` float32 sigmas in ``(0, 1)``.
-
-    Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> s = sample_sigmas(1000, g, 1024)
-        >>> bool(((s > 0) & (s < 1)).all()), s.mean().item() > 0.5  # shifted towards noise
-        (True, True)
-    """
-    u = torch.sigmoid(torch.randn(batch, generator=generator) * std + mean)
-    if image_seq_len is None:
-        return u
-    mu = flux_shift_mu(image_seq_len)
-    return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
-
 
 class TrainingForward(torch.nn.Module):
     """What the accelerator wraps (DDP): the multi-reference forward *and* the capture statistics.
@@ -259,6 +174,8 @@ class MosaicTrainer:
         self._ready = True
 
     def _build_models(self) -> None:
+        from diffusers.training_utils import cast_training_params
+
         from ..pipelines import MosaicFluxPipeline
         from ..pipelines.tiny import tiny_flux_components
 
@@ -276,17 +193,15 @@ class MosaicTrainer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)
                 add_reference_lora(transformer, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-        for name, param in transformer.named_parameters():
-            param.requires_grad_(".lora_" in name)
+        for name, param in transformer.named_parameters():  # the LoRA, or every transformer weight
+            param.requires_grad_(cfg.trainable == "all" or ".lora_" in name)
         for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False).eval()
         if self.weight_dtype == torch.float32:
             pipe.to(self.device)
         else:
             pipe.to(self.device, self.weight_dtype)
-        for param in transformer.parameters():  # LoRA weights train in float32
-            if param.requires_grad:
-                param.data = param.data.float()
+        cast_training_params(transformer, dtype=torch.float32)  # trainable weights train in float32
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.pipe = pipe
@@ -505,6 +420,8 @@ class MosaicTrainer:
 
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", disable=not acc.is_local_main_process,
                    dynamic_ncols=True)
+        if self.step == 0:  # where attention starts, to compare with the last validation sheet
+            self.attention_sheet()
         batches = iter(self.loader)
         start = time.perf_counter()
         self.model.train()
@@ -604,60 +521,21 @@ class MosaicTrainer:
             NonFiniteTrainingError: when a LoRA weight (or its EMA) is NaN or inf: such a state is
                 never saved.
         """
-        acc = self.accelerator
-        root = self.output_dir / "checkpoints"
-        final = root / f"{CHECKPOINT_PREFIX}{self.step:07d}"
-        tmp = root / f".tmp-{CHECKPOINT_PREFIX}{self.step:07d}"
-        self._check_state_finite()
-        if acc.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left by a crash while saving this step
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        acc.wait_for_everyone()
-        # optimiser, LR schedule and RNG states of every process (accelerate); LoRA only, not the model
-        from accelerate.utils import DistributedType
-
-        extra = {"exclude_frozen_parameters": True} if acc.distributed_type == DistributedType.DEEPSPEED else {}
-        acc.save_state(str(tmp), safe_serialization=True, **extra)
-        rank = acc.process_index
-        torch.save({"generator": self.generator.get_state(), "dropout_generator": self.dropout_generator.get_state(),
-                    "loader": self.loader.state_dict()}, tmp / f"trainer_rank{rank}.pt")
-        if acc.is_main_process:
-            save_reference_lora(self._transformer(), tmp / LORA_FILE)  # for inference (alpha/rank folded in)
-            write_lora_file(reference_lora_state_dict(self._transformer()), tmp / RAW_LORA_FILE)  # for resume
-            if self.ema is not None:
-                torch.save(self.ema.state_dict(), tmp / "ema.pt")
-                self._save_ema_lora(tmp / EMA_LORA_FILE)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            with open(tmp / TRAINER_STATE_FILE, "w") as handle:
-                json.dump({"step": self.step, "processes": acc.num_processes, "history": self.history}, handle)
-            write_checkpoint_digest(tmp)  # fsyncs every file, then the digest, last
-            publish_checkpoint(tmp, final)
-            for old in list_checkpoints(root)[: -self.config.keep_checkpoints]:
-                remove_checkpoint(old)
-        acc.wait_for_everyone()
-        return final
+        return save_training_checkpoint(self)
 
     def _check_state_finite(self) -> None:
-        params = dict(self._transformer().named_parameters())
-        for name, param in params.items():
-            if param.requires_grad:
-                try:
-                    check_finite(name, param, force=True)
-                except ValueError as error:
-                    raise NonFiniteTrainingError(
-                        f"Refusing to save a checkpoint at step {self.step}: {error} The last saved checkpoint "
-                        f"is left as it was.") from error
-        if self.ema is not None:
-            for index, shadow in enumerate(self.ema.shadow_params):
-                try:
-                    check_finite(f"EMA shadow parameter {index}", shadow, force=True)
-                except ValueError as error:
-                    raise NonFiniteTrainingError(
-                        f"Refusing to save a checkpoint at step {self.step}: {error} The last saved checkpoint "
-                        f"is left as it was.") from error
+        check_state_finite(self)
+
+    def rank_state_dict(self) -> dict:
+        """This process's data position and generators (``trainer_rank{r}.pt`` of a checkpoint)."""
+        return {"generator": self.generator.get_state(), "dropout_generator": self.dropout_generator.get_state(),
+                "loader": self.loader.state_dict()}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        """Restores what `rank_state_dict` returned."""
+        self.generator.set_state(state["generator"])
+        self.dropout_generator.set_state(state["dropout_generator"])
+        self.loader.load_state_dict(state["loader"])
 
     def _save_ema_lora(self, path: Path) -> None:
         params = self.lora_parameters
@@ -686,76 +564,19 @@ class MosaicTrainer:
                 checkpoint (or, for ``"latest"``, every checkpoint) is damaged, or a file cannot be loaded.
         """
         self.setup()
-        acc = self.accelerator
-        root = self.output_dir / "checkpoints"
-        required = (TRAINER_STATE_FILE, RAW_LORA_FILE, *(f"trainer_rank{r}.pt" for r in range(acc.num_processes)))
-        error = None
-        if acc.is_main_process:  # one process verifies, all use its choice
-            try:
-                if str(which) == "latest":
-                    path = latest_intact_checkpoint(root, required)
-                else:
-                    path = Path(which)
-                    verify_checkpoint(path, required)
-            except CheckpointError as raised:
-                error, path = (str(raised.folder), raised.file, raised.reason), None
-        else:
-            path = None
-        if acc.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            path, error = broadcast_object_list([path, error], from_process=0)
-        if error is not None:
-            raise CheckpointError(*error)
-        path = Path(path)
-        state = _load_checkpoint_file(path, TRAINER_STATE_FILE, _read_trainer_state)
-        if state["processes"] != acc.num_processes:
-            raise CheckpointError(
-                path, TRAINER_STATE_FILE, f"expected to resume with {state['processes']} processes (the checkpoint's), "
-                f"but got {acc.num_processes}")
-        from accelerate.utils import DistributedType
-
-        _load_checkpoint_file(path, RAW_LORA_FILE, lambda f: load_reference_lora_values(self._transformer(), f))
-        extra = {"load_module_strict": False} if acc.distributed_type == DistributedType.DEEPSPEED else {}
-        try:
-            acc.load_state(str(path), **extra)
-        except Exception as raised:  # names the folder; accelerate's message names the file
-            raise CheckpointError(path, None, "accelerate's load_state (optimizer.bin, scheduler.bin, random_states_*.pkl) "
-                                  f"failed ({type(raised).__name__}: {raised})") from raised
-        rank_file = f"trainer_rank{acc.process_index}.pt"
-        rank_state = _load_checkpoint_file(path, rank_file, lambda f: torch.load(f, weights_only=True))
-        try:
-            self.generator.set_state(rank_state["generator"])
-            self.dropout_generator.set_state(rank_state["dropout_generator"])
-            self.loader.load_state_dict(rank_state["loader"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as raised:
-            raise CheckpointError(path, rank_file, f"unusable trainer state ({type(raised).__name__}: {raised})") \
-                from raised
-        if self.ema is not None:
-            ema_state = _load_checkpoint_file(path, "ema.pt", lambda f: torch.load(f, weights_only=True))
-            try:
-                self.ema.load_state_dict(ema_state)
-            except (KeyError, TypeError, ValueError, RuntimeError) as raised:
-                raise CheckpointError(path, "ema.pt", f"unusable EMA state ({type(raised).__name__}: {raised})") \
-                    from raised
-            self.ema.to(self.device)
-        self.step = int(state["step"])
-        self.history = list(state["history"])
-        if acc.is_main_process:  # forget metrics logged after the checkpoint by the interrupted run
-            lines = [json.dumps(r) for r in self.history]
-            _write_text_atomic(self.output_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
-        log.info("resumed from %s at step %d", path, self.step)
-        return path
+        return load_training_checkpoint(self, which)
 
     # -- validation and the end --------------------------------------------------------------------
     def validate(self) -> Path | None:
-        """Writes ``samples/step-N.png``: references, ground truth and a sample per validation
-        item (EMA weights when enabled)."""
+        """Writes ``samples/step-N.png``: per validation item, references, ground truth and a sample
+        (EMA weights when enabled), then where each reference's annotated points attend in the
+        target (red) beside the true target region (green), as in the paper's Fig. 6
+        (`attention_sheet_rows`)."""
         acc = self.accelerator
         if not acc.is_main_process or self.config.validation_samples < 1:
             acc.wait_for_everyone()
             return None
-        from ..eval.sheets import SheetRow, contact_sheet
+        from ..eval.sheets import SheetRow
 
         cfg = self.config
         pipe = self.pipe
@@ -768,21 +589,76 @@ class MosaicTrainer:
         try:
             for index in range(cfg.validation_samples):
                 sample = self.validation_dataset()[index]
-                refs = [_to_pil(r) for r in sample.references]
+                refs = [_pil(r) for r in sample.references]
                 out = pipe(
                     sample.caption, refs, height=cfg.data.target_size, width=cfg.data.target_size,
                     ref_size=cfg.data.ref_size, num_inference_steps=cfg.validation_steps,
                     generator=torch.Generator().manual_seed(index), max_sequence_length=self._max_sequence_length(),
                     progress=False, guidance_scale=3.5,
                 )
-                rows.append(SheetRow(sample.caption, refs, [_to_pil(sample.target), out.images[0]]))
+                rows.append(SheetRow(sample.caption, refs, [_pil(sample.target), out.images[0]]))
+                rows.extend(self.attention_sheet_rows(index))
         finally:
             if self.ema is not None:
                 self.ema.restore(self.lora_parameters)
             self.model.train(was_training)
-        path = self.output_dir / "samples" / f"step-{self.step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        contact_sheet(rows, thumb_size=128, title=f"step {self.step}: references | ground truth | sample").save(path)
+        path = validation_sheet(rows, self.output_dir / "samples" / f"step-{self.step:07d}.png",
+                                title=f"step {self.step}: references | ground truth | sample")
+        acc.wait_for_everyone()
+        return path
+
+    ATTENTION_SIGMA = 0.5
+    """The noise level of the validation attention panels."""
+
+    @torch.no_grad()
+    def attention_sheet_rows(self, index: int) -> list:
+        """The captured attention of validation item ``index`` (paper Fig. 6): one `SheetRow` whose
+        outputs are, per reference with annotated points, the mean attention of those points over the
+        target tokens (red on the dimmed ground truth; `mosaic_kit.reporting.attention_panels`) and
+        the true target region (green), at noise level `ATTENTION_SIGMA` with seeded noise. Uses no
+        training generator, so it never changes the run."""
+        from ..data import collate_samples
+        from ..eval.sheets import SheetRow
+
+        cfg = self.config
+        sample = self.validation_dataset()[index]
+        batch = collate_samples([sample], target_size=cfg.data.target_size, ref_size=cfg.data.ref_size,
+                                vae_scale_factor=self.pipe.vae_scale_factor)
+        if not bool(batch.corr.point_mask.any()):
+            return []
+        inputs = self.encode_batch(batch)
+        latents = inputs.pop("target")
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(index)).to(self.device)
+        sigma = torch.full((1,), self.ATTENTION_SIGMA, device=self.device)
+        noisy = (1 - self.ATTENTION_SIGMA) * latents + self.ATTENTION_SIGMA * noise
+        point_rows = PointAttentionRows(batch.corr.to(self.device))
+        model_inputs = {k: v.to(self.weight_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                        and "ids" not in k else v for k, v in inputs.items()}
+        model_inputs.update(target_tokens=noisy.to(self.weight_dtype), timestep=sigma.to(self.weight_dtype),
+                            guidance=torch.full((1,), self.config.objective.guidance, device=self.device))
+        with self.accelerator.autocast():
+            self.accelerator.unwrap_model(self.model)(model_inputs, None, [point_rows])
+        panels = attention_panels(point_rows.result(), batch.corr, batch.target_grid, batch.targets[0])
+        return [SheetRow(f"attention of each reference's points (red) | true target region (green), "
+                         f"sigma {self.ATTENTION_SIGMA}", [], [image for pair in panels for image in pair])]
+
+    def attention_sheet(self) -> Path | None:
+        """Writes ``samples/attention-step-N.png``: the attention rows of every validation item alone
+        (no sampling; `train` writes it before the first step, to compare with the last sheet)."""
+        acc = self.accelerator
+        if not acc.is_main_process or self.config.validation_samples < 1:
+            acc.wait_for_everyone()
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            rows = [row for index in range(self.config.validation_samples) for row in self.attention_sheet_rows(index)]
+        finally:
+            self.model.train(was_training)
+        path = None
+        if rows:
+            path = validation_sheet(rows, self.output_dir / "samples" / f"attention-step-{self.step:07d}.png",
+                                    title=f"step {self.step}: where each reference's points attend")
         acc.wait_for_everyone()
         return path
 
@@ -824,85 +700,8 @@ class MosaicTrainer:
         return summary
 
 
-def load_reference_lora_values(transformer, path: Path) -> None:
-    """Copies LoRA tensors from a file into the existing adapter (keeps optimiser references)."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    current = reference_lora_state_dict(transformer)
-    if set(state) != set(current):
-        raise ValueError(f"Expected the checkpoint's LoRA keys to match the model's, but {path} differs.")
-    params = dict(transformer.named_parameters())
-    with torch.no_grad():
-        for key, value in state.items():
-            module, part = key[len("transformer."):].rsplit(".lora_", 1)
-            ab = part.split(".")[0]
-            name = f"{module}.lora_{ab}.mosaic.weight"
-            params[name].copy_(value.to(params[name].dtype))
-
-
-def _to_pil(image: torch.Tensor):
-    from PIL import Image
-
-    array = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    return Image.fromarray(array)
-
-
-def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
-    """Loss terms, LR, grad norm and hit-rate against the step, as a PNG (needs matplotlib)."""
-    if not history:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no loss curves (pip install mosaic_kit[train])")
-        return None
-    steps = [r["step"] for r in history]
-    panels = [("loss", ["loss", "flow_matching"]), ("MOSAIC terms", ["scal", "mdl"]),
-              ("attention hit-rate", ["hit_rate"]), ("optimiser", ["grad_norm", "lr"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            values = [r.get(key, float("nan")) for r in history]
-            if key == "lr":  # its own scale
-                twin = ax.twinx()
-                twin.plot(steps, values, label=key, color="tab:orange")
-                twin.set_ylabel("lr", fontsize=8)
-                twin.legend(fontsize=8, loc="lower right")
-            else:
-                ax.plot(steps, values, label=key)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8, loc="upper left")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def build_dataset(config: TrainConfig, validation: bool = False):
-    """The dataset a config names: the synthetic world (held-out identities for validation), the
-    released layout or a manifest, optionally through the multi-subject composer."""
-    from .. import data
-    from .. import data as world
-
-    cfg = config.data
-    if cfg.kind == "synthetic":
-        world_cfg = world.SyntheticWorldConfig(
-            image_size=cfg.target_size, ref_size=cfg.ref_size, min_refs=cfg.synthetic_refs[0],
-            max_refs=cfg.synthetic_refs[1], seed=cfg.seed + (1 if validation else 0),
-            identity_range=world.HELD_OUT_IDENTITIES if validation else world.TRAIN_IDENTITIES,
-        )
-        return world.SyntheticDataset(world.SyntheticWorld(world_cfg), cfg.synthetic_length)
-    if cfg.kind == "released":
-        base = data.ReleasedDataset(cfg.root, target_size=cfg.target_size, ref_size=cfg.ref_size)
-    else:
-        base = data.ManifestDataset(cfg.root)
-    if cfg.compose:
-        return data.ComposedDataset(base, num_subjects=tuple(cfg.compose), canvas_size=cfg.target_size, seed=cfg.seed)
-    return base
+__all__ = [
+    "MosaicTrainer", "NonFiniteTrainingError", "TrainingForward", "build_dataset", "flux_shift_mu",
+    "load_reference_lora_values", "plot_loss_curves", "sample_sigmas",
+    "EMA_LORA_FILE", "LORA_FILE", "RAW_LORA_FILE", "TRAINER_STATE_FILE",
+]
