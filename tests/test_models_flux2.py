@@ -16,7 +16,7 @@ pytest.importorskip("diffusers")
 from diffusers import Flux2KleinPipeline, Flux2Pipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mosaic_kit.attention import RefTargetCapture  # noqa: E402
+from mosaic_kit.attention import PointAttentionRows, RefTargetCapture  # noqa: E402
 from mosaic_kit.correspondence import Correspondences  # noqa: E402
 from mosaic_kit.data import collate_samples  # noqa: E402
 from mosaic_kit.data.synthetic_world import SyntheticDataset, SyntheticWorld, SyntheticWorldConfig  # noqa: E402
@@ -50,26 +50,35 @@ def _inputs(family: Flux2Family, k: int = 2, b: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     inputs = family.encode(_images(g, b, 3, 32, 32), ["a red cat", "a dog"][:b] + ["x"] * (b - 2),
                            _images(g, b, k, 3, 32, 16))
-    noisy = torch.randn(inputs.latents.shape, generator=g)
+    noisy = torch.randn(inputs.target.shape, generator=g)
     sigmas = torch.rand(b, generator=g)
     return inputs, noisy, sigmas
 
 
 def _corr(inputs, b: int = 2, seed: int = 0) -> Correspondences:
     g = torch.Generator().manual_seed(seed)
-    n_tgt = inputs.tgt_tokens
+    n_tgt, counts = inputs.layout.target_grid.num_tokens, inputs.layout.reference_token_counts
     pairs = [[{int(r): int(t) for r, t in zip(torch.randperm(n, generator=g)[:2], torch.randperm(n_tgt, generator=g)[:2])}
-              for n in inputs.ref_token_counts] for _ in range(b)]
-    return Correspondences.from_dicts(pairs, ref_tokens=list(inputs.ref_token_counts), tgt_tokens=n_tgt)
+              for n in counts] for _ in range(b)]
+    return Correspondences.from_dicts(pairs, ref_tokens=list(counts), tgt_tokens=n_tgt)
+
+
+_STOCK_KEYS = ("hidden_states", "img_ids", "encoder_hidden_states", "txt_ids", "timestep", "guidance")
+
+
+def _stock(family, inputs, noisy, sigmas) -> torch.Tensor:
+    """The stock transformer's full output for the family's inputs (target and reference tokens)."""
+    kwargs = family.model_kwargs(inputs, noisy, sigmas)
+    return family.transformer(**{k: kwargs[k] for k in _STOCK_KEYS}, return_dict=False)[0]
 
 
 # -- the forward ------------------------------------------------------------------------------------
 def test_forward_equals_stock_with_processors_idle_and_active():
     family = Flux2Family.tiny(seed=1)
     inputs, noisy, sigmas = _inputs(family)
-    kwargs = family.transformer_kwargs(inputs, noisy, sigmas)
+    n_tgt = inputs.layout.target_grid.num_tokens
     with torch.no_grad():
-        stock = family.transformer(**kwargs)[0][:, : inputs.tgt_tokens]
+        stock = _stock(family, inputs, noisy, sigmas)[:, :n_tgt]
         family.capture_handle()  # processors installed, idle
         idle = family.forward(inputs, noisy, sigmas)
         capture = RefTargetCapture(_corr(inputs))
@@ -85,11 +94,28 @@ def test_forward_equals_stock_with_processors_idle_and_active():
 def test_forward_takes_the_target_part_of_the_stock_output():
     family = Flux2Family.tiny(seed=2)
     inputs, noisy, sigmas = _inputs(family, k=1, b=1)
+    n_tgt = inputs.layout.target_grid.num_tokens
     with torch.no_grad():
-        full = family.transformer(**family.transformer_kwargs(inputs, noisy, sigmas))[0]
+        full = _stock(family, inputs, noisy, sigmas)
         out = family.forward(inputs, noisy, sigmas)
-    assert full.shape[1] == inputs.tgt_tokens + sum(inputs.ref_token_counts)
-    assert torch.equal(out, full[:, : inputs.tgt_tokens])
+    assert full.shape[1] == n_tgt + inputs.layout.num_reference_tokens
+    assert torch.equal(out, full[:, :n_tgt])
+
+
+def test_a_list_of_captures_feeds_each_as_alone():
+    """The trainer passes the training capture and diagnostics (PointAttentionRows) together."""
+    family = Flux2Family.tiny(seed=11)
+    inputs, noisy, sigmas = _inputs(family)
+    corr = _corr(inputs)
+    alone, rows_alone = RefTargetCapture(corr, aggregate="points"), PointAttentionRows(corr)
+    together, rows_together = RefTargetCapture(corr, aggregate="points"), PointAttentionRows(corr)
+    with torch.no_grad():
+        family.forward(inputs, noisy, sigmas, alone)
+        family.forward(inputs, noisy, sigmas, [rows_alone])
+        family.forward(inputs, noisy, sigmas, [together, rows_together])
+    a, t = alone.result(), together.result()
+    assert torch.equal(a.pair_log_probs, t.pair_log_probs) and a.num_blocks == t.num_blocks == 3
+    assert torch.equal(rows_alone.result(), rows_together.result())
 
 
 # -- encoding equals the stock pipeline -------------------------------------------------------------
@@ -120,18 +146,23 @@ def test_encoding_equals_what_flux2_klein_pipeline_builds(k):
     inputs = family.encode(targets, prompts, refs[None].expand(2, -1, -1, -1, -1))
     start = torch.randn(2, 16, 3, 2, generator=g)  # (B, 4·C, H/16, W/16) as prepare_latents takes it
     seen = _pipeline_transformer_inputs(pipe, prompts, [_to_pil(r) for r in refs], start, 48, 32, 24)
-    n_tgt = inputs.tgt_tokens
-    assert seen["hidden_states"].shape[1] == n_tgt + sum(inputs.ref_token_counts)
+    n_tgt, cond = inputs.layout.target_grid.num_tokens, inputs.conditioning
+    assert seen["hidden_states"].shape[1] == n_tgt + inputs.layout.num_reference_tokens
     # the first timestep has sigma 1: the pipeline's target tokens are the packed start noise
     assert torch.equal(seen["hidden_states"][:, :n_tgt], start.flatten(2).transpose(1, 2))
-    assert torch.equal(seen["hidden_states"][:, n_tgt:], inputs.reference_tokens)
-    assert torch.equal(seen["img_ids"][:, :n_tgt], inputs.latent_ids)
-    assert torch.equal(seen["img_ids"][:, n_tgt:], inputs.reference_ids)
-    assert torch.equal(seen["encoder_hidden_states"], inputs.prompt_embeds)
-    assert torch.equal(seen["txt_ids"], inputs.text_ids)
-    kwargs = family.transformer_kwargs(inputs, start.flatten(2).transpose(1, 2), seen["timestep"])
+    assert torch.equal(seen["hidden_states"][:, n_tgt:], cond["reference_tokens"])
+    assert torch.equal(seen["img_ids"][:, :n_tgt], cond["latent_ids"])
+    assert torch.equal(seen["img_ids"][:, n_tgt:], cond["reference_ids"])
+    assert torch.equal(seen["encoder_hidden_states"], cond["encoder_hidden_states"])
+    assert torch.equal(seen["txt_ids"], cond["txt_ids"])
+    kwargs = family.model_kwargs(inputs, start.flatten(2).transpose(1, 2), seen["timestep"])
     for name in ("hidden_states", "img_ids", "encoder_hidden_states", "txt_ids", "timestep"):
         assert torch.equal(kwargs[name], seen[name]), name
+    # the same images through the pipeline at inference (no target) give the same ids and tokens
+    bare = family.encode(None, prompts, refs[None].expand(2, -1, -1, -1, -1), target_size=(48, 32))
+    assert bare.target is None
+    for name in ("latent_ids", "reference_ids", "reference_tokens", "encoder_hidden_states"):
+        assert torch.equal(bare.conditioning[name], cond[name]), name
     assert kwargs["guidance"] is None and seen["guidance"] is None
 
 
@@ -141,14 +172,14 @@ def test_encoded_target_is_the_pipelines_latent_space():
     pipe = family.pipe
     g = torch.Generator().manual_seed(0)
     inputs = family.encode(_images(g, 1, 3, 32, 48), ["a"])
-    rows, cols = inputs.latent_size
-    unpacked = pipe._unpack_latents_with_ids(inputs.latents, inputs.latent_ids, rows, cols)
+    rows, cols = inputs.layout.target_grid.rows, inputs.layout.target_grid.cols
+    unpacked = pipe._unpack_latents_with_ids(inputs.target, inputs.conditioning["latent_ids"], rows, cols)
     vae = pipe.vae
     mean = vae.bn.running_mean.view(1, -1, 1, 1)
     std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
     with torch.no_grad():
         expected = vae.decode(pipe._unpatchify_latents(unpacked * std + mean), return_dict=False)[0]
-    assert torch.equal(family.decode(inputs.latents, inputs.latent_size), (expected / 2 + 0.5).clamp(0, 1))
+    assert torch.equal(family.decode(inputs.target, 32, 48), (expected / 2 + 0.5).clamp(0, 1))
     assert not torch.allclose(vae.bn.running_mean, torch.zeros_like(vae.bn.running_mean))  # normalisation exercised
 
 
@@ -166,9 +197,9 @@ def _naive_reference_ids(sizes):
 def test_reference_ids_are_t_offsets_and_row_major_grids(k, h, w):
     family = _TINY_FOR_IDS
     inputs = family.encode(torch.zeros(1, 3, 16, 16), [""], torch.zeros(1, k, 3, 16 * h, 16 * w))
-    assert torch.equal(inputs.reference_ids[0], _naive_reference_ids([(h, w)] * k))
-    assert inputs.ref_token_counts == (h * w,) * k
-    layout = family.token_layout(inputs)
+    assert torch.equal(inputs.conditioning["reference_ids"][0], _naive_reference_ids([(h, w)] * k))
+    assert inputs.layout.reference_token_counts == (h * w,) * k
+    layout = family.sequence_layout(inputs.layout)
     assert layout.ref_index.tolist() == [list(range(1, 1 + k * h * w))]
 
 
@@ -181,9 +212,10 @@ def test_batch_grids_match_the_token_grid_of_the_encoding():
     samples = [SyntheticDataset(world, length=4)[i] for i in range(2)]
     batch = collate_samples(samples, target_size=64, ref_size=32, vae_scale_factor=family.vae_scale_factor)
     inputs = family.encode_batch(batch)
-    assert inputs.latent_size == (batch.target_grid.rows, batch.target_grid.cols)
-    assert inputs.tgt_tokens == batch.corr.tgt_tokens
-    assert list(inputs.ref_token_counts) == list(batch.corr.ref_tokens)
+    assert inputs.layout.target_grid == batch.target_grid
+    assert all(grid == batch.ref_grid for grid in inputs.layout.reference_grids)
+    assert inputs.layout.target_grid.num_tokens == batch.corr.tgt_tokens
+    assert list(inputs.layout.reference_token_counts) == list(batch.corr.ref_tokens)
 
 
 # -- LoRA -------------------------------------------------------------------------------------------
@@ -204,7 +236,8 @@ def test_lora_targets_skip_module_lists_and_cover_both_block_kinds():
 def test_lora_round_trip_through_stock_load_lora_weights_is_exact(tmp_path, pipeline_class):
     family = Flux2Family.tiny(seed=7)
     inputs, noisy, sigmas = _inputs(family)
-    kwargs = family.transformer_kwargs(inputs, noisy, sigmas)
+    kwargs = {k: v for k, v in family.model_kwargs(inputs, noisy, sigmas).items() if k in _STOCK_KEYS}
+    kwargs["return_dict"] = False
     with torch.no_grad():
         base = family.transformer(**kwargs)[0]
     with torch.random.fork_rng():
@@ -244,12 +277,32 @@ def test_save_lora_without_adapter_raises():
 def test_load_lora_resumes_training_state(tmp_path):
     family = Flux2Family.tiny(seed=8)
     family.add_lora(rank=3, alpha=6.0, init=False)
-    family.save_lora(tmp_path)
-    other = Flux2Family.tiny(seed=8)
-    other.load_lora(tmp_path / "pytorch_lora_weights.safetensors")
+    file = family.save_lora(tmp_path)
+    assert not list(tmp_path.glob(".tmp-*"))  # the atomic write leaves no scratch folder
     inputs, noisy, sigmas = _inputs(family, k=1, b=1)
     with torch.no_grad():
-        assert torch.equal(other.forward(inputs, noisy, sigmas), family.forward(inputs, noisy, sigmas))
+        expected = family.forward(inputs, noisy, sigmas)
+    fresh = Flux2Family.tiny(seed=8)  # no LoRA yet: the stock loader adds adapter "default"
+    fresh.load_lora(file)
+    resumed = Flux2Family.tiny(seed=8)  # a LoRA of the same shape: its values are replaced
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        resumed.add_lora(rank=3, alpha=6.0, init=False)
+    with torch.no_grad():
+        assert not torch.equal(resumed.forward(inputs, noisy, sigmas), expected)
+        resumed.load_lora(tmp_path)
+        for other in (fresh, resumed):
+            assert other.transformer.active_adapters() == ["default"]
+            assert torch.equal(other.forward(inputs, noisy, sigmas), expected)
+    state = family.lora_state_dict()
+    state.pop(sorted(state)[0])
+    with pytest.raises(ValueError, match="1 missing"):
+        resumed.load_lora(state)
+    resumed.load_lora(state, partial=True)
+    small = Flux2Family.tiny(seed=8)
+    small.add_lora(rank=2)
+    with pytest.raises(ValueError, match="of another shape"):
+        small.load_lora(file)
 
 
 # -- gradients and training -------------------------------------------------------------------------
@@ -258,13 +311,13 @@ def test_gradients_reach_only_the_lora():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         family.add_lora(rank=2, init=False)
-    params = family.trainable_parameters("lora")
+    params = family.set_trainable("lora")
     inputs, noisy, sigmas = _inputs(family)
     corr = _corr(inputs)
     capture = RefTargetCapture(corr, aggregate="points")
     prediction = family.forward(inputs, noisy, sigmas, capture)
     objective = MosaicObjective(scal_weight=0.4, mdl_weight=0.6, mdl_divergence="jsd")
-    flow = torch.nn.functional.mse_loss(prediction.float(), noisy - inputs.latents)
+    flow = torch.nn.functional.mse_loss(prediction.float(), noisy - inputs.target)
     objective.combine(flow, capture.result(), corr).loss.backward()
     ids = {id(p) for p in params}
     for name, param in family.transformer.named_parameters():
@@ -282,7 +335,7 @@ def test_gradients_reach_only_the_lora():
 def test_trainable_parameters_checks_its_argument():
     family = Flux2Family.tiny()
     with pytest.raises(ValueError, match="trainable"):
-        family.trainable_parameters("some")
+        family.set_trainable("some")
     with pytest.raises(ValueError, match="add a LoRA"):
         family.trainable_parameters("lora")
 
@@ -294,7 +347,7 @@ def test_scal_falls_over_a_short_run_on_the_synthetic_world():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         family.add_lora(rank=8)
-    params = family.trainable_parameters("lora")
+    params = family.set_trainable("lora")
     world = SyntheticWorld(SyntheticWorldConfig(image_size=64, ref_size=32, min_refs=2, max_refs=2))
     data = SyntheticDataset(world, length=16)
 
@@ -305,30 +358,30 @@ def test_scal_falls_over_a_short_run_on_the_synthetic_world():
     g = torch.Generator().manual_seed(0)
     train = [batch_of([2 * i, 2 * i + 1]) for i in range(6)]
     held_batch, held = batch_of([14, 15])
-    held_noise = torch.randn(held.latents.shape, generator=g)
+    held_noise = torch.randn(held.target.shape, generator=g)
     held_sigmas = torch.full((2,), 0.6)
 
     def held_out_scal() -> float:
         capture = RefTargetCapture(held_batch.corr, aggregate=None)
         with torch.no_grad():
-            family.forward(held, family.noise(held.latents, held_noise, held_sigmas), held_sigmas, capture)
+            family.forward(held, family.noise(held.target, held_noise, held_sigmas), held_sigmas, capture)
         return float(scal(capture.result(), held_batch.corr))
 
     before = held_out_scal()
     optimizer = torch.optim.AdamW(params, lr=3e-2)
     for step in range(30):
         batch, inputs = train[step % len(train)]
-        noise = torch.randn(inputs.latents.shape, generator=g)
+        noise = torch.randn(inputs.target.shape, generator=g)
         sigmas = torch.rand(2, generator=g)
         capture = RefTargetCapture(batch.corr, aggregate=None)
-        family.forward(inputs, family.noise(inputs.latents, noise, sigmas), sigmas, capture)
+        family.forward(inputs, family.noise(inputs.target, noise, sigmas), sigmas, capture)
         loss = scal(capture.result(), batch.corr)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     after = held_out_scal()
     assert np.isfinite(before) and after < 0.85 * before, (before, after)
-    assert after < math.log(held.tgt_tokens), (after, held.tgt_tokens)
+    assert after < math.log(held.layout.target_grid.num_tokens), after
 
 
 # -- input checks -----------------------------------------------------------------------------------
@@ -338,6 +391,10 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         Flux2Family(object())
     with pytest.raises(ValueError, match="capture_blocks"):
         Flux2Family(family.pipe, capture_blocks="some")
+    with pytest.raises(ValueError, match="capture"):
+        family.model(**family.model_kwargs(family.encode(torch.zeros(1, 3, 16, 16), ["a"]), torch.zeros(1, 1, 16),
+                                           torch.zeros(1)), capture=RefTargetCapture(
+            Correspondences.from_dicts([[{0: 0}]], ref_tokens=[1], tgt_tokens=1)))
     with pytest.raises(ValueError, match="images"):
         family.encode_images(torch.zeros(1, 3, 20, 16))
     with pytest.raises(ValueError, match="prompts"):
@@ -346,7 +403,11 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         family.encode(torch.zeros(1, 3, 16, 16), ["a"], torch.zeros(2, 1, 3, 16, 16))
     inputs = family.encode(torch.zeros(1, 3, 16, 16), ["a"])
     with pytest.raises(ValueError, match="references"):
-        family.token_layout(inputs)
+        family.sequence_layout(inputs.layout)
+    with pytest.raises(ValueError, match="target_size"):
+        family.encode(None, ["a"])
+    with pytest.raises(ValueError, match="latents"):
+        family.decode(torch.zeros(1, 2, 16), 16, 16)
     with pytest.raises(ValueError, match="noisy"):
         family.forward(inputs, torch.zeros(1, 2, 16), torch.zeros(1))
     with pytest.raises(ValueError, match="rank"):

@@ -21,21 +21,23 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..attention import RefTargetCapture
+from ..utils.atomic import fsync_dir
+from .family import ModelFamily, ModelInputs, TokenLayout, check_trainable
 from .insequence import CaptureProcessors, SequenceLayout, install_capture_processors
 
 __all__ = [
     "FLUX2_LORA_FILE",
     "FLUX2_LORA_TARGETS",
     "FLUX2_REFERENCE_TIME_SCALE",
+    "Flux2Denoiser",
     "Flux2Family",
-    "Flux2Inputs",
     "flux2_lora_target_modules",
 ]
 
@@ -91,47 +93,96 @@ def flux2_lora_target_modules(transformer: torch.nn.Module, targets: Sequence[st
     return names
 
 
-@dataclass
-class Flux2Inputs:
-    """A batch encoded for the FLUX.2 transformer (what `Flux2Family.encode_batch` returns).
+class _FanOut(RefTargetCapture):
+    """Feeds several captures from one installation (the training capture and diagnostics such as
+    `mosaic_kit.attention.PointAttentionRows`, which share ``add(query, key)``); the first one's
+    correspondences fix the layout check."""
 
-    Attributes:
-        latents: ``(B, N_tgt, C)`` float32, the clean target tokens (normalised, patchified,
-            packed row-major), the flow-matching data ``x``.
-        latent_ids: ``(B, N_tgt, 4)`` long, the target's (T, H, W, L) ids, ``T = 0``.
-        latent_size: ``(rows, cols)`` of the target token grid (``rows · cols = N_tgt``).
-        reference_tokens: ``(B, N_ref_total, C)`` in the transformer's dtype, the K references'
-            tokens in slot order, or None without references.
-        reference_ids: ``(B, N_ref_total, 4)`` long, reference ``k`` at ``T = 10·(k + 1)``.
-        ref_token_counts: ``N^(k)`` per reference slot (empty without references).
-        prompt_embeds: ``(B, L, D)``, the stacked text-encoder hidden states.
-        text_ids: ``(B, L, 4)`` long, ``(0, 0, 0, l)``.
+    def __init__(self, captures: Sequence[Any]) -> None:  # no super().__init__: nothing is stored here
+        self.captures = list(captures)
+        self.corr = self.captures[0].corr
+        self.scale = None
+
+    def add(self, query: torch.Tensor, key: torch.Tensor) -> None:
+        for capture in self.captures:
+            capture.add(query, key)
+
+
+class Flux2Denoiser(nn.Module):
+    """The FLUX.2 denoiser as one module (what an accelerator wraps): the stock transformer's
+    forward over ``[target | ref 1 | … | ref K]``, returning the target's prediction and feeding
+    MOSAIC's captures through the in-sequence capture processors.
+
+    Args:
+        transformer: the stock `Flux2Transformer2DModel` (its LoRA included).
+        capture_blocks: ``"all"``, ``"double"`` or a list of block names.
+
+    Example:
+        >>> family = Flux2Family.tiny()
+        >>> isinstance(family.model, Flux2Denoiser), family.model.capture_handle().block_names[0]
+        (True, 'transformer_blocks.0')
     """
 
-    latents: torch.Tensor
-    latent_ids: torch.Tensor
-    latent_size: tuple[int, int]
-    reference_tokens: torch.Tensor | None
-    reference_ids: torch.Tensor | None
-    ref_token_counts: tuple[int, ...]
-    prompt_embeds: torch.Tensor
-    text_ids: torch.Tensor
+    def __init__(self, transformer: nn.Module, capture_blocks: str | Sequence[str] = "all") -> None:
+        super().__init__()
+        if isinstance(capture_blocks, str) and capture_blocks not in ("all", "double"):
+            raise ValueError(f"Expected `capture_blocks` 'all', 'double' or a list of block names, but got {capture_blocks!r}.")
+        self.transformer = transformer
+        self.capture_blocks = capture_blocks if isinstance(capture_blocks, str) else list(capture_blocks)
+        self._handle: CaptureProcessors | None = None
 
-    @property
-    def tgt_tokens(self) -> int:
-        """N_tgt."""
-        return int(self.latents.shape[1])
+    def capture_handle(self) -> CaptureProcessors:
+        """The capture processors on the chosen blocks (installed on first use, idle until a
+        forward gets a capture; idle, the forward is the stock one bit for bit)."""
+        if self._handle is None:
+            blocks: str | list[str] | Callable[[str], bool] = self.capture_blocks
+            if blocks == "double":
+                blocks = lambda name: name.startswith("transformer_blocks.")  # noqa: E731
+            self._handle = install_capture_processors(self.transformer, blocks=blocks)
+        return self._handle
+
+    def forward(self, hidden_states: torch.Tensor, img_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                txt_ids: torch.Tensor, timestep: torch.Tensor, tgt_tokens: int, ref_tokens: Sequence[int] = (),
+                guidance: torch.Tensor | None = None, capture: Any = None) -> torch.Tensor:
+        """Runs the stock forward; returns ``(B, tgt_tokens, C)``, the target's prediction.
+
+        Args:
+            hidden_states: ``(B, N_tgt + N_ref, C)`` noisy target tokens, then the references'.
+            img_ids: ``(B, N_tgt + N_ref, 4)`` position ids.
+            encoder_hidden_states: ``(B, L, D)`` prompt embeddings.
+            txt_ids: ``(B, L, 4)`` text ids.
+            timestep: ``(B,)`` flow-matching time in ``[0, 1]``.
+            tgt_tokens: N_tgt.
+            ref_tokens: N^(k) per reference slot.
+            guidance: ``(B,)`` embedded guidance ([dev]) or None ([klein]).
+            capture: a `RefTargetCapture`, a list of captures (diagnostics with the same
+                ``add(query, key)``, e.g. `PointAttentionRows`, included), or None.
+        """
+        captures = [] if capture is None else list(capture) if isinstance(capture, (list, tuple)) else [capture]
+        context = contextlib.nullcontext()
+        if captures:
+            if not ref_tokens:
+                raise ValueError("Expected references (`ref_tokens`) for a capture, but got none.")
+            layout = SequenceLayout.concatenated(tgt_tokens, ref_tokens)
+            fed = captures[0] if len(captures) == 1 and isinstance(captures[0], RefTargetCapture) else _FanOut(captures)
+            context = self.capture_handle().capture(fed, layout)
+        with context:
+            out = self.transformer(hidden_states=hidden_states, img_ids=img_ids,
+                                   encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids, timestep=timestep,
+                                   guidance=guidance, return_dict=False)[0]
+        return out[:, :tgt_tokens]
 
 
-class Flux2Family:
-    """The FLUX.2 model family: encoding, the multi-reference forward with MOSAIC's capture, the
-    LoRA and decoding, over a stock `Flux2KleinPipeline` (or `Flux2Pipeline`).
+class Flux2Family(ModelFamily):
+    """The FLUX.2 model family behind the model boundary (`ModelFamily`): encoding, the
+    multi-reference forward with MOSAIC's capture, the LoRA and decoding, over a stock
+    `Flux2KleinPipeline` (or `Flux2Pipeline`).
 
     One owner for FLUX.2's encoding and decoding: prompts through the pipeline's
     ``encode_prompt`` (Qwen3 hidden states of ``text_encoder_out_layers``), images through the
     pipeline's ``_encode_vae_image`` (distribution mode, 2×2 patchify, batch-norm
     normalisation), ids through its ``_prepare_latent_ids`` / ``_prepare_image_ids``, so a batch is
-    encoded as the stock pipeline encodes its references (tested against a pipeline call).
+    encoded exactly as the stock pipeline encodes its references (tested against a pipeline call).
 
     Args:
         pipe: a `diffusers.Flux2KleinPipeline` or `diffusers.Flux2Pipeline`.
@@ -141,7 +192,7 @@ class Flux2Family:
         text_encoder_out_layers: encoder layers stacked into the prompt embedding; None: the
             pipeline's default (``(9, 18, 27)`` for [klein], ``(10, 20, 30)`` for [dev]).
         guidance: the embedded guidance when the transformer has a guidance embedding ([dev]);
-            ignored otherwise ([klein]).
+            ignored by [klein], which has none.
 
     Raises:
         ValueError: on a pipeline without a FLUX.2 transformer or a bad option.
@@ -151,10 +202,11 @@ class Flux2Family:
         >>> family = Flux2Family(tiny_flux2_pipeline(), max_sequence_length=16,
         ...     text_encoder_out_layers=TINY_FLUX2_TEXT_OUT_LAYERS)
         >>> inputs = family.encode(torch.rand(2, 3, 32, 32), ["a cat", "a dog"], torch.rand(2, 2, 3, 16, 16))
-        >>> tuple(inputs.latents.shape), inputs.ref_token_counts, inputs.reference_ids[0, :, 0].tolist()
-        ((2, 4, 16), (1, 1), [10, 20])
-        >>> prediction = family.forward(inputs, torch.randn(2, 4, 16), torch.tensor([0.5, 0.5]))
-        >>> tuple(prediction.shape)
+        >>> tuple(inputs.target.shape), inputs.layout.reference_token_counts
+        ((2, 4, 16), (1, 1))
+        >>> inputs.conditioning["reference_ids"][0, :, 0].tolist()  # T = 10·(k + 1)
+        [10, 20]
+        >>> tuple(family.forward(inputs, torch.randn(2, 4, 16), torch.tensor([0.5, 0.5])).shape)
         (2, 4, 16)
     """
 
@@ -175,16 +227,13 @@ class Flux2Family:
                 f"Expected `pipe` with a Flux2Transformer2DModel (Flux2KleinPipeline or Flux2Pipeline), but got "
                 f"{type(pipe).__name__}."
             )
-        if isinstance(capture_blocks, str) and capture_blocks not in ("all", "double"):
-            raise ValueError(f"Expected `capture_blocks` 'all', 'double' or a list of block names, but got {capture_blocks!r}.")
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
             raise ValueError(f"Expected `max_sequence_length` to be a positive int, but got {max_sequence_length!r}.")
         self.pipe = pipe
-        self.capture_blocks = capture_blocks if isinstance(capture_blocks, str) else list(capture_blocks)
+        self._model = Flux2Denoiser(pipe.transformer, capture_blocks)
         self.max_sequence_length = max_sequence_length
         self.text_encoder_out_layers = None if text_encoder_out_layers is None else tuple(text_encoder_out_layers)
         self.guidance = float(guidance)
-        self._handle: CaptureProcessors | None = None
 
     # -- building ----------------------------------------------------------------------------------
     @classmethod
@@ -201,11 +250,12 @@ class Flux2Family:
             The family.
 
         Example:
-            >>> Flux2Family.tiny().pipe.transformer.config.num_layers
+            >>> Flux2Family.tiny().transformer.config.num_layers
             1
         """
-        from ..pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_components
         from diffusers import Flux2KleinPipeline
+
+        from ..pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_components
 
         pipe = Flux2KleinPipeline(**tiny_flux2_components(seed=seed, transformer_overrides=transformer_overrides))
         pipe.set_progress_bar_config(disable=True)
@@ -241,8 +291,14 @@ class Flux2Family:
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **kwargs)
 
+    # -- what the callers hold ---------------------------------------------------------------------
     @property
-    def transformer(self) -> torch.nn.Module:
+    def model(self) -> Flux2Denoiser:
+        """The `Flux2Denoiser` (what an accelerator wraps)."""
+        return self._model
+
+    @property
+    def transformer(self) -> nn.Module:
         """The stock `Flux2Transformer2DModel` (with the LoRA once added)."""
         return self.pipe.transformer
 
@@ -250,6 +306,11 @@ class Flux2Family:
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell (8); a token covers ``2 · vae_scale_factor`` pixels per side."""
         return int(self.pipe.vae_scale_factor)
+
+    @property
+    def token_channels(self) -> int:
+        """C: channels of a patchified latent token (4 × the autoencoder's latent channels)."""
+        return int(self.transformer.config.in_channels)
 
     @property
     def device(self) -> torch.device:
@@ -263,6 +324,15 @@ class Flux2Family:
         else:
             self.pipe.to(device, dtype)
         return self
+
+    def capture_handle(self) -> CaptureProcessors:
+        """The capture processors on the chosen blocks (installed on first use).
+
+        Example:
+            >>> Flux2Family.tiny(capture_blocks="double").capture_handle().block_names
+            ('transformer_blocks.0',)
+        """
+        return self._model.capture_handle()
 
     # -- encoding ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -301,7 +371,7 @@ class Flux2Family:
             >>> tuple(Flux2Family.tiny().encode_images(torch.rand(1, 3, 32, 48)).shape)
             (1, 16, 2, 3)
         """
-        multiple = 2 * self.vae_scale_factor
+        multiple = self.pixels_per_token
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"Expected `images` of shape (N, 3, H, W), but got {getattr(images, 'shape', type(images))}.")
         if images.shape[-2] % multiple or images.shape[-1] % multiple:
@@ -316,202 +386,176 @@ class Flux2Family:
                           for i in range(pixels.shape[0])])
 
     @torch.no_grad()
-    def encode(self, targets: torch.Tensor, prompts: Sequence[str], references: torch.Tensor | None = None) -> Flux2Inputs:
+    def encode(self, targets: torch.Tensor | None, prompts: Sequence[str], references: torch.Tensor | None = None,
+               target_size: tuple[int, int] | None = None) -> ModelInputs:
         """Encodes targets, prompts and references into the transformer's inputs.
 
         Args:
-            targets: ``(B, 3, H, W)`` in ``[0, 1]``.
+            targets: ``(B, 3, H, W)`` in ``[0, 1]``, or None for inference (give ``target_size``).
             prompts: B prompts.
             references: ``(B, K, 3, h, w)`` in ``[0, 1]`` (every sample's K slots; a placeholder
                 image where a sample has fewer), or None.
+            target_size: ``(H, W)`` in pixels when ``targets`` is None.
 
         Returns:
-            The `Flux2Inputs`.
+            `ModelInputs`: ``target`` ``(B, N_tgt, C)`` float32 (None without targets), the
+            layout, and ``conditioning`` (``encoder_hidden_states``, ``txt_ids``, ``latent_ids``,
+            ``reference_tokens``, ``reference_ids``; the last two None without references).
 
         Example:
-            >>> inputs = Flux2Family.tiny().encode(torch.rand(1, 3, 32, 32), ["a cat"])
-            >>> inputs.reference_tokens is None, inputs.latent_size
-            (True, (2, 2))
+            >>> inputs = Flux2Family.tiny().encode(torch.rand(1, 3, 32, 48), ["a cat"])
+            >>> grid = inputs.layout.target_grid
+            >>> inputs.conditioning["reference_tokens"] is None, (grid.rows, grid.cols)
+            (True, (2, 3))
         """
         pipe = self.pipe
-        if not isinstance(targets, torch.Tensor) or targets.ndim != 4:
-            raise ValueError(f"Expected `targets` of shape (B, 3, H, W), but got {getattr(targets, 'shape', type(targets))}.")
-        b = targets.shape[0]
-        if len(prompts) != b:
-            raise ValueError(f"Expected {b} prompts (one per target), but got {len(prompts)}.")
-        device = self.device
-        target = self.encode_images(targets)
-        latent_ids = pipe._prepare_latent_ids(target).to(device)
-        latents = pipe._pack_latents(target).to(device, torch.float32)
-        prompt_embeds, text_ids = self.encode_prompts(prompts)
-        reference_tokens = reference_ids = None
-        counts: tuple[int, ...] = ()
+        if targets is None:
+            if target_size is None:
+                raise ValueError("Expected `targets` or `target_size`, but got neither.")
+            b, (height, width) = len(prompts), target_size
+        else:
+            if not isinstance(targets, torch.Tensor) or targets.ndim != 4:
+                raise ValueError(f"Expected `targets` of shape (B, 3, H, W), but got {getattr(targets, 'shape', type(targets))}.")
+            b, (height, width) = targets.shape[0], tuple(targets.shape[-2:])
+        if isinstance(prompts, str) or len(prompts) != b:
+            raise ValueError(f"Expected {b} prompts (one per target), but got {prompts!r}.")
+        k = 0
         if references is not None:
             if not isinstance(references, torch.Tensor) or references.ndim != 5 or references.shape[0] != b:
                 raise ValueError(
                     f"Expected `references` of shape ({b}, K, 3, h, w), but got {getattr(references, 'shape', type(references))}."
                 )
             k = references.shape[1]
-            if k:
-                refs = self.encode_images(references.flatten(0, 1))  # (B·K, C, h', w')
-                per_slot = refs.unflatten(0, (b, k))
-                ids = pipe._prepare_image_ids([per_slot[0, j : j + 1] for j in range(k)])  # (1, N_ref, 4)
-                reference_ids = ids.expand(b, -1, -1).to(device)
-                reference_tokens = torch.cat([pipe._pack_latents(per_slot[:, j]) for j in range(k)], dim=1)
-                reference_tokens = reference_tokens.to(device, self.transformer.dtype)
-                counts = tuple(int(refs.shape[-2] * refs.shape[-1]) for _ in range(k))
-        return Flux2Inputs(
-            latents=latents, latent_ids=latent_ids, latent_size=(int(target.shape[-2]), int(target.shape[-1])),
-            reference_tokens=reference_tokens, reference_ids=reference_ids, ref_token_counts=counts,
-            prompt_embeds=prompt_embeds.to(device, self.transformer.dtype), text_ids=text_ids.to(device),
-        )
+        ref_sizes = [tuple(references.shape[-2:])] * k if k else []
+        layout = self.token_layout((int(height), int(width)), [(int(h), int(w)) for h, w in ref_sizes])
+        device, dtype = self.device, self.transformer.dtype
+        rows, cols = layout.target_grid.rows, layout.target_grid.cols
+        grid = torch.zeros(b, self.token_channels, rows, cols)  # the ids only read its shape
+        latents = None
+        if targets is not None:
+            grid = self.encode_images(targets)
+            latents = pipe._pack_latents(grid).to(device, torch.float32)
+        latent_ids = pipe._prepare_latent_ids(grid).to(device)
+        prompt_embeds, text_ids = self.encode_prompts(prompts)
+        reference_tokens = reference_ids = None
+        if k:
+            per_slot = self.encode_images(references.flatten(0, 1)).unflatten(0, (b, k))
+            ids = pipe._prepare_image_ids([per_slot[0, j : j + 1] for j in range(k)])  # (1, N_ref, 4)
+            reference_ids = ids.expand(b, -1, -1).to(device)
+            reference_tokens = torch.cat([pipe._pack_latents(per_slot[:, j]) for j in range(k)], dim=1).to(device, dtype)
+        conditioning = {"encoder_hidden_states": prompt_embeds.to(device, dtype), "txt_ids": text_ids.to(device),
+                        "latent_ids": latent_ids, "reference_tokens": reference_tokens, "reference_ids": reference_ids}
+        return ModelInputs(conditioning=conditioning, layout=layout, target=latents)
 
-    def encode_batch(self, batch: Any) -> Flux2Inputs:
+    def encode_batch(self, batch: Any) -> ModelInputs:
         """Encodes a `mosaic_kit.data.MosaicBatch` (targets, captions, references).
 
         Args:
-            batch: a `MosaicBatch` (``targets``, ``captions``, ``references``).
+            batch: anything with ``targets``, ``captions`` and ``references`` (a `MosaicBatch`).
 
         Returns:
-            The `Flux2Inputs`; the reference slots are ``batch.references``'s K slots.
+            The `ModelInputs`; the reference slots are ``batch.references``'s K slots.
 
         Example:
             >>> from mosaic_kit.data import MultiSubjectSample, collate_samples
             >>> image = torch.rand(3, 32, 32)
             >>> batch = collate_samples([MultiSubjectSample("a", image, [image], "a cat", [torch.zeros(0, 4)])],
             ...     target_size=32, ref_size=16)
-            >>> Flux2Family.tiny().encode_batch(batch).ref_token_counts
+            >>> Flux2Family.tiny().encode_batch(batch).layout.reference_token_counts
             (1,)
         """
         return self.encode(batch.targets, list(batch.captions), batch.references)
 
-    def token_layout(self, inputs: Flux2Inputs) -> SequenceLayout:
-        """Where the target and each reference sit in the image stream: ``[target | ref 1 | …]``.
+    def sequence_layout(self, layout: TokenLayout) -> SequenceLayout:
+        """Where the target and each reference sit in the transformer's image stream,
+        ``[target | ref 1 | … | ref K]`` (what the capture processors read).
 
         Args:
-            inputs: the encoded batch (with references).
+            layout: the token layout (with references).
 
         Returns:
             The `SequenceLayout` shared by the batch.
 
         Example:
             >>> family = Flux2Family.tiny()
-            >>> layout = family.token_layout(family.encode(torch.rand(1, 3, 32, 32), ["a"], torch.rand(1, 2, 3, 16, 16)))
-            >>> layout.ref_index.tolist(), layout.image_tokens
-            ([[4, 5]], 6)
+            >>> layout = family.token_layout((32, 32), [(16, 16), (16, 16)])
+            >>> family.sequence_layout(layout).ref_index.tolist()
+            [[4, 5]]
         """
-        if not inputs.ref_token_counts:
-            raise ValueError("Expected `inputs` with references for a token layout, but got none.")
-        return SequenceLayout.concatenated(inputs.tgt_tokens, inputs.ref_token_counts)
+        if not layout.reference_grids:
+            raise ValueError("Expected a `layout` with references, but got none.")
+        return SequenceLayout.concatenated(layout.target_grid.num_tokens, layout.reference_token_counts)
 
-    # -- the forward -------------------------------------------------------------------------------
-    def noise(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        """Flow matching's noisy tokens ``(1 - σ)·x + σ·ε`` (the velocity target is ``ε - x``).
-
-        Args:
-            latents: ``(B, N, C)`` clean tokens ``x``.
-            noise: ``(B, N, C)`` Gaussian ``ε``.
-            sigmas: ``(B,)`` in ``[0, 1]``.
-
-        Returns:
-            ``(B, N, C)``.
+    # -- noising and the forward -------------------------------------------------------------------
+    def shift_mu(self, layout: TokenLayout) -> float:
+        """The resolution shift of the training noise levels: diffusers' ``calculate_shift`` with
+        the scheduler's ``base_shift``/``max_shift`` over ``base_image_seq_len``…``max_image_seq_len``
+        (0.5…1.15 over 256…4096 tokens, as FLUX.1), for the target's token count.
 
         Example:
-            >>> Flux2Family.tiny().noise(torch.ones(1, 2, 1), torch.zeros(1, 2, 1), torch.tensor([0.25])).flatten().tolist()
-            [0.75, 0.75]
+            >>> family = Flux2Family.tiny()
+            >>> round(family.shift_mu(family.token_layout((256, 256), [])), 3)  # 256 tokens
+            0.5
         """
-        s = sigmas.to(latents.dtype).view(-1, 1, 1)
-        return (1 - s) * latents + s * noise
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    def transformer_kwargs(self, inputs: Flux2Inputs, noisy: torch.Tensor, timestep: torch.Tensor) -> dict:
-        """The stock transformer's keyword arguments, as the pipelines build them.
+        config = self.pipe.scheduler.config
+        return float(calculate_shift(layout.target_grid.num_tokens, config.get("base_image_seq_len", 256),
+                                     config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                     config.get("max_shift", 1.15)))
+
+    def model_kwargs(self, inputs: ModelInputs, noisy: torch.Tensor, timestep: torch.Tensor,
+                     guidance: float | torch.Tensor | None = None) -> dict[str, Any]:
+        """The `Flux2Denoiser`'s keyword arguments, built as the pipelines build the transformer's.
 
         Args:
             inputs: the encoded batch.
             noisy: ``(B, N_tgt, C)`` noisy target tokens.
-            timestep: ``(B,)`` sigmas in ``[0, 1]`` (the pipelines pass ``t / 1000``).
+            timestep: ``(B,)`` flow-matching time in ``[0, 1]`` (the pipelines pass ``t / 1000``).
+            guidance: embedded guidance for [dev] (None: the family's ``guidance``); [klein] has
+                no guidance embedding and gets None.
 
         Returns:
             ``hidden_states`` ``[target | refs]``, ``img_ids``, ``encoder_hidden_states``,
-            ``txt_ids``, ``timestep``, ``guidance`` (None for [klein]), ``return_dict=False``.
+            ``txt_ids``, ``timestep``, ``guidance``, ``tgt_tokens``, ``ref_tokens``.
 
         Example:
             >>> family = Flux2Family.tiny()
             >>> inputs = family.encode(torch.rand(1, 3, 32, 32), ["a"], torch.rand(1, 1, 3, 16, 16))
-            >>> kwargs = family.transformer_kwargs(inputs, inputs.latents, torch.tensor([1.0]))
-            >>> tuple(kwargs["hidden_states"].shape), tuple(kwargs["img_ids"].shape)
-            ((1, 5, 16), (1, 5, 4))
+            >>> kwargs = family.model_kwargs(inputs, inputs.target, torch.tensor([1.0]))
+            >>> tuple(kwargs["hidden_states"].shape), tuple(kwargs["img_ids"].shape), kwargs["guidance"]
+            ((1, 5, 16), (1, 5, 4), None)
         """
-        dtype = self.transformer.dtype
-        if noisy.shape != inputs.latents.shape:
-            raise ValueError(f"Expected `noisy` of shape {tuple(inputs.latents.shape)}, but got {tuple(noisy.shape)}.")
-        hidden, ids = noisy.to(dtype), inputs.latent_ids
-        if inputs.reference_tokens is not None:
-            hidden = torch.cat([hidden, inputs.reference_tokens.to(dtype)], dim=1)
-            ids = torch.cat([ids, inputs.reference_ids], dim=1)
-        guidance = None
+        cond, dtype = inputs.conditioning, self.transformer.dtype
+        n_tgt = inputs.layout.target_grid.num_tokens
+        if not isinstance(noisy, torch.Tensor) or noisy.ndim != 3 or noisy.shape[1] != n_tgt:
+            raise ValueError(f"Expected `noisy` of shape (B, {n_tgt}, C), but got {getattr(noisy, 'shape', type(noisy))}.")
+        hidden, ids = noisy.to(dtype), cond["latent_ids"]
+        if cond["reference_tokens"] is not None:
+            hidden = torch.cat([hidden, cond["reference_tokens"].to(dtype)], dim=1)
+            ids = torch.cat([ids, cond["reference_ids"]], dim=1)
+        embedded = None
         if self.transformer.config.guidance_embeds:
-            guidance = torch.full((noisy.shape[0],), self.guidance, device=noisy.device, dtype=torch.float32)
-        return {"hidden_states": hidden, "img_ids": ids, "encoder_hidden_states": inputs.prompt_embeds.to(dtype),
-                "txt_ids": inputs.text_ids, "timestep": timestep.to(dtype), "guidance": guidance,
-                "return_dict": False}
-
-    def capture_handle(self) -> CaptureProcessors:
-        """The capture processors on the chosen blocks (installed on first use).
-
-        Example:
-            >>> Flux2Family.tiny(capture_blocks="double").capture_handle().block_names
-            ('transformer_blocks.0',)
-        """
-        if self._handle is None:
-            blocks: str | list[str] | Callable[[str], bool] = self.capture_blocks
-            if blocks == "double":
-                blocks = lambda name: name.startswith("transformer_blocks.")  # noqa: E731
-            self._handle = install_capture_processors(self.transformer, blocks=blocks)
-        return self._handle
-
-    def forward(self, inputs: Flux2Inputs, noisy: torch.Tensor, timestep: torch.Tensor,
-                capture: RefTargetCapture | None = None) -> torch.Tensor:
-        """The stock forward over ``[target | refs]``; returns the target's prediction.
-
-        Args:
-            inputs: the encoded batch.
-            noisy: ``(B, N_tgt, C)`` noisy target tokens.
-            timestep: ``(B,)`` sigmas.
-            capture: a `RefTargetCapture` fed by every chosen block (needs references), or None.
-
-        Returns:
-            ``(B, N_tgt, C)`` the predicted velocity of the target tokens (the references'
-            outputs are discarded, as in the pipelines).
-
-        Example:
-            >>> from mosaic_kit.correspondence import Correspondences
-            >>> family = Flux2Family.tiny()
-            >>> inputs = family.encode(torch.rand(1, 3, 32, 32), ["a"], torch.rand(1, 1, 3, 32, 32))
-            >>> capture = RefTargetCapture(Correspondences.from_dicts([[{0: 0, 3: 3}]], ref_tokens=[4], tgt_tokens=4))
-            >>> _ = family.forward(inputs, torch.randn(1, 4, 16), torch.tensor([0.5]), capture)
-            >>> capture.result().num_blocks  # one double + two single blocks
-            3
-        """
-        kwargs = self.transformer_kwargs(inputs, noisy, timestep)
-        context = contextlib.nullcontext()
-        if capture is not None:
-            context = self.capture_handle().capture(capture, self.token_layout(inputs))
-        with context:
-            out = self.transformer(**kwargs)[0]
-        return out[:, : inputs.tgt_tokens]
+            value = self.guidance if guidance is None else guidance
+            embedded = torch.as_tensor(value, dtype=torch.float32, device=noisy.device).expand(noisy.shape[0])
+        return {"hidden_states": hidden, "img_ids": ids, "encoder_hidden_states": cond["encoder_hidden_states"].to(dtype),
+                "txt_ids": cond["txt_ids"], "timestep": timestep.to(dtype), "guidance": embedded,
+                "tgt_tokens": n_tgt, "ref_tokens": inputs.layout.reference_token_counts}
 
     # -- LoRA --------------------------------------------------------------------------------------
     def add_lora(self, rank: int, alpha: float | None = None, targets: Sequence[str] = FLUX2_LORA_TARGETS,
                  init: str | bool = True) -> list[str]:
         """Adds a peft LoRA (adapter ``"default"``) on the target projections of the transformer.
 
+        Reference and target tokens share these weights (FLUX.2 has no reference branch), so there
+        is no per-stream routing.
+
         Args:
             rank: LoRA rank.
             alpha: LoRA alpha (None: ``rank``, scale 1).
             targets: module-name suffixes (`FLUX2_LORA_TARGETS`).
-            init: peft's ``init_lora_weights`` (True: B = 0, the output is unchanged; ``"gaussian"``
-                and B = 0 likewise; pass False for random B in tests).
+            init: peft's ``init_lora_weights`` (True: B = 0, the output is unchanged at first;
+                False: random B, for tests that must see an effect).
 
         Returns:
             The full names of the wrapped modules.
@@ -531,39 +575,45 @@ class Flux2Family:
         self.transformer.add_adapter(config)
         return names
 
-    def trainable_parameters(self, trainable: str = "lora") -> list[torch.nn.Parameter]:
-        """Sets ``requires_grad`` on the transformer (LoRA only, or every weight) and returns them.
-
-        The autoencoder and the text encoder stay frozen either way.
+    def trainable_parameters(self, trainable: str = "lora") -> list[nn.Parameter]:
+        """The transformer's parameters that train for ``trainable``: its LoRA, or every weight.
 
         Args:
             trainable: ``"lora"`` or ``"all"``.
 
         Returns:
-            The trainable parameters, in module order.
+            The parameters, in module order.
 
         Example:
             >>> family = Flux2Family.tiny()
             >>> _ = family.add_lora(rank=2)
-            >>> sum(p.numel() for p in family.trainable_parameters("lora")) < sum(p.numel() for p in family.transformer.parameters())
-            True
+            >>> len(family.trainable_parameters("lora")), len(family.trainable_parameters("all")) > 32
+            (32, True)
         """
-        if trainable not in ("lora", "all"):
-            raise ValueError(f"Expected `trainable` 'lora' or 'all', but got {trainable!r}.")
-        for module in (self.pipe.vae, self.pipe.text_encoder):
-            if module is not None:
-                module.requires_grad_(False)
-        params = []
-        for name, param in self.transformer.named_parameters():
-            param.requires_grad_(trainable == "all" or ".lora_" in name)
-            if param.requires_grad:
-                params.append(param)
+        check_trainable(trainable)
+        params = [p for name, p in self.transformer.named_parameters() if trainable == "all" or ".lora_" in name]
         if not params:
             raise ValueError("Expected trainable parameters, but found none (add a LoRA first with `add_lora`).")
         return params
 
+    def set_trainable(self, trainable: str = "lora") -> list[nn.Parameter]:
+        """Marks exactly `trainable_parameters(trainable)` as requiring gradients; the autoencoder
+        and the text encoder are frozen.
+
+        Example:
+            >>> family = Flux2Family.tiny()
+            >>> _ = family.add_lora(rank=2)
+            >>> params = family.set_trainable("lora")
+            >>> sum(p.requires_grad for p in family.transformer.parameters()) == len(params)
+            True
+        """
+        for module in (self.pipe.vae, self.pipe.text_encoder):
+            if module is not None:
+                module.requires_grad_(False)
+        return super().set_trainable(trainable)
+
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The LoRA weights in diffusers' layout without the ``transformer.`` prefix (peft's
+        """The LoRA weights of adapter ``"default"`` without the ``transformer.`` prefix (peft's
         ``get_peft_model_state_dict``).
 
         Example:
@@ -574,17 +624,18 @@ class Flux2Family:
         """
         from peft.utils import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.transformer)
+        return get_peft_model_state_dict(self.transformer, adapter_name="default")
 
-    def save_lora(self, directory: str | os.PathLike) -> Path:
-        """Writes the LoRA as ``pytorch_lora_weights.safetensors`` with its adapter metadata.
+    def save_lora(self, path: str | os.PathLike) -> Path:
+        """Writes the LoRA in diffusers' layout with its adapter metadata, atomically.
 
-        The file is diffusers' layout (``transformer.<module>.lora_A.weight``), so
-        ``Flux2KleinPipeline.load_lora_weights(directory)`` and ``Flux2Pipeline``'s load it exactly
-        (the metadata carries ``lora_alpha``; without it a reload would use alpha = rank).
+        The keys are ``transformer.<module>.lora_A.weight``; the metadata carries ``lora_alpha``
+        (without it a reload would use alpha = rank). ``Flux2KleinPipeline.load_lora_weights``
+        and ``Flux2Pipeline.load_lora_weights`` load it exactly, without mosaic_kit.
 
         Args:
-            directory: the output folder (created).
+            path: a ``.safetensors`` file, or a folder (the file is then
+                ``pytorch_lora_weights.safetensors`` in it); parent folders are created.
 
         Returns:
             The path of the written file.
@@ -596,63 +647,107 @@ class Flux2Family:
             >>> family.save_lora(tempfile.mkdtemp()).name
             'pytorch_lora_weights.safetensors'
         """
+        import tempfile
+
         from diffusers import Flux2KleinPipeline
 
         peft_config = getattr(self.transformer, "peft_config", {}).get("default")
         if peft_config is None:
             raise ValueError("Expected a LoRA adapter 'default' on the transformer (`add_lora`), but found none.")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        path = Path(path)
+        file = path if path.suffix == ".safetensors" else path / FLUX2_LORA_FILE
+        file.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.lora_state_dict().items()}
-        Flux2KleinPipeline.save_lora_weights(directory, transformer_lora_layers=state,
-                                             transformer_lora_adapter_metadata=peft_config.to_dict())
-        return directory / FLUX2_LORA_FILE
+        with tempfile.TemporaryDirectory(dir=file.parent, prefix=".tmp-lora-") as scratch:
+            Flux2KleinPipeline.save_lora_weights(scratch, transformer_lora_layers=state, weight_name=file.name,
+                                                 transformer_lora_adapter_metadata=peft_config.to_dict())
+            os.replace(Path(scratch) / file.name, file)
+        fsync_dir(file.parent)
+        return file
 
-    def load_lora(self, path: str | os.PathLike, adapter_name: str | None = None) -> None:
-        """Loads a FLUX.2 LoRA file or folder through the pipeline's stock ``load_lora_weights``.
+    def load_lora(self, path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor], partial: bool = False) -> None:
+        """Loads a FLUX.2 LoRA (a file or folder diffusers can read, or its state dict).
+
+        With no LoRA on the transformer, the file goes in through the pipeline's stock
+        ``load_lora_weights`` as adapter ``"default"`` (rank and alpha from the file). With one,
+        the values replace those of adapter ``"default"`` (resuming training); every LoRA weight
+        must be in the file unless ``partial``.
 
         Args:
-            path: a folder holding ``pytorch_lora_weights.safetensors``, or the file.
-            adapter_name: the adapter's name (diffusers picks ``default_0`` when None).
+            path_or_state_dict: a ``.safetensors`` file, a folder holding
+                ``pytorch_lora_weights.safetensors``, or a state dict in diffusers' layout.
+            partial: allow a file that holds only some of the current LoRA's weights.
+
+        Raises:
+            ValueError: a weight missing (unless ``partial``), unexpected, or of another shape.
 
         Example:
             >>> import tempfile
             >>> family = Flux2Family.tiny()
             >>> _ = family.add_lora(rank=2, init=False)
-            >>> folder = family.save_lora(tempfile.mkdtemp()).parent
+            >>> file = family.save_lora(tempfile.mkdtemp())
             >>> other = Flux2Family.tiny()
-            >>> other.load_lora(folder)
+            >>> other.load_lora(file)
             >>> other.transformer.active_adapters()
-            ['default_0']
+            ['default']
         """
-        path = Path(path)
-        if path.is_file():
-            self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
-        else:
-            self.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        from diffusers import Flux2KleinPipeline
+
+        source: Any = path_or_state_dict
+        kwargs: dict[str, Any] = {}
+        if not isinstance(source, dict):
+            path = Path(source)
+            if path.is_file():
+                source, kwargs = str(path.parent), {"weight_name": path.name}
+            else:
+                source = str(path)
+        if getattr(self.transformer, "peft_config", {}).get("default") is None:
+            self.pipe.load_lora_weights(source, adapter_name="default", **kwargs)
+            return
+        state = Flux2KleinPipeline.lora_state_dict(source, **kwargs)
+        prefix = "transformer."
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        current = self.lora_state_dict()
+        unexpected = sorted(set(state) - set(current))
+        missing = [] if partial else sorted(set(current) - set(state))
+        wrong = sorted(k for k in set(state) & set(current) if state[k].shape != current[k].shape)
+        if unexpected or missing or wrong:
+            raise ValueError(
+                f"Expected the LoRA weights of adapter 'default' ({len(current)} tensors), but got "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(missing)} missing (e.g. {missing[:2]}) "
+                f"and {len(wrong)} of another shape (e.g. {wrong[:2]}) in {path_or_state_dict if not isinstance(path_or_state_dict, dict) else 'the state dict'}."
+            )
+        params = dict(self.transformer.named_parameters())
+        with torch.no_grad():
+            for key, value in state.items():
+                name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+                params[name].copy_(value.to(params[name]))
 
     # -- decoding ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
-        """Target tokens to images, as the pipelines decode (unpack, de-normalise, unpatchify, VAE).
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Target tokens to images, as the pipelines decode: unpack, undo the batch-norm
+        normalisation, unpatchify, decode.
 
         Args:
             latents: ``(B, N_tgt, C)`` packed tokens.
-            latent_size: ``(rows, cols)`` of the token grid.
+            height: image height in pixels (a multiple of 16).
+            width: image width in pixels.
 
         Returns:
-            ``(B, 3, 16·rows, 16·cols)`` float32 in ``[0, 1]``.
+            ``(B, 3, height, width)`` float32 in ``[0, 1]``.
 
         Example:
             >>> family = Flux2Family.tiny()
             >>> inputs = family.encode(torch.rand(1, 3, 32, 48), ["a"])
-            >>> tuple(family.decode(inputs.latents, inputs.latent_size).shape)
+            >>> tuple(family.decode(inputs.target, 32, 48).shape)
             (1, 3, 32, 48)
         """
         pipe, vae = self.pipe, self.pipe.vae
-        rows, cols = latent_size
-        if latents.ndim != 3 or latents.shape[1] != rows * cols:
-            raise ValueError(f"Expected `latents` of shape (B, {rows * cols}, C), but got {tuple(latents.shape)}.")
+        grid = self.token_layout((height, width), []).target_grid
+        rows, cols = grid.rows, grid.cols
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 3 or latents.shape[1] != rows * cols:
+            raise ValueError(f"Expected `latents` of shape (B, {rows * cols}, C), but got {getattr(latents, 'shape', type(latents))}.")
         grid = latents.transpose(1, 2).reshape(latents.shape[0], latents.shape[2], rows, cols).to(vae.dtype)
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(grid)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(grid)
