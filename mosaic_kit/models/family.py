@@ -9,8 +9,9 @@ owns everything model-specific between a batch of images and prompts and the los
   position ids, dtype casting all live here, once);
 - **the token layout** (`ModelFamily.token_layout`, `TokenLayout`): the target's token grid and
   each reference's grid and token range, for correspondences and the attention capture;
-- **noising** (`ModelFamily.sample_sigmas`, `ModelFamily.noise`): the flow-matching noise levels
-  (with the family's resolution shift) and the noisy latents; the loss stays on the objective side;
+- **noising** (`ModelFamily.sample_sigmas` with the family's `ModelFamily.shift_mu`,
+  `ModelFamily.noise`): the flow-matching noise levels and the noisy latents; the loss stays on
+  the objective side;
 - **the forward** (`ModelFamily.forward`): noisy target + timestep → prediction, feeding an
   optional capture (`mosaic_kit.attention.RefTargetCapture`) with reference queries and target keys;
 - **trainable parameters** (`ModelFamily.set_trainable`, `ModelFamily.trainable_parameters`,
@@ -22,26 +23,26 @@ Code above the boundary (training, pipelines, eval) calls only these methods and
 `ModelFamily.model` (what an accelerator wraps); `ModelFamily.model_kwargs` gives the keyword
 arguments for calling that module directly (e.g. through a DDP wrapper).
 
-Example (the FLUX.1 family on a tiny random pipeline; lands with `MosaicFluxFamily`):
+Example (the FLUX.1 family on a tiny random pipeline):
 
-    import torch
-    from mosaic_kit.models import MosaicFluxFamily
-    from mosaic_kit.pipelines import tiny_mosaic_pipeline
-    from mosaic_kit.data import SyntheticWorld, SyntheticWorldConfig, collate_samples
-    family = MosaicFluxFamily(tiny_mosaic_pipeline(), max_sequence_length=16)
-    world = SyntheticWorld(SyntheticWorldConfig(image_size=32, ref_size=32, min_refs=2, max_refs=2))
-    batch = collate_samples([world.sample(0)], 32, 32, vae_scale_factor=family.vae_scale_factor)
-    inputs = family.encode_batch(batch)
-    inputs.target.shape, inputs.layout.reference_token_counts
-    # -> (torch.Size([1, 4, 16]), (4, 4))
-    g = torch.Generator().manual_seed(0)
-    sigmas = family.sample_sigmas(1, g, inputs.layout)
-    noise = torch.randn(inputs.target.shape, generator=g)
-    prediction = family.forward(inputs, family.noise(inputs.target, noise, sigmas), sigmas, guidance=3.5)
-    prediction.shape == inputs.target.shape
-    # -> True
-    family.decode(inputs.target, 32, 32).shape  # (B, 3, H, W) in [0, 1]
-    # -> torch.Size([1, 3, 32, 32])
+    >>> import torch
+    >>> from mosaic_kit.models import MosaicFluxFamily
+    >>> from mosaic_kit.pipelines import tiny_mosaic_pipeline
+    >>> from mosaic_kit.data import SyntheticWorld, SyntheticWorldConfig, collate_samples
+    >>> family = MosaicFluxFamily(tiny_mosaic_pipeline(), max_sequence_length=16)
+    >>> world = SyntheticWorld(SyntheticWorldConfig(image_size=32, ref_size=32, min_refs=2, max_refs=2))
+    >>> batch = collate_samples([world.sample(0)], 32, 32, vae_scale_factor=family.vae_scale_factor)
+    >>> inputs = family.encode_batch(batch)
+    >>> inputs.target.shape, inputs.layout.reference_token_counts
+    (torch.Size([1, 4, 16]), (4, 4))
+    >>> g = torch.Generator().manual_seed(0)
+    >>> sigmas = family.sample_sigmas(1, g, inputs.layout)
+    >>> noise = torch.randn(inputs.target.shape, generator=g)
+    >>> prediction = family.forward(inputs, family.noise(inputs.target, noise, sigmas), sigmas, guidance=3.5)
+    >>> prediction.shape == inputs.target.shape
+    True
+    >>> family.decode(inputs.target, 32, 32).shape  # (B, 3, H, W) in [0, 1]
+    torch.Size([1, 3, 32, 32])
 """
 
 from __future__ import annotations
@@ -163,6 +164,11 @@ class ModelFamily(abc.ABC):
         """Pixels per latent cell (8 for FLUX's VAE)."""
 
     @property
+    @abc.abstractmethod
+    def token_channels(self) -> int:
+        """``C``: channels of a packed latent token (what `encode_batch`'s target and the noise have)."""
+
+    @property
     def patch_size(self) -> int:
         """Latent cells per token side (2 for FLUX's 2×2 packing)."""
         return 2
@@ -173,11 +179,29 @@ class ModelFamily(abc.ABC):
         return self.vae_scale_factor * self.patch_size
 
     # -- encoding ----------------------------------------------------------------------------------
-    @abc.abstractmethod
     def token_layout(
         self, target_size: tuple[int, int], reference_sizes: Sequence[tuple[int, int]]
     ) -> TokenLayout:
-        """The token layout for a target and references of the given ``(height, width)`` pixel sizes."""
+        """The token layout for a target and references of the given ``(height, width)`` pixel
+        sizes: one `TokenGrid` each (`vae_scale_factor`, `patch_size`); references in slot order.
+
+        Raises:
+            ValueError: a size is not a pair of positive multiples of `pixels_per_token`.
+        """
+        def grid(name: str, size: Any) -> TokenGrid:
+            unit = self.pixels_per_token
+            ok = isinstance(size, (tuple, list)) and len(size) == 2
+            ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % unit == 0 for v in size)
+            if not ok:
+                raise ValueError(
+                    f"Expected `{name}` to be (height, width) in pixels, positive multiples of {unit}, but got {size!r}."
+                )
+            return TokenGrid(size[0], size[1], self.vae_scale_factor, self.patch_size)
+
+        return TokenLayout(
+            grid("target_size", target_size),
+            tuple(grid(f"reference_sizes[{k}]", size) for k, size in enumerate(reference_sizes)),
+        )
 
     @abc.abstractmethod
     def encode_batch(self, batch: Any) -> ModelInputs:
@@ -193,13 +217,30 @@ class ModelFamily(abc.ABC):
         """
 
     # -- noising -----------------------------------------------------------------------------------
-    @abc.abstractmethod
+    def shift_mu(self, layout: TokenLayout) -> float | None:
+        """The resolution shift ``μ`` of the training noise levels for ``layout``'s target (None:
+        no shift, the default)."""
+        return None
+
     def sample_sigmas(
         self, batch: int, generator: torch.Generator, layout: TokenLayout | None,
         logit_mean: float = 0.0, logit_std: float = 1.0,
     ) -> torch.Tensor:
-        """Training noise levels ``(batch,)`` in ``(0, 1)`` (logit-normal, then the family's
-        resolution shift for ``layout``'s target; ``layout=None``: no shift)."""
+        """Training noise levels: `logit_normal_sigmas` with the family's `shift_mu` for
+        ``layout``'s target (``layout=None``: no shift).
+
+        Args:
+            batch: how many.
+            generator: a CPU generator (advanced by ``batch`` normal draws).
+            layout: the token layout (its target size sets the shift), or None.
+            logit_mean: logit-normal mean.
+            logit_std: logit-normal std.
+
+        Returns:
+            ``(batch,)`` float32 sigmas in ``(0, 1)``.
+        """
+        mu = None if layout is None else self.shift_mu(layout)
+        return logit_normal_sigmas(batch, generator, mu, logit_mean, logit_std)
 
     @staticmethod
     def noise(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -289,6 +330,40 @@ class ModelFamily(abc.ABC):
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Packed latents ``(B, N_tgt, C)`` of a ``height × width`` image → ``(B, 3, H, W)``
         float32 images in ``[0, 1]``."""
+
+
+def logit_normal_sigmas(
+    batch: int, generator: torch.Generator, mu: float | None = None, mean: float = 0.0, std: float = 1.0
+) -> torch.Tensor:
+    """Flow-matching noise levels: ``u = sigmoid(N(mean, std))`` drawn with diffusers'
+    ``compute_density_for_timestep_sampling("logit_normal", ...)``, then the exponential time
+    shift ``σ = e^μ / (e^μ + 1/u - 1)`` (FLUX's resolution shift; ``mu=None``: no shift).
+
+    Args:
+        batch: how many.
+        generator: a CPU generator (advanced by ``batch`` normal draws).
+        mu: the shift (diffusers' ``calculate_shift`` for FLUX.1), or None.
+        mean: logit-normal mean.
+        std: logit-normal std.
+
+    Returns:
+        ``(batch,)`` float32 sigmas in ``(0, 1)``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> s = logit_normal_sigmas(1000, g, mu=0.7)
+        >>> bool(((s > 0) & (s < 1)).all()), s.mean().item() > 0.5  # shifted towards noise
+        (True, True)
+    """
+    import math
+
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=mean, logit_std=std,
+                                              generator=generator)
+    if mu is None:
+        return u
+    return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
 
 
 def check_trainable(trainable: Any) -> str:
