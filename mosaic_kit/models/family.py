@@ -158,10 +158,23 @@ class ModelFamily(abc.ABC):
         """The module whose forward is the denoiser (what an accelerator wraps). Called with
         ``model(**model_kwargs(...), capture=...)``."""
 
+    pipe: Any = None
+    """The diffusers pipeline whose encoders, VAE and scheduler a family built on one uses (None
+    otherwise; such a family overrides `vae_scale_factor` and `device`)."""
+
     @property
-    @abc.abstractmethod
     def vae_scale_factor(self) -> int:
-        """Pixels per latent cell (8 for FLUX's VAE)."""
+        """Pixels per latent cell (8 for FLUX's VAE): the pipeline's ``vae_scale_factor``."""
+        if self.pipe is None:
+            raise NotImplementedError(f"{type(self).__name__} holds no pipeline: override `vae_scale_factor`.")
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the pipeline's execution device (offloading included)."""
+        if self.pipe is None:
+            raise NotImplementedError(f"{type(self).__name__} holds no pipeline: override `device`.")
+        return self.pipe._execution_device
 
     @property
     @abc.abstractmethod

@@ -111,19 +111,9 @@ class MosaicFluxFamily(ModelFamily):
         return self._model.reference_adapter
 
     @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent cell (8 for FLUX.1's VAE)."""
-        return int(self.pipe.vae_scale_factor)
-
-    @property
     def token_channels(self) -> int:
         """Channels of a packed token: 4 × the VAE's latent channels (64 for FLUX.1)."""
         return int(self.transformer.config.in_channels)
-
-    @property
-    def device(self) -> torch.device:
-        """Where inputs go (the pipeline's execution device, offloading included)."""
-        return self.pipe._execution_device
 
     @property
     def dtype(self) -> torch.dtype:
