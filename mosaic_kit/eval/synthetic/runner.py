@@ -32,6 +32,7 @@ from .scores import (
 
 if TYPE_CHECKING:
     from ...data import MosaicBatch, MultiSubjectSample
+    from ...models import ModelFamily, ModelInputs
     from ...pipelines import MosaicFluxPipeline
 
 __all__ = [
@@ -141,26 +142,9 @@ def held_out_world(config: SyntheticEvalConfig):
     ))
 
 
-def _pipe_model(pipe):
-    model = pipe.mosaic_transformer
-    return getattr(model, "module", model)  # a DDP wrapper from accelerate
-
-
-def _decode(pipe, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Packed latent tokens → ``(B, 3, H, W)`` images in [0, 1] (the pipeline's own decode)."""
-    from ...models import unpack_latents
-
-    factor = pipe.vae_scale_factor
-    latents = unpack_latents(tokens, height // factor, width // factor)
-    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-    return ((images.float() + 1) / 2).clamp(0, 1)
-
-
 @torch.no_grad()
 def evaluate_denoising(
-    pipe: MosaicFluxPipeline,
-    encode: Callable[[MosaicBatch], dict],
+    family: ModelFamily,
     batch: MosaicBatch,
     sigma: float,
     noise: torch.Tensor,
@@ -178,10 +162,9 @@ def evaluate_denoising(
     its references).
 
     Args:
-        pipe: a `MosaicFluxPipeline` (its ``mosaic_transformer`` is the model scored; the trainer's
-            pipeline carries the trained one).
-        encode: ``encode(batch) -> dict`` of packed inputs with the clean target latents under
-            ``"target"`` (`MosaicTrainer.encode_batch`).
+        family: the model scored, behind the model boundary (`mosaic_kit.models.ModelFamily`, e.g.
+            ``pipe.family`` of a `MosaicFluxPipeline`): it encodes the batch, runs the forward
+            with the capture and decodes the estimate.
         batch: a `MosaicBatch` (`collate_samples`) with target masks.
         sigma: the noise level in (0, 1).
         noise: ``(B, N_tgt, C)`` the noise ε, same shape as the packed target.
@@ -194,46 +177,35 @@ def evaluate_denoising(
         ``(B, 3, H, W)`` (the one-step ``x̂0`` with the right references, as an image).
 
     Example:
-        >>> import tempfile
         >>> from mosaic_kit.data import collate_samples
-        >>> from mosaic_kit.training import MosaicTrainer, config_from_dict
-        >>> trainer = MosaicTrainer(config_from_dict({"output_dir": tempfile.mkdtemp(), "tracker": None,
-        ...     "mixed_precision": "no", "model": {"pixel_space": 2, "lora_rank": 2, "gradient_checkpointing": False},
-        ...     "data": {"target_size": 64, "ref_size": 32}}))
-        >>> trainer.setup()
+        >>> from mosaic_kit.pipelines import MosaicFluxPipeline
+        >>> from mosaic_kit.pipelines.tiny import tiny_flux_components
+        >>> pipe = MosaicFluxPipeline(**tiny_flux_components(pixel_space=2))
+        >>> pipe.family.add_lora(rank=2)
         >>> world = held_out_world(SyntheticEvalConfig(num_refs=(2,)))
         >>> batch = collate_samples([world.sample(i, num_refs=2) for i in range(2)], 64, 32, vae_scale_factor=2)
         >>> noise = torch.randn(2, 256, 48, generator=torch.Generator().manual_seed(0))
-        >>> scores = evaluate_denoising(trainer.pipe, trainer.encode_batch, batch, 0.5, noise)
+        >>> scores = evaluate_denoising(pipe.family, batch, 0.5, noise)
         >>> hits = scores["hit_rate"]
         >>> scores["maps"].shape, bool(((hits >= 0) & (hits <= 1)).all()), scores["ref_gain"].shape
         (torch.Size([2, 2, 256]), True, torch.Size([2]))
     """
     sigma = check_real("sigma", sigma, 0.0, 1.0, high_inclusive=False)
-    model = _pipe_model(pipe)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     height, width = batch.targets.shape[-2:]
     bsz = batch.batch_size
-
-    def estimate_of(inputs: dict, noisy: torch.Tensor, capture: list | None) -> torch.Tensor:
-        velocity = model(
-            target_tokens=noisy.to(dtype),
-            timestep=torch.full((bsz,), sigma, device=device, dtype=dtype),
-            guidance=torch.full((bsz,), float(guidance), device=device),
-            capture=capture,
-            **{k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and "ids" not in k else v
-               for k, v in inputs.items()},
-        ).float()
-        return _decode(pipe, noisy - sigma * velocity, height, width).cpu()
-
-    inputs = dict(encode(batch))
-    latents = inputs.pop("target").float()
+    inputs = family.encode_batch(batch)
+    latents = inputs.target.float()
     check_shape("noise", noise, list(latents.shape), "(B, N_tgt, C)")
-    noisy = (1 - sigma) * latents + sigma * noise.to(latents.device, latents.dtype)
-    corr = batch.corr.to(device)
+    sigmas = torch.full((bsz,), sigma, device=latents.device, dtype=latents.dtype)
+    noisy = family.noise(latents, noise.to(latents.device, latents.dtype), sigmas)
+
+    def estimate_of(inputs: ModelInputs, capture: list | None) -> torch.Tensor:
+        velocity = family.forward(inputs, noisy, sigmas, capture=capture, guidance=float(guidance)).float()
+        return family.decode(noisy - sigma * velocity, height, width).cpu()
+
+    corr = batch.corr.to(latents.device)
     rows = PointAttentionRows(corr)
-    estimate = estimate_of(inputs, noisy, [rows])
+    estimate = estimate_of(inputs, [rows])
     attention = rows.result()
     hits = attention_hit_rate(attention, corr, batch.target_grid, radius=1, reduction="none").float()
     logp = attention_log_probability(attention, corr, reduction="none")
@@ -244,14 +216,12 @@ def evaluate_denoising(
         return torch.where(count > 0, (values * points).sum((1, 2)) / count.clamp_min(1), torch.full_like(count, float("nan")))
 
     maps, valid = reference_attention_maps(attention, corr)
-    token_masks = target_token_masks(batch.target_masks.to(device), batch.target_grid)
+    token_masks = target_token_masks(batch.target_masks.to(latents.device), batch.target_grid)
     mass = subject_attention_mass(maps, valid, token_masks)
     wrong = None
     if bsz > 1:
         swapped = replace(batch, references=batch.references.roll(1, 0))
-        wrong_inputs = dict(encode(swapped))
-        wrong_inputs.pop("target")
-        wrong = estimate_of(wrong_inputs, noisy, None)
+        wrong = estimate_of(family.encode_batch(swapped), None)
     right_mse, gains = [], []
     for b in range(bsz):
         regions = batch.target_masks[b][batch.target_mask_present[b] & batch.target_masks[b].any((1, 2))]
@@ -383,14 +353,14 @@ class SyntheticEvalResult:
 
 
 def evaluate_synthetic(
-    pipe: MosaicFluxPipeline,
-    encode: Callable[[MosaicBatch], dict],
+    family: ModelFamily,
     config: SyntheticEvalConfig,
     figure_sample: tuple[int, int] | None = (3, 0),
     figure_sigma: float | None = None,
     progress: Callable[[str], None] | None = None,
+    pipeline: MosaicFluxPipeline | None = None,
 ) -> SyntheticEvalResult:
-    """Scores a trained pipeline on held-out subjects for every K of ``config.num_refs``.
+    """Scores a trained model on held-out subjects for every K of ``config.num_refs``.
 
     For each K: ``attention_samples`` held-out samples (indices 0, 1, …, shared by every model
     evaluated with the same config), scored by `evaluate_denoising` at every ``sigma`` with noise
@@ -399,27 +369,28 @@ def evaluate_synthetic(
     `evaluate_generation`.
 
     Args:
-        pipe: the `MosaicFluxPipeline` holding the trained model.
-        encode: ``encode(batch) -> dict`` (`MosaicTrainer.encode_batch`).
+        family: the trained model behind the model boundary (`mosaic_kit.models.ModelFamily`;
+            the trainer's ``trainer.family``, or ``pipe.family`` of a `MosaicFluxPipeline`).
         config: the `SyntheticEvalConfig`.
         figure_sample: ``(K, index)`` of the sample whose attention maps are kept for figures
             (K must be in ``num_refs`` and index below ``attention_samples``), or None.
         figure_sigma: the noise level of the figure maps; default the middle of ``sigmas``.
         progress: optional callback receiving one line per K.
+        pipeline: the inference pipeline that generates the samples (called like a
+            `MosaicFluxPipeline`); default the family's own, ``family.pipe``. Needed only when
+            ``config.generation_samples > 0``.
 
     Returns:
         `SyntheticEvalResult`.
 
     Example:
-        >>> import tempfile
-        >>> from mosaic_kit.training import MosaicTrainer, config_from_dict
-        >>> trainer = MosaicTrainer(config_from_dict({"output_dir": tempfile.mkdtemp(), "tracker": None,
-        ...     "mixed_precision": "no", "model": {"pixel_space": 2, "lora_rank": 2, "gradient_checkpointing": False},
-        ...     "data": {"target_size": 64, "ref_size": 32}}))
-        >>> trainer.setup()
+        >>> from mosaic_kit.pipelines import MosaicFluxPipeline
+        >>> from mosaic_kit.pipelines.tiny import tiny_flux_components
+        >>> pipe = MosaicFluxPipeline(**tiny_flux_components(pixel_space=2))
+        >>> pipe.family.add_lora(rank=2)
         >>> config = SyntheticEvalConfig(num_refs=(1, 2), attention_samples=1, sigmas=(0.5,), generation_samples=1,
         ...                              inference_steps=1)
-        >>> result = evaluate_synthetic(trainer.pipe, trainer.encode_batch, config, figure_sample=(2, 0))
+        >>> result = evaluate_synthetic(pipe.family, config, figure_sample=(2, 0))
         >>> sorted({r["kind"] for r in result.records}), result.figure["maps"].shape
         (['denoise', 'generation'], torch.Size([2, 16, 16]))
     """
@@ -435,8 +406,13 @@ def evaluate_synthetic(
     sigma_fig = config.sigmas[len(config.sigmas) // 2] if figure_sigma is None else figure_sigma
     if figure_sample is not None and sigma_fig not in config.sigmas:
         raise ValueError(f"Expected `figure_sigma` among {list(config.sigmas)}, but got {figure_sigma!r}.")
+    if pipeline is None:
+        pipeline = getattr(family, "pipe", None)
+    if config.generation_samples and pipeline is None:
+        raise ValueError(f"Expected a `pipeline` to generate {config.generation_samples} samples per K (the family "
+                         f"{type(family).__name__} has no `pipe`), but got None.")
     world = held_out_world(config)
-    model = _pipe_model(pipe)
+    model = family.model
     was_training = model.training
     model.eval()
     result = SyntheticEvalResult()
@@ -447,11 +423,10 @@ def evaluate_synthetic(
                 generator = torch.Generator().manual_seed(config.noise_seed * 1_000_003 + 1009 * k + s_index)
                 for start in range(0, len(samples), config.batch_size):
                     chunk = samples[start : start + config.batch_size]
-                    batch = collate_samples(chunk, config.target_size, config.ref_size, vae_scale_factor=pipe.vae_scale_factor)
+                    batch = collate_samples(chunk, config.target_size, config.ref_size, vae_scale_factor=family.vae_scale_factor)
                     tokens = batch.target_grid.num_tokens
-                    channels = pipe.transformer.config.in_channels
-                    noise = torch.randn(len(chunk), tokens, channels, generator=generator)
-                    scores = evaluate_denoising(pipe, encode, batch, sigma, noise, config.guidance_scale)
+                    noise = torch.randn(len(chunk), tokens, family.token_channels, generator=generator)
+                    scores = evaluate_denoising(family, batch, sigma, noise, config.guidance_scale)
                     for b in range(len(chunk)):
                         index = start + b
                         result.records.append({
@@ -471,7 +446,7 @@ def evaluate_synthetic(
                             }
             images = []
             for i in range(config.generation_samples):
-                scores, image = evaluate_generation(pipe, samples[i] if i < len(samples) else world.sample(i, num_refs=k),
+                scores, image = evaluate_generation(pipeline, samples[i] if i < len(samples) else world.sample(i, num_refs=k),
                                                     config, seed=config.noise_seed * 1000 + 10 * k + i)
                 result.records.append({"kind": "generation", "num_refs": k, "index": i, **scores})
                 images.append(image)
