@@ -129,13 +129,18 @@ class ModelInputs:
         layout: the token layout of target and references.
         target: ``(B, N_tgt, C)`` the clean packed target latents in float32 (the flow-matching
             target), or None when encoding for inference (no target image).
+        extras: anything else a family wants to carry (not read by the callers).
+
+    Example:
+        >>> inputs = ModelInputs({"text_ids": torch.zeros(4, 3)}, TokenLayout(TokenGrid(32, 32)))
+        >>> inputs.target is None, inputs.layout.target_grid.num_tokens
+        (True, 4)
     """
 
     conditioning: dict[str, Any]
     layout: TokenLayout
     target: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
-    """Anything else a family wants to carry (not read by the callers)."""
 
 
 class ModelFamily(abc.ABC):

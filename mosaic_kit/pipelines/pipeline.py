@@ -109,8 +109,10 @@ class MosaicFluxPipeline(FluxPipeline):
 
     Built like any diffusers FLUX pipeline: ``MosaicFluxPipeline.from_pretrained(path_or_id,
     torch_dtype=torch.bfloat16)`` or ``MosaicFluxPipeline(**components)``; then
-    ``load_mosaic_weights(lora_file)``. The transformer stays the stock diffusers model; the
-    multi-reference forward is `mosaic_kit.models.MosaicFluxTransformer`.
+    ``load_mosaic_weights(lora_file)``. The transformer stays the stock diffusers model; encoding,
+    the multi-reference forward and decoding go through the model family `family`
+    (`mosaic_kit.models.MosaicFluxFamily`); the pipeline keeps the reference preprocessing, the
+    initial noise and the scheduler loop.
 
     Attributes:
         max_references: the most references one call accepts (default 8).
