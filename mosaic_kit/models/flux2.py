@@ -38,6 +38,7 @@ __all__ = [
     "FLUX2_REFERENCE_TIME_SCALE",
     "Flux2Denoiser",
     "Flux2Family",
+    "add_flux2_lora",
     "flux2_lora_target_modules",
 ]
 
@@ -90,6 +91,45 @@ def flux2_lora_target_modules(transformer: torch.nn.Module, targets: Sequence[st
     ]
     if not names:
         raise ValueError(f"Expected `targets` {list(targets)} to match linear modules of the transformer, but none matched.")
+    return names
+
+
+def add_flux2_lora(transformer: nn.Module, rank: int, alpha: float | None = None,
+                   targets: Sequence[str] = FLUX2_LORA_TARGETS, init: str | bool = True) -> list[str]:
+    """Adds a peft LoRA (adapter ``"default"``) on the target projections of a FLUX.2 transformer.
+
+    Reference and target tokens share these weights (FLUX.2 has no reference branch), so there
+    is no per-stream routing: one ordinary adapter, as diffusers' FLUX.2 LoRA loader expects.
+
+    Args:
+        transformer: a `Flux2Transformer2DModel`.
+        rank: LoRA rank.
+        alpha: LoRA alpha (None: ``rank``, scale 1).
+        targets: module-name suffixes (`FLUX2_LORA_TARGETS`), expanded by `flux2_lora_target_modules`.
+        init: peft's ``init_lora_weights`` (True: B = 0, the output is unchanged at first;
+            False: random B, for tests that must see an effect).
+
+    Returns:
+        The full names of the wrapped modules.
+
+    Raises:
+        ValueError: a bad ``rank`` or ``targets``.
+
+    Example:
+        >>> from diffusers import Flux2Transformer2DModel
+        >>> from mosaic_kit.pipelines.tiny_flux2 import TINY_FLUX2_TRANSFORMER_CONFIG
+        >>> model = Flux2Transformer2DModel(**TINY_FLUX2_TRANSFORMER_CONFIG)
+        >>> add_flux2_lora(model, rank=2, targets=["to_qkv_mlp_proj"])
+        ['single_transformer_blocks.0.attn.to_qkv_mlp_proj', 'single_transformer_blocks.1.attn.to_qkv_mlp_proj']
+    """
+    from peft import LoraConfig
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"Expected `rank` to be a positive int, but got {rank!r}.")
+    names = flux2_lora_target_modules(transformer, targets)
+    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=names,
+                        init_lora_weights=init)
+    transformer.add_adapter(config)
     return names
 
 
@@ -545,35 +585,14 @@ class Flux2Family(ModelFamily):
     # -- LoRA --------------------------------------------------------------------------------------
     def add_lora(self, rank: int, alpha: float | None = None, targets: Sequence[str] = FLUX2_LORA_TARGETS,
                  init: str | bool = True) -> list[str]:
-        """Adds a peft LoRA (adapter ``"default"``) on the target projections of the transformer.
-
-        Reference and target tokens share these weights (FLUX.2 has no reference branch), so there
-        is no per-stream routing.
-
-        Args:
-            rank: LoRA rank.
-            alpha: LoRA alpha (None: ``rank``, scale 1).
-            targets: module-name suffixes (`FLUX2_LORA_TARGETS`).
-            init: peft's ``init_lora_weights`` (True: B = 0, the output is unchanged at first;
-                False: random B, for tests that must see an effect).
-
-        Returns:
-            The full names of the wrapped modules.
+        """Adds a peft LoRA (adapter ``"default"``) on the transformer: `add_flux2_lora`.
 
         Example:
             >>> family = Flux2Family.tiny()
             >>> len(family.add_lora(rank=4))  # 12 in the double block, 2 in each single block
             16
         """
-        from peft import LoraConfig
-
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"Expected `rank` to be a positive int, but got {rank!r}.")
-        names = flux2_lora_target_modules(self.transformer, targets)
-        config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=names,
-                            init_lora_weights=init)
-        self.transformer.add_adapter(config)
-        return names
+        return add_flux2_lora(self.transformer, rank, alpha, targets, init)
 
     def trainable_parameters(self, trainable: str = "lora") -> list[nn.Parameter]:
         """The transformer's parameters that train for ``trainable``: its LoRA, or every weight.
