@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 from ..correspondence import PhotometricJitter, draw_matches
 from ..utils.atomic import save_image_atomic
 from ..utils.checks import check_int, check_real
-from ..utils.images import tensor_to_pil
+from ..utils.images import tensor_to_pil, to_uint8
 from ..correspondence.synthetic import colour_jitter
 from .sample import MultiSubjectSample
 
@@ -928,7 +928,7 @@ def save_example_sheet(
         else:
             left, right, palette = torch.zeros(0, 2), torch.zeros(0, 2), torch.zeros(0, 3)
         drawn = draw_matches(stack, target, left, right, max_lines=len(left), colours=palette)
-        rows.append(torch.cat((drawn, (masks * 255).round().to(torch.uint8)), dim=2))
+        rows.append(torch.cat((drawn, to_uint8(masks)), dim=2))
     gap = torch.full((3, 4, rows[0].shape[2]), 255, dtype=torch.uint8)
     parts = []
     for i, row in enumerate(rows):

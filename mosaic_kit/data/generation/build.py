@@ -531,7 +531,7 @@ class DatasetBuilder:
             reference = pil_to_tensor(_open(self.out / path))
             p = torch.tensor(pairs[k]).reshape(-1, 4)
             canvas = draw_matches(reference, pil_to_tensor(target), p[:, :2], p[:, 2:], max_lines=40, seed=k)
-            panels.append(tensor_to_pil(canvas.float() / 255))
+            panels.append(tensor_to_pil(canvas))
         counts = [len(p) for p in pairs]
         return panels, f"{item_id} kept: {line['caption'][:60]} | pairs {counts}"
 
