@@ -66,7 +66,7 @@ from mosaic_kit.correspondence import (
 from mosaic_kit.data import count_released_rows, decode_released_row, iter_released_rows, open_image, to_rgb
 from mosaic_kit.data import read_manifest as read_manifest_entries
 from mosaic_kit.features import build_extractor, parse_extractor_spec
-from mosaic_kit.utils import pil_to_tensor, save_image_atomic, tensor_to_pil
+from mosaic_kit.utils import pil_to_tensor, save_image_atomic, tensor_to_pil, write_text_atomic
 
 log = logging.getLogger("build_correspondences")
 _RESERVED = {"settings", "drawings"}  # names the recipe writes itself (and ids starting "summary-")
@@ -190,7 +190,7 @@ def check_settings(args: argparse.Namespace) -> None:
                 "use another --out, the same settings, or --overwrite"
             )
         return
-    path.write_text(json.dumps(wanted, indent=2))
+    write_text_atomic(path, json.dumps(wanted, indent=2))
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         "failures": failures,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    (args.out / f"summary-{shard}of{shards}.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(args.out / f"summary-{shard}of{shards}.json", json.dumps(summary, indent=2))
     log.info("shard %d/%d: %d done, %d skipped, %d failed, %d pairs", shard, shards,
              counts["done"], counts["skipped"], counts["failed"], counts["points"])
     return summary

@@ -24,6 +24,7 @@ the paper's Table 1) and contact sheets. See `docs/evaluation.md` and `recipes/e
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -877,10 +878,11 @@ def evaluate_cases(
         results.append(result)
         done += 1
 
-    with open(out_dir / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(_CSV_COLUMNS))
-        writer.writeheader()
-        writer.writerows(_case_rows(results))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(_CSV_COLUMNS))
+    writer.writeheader()
+    writer.writerows(_case_rows(results))
+    write_text_atomic(out_dir / "results.csv", table.getvalue())
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
     summary = summarize(results)
     summary.update(
