@@ -267,3 +267,31 @@ def test_a_family_must_implement_the_whole_boundary():
         Partial()
     inputs = ModelInputs({}, TokenLayout(TokenGrid(16, 32)))
     assert inputs.target is None and inputs.layout.reference_ranges == () and inputs.layout.num_reference_tokens == 0
+
+
+def test_only_one_file_of_models_flux_reaches_into_diffusers():
+    """`_diffusers.py` alone imports diffusers' model modules; packing and the stream attention
+    are pure torch; no file of the package imports another package's private module."""
+    import ast
+    from pathlib import Path
+
+    import mosaic_kit.models.flux as package
+
+    folder = Path(package.__file__).parent
+    found = {}
+    for path in sorted(folder.glob("*.py")):
+        modules = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                modules.add("." * node.level + (node.module or ""))
+            elif isinstance(node, ast.Import):
+                modules.update(alias.name for alias in node.names)
+        found[path.name] = modules
+    assert len(found) == 7, sorted(found)
+    internals = {name for name, modules in found.items() if any(m.startswith("diffusers.models") for m in modules)}
+    assert internals == {"_diffusers.py"}
+    for name in ("packing.py", "processor.py"):
+        assert not any(m.split(".")[0] in ("diffusers", "peft") for m in found[name]), name
+    for name, modules in found.items():
+        private = [m for m in modules if m.startswith("...") and any(part.startswith("_") for part in m.split("."))]
+        assert not private, (name, private)

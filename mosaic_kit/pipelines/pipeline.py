@@ -15,9 +15,10 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from ..correspondence._finite import check_finite
 from ..data import open_image, to_rgb
 from ..models import MosaicFluxFamily, MosaicFluxTransformer, load_reference_lora
+from ..utils.finite import check_finite
+from ..utils.images import tensor_to_pil
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 """Allowed values of ``output_type`` in `MosaicFluxPipeline.__call__`."""
@@ -99,8 +100,7 @@ def load_reference_image(image: ImageInput, index: int) -> Image.Image:
             raise ValueError(f"Expected `{name}` as a (3, H, W) float tensor in [0, 1], but got {tuple(image.shape)}.")
         if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
             raise ValueError(f"Expected `{name}` with finite values in [0, 1].")
-        array = (image.detach().cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        return Image.fromarray(array)
+        return tensor_to_pil(image)
     raise ValueError(f"Expected `{name}` to be a PIL image, a path, an array or a tensor, but got {type(image).__name__}.")
 
 

@@ -16,7 +16,6 @@ import hashlib
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ...utils.atomic import write_bytes_atomic
 from ...utils.finite import check_finite
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -279,7 +279,8 @@ def lora_state_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def write_lora_file(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Writes a LoRA state dict as safetensors, atomically (temporary file, fsync, rename), with
+    """Writes a LoRA state dict as safetensors, atomically (`mosaic_kit.utils.atomic_write`:
+    temporary file in the same folder, fsync, rename, fsync of the folder), with
     the digest of its tensors (`lora_state_digest`) in the metadata under `LORA_DIGEST_KEY`.
 
     Args:
@@ -296,24 +297,11 @@ def write_lora_file(state: dict[str, torch.Tensor], path: str | os.PathLike) -> 
         >>> sorted(read_lora_file(path))
         ['transformer.x_embedder.lora_A.weight']
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     metadata = {"format": "pt", LORA_DIGEST_KEY: lora_state_digest(state)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, save(state, metadata=metadata))
 
 
 _LORA_KEY = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ...attention import RefTargetCapture
-from ...correspondence._checks import check_option
+from ...utils.checks import check_option
 from ...utils.finite import check_finite
 from ._diffusers import FluxTransformer2DModel, MosaicFluxAttnProcessor, _FluxInternals
 from .lora import DEFAULT_ADAPTER, _base
