@@ -343,19 +343,9 @@ class Flux2Family(ModelFamily):
         return self.pipe.transformer
 
     @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent cell (8); a token covers ``2 · vae_scale_factor`` pixels per side."""
-        return int(self.pipe.vae_scale_factor)
-
-    @property
     def token_channels(self) -> int:
         """C: channels of a patchified latent token (4 × the autoencoder's latent channels)."""
         return int(self.transformer.config.in_channels)
-
-    @property
-    def device(self) -> torch.device:
-        """The transformer's device."""
-        return next(self.transformer.parameters()).device
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Flux2Family:
         """Moves the pipeline's modules (and casts them to ``dtype`` when given); returns self."""
