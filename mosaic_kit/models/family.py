@@ -147,8 +147,9 @@ class ModelFamily(abc.ABC):
     """The model boundary: one model family (a denoiser with its encoders, VAE and LoRA).
 
     Implementations: `mosaic_kit.models.MosaicFluxFamily` (FLUX.1, multi-branch references, as
-    released). A new family subclasses this and implements the abstract methods; the trainer, the
-    pipelines and the evaluation then work unchanged. See the module docstring for an example.
+    released) and ``Flux2Family`` (FLUX.2, references in the target's sequence). A new family
+    subclasses this and implements the abstract methods; the trainer, the pipelines and the
+    evaluation then work unchanged. See the module docstring for an example.
 
     Attributes:
         name: a short name of the family (``"flux1"``, ...).
@@ -156,16 +157,16 @@ class ModelFamily(abc.ABC):
 
     name: ClassVar[str] = ""
 
+    pipe: Any = None
+    """The diffusers pipeline whose encoders, VAE and scheduler a family built on one uses (None
+    otherwise; such a family overrides `vae_scale_factor` and `device`)."""
+
     # -- what the callers hold ---------------------------------------------------------------------
     @property
     @abc.abstractmethod
     def model(self) -> nn.Module:
         """The module whose forward is the denoiser (what an accelerator wraps). Called with
         ``model(**model_kwargs(...), capture=...)``."""
-
-    pipe: Any = None
-    """The diffusers pipeline whose encoders, VAE and scheduler a family built on one uses (None
-    otherwise; such a family overrides `vae_scale_factor` and `device`)."""
 
     @property
     def vae_scale_factor(self) -> int:
