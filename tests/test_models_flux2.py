@@ -282,7 +282,7 @@ def test_load_lora_resumes_training_state(tmp_path):
     inputs, noisy, sigmas = _inputs(family, k=1, b=1)
     with torch.no_grad():
         expected = family.forward(inputs, noisy, sigmas)
-    fresh = Flux2Family.tiny(seed=8)  # no LoRA yet: the stock loader adds adapter "default"
+    fresh = Flux2Family.tiny(seed=8)  # no LoRA yet: the stock loader adds adapter "mosaic"
     fresh.load_lora(file)
     resumed = Flux2Family.tiny(seed=8)  # a LoRA of the same shape: its values are replaced
     with torch.random.fork_rng():
@@ -292,7 +292,7 @@ def test_load_lora_resumes_training_state(tmp_path):
         assert not torch.equal(resumed.forward(inputs, noisy, sigmas), expected)
         resumed.load_lora(tmp_path)
         for other in (fresh, resumed):
-            assert other.transformer.active_adapters() == ["default"]
+            assert other.transformer.active_adapters() == ["mosaic"]
             assert torch.equal(other.forward(inputs, noisy, sigmas), expected)
     state = family.lora_state_dict()
     state.pop(sorted(state)[0])
@@ -412,3 +412,32 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         family.forward(inputs, torch.zeros(1, 2, 16), torch.zeros(1))
     with pytest.raises(ValueError, match="rank"):
         family.add_lora(rank=0)
+
+
+def test_the_trainers_lora_files_serve_flux2(tmp_path):
+    """The trainer saves and resumes LoRAs by adapter name (`save_reference_lora`, alpha folded into
+    B, and the raw values for resume): with the FLUX.2 adapter named as FLUX.1's, both files work
+    for FLUX.2, and the stock pipeline loads the inference file exactly."""
+    from mosaic_kit.models import reference_lora_state_dict, save_reference_lora, write_lora_file
+    from mosaic_kit.training.checkpointing import load_reference_lora_values
+
+    family = Flux2Family.tiny(seed=12)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        family.add_lora(rank=4, alpha=2.0, init=False)  # alpha != rank: the folding matters
+    inputs, noisy, sigmas = _inputs(family, k=2, b=1)
+    kwargs = {k: v for k, v in family.model_kwargs(inputs, noisy, sigmas).items() if k in _STOCK_KEYS}
+    with torch.no_grad():
+        expected = family.transformer(**kwargs, return_dict=False)[0]
+    save_reference_lora(family.transformer, tmp_path / "pytorch_lora_weights.safetensors")
+    pipe = Flux2KleinPipeline(**tiny_flux2_components(seed=12))
+    pipe.load_lora_weights(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(pipe.transformer(**kwargs, return_dict=False)[0], expected)
+
+    write_lora_file(reference_lora_state_dict(family.transformer), tmp_path / "raw.safetensors")
+    resumed = Flux2Family.tiny(seed=12)
+    resumed.add_lora(rank=4, alpha=2.0)
+    load_reference_lora_values(resumed.transformer, tmp_path / "raw.safetensors")
+    with torch.no_grad():
+        assert torch.equal(resumed.transformer(**kwargs, return_dict=False)[0], expected)

@@ -30,9 +30,11 @@ from torch import nn
 from ..attention import RefTargetCapture
 from ..utils.atomic import fsync_dir
 from .family import ModelFamily, ModelInputs, TokenLayout, check_trainable
+from .flux.lora import DEFAULT_ADAPTER
 from .insequence import CaptureProcessors, SequenceLayout, install_capture_processors
 
 __all__ = [
+    "FLUX2_ADAPTER",
     "FLUX2_LORA_FILE",
     "FLUX2_LORA_TARGETS",
     "FLUX2_REFERENCE_TIME_SCALE",
@@ -54,6 +56,10 @@ blocks' attention (image and text projections; ``to_out.0`` because ``to_out`` i
 
 FLUX2_REFERENCE_TIME_SCALE = 10
 """Time-axis offset between references in FLUX.2's position ids (the pipelines' ``scale``)."""
+
+FLUX2_ADAPTER = DEFAULT_ADAPTER
+"""The LoRA's peft adapter name, ``"mosaic"``: the FLUX.1 reference LoRA's, so the trainer's
+checkpoints (raw LoRA values saved and restored by adapter name) serve both families."""
 
 FLUX2_LORA_FILE = "pytorch_lora_weights.safetensors"
 """The file name `Flux2Family.save_lora` writes (diffusers' default weight name)."""
@@ -96,7 +102,7 @@ def flux2_lora_target_modules(transformer: torch.nn.Module, targets: Sequence[st
 
 def add_flux2_lora(transformer: nn.Module, rank: int, alpha: float | None = None,
                    targets: Sequence[str] = FLUX2_LORA_TARGETS, init: str | bool = True) -> list[str]:
-    """Adds a peft LoRA (adapter ``"default"``) on the target projections of a FLUX.2 transformer.
+    """Adds a peft LoRA (adapter ``"mosaic"`` (`FLUX2_ADAPTER`)) on the target projections of a FLUX.2 transformer.
 
     Reference and target tokens share these weights (FLUX.2 has no reference branch), so there
     is no per-stream routing: one ordinary adapter, as diffusers' FLUX.2 LoRA loader expects.
@@ -129,7 +135,7 @@ def add_flux2_lora(transformer: nn.Module, rank: int, alpha: float | None = None
     names = flux2_lora_target_modules(transformer, targets)
     config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=names,
                         init_lora_weights=init)
-    transformer.add_adapter(config)
+    transformer.add_adapter(config, adapter_name=FLUX2_ADAPTER)
     return names
 
 
@@ -575,7 +581,7 @@ class Flux2Family(ModelFamily):
     # -- LoRA --------------------------------------------------------------------------------------
     def add_lora(self, rank: int, alpha: float | None = None, targets: Sequence[str] = FLUX2_LORA_TARGETS,
                  init: str | bool = True) -> list[str]:
-        """Adds a peft LoRA (adapter ``"default"``) on the transformer: `add_flux2_lora`.
+        """Adds a peft LoRA (adapter ``"mosaic"`` (`FLUX2_ADAPTER`)) on the transformer: `add_flux2_lora`.
 
         Example:
             >>> family = Flux2Family.tiny()
@@ -622,7 +628,7 @@ class Flux2Family(ModelFamily):
         return super().set_trainable(trainable)
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The LoRA weights of adapter ``"default"`` without the ``transformer.`` prefix (peft's
+        """The LoRA weights of adapter ``"mosaic"`` (`FLUX2_ADAPTER`) without the ``transformer.`` prefix (peft's
         ``get_peft_model_state_dict``).
 
         Example:
@@ -633,7 +639,7 @@ class Flux2Family(ModelFamily):
         """
         from peft.utils import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.transformer, adapter_name="default")
+        return get_peft_model_state_dict(self.transformer, adapter_name=FLUX2_ADAPTER)
 
     def save_lora(self, path: str | os.PathLike) -> Path:
         """Writes the LoRA in diffusers' layout with its adapter metadata, atomically.
@@ -660,9 +666,9 @@ class Flux2Family(ModelFamily):
 
         from diffusers import Flux2KleinPipeline
 
-        peft_config = getattr(self.transformer, "peft_config", {}).get("default")
+        peft_config = getattr(self.transformer, "peft_config", {}).get(FLUX2_ADAPTER)
         if peft_config is None:
-            raise ValueError("Expected a LoRA adapter 'default' on the transformer (`add_lora`), but found none.")
+            raise ValueError(f"Expected a LoRA adapter {FLUX2_ADAPTER!r} on the transformer (`add_lora`), but found none.")
         path = Path(path)
         file = path if path.suffix == ".safetensors" else path / FLUX2_LORA_FILE
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -678,8 +684,8 @@ class Flux2Family(ModelFamily):
         """Loads a FLUX.2 LoRA (a file or folder diffusers can read, or its state dict).
 
         With no LoRA on the transformer, the file goes in through the pipeline's stock
-        ``load_lora_weights`` as adapter ``"default"`` (rank and alpha from the file). With one,
-        the values replace those of adapter ``"default"`` (resuming training); every LoRA weight
+        ``load_lora_weights`` as adapter ``"mosaic"`` (`FLUX2_ADAPTER`) (rank and alpha from the file). With one,
+        the values replace those of adapter ``"mosaic"`` (`FLUX2_ADAPTER`) (resuming training); every LoRA weight
         must be in the file unless ``partial``.
 
         Args:
@@ -698,7 +704,7 @@ class Flux2Family(ModelFamily):
             >>> other = Flux2Family.tiny()
             >>> other.load_lora(file)
             >>> other.transformer.active_adapters()
-            ['default']
+            ['mosaic']
         """
         from diffusers import Flux2KleinPipeline
 
@@ -710,8 +716,8 @@ class Flux2Family(ModelFamily):
                 source, kwargs = str(path.parent), {"weight_name": path.name}
             else:
                 source = str(path)
-        if getattr(self.transformer, "peft_config", {}).get("default") is None:
-            self.pipe.load_lora_weights(source, adapter_name="default", **kwargs)
+        if getattr(self.transformer, "peft_config", {}).get(FLUX2_ADAPTER) is None:
+            self.pipe.load_lora_weights(source, adapter_name=FLUX2_ADAPTER, **kwargs)
             return
         state = Flux2KleinPipeline.lora_state_dict(source, **kwargs)
         prefix = "transformer."
@@ -722,14 +728,15 @@ class Flux2Family(ModelFamily):
         wrong = sorted(k for k in set(state) & set(current) if state[k].shape != current[k].shape)
         if unexpected or missing or wrong:
             raise ValueError(
-                f"Expected the LoRA weights of adapter 'default' ({len(current)} tensors), but got "
+                f"Expected the LoRA weights of adapter {FLUX2_ADAPTER!r} ({len(current)} tensors), but got "
                 f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(missing)} missing (e.g. {missing[:2]}) "
                 f"and {len(wrong)} of another shape (e.g. {wrong[:2]}) in {path_or_state_dict if not isinstance(path_or_state_dict, dict) else 'the state dict'}."
             )
         params = dict(self.transformer.named_parameters())
         with torch.no_grad():
             for key, value in state.items():
-                name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+                name = key.replace(".lora_A.weight", f".lora_A.{FLUX2_ADAPTER}.weight").replace(
+                    ".lora_B.weight", f".lora_B.{FLUX2_ADAPTER}.weight")
                 params[name].copy_(value.to(params[name]))
 
     # -- decoding ----------------------------------------------------------------------------------
