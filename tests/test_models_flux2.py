@@ -441,3 +441,16 @@ def test_the_trainers_lora_files_serve_flux2(tmp_path):
     load_reference_lora_values(resumed.transformer, tmp_path / "raw.safetensors")
     with torch.no_grad():
         assert torch.equal(resumed.transformer(**kwargs, return_dict=False)[0], expected)
+
+
+def test_sample_is_the_stock_pipeline_call():
+    from PIL import Image as PILImage
+
+    family = Flux2Family.tiny(seed=13, max_sequence_length=16)
+    refs = [PILImage.new("RGB", (64, 64), (200, 30, 30)), PILImage.new("RGB", (64, 96), (30, 30, 200))]
+    ours = family.sample("a red thing", refs, 32, 48, num_inference_steps=2, generator=torch.Generator().manual_seed(3))
+    stock = family.pipe(image=refs, prompt="a red thing", height=32, width=48, num_inference_steps=2,
+                        generator=torch.Generator().manual_seed(3), max_sequence_length=16,
+                        text_encoder_out_layers=TINY_FLUX2_TEXT_OUT_LAYERS).images[0]
+    assert ours.size == (48, 32)
+    assert np.array_equal(np.asarray(ours), np.asarray(stock))

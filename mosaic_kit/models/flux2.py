@@ -739,6 +739,38 @@ class Flux2Family(ModelFamily):
                     ".lora_B.weight", f".lora_B.{FLUX2_ADAPTER}.weight")
                 params[name].copy_(value.to(params[name]))
 
+    # -- sampling ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, prompt: str, references: Sequence[Any], height: int, width: int, num_inference_steps: int = 4,
+               generator: torch.Generator | None = None, guidance_scale: float = 4.0) -> Any:
+        """One image from the stock pipeline's ``__call__`` (the LoRA as loaded), for validation
+        sheets and evaluation: what a user of the stock pipeline gets.
+
+        Args:
+            prompt: the prompt.
+            references: PIL images (each side at least 64 px, the pipelines' minimum), or none.
+            height: image height in pixels (a multiple of 16).
+            width: image width in pixels.
+            num_inference_steps: denoising steps ([klein] is distilled to 4).
+            generator: the noise generator.
+            guidance_scale: classifier-free guidance of [klein] base / embedded guidance of [dev];
+                ignored by distilled [klein].
+
+        Returns:
+            A PIL image.
+
+        Example:
+            >>> from PIL import Image
+            >>> family = Flux2Family.tiny()
+            >>> family.sample("a cat", [Image.new("RGB", (64, 64), "red")], 32, 32, num_inference_steps=1).size
+            (32, 32)
+        """
+        kwargs = {} if self.text_encoder_out_layers is None else {"text_encoder_out_layers": self.text_encoder_out_layers}
+        out = self.pipe(image=list(references) or None, prompt=prompt, height=height, width=width,
+                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
+                        max_sequence_length=self.max_sequence_length, **kwargs)
+        return out.images[0]
+
     # -- decoding ----------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
