@@ -54,11 +54,8 @@ KNOWN_UPWARD = {
     ("models/flux2.py", "mosaic_kit.pipelines.tiny_flux2"),
 }
 KNOWN_PRIVATE = {
-    # issue 13 in progress: these switch to mosaic_kit.utils (checks, finite, images)
-    ("models/flux/transformer.py", "mosaic_kit.correspondence._checks"),
-    ("pipelines/pipeline.py", "mosaic_kit.correspondence._finite"),
+    # issue 13 in progress: switches to mosaic_kit.utils.checks
     ("training/config.py", "mosaic_kit.correspondence._checks"),
-    ("training/trainer.py", "mosaic_kit.reporting.training"),
 }
 
 
