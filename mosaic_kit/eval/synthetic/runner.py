@@ -63,7 +63,8 @@ class SyntheticEvalConfig:
         noise_seed: seed of the evaluation noise and of the generation noise.
         scales: see `locate_subject`.
         palette_sigma: see `palette_affinity`.
-        max_sequence_length: T5 tokens of the prompts.
+        max_sequence_length: T5 tokens of the prompts when generating (the teacher-forced scores
+            encode with the family's own setting, e.g. the trainer's).
         batch_size: samples per model call of the teacher-forced scores.
 
     Example:
