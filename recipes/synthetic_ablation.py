@@ -142,7 +142,7 @@ def train_and_evaluate(name: str, seed: int, settings: dict, run_dir: Path) -> d
         train_seconds = summary["seconds"]
     figure_sample = tuple(ablation.get("figure_sample") or ()) or None
     eval_start = time.perf_counter()
-    result = evaluate_synthetic(trainer.pipe, trainer.encode_batch, settings["eval"], figure_sample=figure_sample,
+    result = evaluate_synthetic(trainer.family, settings["eval"], figure_sample=figure_sample,
                                 progress=lambda line: print(f"  [{name} seed {seed}] {line}", flush=True))
     eval_seconds = time.perf_counter() - eval_start
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -115,7 +115,7 @@ elif point == "mid_prune":  # renamed to its trash name, half deleted
         return rmtree(path, *args, **kwargs)
     shutil.rmtree = half_rmtree
 elif point == "in_finish":  # the final LoRA files written, summary.json not
-    before(T, "_write_text_atomic", lambda: state.get("finishing", False))
+    before(T, "write_text_atomic", lambda: state.get("finishing", False))
     finish = T.MosaicTrainer.finish
     def tracked_finish(self, *args, **kwargs):
         state["finishing"] = True

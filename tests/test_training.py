@@ -229,8 +229,10 @@ def test_shipped_configs_parse():
     kinds = {}
     for path in sorted((REPO / "recipes" / "accelerate").glob("*.yaml")):
         kinds[path.stem] = str(ClusterConfig.from_yaml_file(str(path)).distributed_type)
-    assert kinds == {"deepspeed_zero2": "DistributedType.DEEPSPEED",
+    assert kinds == {"deepspeed_zero2": "DistributedType.DEEPSPEED", "fsdp": "DistributedType.FSDP",
                      "multi_gpu": "DistributedType.MULTI_GPU", "single_gpu": "DistributedType.NO"}
+    fsdp = ClusterConfig.from_yaml_file(str(REPO / "recipes" / "accelerate" / "fsdp.yaml"))
+    assert fsdp.fsdp_config["fsdp_version"] == 2  # the trainer shards with FSDP2
     for name in ("tiny_cpu", "flux_512", "flux_512_released"):  # the training recipe's configs
         config = load_config([REPO / "recipes" / "configs" / f"{name}.yaml"])
         assert config.max_steps >= 1, name

@@ -11,17 +11,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..utils.atomic import save_image_atomic
+from ..utils.images import tensor_to_pil
+
 log = logging.getLogger("mosaic_kit.reporting")
 
 __all__ = ["attention_panels", "plot_loss_curves", "validation_sheet"]
 
 _HEAT = torch.tensor([1.0, 0.15, 0.05])  # the attention overlay colour (red)
 _REGION = torch.tensor([0.1, 0.85, 0.2])  # the true target region (green)
-
-
-def _pil(image: torch.Tensor) -> Image.Image:
-    array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    return Image.fromarray(array)
 
 
 def _token_map(values: torch.Tensor, rows: int, cols: int, height: int, width: int) -> torch.Tensor:
@@ -90,7 +88,7 @@ def attention_panels(point_rows: torch.Tensor, corr, target_grid, target: torch.
         pixels = []
         for values, colour in ((heat, _HEAT), (region, _REGION)):
             alpha = _token_map(values, target_grid.rows, target_grid.cols, height, width)[None]
-            pixels.append(_pil(dimmed * (1 - alpha) + colour[:, None, None] * alpha))
+            pixels.append(tensor_to_pil(dimmed * (1 - alpha) + colour[:, None, None] * alpha))
         panels.append((pixels[0], pixels[1]))
     return panels
 
@@ -116,10 +114,7 @@ def validation_sheet(rows: Sequence, path: str | Path, title: str, thumb_size: i
     """
     from ..eval.sheets import contact_sheet
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(list(rows), thumb_size=thumb_size, title=title).save(path)
-    return path
+    return save_image_atomic(contact_sheet(list(rows), thumb_size=thumb_size, title=title), path)
 
 
 def plot_loss_curves(history: list[dict], path: Path) -> Path | None:

@@ -6,6 +6,8 @@
   `NonFiniteTrainingError` when a loss term or the gradient norm goes NaN or inf.
 - ``checkpointing``: what a trainer checkpoint holds, `save_training_checkpoint`,
   `load_training_checkpoint`, `load_reference_lora_values`, the file names (`LORA_FILE`, ...).
+- ``fsdp``: FSDP2 with every ``nn.Linear`` its own unit (`shard_linear_units`; the ``fsdp`` setting
+  or ``recipes/accelerate/fsdp.yaml``), LoRA-only checkpoints that resume exactly.
 - ``datasets``: `build_dataset`, the data set a config names (the trainer builds its loader around it).
 - Checkpoints that cannot lie: `write_checkpoint_digest`, `verify_checkpoint`,
   `latest_intact_checkpoint`, `list_checkpoints`, `publish_checkpoint`, `remove_checkpoint`,
@@ -43,6 +45,7 @@ from .config import (
     LR_SCHEDULES,
     MIXED_PRECISION,
     TRAINABLE,
+    check_fsdp_config,
     DataConfig,
     ModelConfig,
     ObjectiveConfig,
@@ -55,6 +58,7 @@ from .config import (
 )
 from ..reporting.training import plot_loss_curves
 from .datasets import build_dataset
+from .fsdp import FSDP_OPTIMIZER_FILE, shard_linear_units
 from .timesteps import flux_shift_mu, sample_sigmas
 from .trainer import MosaicTrainer, TrainingForward
 
@@ -63,6 +67,9 @@ __all__ = [
     "DIGEST_FILE",
     "CheckpointError",
     "EMA_LORA_FILE",
+    "FSDP_OPTIMIZER_FILE",
+    "check_fsdp_config",
+    "shard_linear_units",
     "LORA_FILE",
     "NonFiniteTrainingError",
     "RAW_LORA_FILE",

@@ -3,11 +3,12 @@ it cannot lie (`mosaic_kit.training.checkpoints`: temporary folder, digest last,
 a run resumes from it exactly.
 
 A checkpoint holds the trainable weights only (the reference LoRA, or every transformer weight
-with ``model.trainable: all``), never the frozen base model, under DDP and DeepSpeed alike:
+with ``model.trainable: all``), never the frozen base model, under DDP, DeepSpeed and FSDP alike:
 the optimiser, LR schedule and RNG states of every process (accelerate's ``save_state``), the
 LoRA for inference (``pytorch_lora_weights.safetensors``, alpha/rank folded in) and for resume
 (``lora_parameters.safetensors``), the EMA, the data position and generators of every process
-(``trainer_rank{r}.pt``) and the logged history (``trainer_state.json``).
+(``trainer_rank{r}.pt``) and the logged history (``trainer_state.json``); under FSDP the
+optimiser state is gathered into ``fsdp_optimizer.pt`` (`mosaic_kit.training.fsdp`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from pathlib import Path
 import torch
 
 from .. import check_finite
+from ..utils.atomic import write_text_atomic
 from ..models import reference_lora_state_dict, save_reference_lora, write_lora_file
+from .fsdp import FSDP_OPTIMIZER_FILE, copy_into, full_state, load_optimizer, save_optimizer
 from .checkpoints import (
     CHECKPOINT_PREFIX,
     CheckpointError,
@@ -56,16 +59,6 @@ class NonFiniteTrainingError(FloatingPointError):
         ...
         mosaic_kit.training.checkpointing.NonFiniteTrainingError: step 3: `scal` is nan
     """
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Writes ``path`` through a temporary file renamed into place (never a half-written file)."""
-    partial = path.with_name(f".tmp-{path.name}")
-    with open(partial, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
 
 
 def _read_trainer_state(path: Path) -> dict:
@@ -107,7 +100,7 @@ def load_reference_lora_values(transformer, path: Path) -> None:
             module, part = key[len("transformer."):].rsplit(".lora_", 1)
             ab = part.split(".")[0]
             name = f"{module}.lora_{ab}.mosaic.weight"
-            params[name].copy_(value.to(params[name].dtype))
+            copy_into(params[name], value)
 
 
 def _save_trainable_values(transformer, path: Path) -> None:
@@ -131,14 +124,14 @@ def _load_trainable_values(transformer, path: Path) -> None:
 
 def check_state_finite(trainer) -> None:
     """Raises `NonFiniteTrainingError` when a trainable weight (or its EMA) is NaN or inf."""
-    for name, param in trainer._transformer().named_parameters():
-        if param.requires_grad:
-            try:
-                check_finite(name, param, force=True)
-            except ValueError as error:
-                raise NonFiniteTrainingError(
-                    f"Refusing to save a checkpoint at step {trainer.step}: {error} The last saved checkpoint "
-                    f"is left as it was.") from error
+    trainable = {name: param.detach() for name, param in trainer._transformer().named_parameters() if param.requires_grad}
+    for name, param in full_state(trainable).items():  # FSDP: gathered on every process
+        try:
+            check_finite(name, param, force=True)
+        except ValueError as error:
+            raise NonFiniteTrainingError(
+                f"Refusing to save a checkpoint at step {trainer.step}: {error} The last saved checkpoint "
+                f"is left as it was.") from error
     if trainer.ema is not None:
         for index, shadow in enumerate(trainer.ema.shadow_params):
             try:
@@ -170,7 +163,13 @@ def save_training_checkpoint(trainer) -> Path:
     rank = acc.process_index
     torch.save(trainer.rank_state_dict(), tmp / f"trainer_rank{rank}.pt")
     transformer = trainer._transformer()
-    if acc.is_main_process:
+    if trainer.fsdp:  # every process gathers the LoRA (and the optimiser state); process 0 writes
+        gathered = {scaled: full_state(reference_lora_state_dict(transformer, scaled=scaled)) for scaled in (True, False)}
+        save_optimizer(acc.unwrap_model(trainer.model), trainer.optimizer, tmp / FSDP_OPTIMIZER_FILE, acc.is_main_process)
+    if acc.is_main_process and trainer.fsdp:
+        write_lora_file(gathered[True], tmp / LORA_FILE)
+        write_lora_file(gathered[False], tmp / RAW_LORA_FILE)
+    elif acc.is_main_process:
         save_reference_lora(transformer, tmp / LORA_FILE)  # for inference (alpha/rank folded in)
         write_lora_file(reference_lora_state_dict(transformer), tmp / RAW_LORA_FILE)  # for resume
         if trainer.config.model.trainable == "all":
@@ -195,6 +194,8 @@ def load_training_checkpoint(trainer, which: str | os.PathLike) -> Path:
     acc = trainer.accelerator
     root = trainer.output_dir / "checkpoints"
     required = (TRAINER_STATE_FILE, RAW_LORA_FILE, *(f"trainer_rank{r}.pt" for r in range(acc.num_processes)))
+    if trainer.fsdp:
+        required += (FSDP_OPTIMIZER_FILE,)
     if trainer.config.model.trainable == "all":
         required += (TRAINABLE_FILE,)
     error = None
@@ -233,6 +234,9 @@ def load_training_checkpoint(trainer, which: str | os.PathLike) -> Path:
     except Exception as raised:  # names the folder; accelerate's message names the file
         raise CheckpointError(path, None, "accelerate's load_state (optimizer.bin, scheduler.bin, random_states_*.pkl) "
                               f"failed ({type(raised).__name__}: {raised})") from raised
+    if trainer.fsdp:
+        _load_checkpoint_file(path, FSDP_OPTIMIZER_FILE, lambda f: load_optimizer(
+            acc.unwrap_model(trainer.model), trainer.optimizer, f, acc.is_main_process))
     rank_file = f"trainer_rank{acc.process_index}.pt"
     rank_state = _load_checkpoint_file(path, rank_file, lambda f: torch.load(f, weights_only=True))
     try:
@@ -252,6 +256,6 @@ def load_training_checkpoint(trainer, which: str | os.PathLike) -> Path:
     trainer.history = list(state["history"])
     if acc.is_main_process:  # forget metrics logged after the checkpoint by the interrupted run
         lines = [json.dumps(r) for r in trainer.history]
-        _write_text_atomic(trainer.output_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
+        write_text_atomic(trainer.output_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
     log.info("resumed from %s at step %d", path, trainer.step)
     return path

@@ -148,6 +148,10 @@ class TrainConfig:
         "run the first N steps with mosaic_kit.finite_checks() on: a NaN or inf in a query, key, attention "
         "map, prediction or loss term raises a ValueError naming the tensor (one device sync per checked "
         "tensor); 0: off. The loss terms and the gradient norm are checked at every step regardless", 10)
+    fsdp: bool = _help(
+        "shard the transformer with FSDP2 (every nn.Linear its own unit; LoRA-only checkpoints). On GPUs "
+        "`accelerate launch --config_file recipes/accelerate/fsdp.yaml` turns it on; true also shards the "
+        "processes of a CPU (gloo) run. Needs model.trainable: lora and ema_decay: null", False)
     model: ModelConfig = _help("model", factory=ModelConfig)
     data: DataConfig = _help("data", factory=DataConfig)
     objective: ObjectiveConfig = _help("objective", factory=ObjectiveConfig)
@@ -166,6 +170,27 @@ class TrainConfig:
             raise ValueError(f"Expected `cpu_threads` to be a positive int or null, but got {self.cpu_threads!r}.")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"Expected `ema_decay` in (0, 1) or null, but got {self.ema_decay!r}.")
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"Expected `fsdp` to be true or false, but got {self.fsdp!r}.")
+        if self.fsdp:
+            check_fsdp_config(self)
+
+
+def check_fsdp_config(config: TrainConfig) -> None:
+    """Raises a ValueError naming the setting when ``config`` cannot train under FSDP.
+
+    Example:
+        >>> check_fsdp_config(config_from_dict({"ema_decay": 0.9}))
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `ema_decay: null` under FSDP (the EMA of sharded weights is not supported yet), but got 0.9.
+    """
+    if config.model.trainable != "lora":
+        raise ValueError(f"Expected `model.trainable: lora` under FSDP (checkpoints gather the trainable weights), "
+                         f"but got {config.model.trainable!r}.")
+    if config.ema_decay is not None:
+        raise ValueError(f"Expected `ema_decay: null` under FSDP (the EMA of sharded weights is not supported yet), "
+                         f"but got {config.ema_decay!r}.")
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "objective": ObjectiveConfig, "optim": OptimConfig}

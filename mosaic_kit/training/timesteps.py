@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -23,31 +22,25 @@ def flux_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int 
 
 def sample_sigmas(batch: int, generator: torch.Generator, image_seq_len: int | None, mean: float = 0.0,
                   std: float = 1.0) -> torch.Tensor:
-    """Flow-matching noise levels: ``u = sigmoid(N(mean, std))`` (logit-normal, diffusers'
-    ``compute_density_for_timestep_sampling``), then FLUX's shift ``σ = e^μ / (e^μ + 1/u - 1)``
-    for ``image_seq_len`` target tokens (None: no shift).
+    """Flow-matching noise levels for ``image_seq_len`` FLUX.1 target tokens (None: no shift):
+    `mosaic_kit.models.logit_normal_sigmas` (diffusers' logit-normal density, then the shift
+    ``σ = e^μ / (e^μ + 1/u - 1)``) with ``μ = flux_shift_mu(image_seq_len)``. The trainer draws
+    through its model family (`mosaic_kit.models.ModelFamily.sample_sigmas`), the same numbers.
 
     Args:
-        batch: how many.
-        generator: a CPU generator (advanced by ``batch`` normal draws).
-        image_seq_len: target tokens, for the shift.
-        mean: logit-normal mean.
-        std: logit-normal std.
+        batch, generator, mean, std: as in `mosaic_kit.models.logit_normal_sigmas`.
+        image_seq_len: the number of target tokens, which sets ``μ`` (None: no shift).
 
     Returns:
         ``(batch,)`` float32 sigmas in ``(0, 1)``.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
-        >>> s = sample_sigmas(1000, g, 1024)
-        >>> bool(((s > 0) & (s < 1)).all()), s.mean().item() > 0.5  # shifted towards noise
+        >>> sigmas = sample_sigmas(1000, g, 1024)
+        >>> bool(((sigmas > 0) & (sigmas < 1)).all()), sigmas.mean().item() > 0.5  # shifted towards noise
         (True, True)
     """
-    from diffusers.training_utils import compute_density_for_timestep_sampling
+    from ..models import logit_normal_sigmas
 
-    u = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=mean, logit_std=std,
-                                              generator=generator)
-    if image_seq_len is None:
-        return u
-    mu = flux_shift_mu(image_seq_len)
-    return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    return logit_normal_sigmas(batch, generator, None if image_seq_len is None else flux_shift_mu(image_seq_len),
+                               mean, std)

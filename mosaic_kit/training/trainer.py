@@ -4,18 +4,26 @@ One optimisation step, per process and micro-batch:
 
 1. the next batch of good samples in the seeded, resumable order (`mosaic_kit.data.SkippingLoader`),
    caption and reference dropout from a seeded generator;
-2. frozen encoders: CLIP + T5 prompt embeddings, VAE latents (distribution mode, as released) of
-   the target and the K references, packed 2×2;
-3. flow matching: sigma from a logit-normal density with FLUX's resolution shift, noisy latents
-   ``(1 - σ)·x + σ·ε``, velocity target ``ε - x``;
-4. the multi-reference forward (`MosaicFluxTransformer`) feeding `RefTargetCapture` (and, on log
-   steps, `PointAttentionRows` for the alignment hit-rate);
+2. frozen encoders through the model boundary (`mosaic_kit.models.MosaicFluxFamily.encode_batch`):
+   CLIP + T5 prompt embeddings, VAE latents (distribution mode, as released) of the target and
+   the K references, packed 2×2;
+3. flow matching (the family's `sample_sigmas` and `noise`): sigma from diffusers' logit-normal
+   density with FLUX's resolution shift, noisy latents ``(1 - σ)·x + σ·ε``, velocity target ``ε - x``;
+4. the multi-reference forward (the family's `MosaicFluxTransformer`) feeding `RefTargetCapture`
+   (and, on log steps, `PointAttentionRows` for the alignment hit-rate);
 5. `MosaicObjective` (eq. 15), backward into the LoRA only, grad-norm clipping, AdamW, LR schedule,
    EMA of the LoRA weights.
 
 Every random draw comes from generators whose states are checkpointed (plus accelerate's RNG
 states), and the data position is saved with each checkpoint, so ``resume="latest"`` continues
-exactly as an uninterrupted run would.
+exactly as an uninterrupted run would. Each micro-batch slot of the global batch (process ×
+accumulation step) has its own noise and dropout generators, so P processes with A accumulated
+micro-batches draw what one process with P·A micro-batches draws.
+
+The jobs around the loop live in their own modules: `mosaic_kit.training.checkpointing` (what a
+checkpoint holds, save and resume), `mosaic_kit.training.datasets` (`build_dataset`),
+`mosaic_kit.training.fsdp` (FSDP2 sharding and its checkpoints), `mosaic_kit.training.timesteps`
+and `mosaic_kit.reporting` (loss curves, validation sheets, attention panels).
 """
 
 from __future__ import annotations
@@ -36,13 +44,12 @@ from ..attention import PointAttentionRows, RefTargetCapture
 from .. import finite_checks
 from ..losses import MosaicObjective
 from ..models import (
+    ModelInputs,
+    MosaicFluxFamily,
     MosaicFluxTransformer,
-    add_reference_lora,
-    latent_image_ids,
-    load_reference_lora,
-    pack_latents,
-    reference_position_ids,
+    reference_lora_state_dict,
     save_reference_lora,
+    write_lora_file,
 )
 from .checkpointing import (
     EMA_LORA_FILE,
@@ -50,17 +57,19 @@ from .checkpointing import (
     RAW_LORA_FILE,
     TRAINER_STATE_FILE,
     NonFiniteTrainingError,
-    _write_text_atomic,
     check_state_finite,
     load_reference_lora_values,
     load_training_checkpoint,
     save_training_checkpoint,
 )
 from .checkpoints import CheckpointError, clean_stale_checkpoints, list_checkpoints, verify_checkpoint
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, check_fsdp_config, config_to_dict
 from .datasets import build_dataset
+from .fsdp import full_state, is_sharded, shard_linear_units
 from .timesteps import flux_shift_mu, sample_sigmas
-from ..reporting.training import _pil, attention_panels, plot_loss_curves, validation_sheet
+from ..reporting.training import attention_panels, plot_loss_curves, validation_sheet
+from ..utils.atomic import write_text_atomic
+from ..utils.images import tensor_to_pil
 
 log = logging.getLogger("mosaic_kit.training")
 
@@ -153,11 +162,23 @@ class MosaicTrainer:
         if cfg.cpu_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(cfg.cpu_threads)
         self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
+        from accelerate.utils import DistributedType
+
+        self.fsdp = cfg.fsdp or acc.distributed_type == DistributedType.FSDP
+        if acc.distributed_type == DistributedType.FSDP:
+            check_fsdp_config(cfg)
+            if acc.state.fsdp_plugin.fsdp_version != 2:
+                raise ValueError("Expected accelerate's FSDP version 2 (fsdp_version: 2, as in "
+                                 f"recipes/accelerate/fsdp.yaml), but got {acc.state.fsdp_plugin.fsdp_version}.")
         self._build_models()
         self._build_data()
         self._build_optimisation()
-        self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + acc.process_index)
-        self.dropout_generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 + acc.process_index)
+        # one noise and one dropout generator per micro-batch slot of the global batch (slot = process +
+        # processes x micro-batch): P processes x A micro-batches draw what P*A processes would draw
+        slots = [acc.process_index + acc.num_processes * micro for micro in range(cfg.gradient_accumulation)]
+        self.slot_generators = [(torch.Generator().manual_seed(cfg.seed * 1_000_003 + slot),
+                                 torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 + slot)) for slot in slots]
+        self.generator, self.dropout_generator = self.slot_generators[0]
         self.history: list[dict] = []
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +188,7 @@ class MosaicTrainer:
                     partial.unlink()
             import yaml
 
-            _write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         acc.wait_for_everyone()
         if cfg.tracker:
             acc.init_trackers("mosaic", config=_flat_config(cfg))
@@ -186,30 +207,31 @@ class MosaicTrainer:
         else:
             pipe = MosaicFluxPipeline.from_pretrained(cfg.base, torch_dtype=self.weight_dtype)
         pipe.set_progress_bar_config(disable=True)
-        transformer = pipe.transformer
+        # the model boundary: encoding, noising, the forward and the LoRA (validation samples too)
+        family = MosaicFluxFamily(pipe, reference_attention=cfg.reference_attention, capture_blocks=cfg.capture_blocks,
+                                  reference_adapter=pipe.reference_adapter,
+                                  max_sequence_length=self._max_sequence_length())
         if cfg.init_lora:
-            load_reference_lora(transformer, cfg.init_lora)
+            family.load_lora(cfg.init_lora)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)
-                add_reference_lora(transformer, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-        for name, param in transformer.named_parameters():  # the LoRA, or every transformer weight
-            param.requires_grad_(cfg.trainable == "all" or ".lora_" in name)
+                family.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        family.set_trainable(cfg.trainable)  # the LoRA, or every transformer weight
         for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False).eval()
         if self.weight_dtype == torch.float32:
             pipe.to(self.device)
         else:
             pipe.to(self.device, self.weight_dtype)
+        transformer = family.transformer
         cast_training_params(transformer, dtype=torch.float32)  # trainable weights train in float32
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.pipe = pipe
-        mosaic = MosaicFluxTransformer(
-            transformer, reference_attention=cfg.reference_attention, capture_blocks=cfg.capture_blocks
-        )
-        pipe.__dict__["_mosaic_transformer"] = mosaic  # validation samples use the same settings
-        self.model = TrainingForward(mosaic)
+        pipe.family = family
+        self.family = family
+        self.model = TrainingForward(family.model)
         self.lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
 
     def _build_data(self) -> None:
@@ -240,22 +262,21 @@ class MosaicTrainer:
             optimizer_cls = bnb.optim.AdamW8bit
         else:
             optimizer_cls = torch.optim.AdamW
+        if self.fsdp:  # shard before the optimiser sees the parameters (they become DTensor shards)
+            shard_linear_units(self.model, self.device.type, self.accelerator.num_processes)
+            self.lora_parameters = [p for p in self._transformer().parameters() if p.requires_grad]
         optimizer = optimizer_cls(self.lora_parameters, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay,
                                   eps=opt.eps)
         scheduler = get_scheduler(opt.schedule, optimizer, num_warmup_steps=opt.warmup_steps * self.accelerator.num_processes,
                                   num_training_steps=cfg.max_steps * self.accelerator.num_processes)
         self.objective = MosaicObjective.from_preset(cfg.objective.preset, **cfg.objective.overrides)
-        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
+        if self.fsdp:  # the sharded model and its optimiser stay out of accelerate (LoRA-only checkpoints)
+            self.optimizer = optimizer
+            self.lr_scheduler = self.accelerator.prepare(scheduler)
+        else:
+            self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
         from accelerate.utils import DistributedType
 
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            raise ValueError(
-                "FSDP is not supported by the trainer yet. The model side works with every nn.Linear as an "
-                "FSDP unit (exact forward and gradients, tests/test_fsdp.py), but FSDP units around whole "
-                "blocks are never gathered (the forward calls block submodules per stream), and accelerate's "
-                "save_state would write the whole base model under FSDP. Use DDP (multi_gpu.yaml) or "
-                "DeepSpeed ZeRO-2 (deepspeed_zero2.yaml)."
-            )
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             self._configure_deepspeed()
         self.ema = EMAModel(self.lora_parameters, decay=cfg.ema_decay) if cfg.ema_decay else None
@@ -274,38 +295,10 @@ class MosaicTrainer:
         ds.pop("train_batch_size", None)
 
     # -- one step ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_batch(self, batch) -> dict:
-        """Frozen encoders: prompt embeddings and packed latents of targets and references."""
-        pipe, device = self.pipe, self.device
-        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-            prompt=batch.captions, prompt_2=None, device=device, max_sequence_length=self._max_sequence_length()
-        )
-        vae = pipe.vae
-
-        def latents_of(images: torch.Tensor) -> torch.Tensor:
-            pixels = (images.to(device, vae.dtype) * 2 - 1)
-            latents = vae.encode(pixels).latent_dist.mode()
-            return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
-        target = latents_of(batch.targets)
-        b, k = batch.references.shape[:2]
-        refs = latents_of(batch.references.flatten(0, 1))
-        ref_tokens = pack_latents(refs).view(b, -1, refs.shape[1] * 4)
-        h, w = target.shape[-2:]
-        ref_h, ref_w = refs.shape[-2:]
-        counts = ((ref_h // 2) * (ref_w // 2),) * k
-        size = (ref_h * pipe.vae_scale_factor, ref_w * pipe.vae_scale_factor)
-        return {
-            "target": pack_latents(target).float(),
-            "target_ids": latent_image_ids(h // 2, w // 2, device=device),
-            "text_embeddings": prompt_embeds,
-            "pooled_embeddings": pooled,
-            "text_ids": text_ids,
-            "reference_tokens": ref_tokens,
-            "reference_ids": reference_position_ids([size] * k, device=device, pixels_per_token=2 * pipe.vae_scale_factor),
-            "reference_token_counts": counts,
-        }
+    def encode_batch(self, batch) -> ModelInputs:
+        """Frozen encoders through the model boundary (`MosaicFluxFamily.encode_batch`): prompt
+        embeddings, packed reference tokens and ids, and the clean packed target latents."""
+        return self.family.encode_batch(batch)
 
     def _max_sequence_length(self) -> int:
         return 512 if self.config.model.base else 32
@@ -318,25 +311,20 @@ class MosaicTrainer:
         cfg = self.config
         batch = apply_condition_dropout(batch, cfg.data.caption_dropout, cfg.data.image_dropout, self.dropout_generator)
         inputs = self.encode_batch(batch)
-        latents = inputs.pop("target")
+        latents = inputs.target
         bsz = latents.shape[0]
-        shift_len = latents.shape[1] if cfg.objective.resolution_shift else None
-        sigmas = sample_sigmas(bsz, self.generator, shift_len, cfg.objective.logit_mean, cfg.objective.logit_std)
+        layout = inputs.layout if cfg.objective.resolution_shift else None  # its target size sets the shift
+        sigmas = self.family.sample_sigmas(bsz, self.generator, layout, cfg.objective.logit_mean, cfg.objective.logit_std)
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
         sigmas = sigmas.to(self.device)
-        noisy = (1 - sigmas[:, None, None]) * latents + sigmas[:, None, None] * noise
+        noisy = self.family.noise(latents, noise, sigmas)
         corr = batch.corr.to(self.device)
         capture = None
         if self.objective.scal_weight(self.step) or self.objective.mdl_weight(self.step):
             capture = RefTargetCapture(corr, aggregate=self.objective.mdl_aggregate)
         rows = PointAttentionRows(corr) if log_step else None
         guidance = torch.full((bsz,), cfg.objective.guidance, device=self.device)
-        model_inputs = {
-            k: v.to(self.weight_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and "ids" not in k else v
-            for k, v in inputs.items()
-        }
-        model_inputs.update(target_tokens=noisy.to(self.weight_dtype), timestep=sigmas.to(self.weight_dtype),
-                            guidance=guidance)
+        model_inputs = self.family.model_kwargs(inputs, noisy, sigmas, guidance=guidance)
         with self.accelerator.autocast():
             prediction, attention = self.model(model_inputs, capture, [rows] if rows is not None else None)
         out = self.objective(prediction.float(), noise, latents, attention, corr if capture is not None else None,
@@ -429,7 +417,8 @@ class MosaicTrainer:
             log_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
             accum: dict[str, list] = {}
             checking = self.step < cfg.check_finite_steps  # hot-path checks in the first steps
-            for _ in range(cfg.gradient_accumulation):
+            for micro in range(cfg.gradient_accumulation):
+                self.generator, self.dropout_generator = self.slot_generators[micro]
                 batch = next(batches)
                 with acc.accumulate(self.model):
                     with finite_checks(True) if checking else contextlib.nullcontext():
@@ -450,16 +439,22 @@ class MosaicTrainer:
                             raise  # not reached: _stop_if_not_finite raised
                     grad_norm = None
                     if acc.sync_gradients:
-                        if cfg.optim.grad_clip > 0:
+                        if self.fsdp:  # DTensor gradients: torch's clipping reduces the norm over the shards
+                            grad_norm = torch.nn.utils.clip_grad_norm_(
+                                self.lora_parameters, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+                            grad_norm = grad_norm.full_tensor() if is_sharded(grad_norm) else grad_norm
+                        elif cfg.optim.grad_clip > 0:
                             grad_norm = acc.clip_grad_norm_(self.lora_parameters, cfg.optim.grad_clip)
                         else:
                             grad_norm = torch.linalg.vector_norm(
                                 torch.stack([p.grad.norm() for p in self.lora_parameters if p.grad is not None]))
                         if grad_norm is not None:  # DeepSpeed clips inside its own step
                             self._stop_if_not_finite({"grad_norm": torch.as_tensor(grad_norm)})
-                    self.optimizer.step()
+                    if acc.sync_gradients or not self.fsdp:  # accelerate's optimiser skips by itself
+                        self.optimizer.step()
                     self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    if acc.sync_gradients or not self.fsdp:
+                        self.optimizer.zero_grad(set_to_none=True)
                 for key, value in scalars.items():
                     accum.setdefault(key, []).append(value)
             if self.ema is not None:
@@ -528,13 +523,25 @@ class MosaicTrainer:
 
     def rank_state_dict(self) -> dict:
         """This process's data position and generators (``trainer_rank{r}.pt`` of a checkpoint)."""
-        return {"generator": self.generator.get_state(), "dropout_generator": self.dropout_generator.get_state(),
-                "loader": self.loader.state_dict()}
+        (generator, dropout), *more = self.slot_generators
+        state = {"generator": generator.get_state(), "dropout_generator": dropout.get_state(),
+                 "loader": self.loader.state_dict()}
+        if more:  # the generators of micro-batches 2.. (gradient accumulation)
+            state["micro_batch_generators"] = [torch.stack([g.get_state(), d.get_state()]) for g, d in more]
+        return state
 
     def load_rank_state_dict(self, state: dict) -> None:
         """Restores what `rank_state_dict` returned."""
-        self.generator.set_state(state["generator"])
-        self.dropout_generator.set_state(state["dropout_generator"])
+        (generator, dropout), *more = self.slot_generators
+        generator.set_state(state["generator"])
+        dropout.set_state(state["dropout_generator"])
+        if more:
+            saved = state["micro_batch_generators"]
+            if len(saved) != len(more):
+                raise ValueError(f"expected generators of {len(more) + 1} micro-batches, but got {len(saved) + 1}")
+            for (g, d), pair in zip(more, saved):
+                g.set_state(pair[0])
+                d.set_state(pair[1])
         self.loader.load_state_dict(state["loader"])
 
     def _save_ema_lora(self, path: Path) -> None:
@@ -573,8 +580,8 @@ class MosaicTrainer:
         target (red) beside the true target region (green), as in the paper's Fig. 6
         (`attention_sheet_rows`)."""
         acc = self.accelerator
-        if not acc.is_main_process or self.config.validation_samples < 1:
-            acc.wait_for_everyone()
+        if self.config.validation_samples < 1 or not (acc.is_main_process or self.fsdp):
+            acc.wait_for_everyone()  # FSDP: every process runs the forwards (the weights are sharded)
             return None
         from ..eval.sheets import SheetRow
 
@@ -587,25 +594,41 @@ class MosaicTrainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            for index in range(cfg.validation_samples):
+            for index in self._root_weights_gathered(range(cfg.validation_samples)):
                 sample = self.validation_dataset()[index]
-                refs = [_pil(r) for r in sample.references]
+                refs = [tensor_to_pil(r) for r in sample.references]
                 out = pipe(
                     sample.caption, refs, height=cfg.data.target_size, width=cfg.data.target_size,
                     ref_size=cfg.data.ref_size, num_inference_steps=cfg.validation_steps,
                     generator=torch.Generator().manual_seed(index), max_sequence_length=self._max_sequence_length(),
                     progress=False, guidance_scale=3.5,
                 )
-                rows.append(SheetRow(sample.caption, refs, [_pil(sample.target), out.images[0]]))
+                rows.append(SheetRow(sample.caption, refs, [tensor_to_pil(sample.target), out.images[0]]))
                 rows.extend(self.attention_sheet_rows(index))
         finally:
             if self.ema is not None:
                 self.ema.restore(self.lora_parameters)
             self.model.train(was_training)
-        path = validation_sheet(rows, self.output_dir / "samples" / f"step-{self.step:07d}.png",
-                                title=f"step {self.step}: references | ground truth | sample")
+        path = None
+        if acc.is_main_process:
+            path = validation_sheet(rows, self.output_dir / "samples" / f"step-{self.step:07d}.png",
+                                    title=f"step {self.step}: references | ground truth | sample")
         acc.wait_for_everyone()
         return path
+
+    def _root_weights_gathered(self, items):
+        """Yields ``items`` with, under FSDP, the root unit's own weights (norms) gathered on every
+        process, so that the pipeline can call the transformer's submodules (each linear layer
+        gathers its own weights); resharded at the end."""
+        if not self.fsdp:
+            yield from items
+            return
+        root = self.accelerator.unwrap_model(self.model)
+        root.unshard()
+        try:
+            yield from items
+        finally:
+            root.reshard()
 
     ATTENTION_SIGMA = 0.5
     """The noise level of the validation attention panels."""
@@ -627,15 +650,12 @@ class MosaicTrainer:
         if not bool(batch.corr.point_mask.any()):
             return []
         inputs = self.encode_batch(batch)
-        latents = inputs.pop("target")
+        latents = inputs.target
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(index)).to(self.device)
         sigma = torch.full((1,), self.ATTENTION_SIGMA, device=self.device)
-        noisy = (1 - self.ATTENTION_SIGMA) * latents + self.ATTENTION_SIGMA * noise
         point_rows = PointAttentionRows(batch.corr.to(self.device))
-        model_inputs = {k: v.to(self.weight_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
-                        and "ids" not in k else v for k, v in inputs.items()}
-        model_inputs.update(target_tokens=noisy.to(self.weight_dtype), timestep=sigma.to(self.weight_dtype),
-                            guidance=torch.full((1,), self.config.objective.guidance, device=self.device))
+        guidance = torch.full((1,), self.config.objective.guidance, device=self.device)
+        model_inputs = self.family.model_kwargs(inputs, self.family.noise(latents, noise, sigma), sigma, guidance=guidance)
         with self.accelerator.autocast():
             self.accelerator.unwrap_model(self.model)(model_inputs, None, [point_rows])
         panels = attention_panels(point_rows.result(), batch.corr, batch.target_grid, batch.targets[0])
@@ -646,8 +666,8 @@ class MosaicTrainer:
         """Writes ``samples/attention-step-N.png``: the attention rows of every validation item alone
         (no sampling; `train` writes it before the first step, to compare with the last sheet)."""
         acc = self.accelerator
-        if not acc.is_main_process or self.config.validation_samples < 1:
-            acc.wait_for_everyone()
+        if self.config.validation_samples < 1 or not (acc.is_main_process or self.fsdp):
+            acc.wait_for_everyone()  # FSDP: every process runs the forwards (the weights are sharded)
             return None
         was_training = self.model.training
         self.model.eval()
@@ -656,7 +676,7 @@ class MosaicTrainer:
         finally:
             self.model.train(was_training)
         path = None
-        if rows:
+        if rows and acc.is_main_process:
             path = validation_sheet(rows, self.output_dir / "samples" / f"attention-step-{self.step:07d}.png",
                                     title=f"step {self.step}: where each reference's points attend")
         acc.wait_for_everyone()
@@ -674,18 +694,20 @@ class MosaicTrainer:
         tallies = acc.gather_for_metrics([self.loader.tally.state_dict()], use_gather_object=True) \
             if acc.num_processes > 1 else [self.loader.tally.state_dict()]
         summary = {}
+        save_lora = lambda f: save_reference_lora(self._transformer(), f)  # noqa: E731
+        if self.fsdp:  # every process gathers the LoRA; the main one writes it
+            gathered = full_state(reference_lora_state_dict(self._transformer(), scaled=True))
+            save_lora = functools.partial(write_lora_file, gathered)
         if acc.is_main_process:
             from ..data import BadDataTally
 
             tally = BadDataTally()
             for state in tallies:
                 tally = tally.merge(BadDataTally.from_state_dict(state))  # merge returns a new tally
-            for name, save in ((LORA_FILE, lambda f: save_reference_lora(self._transformer(), f)),
+            for name, save in ((LORA_FILE, save_lora),
                                (EMA_LORA_FILE, self._save_ema_lora if self.ema is not None else None)):
-                if save is not None:  # through a temporary name: never a half-written LoRA file
-                    partial = self.output_dir / f".tmp-{name}"
-                    save(partial)
-                    os.replace(partial, self.output_dir / name)
+                if save is not None:  # write_lora_file is atomic: never a half-written LoRA file
+                    save(self.output_dir / name)
             curves = plot_loss_curves(self.history, self.output_dir / "loss_curves.png")
             summary = {
                 "steps": self.step, "seconds": round(seconds, 2), "resumed_from": str(resumed_from) if resumed_from else None,
@@ -693,7 +715,7 @@ class MosaicTrainer:
                 "lora": str(self.output_dir / LORA_FILE), "loss_curves": str(curves) if curves else None,
                 "processes": acc.num_processes,
             }
-            _write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2))
+            write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2))
             print(f"bad data: {tally.summary()}")
         acc.wait_for_everyone()
         acc.end_training()
