@@ -454,3 +454,14 @@ def test_sample_is_the_stock_pipeline_call():
                         text_encoder_out_layers=TINY_FLUX2_TEXT_OUT_LAYERS).images[0]
     assert ours.size == (48, 32)
     assert np.array_equal(np.asarray(ours), np.asarray(stock))
+
+
+def test_pixel_space_family_round_trips_images_and_keeps_the_pipeline_layout():
+    family = Flux2Family.tiny(pixel_space=2, max_sequence_length=8)
+    g = torch.Generator().manual_seed(0)
+    images = _images(g, 2, 3, 64, 32)
+    inputs = family.encode(images, ["a", "b"], _images(g, 2, 3, 3, 32, 32))
+    assert inputs.target.shape == (2, 16 * 8, 48)  # one token = 4 × 4 pixels, 4·3·2² channels
+    assert inputs.layout.reference_token_counts == (64, 64, 64)
+    torch.testing.assert_close(family.decode(inputs.target, 64, 32), images, rtol=0, atol=1e-6)
+    assert inputs.conditioning["reference_ids"][0, :, 0].unique().tolist() == [10, 20, 30]

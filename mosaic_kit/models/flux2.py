@@ -283,12 +283,15 @@ class Flux2Family(ModelFamily):
 
     # -- building ----------------------------------------------------------------------------------
     @classmethod
-    def tiny(cls, seed: int = 0, transformer_overrides: dict | None = None, **kwargs: Any) -> Flux2Family:
+    def tiny(cls, seed: int = 0, transformer_overrides: dict | None = None, pixel_space: int | None = None,
+             **kwargs: Any) -> Flux2Family:
         """A family over a tiny random `Flux2KleinPipeline` (`mosaic_kit.pipelines.tiny_flux2`).
 
         Args:
             seed: seed of the random components.
             transformer_overrides: tiny transformer config entries to change.
+            pixel_space: pixel space with this factor instead of the random autoencoder
+                (`mosaic_kit.pipelines.tiny_flux2.Flux2PixelAutoencoder`), or None.
             **kwargs: `Flux2Family` options; ``text_encoder_out_layers`` defaults to the tiny
                 encoder's ``(1, 2, 3)`` and ``max_sequence_length`` to 32.
 
@@ -303,7 +306,8 @@ class Flux2Family(ModelFamily):
 
         from ..pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_components
 
-        pipe = Flux2KleinPipeline(**tiny_flux2_components(seed=seed, transformer_overrides=transformer_overrides))
+        pipe = Flux2KleinPipeline(**tiny_flux2_components(seed=seed, transformer_overrides=transformer_overrides,
+                                                           pixel_space=pixel_space))
         pipe.set_progress_bar_config(disable=True)
         kwargs.setdefault("text_encoder_out_layers", TINY_FLUX2_TEXT_OUT_LAYERS)
         kwargs.setdefault("max_sequence_length", 32)

@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
+from ..models.pixel import PixelAutoencoder
+
 __all__ = [
+    "Flux2PixelAutoencoder",
     "TINY_FLUX2_TEXT_CONFIG",
     "TINY_FLUX2_TEXT_OUT_LAYERS",
     "TINY_FLUX2_TRANSFORMER_CONFIG",
@@ -137,13 +140,42 @@ def tiny_qwen_tokenizer(model_max_length: int = 512) -> Any:
     return tokenizer
 
 
-def tiny_flux2_components(seed: int = 0, transformer_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+class Flux2PixelAutoencoder(PixelAutoencoder):
+    """Pixel space behind the interface the FLUX.2 pipelines use of ``AutoencoderKLFlux2``.
+
+    `mosaic_kit.models.PixelAutoencoder` (lossless pixel unshuffling, ``3·factor²`` channels at
+    ``1/factor`` resolution) plus the latent batch-norm statistics the FLUX.2 pipelines normalise
+    with, here the identity (mean 0, variance 1, ``batch_norm_eps`` 0). With FLUX.2's 2×2
+    patchify one token covers ``2·factor`` pixels, as in the FLUX.1 pixel-space world.
+
+    Args:
+        factor: pixels per latent cell along each side (a power of two).
+
+    Example:
+        >>> ae = Flux2PixelAutoencoder(factor=2)
+        >>> x = torch.rand(1, 3, 8, 8) * 2 - 1
+        >>> torch.equal(ae.decode(ae.encode(x).latent_dist.mode(), return_dict=False)[0], x)
+        True
+        >>> ae.bn.num_features, ae.config.batch_norm_eps
+        (48, 0.0)
+    """
+
+    def __init__(self, factor: int = 2) -> None:
+        super().__init__(factor)
+        self.config.batch_norm_eps = 0.0
+        self.bn = torch.nn.BatchNorm2d(4 * self.config.latent_channels, affine=False, eps=0.0).eval()
+
+
+def tiny_flux2_components(seed: int = 0, transformer_overrides: dict[str, Any] | None = None,
+                          pixel_space: int | None = None) -> dict[str, Any]:
     """The components of a tiny random `diffusers.Flux2KleinPipeline`, deterministic in ``seed``.
 
     Args:
         seed: seed of every random weight (and of the autoencoder's latent statistics).
         transformer_overrides: entries of `TINY_FLUX2_TRANSFORMER_CONFIG` to change (e.g.
             ``{"num_layers": 2}``); ``joint_attention_dim`` must stay 96 (the text encoder's).
+        pixel_space: a factor for a `Flux2PixelAutoencoder` instead of the random autoencoder
+            (``in_channels`` becomes ``4 · 3 · factor²``), or None.
 
     Returns:
         ``{"scheduler", "vae", "text_encoder", "tokenizer", "transformer"}`` for
@@ -173,13 +205,18 @@ def tiny_flux2_components(seed: int = 0, transformer_overrides: dict[str, Any] |
             f"{transformer_overrides!r}."
         )
     tokenizer = tiny_qwen_tokenizer()
+    config = {**TINY_FLUX2_TRANSFORMER_CONFIG, **overrides}
+    if pixel_space is not None:
+        vae = Flux2PixelAutoencoder(pixel_space)
+        config["in_channels"] = vae.bn.num_features
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = Flux2Transformer2DModel(**{**TINY_FLUX2_TRANSFORMER_CONFIG, **overrides})
-        vae = AutoencoderKLFlux2(**TINY_FLUX2_VAE_CONFIG)
-        channels = vae.bn.num_features
-        vae.bn.running_mean.copy_(0.2 * torch.randn(channels))
-        vae.bn.running_var.copy_(0.5 + torch.rand(channels))
+        transformer = Flux2Transformer2DModel(**config)
+        if pixel_space is None:
+            vae = AutoencoderKLFlux2(**TINY_FLUX2_VAE_CONFIG)
+            channels = vae.bn.num_features
+            vae.bn.running_mean.copy_(0.2 * torch.randn(channels))
+            vae.bn.running_var.copy_(0.5 + torch.rand(channels))
         text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), **TINY_FLUX2_TEXT_CONFIG))
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
