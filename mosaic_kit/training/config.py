@@ -7,16 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..correspondence._checks import check_option
+from ..models.family import TRAINABLE
+from ..utils.checks import check_option
 
 DATA_KINDS = ("synthetic", "released", "manifest")
 """Allowed ``data.kind`` values."""
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 """Allowed ``train.mixed_precision`` values."""
-
-TRAINABLE = ("lora", "all")
-"""Allowed ``model.trainable`` values."""
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 """Allowed ``optim.schedule`` values (diffusers' ``get_scheduler`` names)."""
@@ -28,11 +26,18 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
     return field(default=default, metadata={"help": text})
 
 
+MODEL_FAMILIES = ("flux1", "flux2")
+"""Allowed ``model.family`` values."""
+
+
 @dataclass
 class ModelConfig:
     """The FLUX model and its reference LoRA."""
 
-    base: str | None = _help("FLUX.1 base: local folder or hub id; null builds a tiny random model", None)
+    family: str = _help(
+        "model family: flux1 (FLUX.1, references in their own branch, as released) or flux2 (FLUX.2 [klein] / "
+        "[dev] through the stock pipeline's layout, references in the target's sequence; docs/guide/flux2.md)", "flux1")
+    base: str | None = _help("base pipeline: local folder or hub id; null builds a tiny random model", None)
     tiny_seed: int = _help("seed of the tiny random model (base: null)", 0)
     tiny_overrides: dict = _help("tiny model: FluxTransformer2DModel config entries to change", factory=dict)
     pixel_space: int | None = _help("tiny model: pixel space with this factor instead of a random VAE", None)
@@ -47,6 +52,7 @@ class ModelConfig:
         "too, e.g. a tiny random model whose base cannot denoise)", "lora")
 
     def __post_init__(self) -> None:
+        check_option("model.family", self.family, MODEL_FAMILIES)
         check_option("model.trainable", self.trainable, TRAINABLE)
         check_option("model.reference_attention", self.reference_attention, ("isolated", "full"))
         check_option("model.capture_blocks", self.capture_blocks, ("double", "all"))
