@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -357,7 +358,8 @@ def test_eval_config_validation():
 # ----------------------------------------------------------------------------- the recipe
 def run_recipe(out: Path, *extra: str) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, str(RECIPE), "--smoke", "--output", str(out), *extra],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(RECIPE.parents[1])})  # this checkout's mosaic_kit
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
