@@ -201,16 +201,27 @@ class MosaicTrainer:
         from ..pipelines.tiny import tiny_flux_components
 
         cfg = self.config.model
-        if cfg.base is None:
-            pipe = MosaicFluxPipeline(**tiny_flux_components(
-                seed=cfg.tiny_seed, transformer_overrides=cfg.tiny_overrides, pixel_space=cfg.pixel_space))
+        if cfg.family == "flux2":  # FLUX.2: the stock pipeline's layout (mosaic_kit.models.flux2)
+            from ..models.flux2 import Flux2Family
+
+            options = {"capture_blocks": cfg.capture_blocks, "max_sequence_length": self._max_sequence_length()}
+            if cfg.base is None:
+                family = Flux2Family.tiny(seed=cfg.tiny_seed, transformer_overrides=cfg.tiny_overrides,
+                                          pixel_space=cfg.pixel_space, **options)
+            else:
+                family = Flux2Family.from_pretrained(cfg.base, torch_dtype=self.weight_dtype, **options)
+            pipe = family.pipe
         else:
-            pipe = MosaicFluxPipeline.from_pretrained(cfg.base, torch_dtype=self.weight_dtype)
-        pipe.set_progress_bar_config(disable=True)
-        # the model boundary: encoding, noising, the forward and the LoRA (validation samples too)
-        family = MosaicFluxFamily(pipe, reference_attention=cfg.reference_attention, capture_blocks=cfg.capture_blocks,
-                                  reference_adapter=pipe.reference_adapter,
-                                  max_sequence_length=self._max_sequence_length())
+            if cfg.base is None:
+                pipe = MosaicFluxPipeline(**tiny_flux_components(
+                    seed=cfg.tiny_seed, transformer_overrides=cfg.tiny_overrides, pixel_space=cfg.pixel_space))
+            else:
+                pipe = MosaicFluxPipeline.from_pretrained(cfg.base, torch_dtype=self.weight_dtype)
+            pipe.set_progress_bar_config(disable=True)
+            # the model boundary: encoding, noising, the forward and the LoRA (validation samples too)
+            family = MosaicFluxFamily(pipe, reference_attention=cfg.reference_attention,
+                                      capture_blocks=cfg.capture_blocks, reference_adapter=pipe.reference_adapter,
+                                      max_sequence_length=self._max_sequence_length())
         if cfg.init_lora:
             family.load_lora(cfg.init_lora)
         else:
@@ -218,8 +229,9 @@ class MosaicTrainer:
                 torch.manual_seed(self.config.seed)
                 family.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         family.set_trainable(cfg.trainable)  # the LoRA, or every transformer weight
-        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            module.requires_grad_(False).eval()
+        for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                module.requires_grad_(False).eval()
         if self.weight_dtype == torch.float32:
             pipe.to(self.device)
         else:
@@ -597,13 +609,18 @@ class MosaicTrainer:
             for index in self._root_weights_gathered(range(cfg.validation_samples)):
                 sample = self.validation_dataset()[index]
                 refs = [tensor_to_pil(r) for r in sample.references]
-                out = pipe(
-                    sample.caption, refs, height=cfg.data.target_size, width=cfg.data.target_size,
-                    ref_size=cfg.data.ref_size, num_inference_steps=cfg.validation_steps,
-                    generator=torch.Generator().manual_seed(index), max_sequence_length=self._max_sequence_length(),
-                    progress=False, guidance_scale=3.5,
-                )
-                rows.append(SheetRow(sample.caption, refs, [tensor_to_pil(sample.target), out.images[0]]))
+                if cfg.model.family == "flux2":  # the stock FLUX.2 pipeline's own call
+                    image = self.family.sample(sample.caption, refs, cfg.data.target_size, cfg.data.target_size,
+                                               num_inference_steps=cfg.validation_steps,
+                                               generator=torch.Generator().manual_seed(index))
+                else:
+                    image = pipe(
+                        sample.caption, refs, height=cfg.data.target_size, width=cfg.data.target_size,
+                        ref_size=cfg.data.ref_size, num_inference_steps=cfg.validation_steps,
+                        generator=torch.Generator().manual_seed(index), max_sequence_length=self._max_sequence_length(),
+                        progress=False, guidance_scale=3.5,
+                    ).images[0]
+                rows.append(SheetRow(sample.caption, refs, [tensor_to_pil(sample.target), image]))
                 rows.extend(self.attention_sheet_rows(index))
         finally:
             if self.ema is not None:
