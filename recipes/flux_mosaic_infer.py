@@ -114,17 +114,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.family == "flux2":
         defaults = {"height": 32, "width": 32, "ref_size": 64, "steps": 4} if tiny else {
             "height": 1024, "width": 1024, "ref_size": 1024, "steps": 4}
-        for name, value in defaults.items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-        start = time.perf_counter()
-        images, references, extra = run_flux2(args, tiny)
-        return _write(args, images, references, time.perf_counter() - start, extra)
-    defaults = {"height": 32, "width": 32, "ref_size": 32, "steps": 4} if tiny else {
-        "height": 512, "width": 512, "ref_size": 512, "steps": 28}
+    else:
+        defaults = {"height": 32, "width": 32, "ref_size": 32, "steps": 4} if tiny else {
+            "height": 512, "width": 512, "ref_size": 512, "steps": 28}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.family == "flux2":
+        start = time.perf_counter()
+        images, references, extra = run_flux2(args, tiny)
+        return _write(args, images, references, time.perf_counter() - start, extra)
     if tiny:
         pipe = tiny_mosaic_pipeline(seed=args.seed)
     else:
