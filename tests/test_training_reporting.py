@@ -87,13 +87,14 @@ def test_moved_names_stay_importable():
 
 def test_trainable_all_trains_the_base_resumes_exactly_and_draws_attention(tmp_path):
     """`model.trainable: all`: base weights move, the checkpoint holds them and a resume from step 2
-    reproduces the uninterrupted losses and weights bit for bit; the step-0 attention sheet and the
-    validation sheet are written."""
+    reproduces the uninterrupted losses and weights bit for bit (with two accumulated micro-batches:
+    each has its own generators, all restored); the step-0 attention sheet and the validation sheet
+    are written."""
     from safetensors.torch import load_file
 
     recipe = REPO / "recipes" / "flux_mosaic_train.py"
     common = ["data.target_size=64", "data.ref_size=32", "data.batch_size=2", "model.lora_rank=4",
-              "data.synthetic_refs=[1,2]", "model.trainable=all", "max_steps=3", "checkpoint_every=2",
+              "data.synthetic_refs=[1,2]", "model.trainable=all", "gradient_accumulation=2", "max_steps=3", "checkpoint_every=2",
               "keep_checkpoints=2", "validation_samples=1", "validation_steps=1", "validate_every=0",
               "tracker=null", "log_every=1", "model.tiny_overrides={num_layers: 1, num_single_layers: 1}"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

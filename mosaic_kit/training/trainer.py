@@ -539,7 +539,7 @@ class MosaicTrainer:
         state = {"generator": generator.get_state(), "dropout_generator": dropout.get_state(),
                  "loader": self.loader.state_dict()}
         if more:  # the generators of micro-batches 2.. (gradient accumulation)
-            state["micro_batch_generators"] = [torch.stack([g.get_state(), d.get_state()]) for g, d in more]
+            state["micro_batch_generators"] = [[g.get_state(), d.get_state()] for g, d in more]
         return state
 
     def load_rank_state_dict(self, state: dict) -> None:
@@ -551,9 +551,9 @@ class MosaicTrainer:
             saved = state["micro_batch_generators"]
             if len(saved) != len(more):
                 raise ValueError(f"expected generators of {len(more) + 1} micro-batches, but got {len(saved) + 1}")
-            for (g, d), pair in zip(more, saved):
-                g.set_state(pair[0])
-                d.set_state(pair[1])
+            for (g, d), (g_state, d_state) in zip(more, saved):
+                g.set_state(g_state.clone())  # its own storage: set_state reads from the storage's start
+                d.set_state(d_state.clone())
         self.loader.load_state_dict(state["loader"])
 
     def _save_ema_lora(self, path: Path) -> None:
