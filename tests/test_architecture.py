@@ -53,10 +53,6 @@ KNOWN_UPWARD = {
     # FLUX.1 ones in pipelines/; `Flux2Family.tiny()` imports them lazily.
     ("models/flux2.py", "mosaic_kit.pipelines.tiny_flux2"),
 }
-KNOWN_PRIVATE = {
-    # issue 13 in progress: switches to mosaic_kit.utils.checks
-    ("training/config.py", "mosaic_kit.correspondence._checks"),
-}
 
 
 def unit_of(module: str) -> str | None:
@@ -141,8 +137,7 @@ def test_no_package_imports_another_packages_private_modules_or_names():
             parts = module.split(".")
             if parts[0] != "mosaic_kit" or len(parts) < 2 or parts[1] == own_package:
                 continue
-            private = any(_private(part) for part in parts[1:]) or any(_private(name) for name in names)
-            if private and (path.relative_to(PACKAGE).as_posix(), module) not in KNOWN_PRIVATE:
+            if any(_private(part) for part in parts[1:]) or any(_private(name) for name in names):
                 wrong.append(f"{path.relative_to(PACKAGE).as_posix()} imports {module} {names}")
     assert not wrong, "\n".join(wrong)
 
@@ -159,7 +154,7 @@ def test_recipes_and_benchmarks_use_only_public_modules():
 
 
 def test_known_exceptions_still_exist():
-    for name, module in KNOWN_UPWARD | KNOWN_PRIVATE:
+    for name, module in KNOWN_UPWARD:
         assert module in dict(imports_of(PACKAGE / name)), f"{name} no longer imports {module}: drop the exception"
 
 
