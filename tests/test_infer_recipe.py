@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,8 @@ def test_cli_writes_image_and_sheet(tmp_path, k):
 def test_default_run_as_a_program(tmp_path):
     out = tmp_path / "r.png"
     done = subprocess.run([sys.executable, str(RECIPE), "--out", str(out), "--steps", "1"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(RECIPE.parents[1])})  # this checkout's mosaic_kit
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert Path(summary["image"]).is_file() and Path(summary["sheet"]).is_file()
