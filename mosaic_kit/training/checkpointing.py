@@ -143,7 +143,20 @@ def check_state_finite(trainer) -> None:
 
 
 def save_training_checkpoint(trainer) -> Path:
-    """Writes ``checkpoints/step-N`` of a `MosaicTrainer` (see `MosaicTrainer.save_checkpoint`)."""
+    """Writes ``checkpoints/step-N`` of a `MosaicTrainer` (what `MosaicTrainer.save_checkpoint` runs):
+    every process writes its own files into ``checkpoints/.tmp-step-N``, process 0 the LoRA files,
+    the EMA and the history, then the digest (last) and renames the folder; old checkpoints beyond
+    ``keep_checkpoints`` are removed. Every process calls it.
+
+    Args:
+        trainer: a set-up `MosaicTrainer` (its ``step`` names the folder).
+
+    Returns:
+        The published folder ``checkpoints/step-N``.
+
+    Raises:
+        NonFiniteTrainingError: a trainable weight or its EMA is NaN or inf (nothing is written).
+    """
     acc = trainer.accelerator
     root = trainer.output_dir / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{trainer.step:07d}"
@@ -190,7 +203,21 @@ def save_training_checkpoint(trainer) -> Path:
 
 
 def load_training_checkpoint(trainer, which: str | os.PathLike) -> Path:
-    """Restores a `MosaicTrainer` from a checkpoint (see `MosaicTrainer.load_checkpoint`)."""
+    """Restores a `MosaicTrainer` from a checkpoint (what `MosaicTrainer.load_checkpoint` runs):
+    process 0 verifies the files against the digest (``"latest"``: the newest intact checkpoint)
+    and every process loads the trainable weights, accelerate's states, its generators and data
+    position, the EMA and the history. Every process calls it.
+
+    Args:
+        trainer: a set-up `MosaicTrainer` with the checkpoint's number of processes.
+        which: ``"latest"`` or a checkpoint folder.
+
+    Returns:
+        The checkpoint folder used.
+
+    Raises:
+        CheckpointError: naming the folder and the file, when it is damaged or cannot be loaded.
+    """
     acc = trainer.accelerator
     root = trainer.output_dir / "checkpoints"
     required = (TRAINER_STATE_FILE, RAW_LORA_FILE, *(f"trainer_rank{r}.pt" for r in range(acc.num_processes)))
