@@ -5,7 +5,7 @@ reference) rather than the block's ``forward``, so a unit around a whole block w
 gathered. With one unit per linear layer (the base layer and the LoRA's ``lora_A`` / ``lora_B``
 alike) every weight is gathered exactly when it is used; the remaining weights (norms,
 embeddings) belong to the root unit, gathered for the whole forward. Forward and gradients are
-then exactly those of the unsharded model (``tests/test_fsdp.py``).
+then exactly those of the unsharded model (``tests/training/test_fsdp.py``).
 
 Checkpoints stay LoRA-only: the trainable weights are gathered with ``DTensor.full_tensor`` (a
 LoRA is small), the optimiser state is saved as one full state dict by process 0

@@ -19,7 +19,7 @@ from mosaic_kit.correspondence import Correspondences, TokenGrid  # noqa: E402
 from mosaic_kit.reporting import attention_panels  # noqa: E402
 from mosaic_kit.training import config_from_dict  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _pixels(image) -> torch.Tensor:

@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 from mosaic_kit.models import MosaicFluxTransformer, add_reference_lora  # noqa: E402
 from mosaic_kit.models.testing import random_packed_inputs, tiny_flux_transformer  # noqa: E402
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_forward.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_forward.py"
 
 
 def load_bench():

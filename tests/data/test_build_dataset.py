@@ -18,7 +18,7 @@ from mosaic_kit.data import ManifestDataset, read_manifest
 from mosaic_kit.data._images import load_mask
 from mosaic_kit.data.generation import STAGES, DatasetBuilder, dataset_config_from_dict, dreambench_root, tensor_to_pil
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("build_dataset", ROOT / "recipes" / "build_dataset.py")
 recipe = importlib.util.module_from_spec(spec)
 sys.modules["build_dataset"] = recipe

@@ -12,7 +12,7 @@ import torch
 from mosaic_kit.correspondence import DenseMatches
 from mosaic_kit.features import parse_extractor_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("bench_matching_pck", ROOT / "benchmarks" / "bench_matching_pck.py")
 bench = importlib.util.module_from_spec(spec)
 sys.modules["bench_matching_pck"] = bench

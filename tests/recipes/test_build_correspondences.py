@@ -14,7 +14,7 @@ from mosaic_kit.correspondence import (
     load_released_dicts,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DREAMBENCH = Path(os.environ.get("MOSAIC_DREAMBENCH", ROOT.parent / "shared" / "data" / "dreambench"))
 pytestmark = pytest.mark.skipif(not DREAMBENCH.is_dir(), reason=f"DreamBench photos not found at {DREAMBENCH}")
 

@@ -10,7 +10,7 @@ import torch
 
 from mosaic_kit.correspondence import Correspondences
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("bench_capture", ROOT / "benchmarks" / "bench_capture.py")
 bench = importlib.util.module_from_spec(spec)
 sys.modules["bench_capture"] = bench

@@ -21,7 +21,7 @@ from mosaic_kit.data import (
 )
 from mosaic_kit.data.loader import ResumableSampler
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from mosaic_kit.features import (
     build_extractor,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DREAMBENCH = Path(os.environ.get("MOSAIC_DREAMBENCH", ROOT.parent / "shared" / "data" / "dreambench"))
 
 GRIDS = [16, (12, 20)]

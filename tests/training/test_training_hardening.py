@@ -14,7 +14,7 @@ pytest.importorskip("accelerate")
 
 from mosaic_kit.training import MosaicTrainer, load_config  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "recipes" / "configs" / "tiny_cpu.yaml"
 FAST = ["data.target_size=64", "data.ref_size=32", "data.batch_size=2", "validation_samples=0", "log_every=1",
         "model.lora_rank=4", "data.synthetic_refs=[1,3]", "validate_every=0", "tracker=null", "cpu_threads=1"]

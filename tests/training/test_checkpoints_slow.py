@@ -3,7 +3,7 @@ pruning, while finishing) and after damage to the newest checkpoints: every resu
 bit-identical to an uninterrupted one (same per-step losses, same final LoRA and EMA tensors).
 
 Each run is the training recipe in a subprocess on the tiny CPU config (one thread). Slow suite:
-``pytest -m slow tests/test_checkpoints_slow.py``.
+``pytest -m slow tests/training/test_checkpoints_slow.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "flux_mosaic_train.py"
 STEPS, EVERY, KILL_SAVE = 8, 2, 6  # checkpoints at 2, 4, 6, 8; keep 2; the save of step 6 is killed
 OVERRIDES = [f"max_steps={STEPS}", f"checkpoint_every={EVERY}", "keep_checkpoints=2", "validate_every=0",

@@ -25,7 +25,7 @@ from mosaic_kit.training import (  # noqa: E402
     sample_sigmas,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "flux_mosaic_train.py"
 FAST = ["data.target_size=64", "data.ref_size=32", "data.batch_size=2", "validation_samples=1",
         "validation_steps=2", "log_every=1", "model.lora_rank=4", "data.synthetic_refs=[1,3]"]

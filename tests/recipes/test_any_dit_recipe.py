@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "any_dit_minimal.py"
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "flux_mosaic_infer.py"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "flux_mosaic_infer.py"
 
 
 def load_recipe():

@@ -70,7 +70,7 @@ def test_fsdp_with_linear_units_is_exact(tmp_path):
     script = tmp_path / "fsdp_check.py"
     script.write_text(SCRIPT)
     out = tmp_path / "result.txt"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, str(script), str(free_port()), str(out)], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -78,7 +78,7 @@ def test_fsdp_with_linear_units_is_exact(tmp_path):
     assert float(forward) == 0.0 and float(backward) == 0.0 and same_keys == "True"
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "flux_mosaic_train.py"
 TRAIN = ["data.target_size=64", "data.ref_size=32", "data.batch_size=1", "model.lora_rank=4", "data.synthetic_refs=[1,3]",
          "max_steps=4", "checkpoint_every=2", "keep_checkpoints=3", "log_every=1", "validation_samples=1",

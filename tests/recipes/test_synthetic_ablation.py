@@ -33,7 +33,7 @@ from mosaic_kit.eval import (
     target_token_masks,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "synthetic_ablation.py"
 
 
