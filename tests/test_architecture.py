@@ -168,3 +168,25 @@ def test_a_planted_upward_or_private_import_is_caught(tmp_path):
     assert found[-2:] == ["mosaic_kit.models", "mosaic_kit.data._images"]
     assert unit_of(found[-2]) not in ALLOWED_INTERNAL["correspondence"]
     assert any(_private(part) for part in found[-1].split("."))
+
+
+TESTS = ROOT / "tests"
+TOP_LEVEL_TESTS = {"test_architecture.py", "test_docs_site.py"}  # about the whole repository
+# issue 14's FLUX.2 tests, moved to tests/models/ and tests/recipes/ by their owner
+KNOWN_TOP_LEVEL = {"test_models_flux2.py", "test_flux2_infer.py", "test_flux2_bench.py", "test_flux2_training.py"}
+
+
+def test_tests_mirror_the_package_folders():
+    folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()} | {"recipes", "benchmarks"}
+    misplaced = []
+    for path in sorted(TESTS.rglob("test_*.py")):
+        relative = path.relative_to(TESTS)
+        if len(relative.parts) == 1:
+            if path.name not in TOP_LEVEL_TESTS | KNOWN_TOP_LEVEL:
+                misplaced.append(relative.as_posix())
+        elif relative.parts[0] not in folders:
+            misplaced.append(relative.as_posix())
+    assert not misplaced, f"tests outside tests/<package>/: {misplaced}"
+    names = [p.name for p in TESTS.rglob("test_*.py")]
+    assert len(names) == len(set(names)), "test file names must stay unique (pytest imports them by basename)"
+    assert all(folder in folders for folder in (p.name for p in TESTS.iterdir() if p.is_dir() and p.name != "__pycache__"))
