@@ -2,7 +2,7 @@
 `FluxTransformer2DModel` and its blocks (embedders, AdaLayerNorms, attention projections, the
 feed-forwards, the output norm), the stock `FluxAttnProcessor`, ``dispatch_attention_fn``,
 ``apply_rotary_emb`` and the gradient-checkpointing function. When diffusers changes its FLUX
-modules, this is the one file to update (``tests/test_models_flux*.py`` and the released-code
+modules, this is the one file to update (``tests/models/test_models_flux*.py`` and the released-code
 parity tests pin the numbers).
 
 - `MosaicFluxAttnProcessor`: the processor installed with ``set_attn_processor``; its stream
