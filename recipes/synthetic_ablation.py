@@ -20,6 +20,7 @@ run interrupted during training starts that run over). ``--publish DIR`` copies 
 
     python recipes/synthetic_ablation.py                  # --preset cpu: about 25 min on 2 cores
     python recipes/synthetic_ablation.py --preset gpu     # larger, for one GPU
+    python recipes/synthetic_ablation.py --preset flux2-cpu   # the FLUX.2 family, about 30 min
     python recipes/synthetic_ablation.py --smoke --output /tmp/ablation   # seconds
 
 Settings: ``--preset`` or ``--config`` YAML, then ``dotted.key=value`` overrides of its
@@ -55,7 +56,8 @@ from mosaic_kit.eval import (
 from mosaic_kit.training import MosaicTrainer, apply_overrides, config_from_dict
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-PRESETS = {"cpu": CONFIGS / "synthetic_cpu.yaml", "gpu": CONFIGS / "synthetic_gpu.yaml"}
+PRESETS = {"cpu": CONFIGS / "synthetic_cpu.yaml", "gpu": CONFIGS / "synthetic_gpu.yaml",
+           "flux2-cpu": CONFIGS / "synthetic_flux2_cpu.yaml"}  # the FLUX.2 family (docs/results/synthetic.md)
 SMOKE = [
     "ablation.seeds=[0]", "ablation.figure_sample=[2,0]", "ablation.sheet_num_refs=[2]",
     "eval.num_refs=[1,2]", "eval.attention_samples=2", "eval.sigmas=[0.5]", "eval.generation_samples=1",
