@@ -72,10 +72,12 @@ def image_ids(refs: int, size: int, ref_size: int):
     """``(1, N_tgt + K·N_ref, 4)`` (T, H, W, L) ids as the FLUX.2 pipelines build them."""
     import torch
 
+    from mosaic_kit.models.flux2 import FLUX2_REFERENCE_TIME_SCALE
+
     def grid(t: int, side: int) -> torch.Tensor:
         return torch.cartesian_prod(torch.tensor([t]), torch.arange(side), torch.arange(side), torch.tensor([0]))
 
-    parts = [grid(0, size // 16)] + [grid(10 * (k + 1), ref_size // 16) for k in range(refs)]
+    parts = [grid(0, size // 16)] + [grid(FLUX2_REFERENCE_TIME_SCALE * (k + 1), ref_size // 16) for k in range(refs)]
     return torch.cat(parts)[None]
 
 
