@@ -1,6 +1,7 @@
 """Inference pipelines (diffusers style) and tiny random pipelines for tests and demos.
 
-- `MosaicFluxPipeline`: prompt + K reference images → image, over a FLUX.1 base.
+- `MosaicFluxPipeline`: prompt + K reference images → image, over a FLUX.1 base (encoding and
+  decoding through its model family, `mosaic_kit.models.MosaicFluxFamily`).
 - `fit_on_white`, `load_reference_image`: the released reference preprocessing and input checks.
 - `tiny_flux_components`, `tiny_mosaic_pipeline`: tiny random pipelines built in code.
 """
