@@ -5,7 +5,6 @@ and no package imports another package's private modules or names."""
 from __future__ import annotations
 
 import ast
-import fnmatch
 from pathlib import Path
 
 import pytest
@@ -173,8 +172,6 @@ def test_a_planted_upward_or_private_import_is_caught(tmp_path):
 
 TESTS = ROOT / "tests"
 TOP_LEVEL_TESTS = {"test_architecture.py", "test_docs_site.py"}  # about the whole repository
-# issue 14's FLUX.2 tests (tests/test_*flux2*.py), to be moved into the folders by their owner
-KNOWN_TOP_LEVEL = "test_*flux2*.py"
 
 
 def test_tests_mirror_the_package_folders():
@@ -183,7 +180,7 @@ def test_tests_mirror_the_package_folders():
     for path in sorted(TESTS.rglob("test_*.py")):
         relative = path.relative_to(TESTS)
         if len(relative.parts) == 1:
-            if path.name not in TOP_LEVEL_TESTS and not fnmatch.fnmatch(path.name, KNOWN_TOP_LEVEL):
+            if path.name not in TOP_LEVEL_TESTS:
                 misplaced.append(relative.as_posix())
         elif relative.parts[0] not in folders:
             misplaced.append(relative.as_posix())

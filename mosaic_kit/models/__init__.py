@@ -13,6 +13,9 @@
   (`FluxCaptureProcessor`, `Flux2CaptureProcessor`, `Flux2ParallelCaptureProcessor`,
   `SD3CaptureProcessor`, `QwenCaptureProcessor`): MOSAIC's capture on stock diffusers DiTs that
   put the references in the target's sequence (Kontext, FLUX.2, SD3 in-context, Qwen-Image-Edit).
+- `Flux2Family` (`flux2.py`): FLUX.2 [klein]/[dev] behind the same boundary, laid out exactly as the
+  stock `Flux2KleinPipeline`/`Flux2Pipeline` (in-sequence references, a plain peft LoRA that the stock
+  pipelines load with `load_lora_weights`).
 - `PixelAutoencoder`: pixel space behind the VAE interface, for CPU-sized experiments.
 - `mosaic_kit.models.testing`: tiny random transformers and inputs.
 """
@@ -51,9 +54,27 @@ from .insequence import (
     SequenceLayout,
     install_capture_processors,
 )
+from .flux2 import (
+    FLUX2_ADAPTER,
+    FLUX2_LORA_FILE,
+    FLUX2_LORA_TARGETS,
+    FLUX2_REFERENCE_TIME_SCALE,
+    Flux2Denoiser,
+    Flux2Family,
+    add_flux2_lora,
+    flux2_lora_target_modules,
+)
 from .pixel import PixelAutoencoder
 
 __all__ = [
+    "FLUX2_ADAPTER",
+    "FLUX2_LORA_FILE",
+    "FLUX2_LORA_TARGETS",
+    "FLUX2_REFERENCE_TIME_SCALE",
+    "Flux2Denoiser",
+    "Flux2Family",
+    "add_flux2_lora",
+    "flux2_lora_target_modules",
     "CAPTURE_BLOCKS",
     "CaptureProcessors",
     "DEFAULT_ADAPTER",

@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 
 from mosaic_kit.models.flux2 import Flux2Family  # noqa: E402
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "flux_mosaic_infer.py"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "flux_mosaic_infer.py"
 
 
 def load_recipe():

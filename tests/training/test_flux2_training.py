@@ -18,7 +18,7 @@ from diffusers import Flux2KleinPipeline  # noqa: E402
 from mosaic_kit.pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_components  # noqa: E402
 from mosaic_kit.training import MosaicTrainer, config_from_dict  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "tiny_flux2_cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "tiny_flux2_cpu.yaml"
 
 
 def _config(tmp_path, **train):

@@ -16,7 +16,7 @@ pytest.importorskip("diffusers")
 
 from mosaic_kit.models.flux2 import Flux2Family  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_bench():
