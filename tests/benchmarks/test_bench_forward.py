@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from helpers import load_script
 import torch
 
 pytest.importorskip("diffusers")
@@ -14,14 +13,10 @@ pytest.importorskip("diffusers")
 from mosaic_kit.models import MosaicFluxTransformer, add_reference_lora  # noqa: E402
 from mosaic_kit.models.testing import random_packed_inputs, tiny_flux_transformer  # noqa: E402
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_forward.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_forward", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_forward.py", "bench_forward")
 
 
 @pytest.mark.parametrize("sizes", [[(32, 32)], [(32, 32), (32, 32), (32, 32)]])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 import torch
 
 pytest.importorskip("diffusers")
@@ -20,10 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_flux2", ROOT / "benchmarks" / "bench_flux2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_flux2.py", "bench_flux2")
 
 
 @pytest.mark.parametrize("refs", [1, 3])

@@ -3,11 +3,10 @@ loaded by its own ``load_lora_weights``, the contact sheet with the references b
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_script
 import torch
 from PIL import Image
 
@@ -15,22 +14,13 @@ pytest.importorskip("diffusers")
 
 from mosaic_kit.models.flux2 import Flux2Family  # noqa: E402
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "flux_mosaic_infer.py"
 
 
 def load_recipe():
-    spec = importlib.util.spec_from_file_location("flux_mosaic_infer", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("recipes/flux_mosaic_infer.py", "flux_mosaic_infer")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 def test_flux2_writes_image_and_sheet_and_the_lora_changes_the_output(tmp_path):

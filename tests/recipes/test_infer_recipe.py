@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 from PIL import Image
 
 pytest.importorskip("diffusers")
@@ -18,10 +18,7 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "flux_mosaic_infer.py
 
 
 def load_recipe():
-    spec = importlib.util.spec_from_file_location("flux_mosaic_infer", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("recipes/flux_mosaic_infer.py", "flux_mosaic_infer")
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
