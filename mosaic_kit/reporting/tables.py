@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..utils.atomic import write_text_atomic
+
 __all__ = ["PeakMemory", "format_table", "hardware_info", "run_in_fresh_process", "write_report"]
 
 
@@ -152,8 +154,6 @@ def write_report(report: dict, path: str | os.PathLike) -> Path:
         >>> json.loads(out.read_text())
         {'ok': True}
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+    path = write_text_atomic(path, json.dumps(report, indent=2))
     print(f"\nwrote {path}")
     return path

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..utils.atomic import save_image_atomic
+from ..utils.atomic import atomic_write, save_image_atomic
 from ..utils.images import tensor_to_pil
 
 log = logging.getLogger("mosaic_kit.reporting")
@@ -164,7 +164,6 @@ def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
         ax.legend(fontsize=8, loc="upper left")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda stream: fig.savefig(stream, dpi=100, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path
