@@ -7,12 +7,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from ..utils.atomic import atomic_write, save_image_atomic
 from ..utils.images import tensor_to_pil
+
+if TYPE_CHECKING:
+    from ..correspondence import Correspondences, TokenGrid
 
 log = logging.getLogger("mosaic_kit.reporting")
 
@@ -28,7 +32,7 @@ def _token_map(values: torch.Tensor, rows: int, cols: int, height: int, width: i
     return torch.nn.functional.interpolate(grid, size=(height, width), mode="nearest")[0, 0]
 
 
-def attention_panels(point_rows: torch.Tensor, corr, target_grid, target: torch.Tensor, sample: int = 0,
+def attention_panels(point_rows: torch.Tensor, corr: Correspondences, target_grid: TokenGrid, target: torch.Tensor, sample: int = 0,
                      ) -> list[tuple[Image.Image, Image.Image]]:
     """For each real reference of one sample: where its annotated points attend in the target (the
     captured attention, paper Fig. 6) and the true target region of those points.

@@ -19,6 +19,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,6 +37,11 @@ from .checkpoints import (
     verify_checkpoint,
     write_checkpoint_digest,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .trainer import MosaicTrainer
 
 log = logging.getLogger("mosaic_kit.training")
 
@@ -78,7 +84,7 @@ def _load_checkpoint_file(folder: Path, name: str, load: Callable[[Path], object
         raise CheckpointError(folder, name, f"cannot be loaded ({type(error).__name__}: {error})") from error
 
 
-def load_reference_lora_values(transformer, path: Path) -> None:
+def load_reference_lora_values(transformer: nn.Module, path: Path) -> None:
     """Copies LoRA tensors from a file into the existing adapter (keeps optimiser references).
 
     Args:
@@ -142,7 +148,7 @@ def check_state_finite(trainer) -> None:
                     f"is left as it was.") from error
 
 
-def save_training_checkpoint(trainer) -> Path:
+def save_training_checkpoint(trainer: MosaicTrainer) -> Path:
     """Writes ``checkpoints/step-N`` of a `MosaicTrainer` (what `MosaicTrainer.save_checkpoint` runs):
     every process writes its own files into ``checkpoints/.tmp-step-N``, process 0 the LoRA files,
     the EMA and the history, then the digest (last) and renames the folder; old checkpoints beyond
@@ -202,7 +208,7 @@ def save_training_checkpoint(trainer) -> Path:
     return final
 
 
-def load_training_checkpoint(trainer, which: str | os.PathLike) -> Path:
+def load_training_checkpoint(trainer: MosaicTrainer, which: str | os.PathLike) -> Path:
     """Restores a `MosaicTrainer` from a checkpoint (what `MosaicTrainer.load_checkpoint` runs):
     process 0 verifies the files against the digest (``"latest"``: the newest intact checkpoint)
     and every process loads the trainable weights, accelerate's states, its generators and data

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from torch.utils.data import Dataset
+
 from .config import TrainConfig
 
 
-def build_dataset(config: TrainConfig, validation: bool = False):
+def build_dataset(config: TrainConfig, validation: bool = False) -> Dataset:
     """The dataset a config names: the synthetic world (held-out identities for validation), the
     released layout or a manifest, optionally through the multi-subject composer.
 

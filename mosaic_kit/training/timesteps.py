@@ -28,8 +28,11 @@ def sample_sigmas(batch: int, generator: torch.Generator, image_seq_len: int | N
     through its model family (`mosaic_kit.models.ModelFamily.sample_sigmas`), the same numbers.
 
     Args:
-        batch, generator, mean, std: as in `mosaic_kit.models.logit_normal_sigmas`.
+        batch: how many sigmas.
+        generator: the random generator (CPU).
         image_seq_len: the number of target tokens, which sets ``μ`` (None: no shift).
+        mean: the logit-normal mean, as in `mosaic_kit.models.logit_normal_sigmas`.
+        std: the logit-normal standard deviation.
 
     Returns:
         ``(batch,)`` float32 sigmas in ``(0, 1)``.
