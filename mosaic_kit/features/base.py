@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..utils.checks import check_images, shape_str
-from ._checks import check_grid_size, resize_to_grid
+from ._checks import check_grid_size, check_images, resize_to_grid, shape_str
 
 __all__ = ["FeatureExtractor"]
 

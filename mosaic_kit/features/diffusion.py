@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.checks import check_int, check_size, shape_str
-from ._checks import require
+from ._checks import check_int, check_size, require, shape_str
 from .base import FeatureExtractor
 
 __all__ = ["DiffusionFeatures"]

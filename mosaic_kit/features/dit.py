@@ -8,8 +8,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..utils.checks import check_int
-from ._checks import require
+from ._checks import check_int, require
 from .diffusion import _HUB_KWARGS, _NoisedImageFeatures, _run_until
 
 __all__ = ["DiTFeatures"]
