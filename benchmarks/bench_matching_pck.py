@@ -41,6 +41,7 @@ import torch
 
 from mosaic_kit.features import parse_extractor_spec
 from mosaic_kit.reporting import format_table, hardware_info
+from mosaic_kit.utils import pil_to_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "dreambench"
@@ -79,8 +80,7 @@ def load_photo(path: Path, size: int) -> torch.Tensor:
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
-        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return data.view(size, size, 3).permute(2, 0, 1).float() / 255
+        return pil_to_tensor(image)
 
 
 def photo_seed(seed: int, subject: str, name: str) -> int:

@@ -10,7 +10,7 @@ Top-level names: `finite_checks` (a context manager that turns on the non-finite
 hot paths: capture, forward, losses), `finite_checks_enabled` and `check_finite`.
 """
 
-from .correspondence._finite import check_finite, finite_checks, finite_checks_enabled
+from .utils.finite import check_finite, finite_checks, finite_checks_enabled
 
 __all__ = ["check_finite", "finite_checks", "finite_checks_enabled"]
 

@@ -66,6 +66,7 @@ from mosaic_kit.correspondence import (
 from mosaic_kit.data import count_released_rows, decode_released_row, iter_released_rows, open_image, to_rgb
 from mosaic_kit.data import read_manifest as read_manifest_entries
 from mosaic_kit.features import build_extractor, parse_extractor_spec
+from mosaic_kit.utils import pil_to_tensor, save_image_atomic, tensor_to_pil, write_text_atomic
 
 log = logging.getLogger("build_correspondences")
 _RESERVED = {"settings", "drawings"}  # names the recipe writes itself (and ids starting "summary-")
@@ -115,9 +116,7 @@ def load_image(source: Path | Image.Image, size: int) -> torch.Tensor:
     """``(3, size, size)`` float image in [0, 1] from a path or a PIL image (16-bit, palette, CMYK and
     alpha images converted by `mosaic_kit.data.to_rgb`; too large or unreadable: ValueError)."""
     image = to_rgb(source) if isinstance(source, Image.Image) else to_rgb(open_image(source), str(source))
-    image = image.resize((size, size), Image.BICUBIC)
-    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return data.view(size, size, 3).permute(2, 0, 1).float() / 255
+    return pil_to_tensor(image.resize((size, size), Image.BICUBIC))
 
 
 def load_mask(path: Path | list[Path] | None, size: int) -> torch.Tensor | None:
@@ -127,8 +126,7 @@ def load_mask(path: Path | list[Path] | None, size: int) -> torch.Tensor | None:
     if isinstance(path, list):
         return torch.stack([load_mask(p, size) for p in path]).any(0)
     image = open_image(path).convert("L").resize((size, size), Image.NEAREST)  # refuses bombs by name
-    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    mask = data.view(1, size, size) > 0
+    mask = pil_to_tensor(image)[None] > 0
     if not bool(mask.any()):
         raise ValueError(f"empty mask {path}")
     return mask
@@ -192,14 +190,12 @@ def check_settings(args: argparse.Namespace) -> None:
                 "use another --out, the same settings, or --overwrite"
             )
         return
-    path.write_text(json.dumps(wanted, indent=2))
+    write_text_atomic(path, json.dumps(wanted, indent=2))
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
-    """Writes a ``(3, H, W)`` uint8 tensor as PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = image.permute(1, 2, 0).contiguous()
-    Image.frombytes("RGB", (array.shape[1], array.shape[0]), bytes(array.flatten().tolist())).save(path)
+    """Writes a ``(3, H, W)`` uint8 tensor as PNG (atomically)."""
+    save_image_atomic(tensor_to_pil(image), path)
 
 
 def process(sample: dict, extractors: list, args: argparse.Namespace, ref_grid: TokenGrid, tgt_grid: TokenGrid):
@@ -313,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         "failures": failures,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    (args.out / f"summary-{shard}of{shards}.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(args.out / f"summary-{shard}of{shards}.json", json.dumps(summary, indent=2))
     log.info("shard %d/%d: %d done, %d skipped, %d failed, %d pairs", shard, shards,
              counts["done"], counts["skipped"], counts["failed"], counts["points"])
     return summary

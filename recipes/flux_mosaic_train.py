@@ -12,6 +12,9 @@ Real runs (see docs/guide/training.md)::
     accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/flux_mosaic_train.py \\
         --config recipes/configs/flux_512.yaml data.root=/data/semalign-ms optim.lr=8e-5
 
+    accelerate launch --config_file recipes/accelerate/fsdp.yaml recipes/flux_mosaic_train.py \\
+        --config recipes/configs/flux_512.yaml ema_decay=null     # FSDP2: a base too large for one GPU
+
     python recipes/flux_mosaic_train.py --config recipes/configs/flux_512.yaml --resume latest
 
 Settings: ``--config`` YAML files (later ones win), then ``dotted.key=value`` overrides.

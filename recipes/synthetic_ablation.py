@@ -6,8 +6,8 @@ Trains a tiny pixel-space FLUX-architecture model with `MosaicTrainer` (the code
 subjects for K = 1…6 with `mosaic_kit.eval.evaluate_synthetic`, and writes, in the output folder:
 
 - ``runs/<setting>/seed<N>/``: the trainer's files (config, metrics.jsonl, loss curves, final
-  checkpoint, LoRA), ``transformer.safetensors`` (the whole trained transformer when the base
-  trains), ``eval.json`` (every score), ``figure.pt`` (the figure sample's attention maps);
+  checkpoint, LoRA), ``transformer.safetensors`` (the whole trained transformer:
+  ``train.model.trainable: all``), ``eval.json`` (every score), ``figure.pt`` (the figure sample's attention maps);
 - ``results.json`` (everything: per run, per K, per noise level, baselines, timings),
   ``records.csv`` (one line per scored sample), ``per_k.csv``;
 - ``table.md`` (the analogue of the paper's Table 3 and a per-noise-level table);
@@ -20,6 +20,7 @@ run interrupted during training starts that run over). ``--publish DIR`` copies 
 
     python recipes/synthetic_ablation.py                  # --preset cpu: about 25 min on 2 cores
     python recipes/synthetic_ablation.py --preset gpu     # larger, for one GPU
+    python recipes/synthetic_ablation.py --preset flux2-cpu   # the FLUX.2 family, about 30 min
     python recipes/synthetic_ablation.py --smoke --output /tmp/ablation   # seconds
 
 Settings: ``--preset`` or ``--config`` YAML, then ``dotted.key=value`` overrides of its
@@ -55,7 +56,8 @@ from mosaic_kit.eval import (
 from mosaic_kit.training import MosaicTrainer, apply_overrides, config_from_dict
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-PRESETS = {"cpu": CONFIGS / "synthetic_cpu.yaml", "gpu": CONFIGS / "synthetic_gpu.yaml"}
+PRESETS = {"cpu": CONFIGS / "synthetic_cpu.yaml", "gpu": CONFIGS / "synthetic_gpu.yaml",
+           "flux2-cpu": CONFIGS / "synthetic_flux2_cpu.yaml"}  # the FLUX.2 family (docs/results/synthetic.md)
 SMOKE = [
     "ablation.seeds=[0]", "ablation.figure_sample=[2,0]", "ablation.sheet_num_refs=[2]",
     "eval.num_refs=[1,2]", "eval.attention_samples=2", "eval.sigmas=[0.5]", "eval.generation_samples=1",
@@ -64,30 +66,10 @@ SMOKE = [
     "train.data.ref_size=32", "train.model.lora_rank=4",
     "train.model.tiny_overrides={num_layers: 1, num_single_layers: 1, num_attention_heads: 2, attention_head_dim: 16}",
 ]
-ABLATION_KEYS = {"output_dir", "seeds", "settings", "train_base", "threads", "figure_sample", "sheet_num_refs"}
+ABLATION_KEYS = {"output_dir", "seeds", "settings", "threads", "figure_sample", "sheet_num_refs"}
 ATTENTION_PLOT = ["hit_rate", "log_prob", "overlap", "own_mass"]
 FIDELITY_PLOT = ["denoise_mse", "ref_gain", "sample_ncc", "sample_colour", "sample_leakage"]
 SAMPLE_METRICS = ["sample_ncc", "sample_colour", "sample_leakage"]
-
-
-class AblationTrainer(MosaicTrainer):
-    """`MosaicTrainer`, optionally training the whole transformer instead of only the LoRA.
-
-    The tiny model's base weights are random: frozen, they cannot denoise, and only the reference
-    LoRA would learn. With ``train_base`` every transformer weight joins the optimiser (and EMA);
-    everything else, the forward, the objective and the capture included, is the trainer's own.
-    """
-
-    def __init__(self, config, train_base: bool) -> None:
-        super().__init__(config)
-        self.train_base = bool(train_base)
-
-    def _build_models(self) -> None:
-        super()._build_models()
-        if self.train_base:
-            transformer = self.pipe.transformer
-            transformer.requires_grad_(True)
-            self.lora_parameters = list(transformer.parameters())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,6 +91,9 @@ def load_settings(args: argparse.Namespace) -> dict:
         raise ValueError(f"Expected {path} to hold the sections ablation, eval and train, but got {sorted(values)}.")
     values = apply_overrides(values, (SMOKE if args.smoke else []) + list(args.overrides))
     ablation = values.get("ablation") or {}
+    if "train_base" in ablation:
+        raise ValueError("`ablation.train_base` is now the training setting `train.model.trainable` (lora or all); "
+                         f"got ablation.train_base = {ablation['train_base']!r}.")
     unknown = set(ablation) - ABLATION_KEYS
     if unknown:
         raise ValueError(f"Unknown settings in `ablation`: {sorted(unknown)}; expected among {sorted(ABLATION_KEYS)}.")
@@ -144,7 +129,7 @@ def train_and_evaluate(name: str, seed: int, settings: dict, run_dir: Path) -> d
     trained = (run_dir / "summary.json").is_file() and weights.is_file()
     if not trained and run_dir.exists():
         shutil.rmtree(run_dir)  # an interrupted run starts over (checkpoints hold the LoRA only)
-    trainer = AblationTrainer(config, ablation.get("train_base", True))
+    trainer = MosaicTrainer(config)
     start = time.perf_counter()
     if trained:
         trainer.setup()
@@ -159,7 +144,7 @@ def train_and_evaluate(name: str, seed: int, settings: dict, run_dir: Path) -> d
         train_seconds = summary["seconds"]
     figure_sample = tuple(ablation.get("figure_sample") or ()) or None
     eval_start = time.perf_counter()
-    result = evaluate_synthetic(trainer.pipe, trainer.encode_batch, settings["eval"], figure_sample=figure_sample,
+    result = evaluate_synthetic(trainer.family, settings["eval"], figure_sample=figure_sample,
                                 progress=lambda line: print(f"  [{name} seed {seed}] {line}", flush=True))
     eval_seconds = time.perf_counter() - eval_start
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

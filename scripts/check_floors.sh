@@ -45,6 +45,6 @@ PY
 
 # The model and pipeline tests, and the trainer's smoke and data tests (accelerate).
 "$FLOOR_VENV/bin/python" -m pytest -q -p no:cacheprovider \
-    tests/test_models_flux.py tests/test_pipeline.py tests/test_tiny_components.py tests/test_hardening_models.py
-"$FLOOR_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_training.py \
+    tests/models/test_models_flux.py tests/pipelines/test_pipeline.py tests/pipelines/test_tiny_components.py tests/models/test_hardening_models.py
+"$FLOOR_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/training/test_training.py \
     -k "two_step_smoke or crash_while or trains_on"

@@ -1,8 +1,11 @@
-"""Random correspondence batches and attention inputs for the tests."""
+"""Random correspondence batches and attention inputs for the tests; loading a recipe or benchmark
+script as a module."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
+from pathlib import Path
 
 import torch
 
@@ -59,3 +62,15 @@ def random_qk(
         for _ in range(blocks)
     ]
     return queries, keys
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str, name: str | None = None):
+    """Imports a script of the repository (``recipes/x.py``, ``benchmarks/y.py``) as a module."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..correspondence._checks import compute_dtype
+from ..utils.checks import compute_dtype
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..correspondence._checks import compute_dtype
+from ..utils.checks import compute_dtype
 
 
 def xformers_available() -> bool:

@@ -30,14 +30,14 @@ import torch
 from torch.autograd.function import FunctionCtx
 
 from ..correspondence import Correspondences
-from ..correspondence._checks import (
+from ..utils.checks import (
     check_floating,
     check_int,
     check_option,
     check_shape,
     compute_dtype,
 )
-from ..correspondence._finite import check_finite
+from ..utils.finite import check_finite
 from ._chunked import Plan, TargetSoftmaxStats
 from ._fused import FusedPairStats
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..correspondence import Correspondences
-from ..correspondence._checks import check_shape
+from ..utils.checks import check_shape
 from .capture import _in_backward_pass
 
 

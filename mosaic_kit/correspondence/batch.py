@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._checks import check_int, check_int_list, check_int_pair, check_shape
+from ..utils.checks import check_int, check_int_list, check_int_pair, check_shape
 from .grid import TokenGrid
 
 __all__ = ["Correspondences"]

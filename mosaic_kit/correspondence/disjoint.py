@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_option
+from ..utils.checks import check_option
 from .batch import Correspondences, check_correspondences
 
 __all__ = ["DISJOINT_POLICIES", "contested_tokens", "enforce_disjoint", "find_conflicts", "is_disjoint"]

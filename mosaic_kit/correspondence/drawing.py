@@ -9,7 +9,8 @@ try:
 except ImportError:  # kornia < 0.8.3
     from kornia.utils import draw_line
 
-from ._checks import check_int, check_shape
+from ..utils.checks import check_int, check_shape
+from ..utils.images import to_uint8
 
 __all__ = ["draw_matches"]
 
@@ -76,4 +77,4 @@ def draw_matches(
         start = torch.minimum(left_xy[i].cpu().floor().long().clamp_min(0), limits_left)
         end = torch.minimum(right_xy[i].cpu().floor().long().clamp_min(0), limits_right) + torch.tensor([offset, 0])
         draw_line(canvas, start, end, colour)
-    return (canvas * 255).round().to(torch.uint8)
+    return to_uint8(canvas)

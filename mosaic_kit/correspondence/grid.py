@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_int, check_int_pair
+from ..utils.checks import check_int, check_int_pair
 
 __all__ = ["TokenGrid"]
 

@@ -6,7 +6,8 @@
   ``{ref_token: tgt_token}`` dicts (keys become strings in JSON; `Correspondences.from_dicts`
   accepts them).
 
-Both writers are atomic: they write a temporary file beside the destination, then rename it.
+Both writers are atomic (`mosaic_kit.utils.atomic_write`): a temporary file beside the destination,
+fsynced, then renamed over it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..utils.atomic import atomic_write
 from .batch import Correspondences, check_correspondences
 
 __all__ = ["FORMAT_VERSION", "load_correspondences", "load_released_dicts", "save_correspondences", "save_released_dicts"]
@@ -27,23 +28,6 @@ FORMAT_VERSION = 1
 """Version of the project's correspondence file format."""
 
 _TENSORS = ("ref_index", "tgt_index", "point_mask", "ref_present")
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600 files; use the usual mode
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save_correspondences(corr: Correspondences, path: str | os.PathLike) -> None:
@@ -66,7 +50,7 @@ def save_correspondences(corr: Correspondences, path: str | os.PathLike) -> None
     payload["ref_tokens"] = torch.tensor(corr.ref_tokens, dtype=torch.long)
     payload["tgt_tokens"] = torch.tensor(corr.tgt_tokens, dtype=torch.long)
     payload["format_version"] = torch.tensor(FORMAT_VERSION)
-    _atomic_write(Path(path), lambda stream: torch.save(payload, stream))
+    atomic_write(path, lambda stream: torch.save(payload, stream))
 
 
 def load_correspondences(path: str | os.PathLike) -> Correspondences:
@@ -124,7 +108,7 @@ def save_released_dicts(corr: Correspondences, path: str | os.PathLike) -> None:
     """
     check_correspondences("corr", corr)
     text = json.dumps(corr.to_dicts())
-    _atomic_write(Path(path), lambda stream: stream.write(text.encode()))
+    atomic_write(path, lambda stream: stream.write(text.encode()))
 
 
 def load_released_dicts(path: str | os.PathLike) -> list[list[dict[int, int]]]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_floating, check_option, check_shape, compute_dtype
+from ..utils.checks import check_floating, check_option, check_shape, compute_dtype
 from .batch import Correspondences
 from .disjoint import DISJOINT_POLICIES, enforce_disjoint
 from .grid import TokenGrid

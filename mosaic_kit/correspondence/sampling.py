@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_int, check_int_pair, check_option
+from ..utils.checks import check_int, check_int_pair, check_option
 from .batch import Correspondences, check_correspondences
 from .grid import TokenGrid
 

@@ -34,7 +34,7 @@ from kornia.enhance import (
 from kornia.geometry.linalg import transform_points as _kornia_transform_points
 from kornia.geometry.transform import get_perspective_transform, warp_perspective
 
-from ._checks import (
+from ..utils.checks import (
     check_floating,
     check_int,
     check_int_pair,

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..correspondence._checks import check_int
+from ..utils.checks import check_int
+from ..utils.images import pil_to_tensor as _pil_to_tensor
 
 __all__ = [
     "ALPHA_BACKGROUND", "MAX_IMAGE_PIXELS", "as_size", "load_mask", "load_rgb", "open_image", "pil_to_tensor",
@@ -155,10 +156,7 @@ def to_rgb(image: Image.Image, where: str = "image") -> Image.Image:
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """``(3, H, W)`` float in ``[0, 1]`` from a PIL image (converted with `to_rgb`)."""
-    image = to_rgb(image)
-    width, height = image.size
-    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return data.view(height, width, 3).permute(2, 0, 1).float().div_(255)
+    return _pil_to_tensor(to_rgb(image))
 
 
 def load_rgb(source: str | Path | Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from ..correspondence import Correspondences, TokenGrid, enforce_disjoint
-from ..correspondence._checks import check_int, check_option
+from ..utils.checks import check_int, check_option
 from ._images import as_size, resize_image, resize_mask, scale_pairs
 from .sample import MultiSubjectSample
 

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from ..correspondence import Correspondences, TokenGrid, enforce_disjoint
-from ..correspondence._checks import check_int, check_option
+from ..utils.checks import check_int, check_option
 from ._images import as_size, resize_image, resize_mask
 from .sample import MultiSubjectSample
 

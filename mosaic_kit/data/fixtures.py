@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from ..correspondence._checks import check_int
+from ..utils.checks import check_int
 from .released import REFERENCE_BOX, TARGET_BOX, _parquet, released_uid
 
 __all__ = ["DEFAULT_SUBJECTS", "fixture_coordinates", "make_manifest_fixture", "make_released_fixture"]

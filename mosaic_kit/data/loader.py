@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..correspondence._checks import check_int
+from ..utils.checks import check_int
 from .bad import BadDataTally, BadSample, log
 from .composer import _seed_for
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from PIL import UnidentifiedImageError
 
-from ..correspondence._checks import check_int, check_option
+from ..utils.checks import check_int, check_option
 from ._images import as_size, load_mask, load_rgb, resize_mask, scale_pairs
 from .bad import BadSample
 from .released import (

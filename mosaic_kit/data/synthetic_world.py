@@ -38,7 +38,6 @@ random state is neither used nor changed.
 from __future__ import annotations
 
 import math
-import numbers
 import random
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
@@ -49,7 +48,9 @@ from kornia.geometry.transform import warp_affine
 from torch.utils.data import Dataset
 
 from ..correspondence import PhotometricJitter, draw_matches
-from ..correspondence._checks import check_real
+from ..utils.atomic import save_image_atomic
+from ..utils.checks import check_int, check_real
+from ..utils.images import tensor_to_pil, to_uint8
 from ..correspondence.synthetic import colour_jitter
 from .sample import MultiSubjectSample
 
@@ -109,17 +110,6 @@ _MASK = (1 << 64) - 1
 
 
 # ----------------------------------------------------------------------------- small helpers
-def _check_int(name: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"Expected `{name}` to be an integer, but got {value!r}.")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"Expected `{name}` >= {minimum}, but got {value}.")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"Expected `{name}` <= {maximum}, but got {value}.")
-    return value
-
-
 def _check_range(name: str, value: object, low: float, high: float) -> tuple[float, float]:
     if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(f"Expected `{name}` to be a pair (low, high), but got {value!r}.")
@@ -289,7 +279,7 @@ def subject_descriptor(identity: int) -> SubjectDescriptor:
         >>> bool((subject_descriptor(12).palette >= 0).all() and (subject_descriptor(12).palette <= 1).all())
         True
     """
-    return _descriptor(_check_int("identity", identity, minimum=0))
+    return _descriptor(check_int("identity", identity, minimum=0))
 
 
 _SCALARS = (
@@ -416,8 +406,8 @@ def render_subject(identity: int, size: int) -> torch.Tensor:
         (torch.Size([4, 32, 32]), 1.0, 0.0)
         >>> on_white = rgba[:3] * rgba[3:] + (1 - rgba[3:])
     """
-    identity = _check_int("identity", identity, minimum=0)
-    size = _check_int("size", size, minimum=1)
+    identity = check_int("identity", identity, minimum=0)
+    size = check_int("size", size, minimum=1)
     return _render(_pack([_descriptor(identity)]), size)[0]
 
 
@@ -507,10 +497,10 @@ class SyntheticWorldConfig:
         def put(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
 
-        put("image_size", _check_int("image_size", self.image_size, minimum=8))
-        put("ref_size", _check_int("ref_size", self.ref_size, minimum=8))
-        put("min_refs", _check_int("min_refs", self.min_refs, minimum=1, maximum=MAX_SUBJECTS))
-        put("max_refs", _check_int("max_refs", self.max_refs, maximum=MAX_SUBJECTS))
+        put("image_size", check_int("image_size", self.image_size, minimum=8))
+        put("ref_size", check_int("ref_size", self.ref_size, minimum=8))
+        put("min_refs", check_int("min_refs", self.min_refs, minimum=1, maximum=MAX_SUBJECTS))
+        put("max_refs", check_int("max_refs", self.max_refs, maximum=MAX_SUBJECTS))
         if self.max_refs < self.min_refs:
             raise ValueError(f"Expected `max_refs` >= `min_refs` ({self.min_refs}), but got {self.max_refs}.")
         identity_range = self.identity_range
@@ -518,20 +508,20 @@ class SyntheticWorldConfig:
             identity_range
         ) != 2:
             raise ValueError(f"Expected `identity_range` to be a pair (start, stop), but got {identity_range!r}.")
-        start = _check_int("identity_range[0]", identity_range[0], minimum=0)
-        stop = _check_int("identity_range[1]", identity_range[1], minimum=0)
+        start = check_int("identity_range[0]", identity_range[0], minimum=0)
+        stop = check_int("identity_range[1]", identity_range[1], minimum=0)
         if stop - start < self.max_refs:
             raise ValueError(
                 f"Expected `identity_range` to hold at least max_refs = {self.max_refs} identities, "
                 f"but got {identity_range!r}."
             )
         put("identity_range", (start, stop))
-        put("seed", _check_int("seed", self.seed, minimum=0))
+        put("seed", check_int("seed", self.seed, minimum=0))
         if self.canonical_size is None:
             put("canonical_size", max(2 * self.ref_size, self.image_size))
         else:
-            put("canonical_size", _check_int("canonical_size", self.canonical_size, minimum=8))
-        put("grid_points", _check_int("grid_points", self.grid_points, minimum=1))
+            put("canonical_size", check_int("canonical_size", self.canonical_size, minimum=8))
+        put("grid_points", check_int("grid_points", self.grid_points, minimum=1))
         put("ref_scale_range", _check_range("ref_scale_range", self.ref_scale_range, 0.0, 2.0))
         if self.ref_scale_range[0] <= 0:
             raise ValueError(f"Expected `ref_scale_range` > 0, but got {self.ref_scale_range!r}.")
@@ -710,7 +700,7 @@ class SyntheticWorld:
             True
         """
         config = self._config
-        index = _check_int("index", index, minimum=0)
+        index = check_int("index", index, minimum=0)
         start, stop = config.identity_range
         rng = random.Random(_mix(config.seed, index))
         generator = torch.Generator().manual_seed(_mix(config.seed, index, 1))
@@ -718,7 +708,7 @@ class SyntheticWorld:
         if num_refs is None:
             count = drawn
         else:
-            count = _check_int("num_refs", num_refs, minimum=1, maximum=min(MAX_SUBJECTS, stop - start))
+            count = check_int("num_refs", num_refs, minimum=1, maximum=min(MAX_SUBJECTS, stop - start))
         identities = rng.sample(range(start, stop), count)
         descriptors = [_descriptor(identity) for identity in identities]
         paint_order = list(range(count))
@@ -850,17 +840,17 @@ class SyntheticDataset(Dataset):
         if not isinstance(world, SyntheticWorld):
             raise ValueError(f"Expected `world` to be a SyntheticWorld, but got {type(world).__name__}.")
         self.world = world
-        self.length = _check_int("length", length, minimum=1)
+        self.length = check_int("length", length, minimum=1)
         if num_refs is not None:
             start, stop = world.config.identity_range
-            num_refs = _check_int("num_refs", num_refs, minimum=1, maximum=min(MAX_SUBJECTS, stop - start))
+            num_refs = check_int("num_refs", num_refs, minimum=1, maximum=min(MAX_SUBJECTS, stop - start))
         self.num_refs = num_refs
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> MultiSubjectSample:
-        index = _check_int("index", index)
+        index = check_int("index", index)
         if not -self.length <= index < self.length:
             raise IndexError(f"Expected `index` in [{-self.length}, {self.length}), but got {index}.")
         return self.world.sample(index % self.length, num_refs=self.num_refs)
@@ -905,14 +895,13 @@ def save_example_sheet(
         >>> out.exists(), sheet.dtype, sheet.shape
         (True, torch.uint8, torch.Size([3, 32, 80]))
     """
-    from PIL import Image
 
     if config is None:
         config = SyntheticWorldConfig(image_size=192, ref_size=64)
     world = SyntheticWorld(config)
-    num_samples = _check_int("num_samples", num_samples, minimum=1)
-    num_refs = _check_int("num_refs", num_refs, minimum=1, maximum=len(_LINE_COLOURS))
-    lines_per_reference = _check_int("lines_per_reference", lines_per_reference, minimum=0)
+    num_samples = check_int("num_samples", num_samples, minimum=1)
+    num_refs = check_int("num_refs", num_refs, minimum=1, maximum=len(_LINE_COLOURS))
+    lines_per_reference = check_int("lines_per_reference", lines_per_reference, minimum=0)
     size, ref_size = config.image_size, config.ref_size
     height = max(size, num_refs * ref_size)
     rows = []
@@ -939,7 +928,7 @@ def save_example_sheet(
         else:
             left, right, palette = torch.zeros(0, 2), torch.zeros(0, 2), torch.zeros(0, 3)
         drawn = draw_matches(stack, target, left, right, max_lines=len(left), colours=palette)
-        rows.append(torch.cat((drawn, (masks * 255).round().to(torch.uint8)), dim=2))
+        rows.append(torch.cat((drawn, to_uint8(masks)), dim=2))
     gap = torch.full((3, 4, rows[0].shape[2]), 255, dtype=torch.uint8)
     parts = []
     for i, row in enumerate(rows):
@@ -947,7 +936,5 @@ def save_example_sheet(
             parts.append(gap)
         parts.append(row)
     sheet = torch.cat(parts, dim=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sheet.permute(1, 2, 0).numpy()).save(path)
+    save_image_atomic(tensor_to_pil(sheet), path)
     return sheet

@@ -24,6 +24,7 @@ the paper's Table 1) and contact sheets. See `docs/evaluation.md` and `recipes/e
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -37,6 +38,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..utils.atomic import save_image_atomic, write_text_atomic
 from .crops import (
     DEFAULT_CROP_SIZES,
     DEFAULT_CROP_STRIDE,
@@ -412,20 +414,6 @@ def _open_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def _save_atomic(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def generate_case_images(
     pipe: Any,
     bench: DreamBench,
@@ -505,7 +493,7 @@ def generate_case_images(
         images = getattr(output, "images", None)
         if not images or not isinstance(images[0], Image.Image):
             raise ValueError(f"Expected the pipeline to return `.images` with a PIL image, but got {type(output).__name__}.")
-        _save_atomic(images[0], path)
+        save_image_atomic(images[0], path)
     return paths
 
 
@@ -717,7 +705,7 @@ def check_run_settings(out_dir: str | Path, settings: dict, *, overwrite: bool =
                 "or overwrite."
             )
         return
-    _write_text_atomic(path, json.dumps(wanted, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(wanted, indent=2) + "\n")
 
 
 def _case_rows(case_results: list[dict]) -> list[dict]:
@@ -752,7 +740,7 @@ def _write_sheets(
         sheet_rows = [SheetRow(f"{name} ({subject.class_name}): photos", [_open_rgb(p) for p in subject.image_paths])]
         sheet_rows += [SheetRow(caption(result), [], outputs(result)) for result in rows]
         path = sheets_dir / "single" / f"{name}.png"
-        _save_atomic(contact_sheet(sheet_rows, thumb_size=thumb_size, title=f"DreamBench single-subject: {name}"), path)
+        save_image_atomic(contact_sheet(sheet_rows, thumb_size=thumb_size, title=f"DreamBench single-subject: {name}"), path)
         written.append(path)
     multis = [result for result in results if result["setting"] == "multi"]
     if multis:
@@ -764,7 +752,7 @@ def _write_sheets(
                 photos.append(_open_rgb(paths[min(reference_index, len(paths) - 1)]))
             sheet_rows.append(SheetRow(caption(result) + "\nsubjects: " + ", ".join(result["subjects"]), photos, outputs(result)))
         path = sheets_dir / "multi.png"
-        _save_atomic(contact_sheet(sheet_rows, thumb_size=thumb_size, title="DreamBench multi-subject"), path)
+        save_image_atomic(contact_sheet(sheet_rows, thumb_size=thumb_size, title="DreamBench multi-subject"), path)
         written.append(path)
     return written
 
@@ -886,15 +874,16 @@ def evaluate_cases(
             cache=cache,
         )
         result["images"] = [p.relative_to(images_root).as_posix() for p in paths]
-        _write_text_atomic(path, json.dumps(result, indent=1) + "\n")
+        write_text_atomic(path, json.dumps(result, indent=1) + "\n")
         results.append(result)
         done += 1
 
-    with open(out_dir / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(_CSV_COLUMNS))
-        writer.writeheader()
-        writer.writerows(_case_rows(results))
-    _write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(_CSV_COLUMNS))
+    writer.writeheader()
+    writer.writerows(_case_rows(results))
+    write_text_atomic(out_dir / "results.csv", table.getvalue())
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
     summary = summarize(results)
     summary.update(
         {
@@ -907,9 +896,9 @@ def evaluate_cases(
             "generation": asdict(generation) if pipe is not None else None,
         }
     )
-    _write_text_atomic(out_dir / "summary.md", summary_markdown(summary, crop_sizes=crop_sizes, crop_stride=crop_stride))
+    write_text_atomic(out_dir / "summary.md", summary_markdown(summary, crop_sizes=crop_sizes, crop_stride=crop_stride))
     if sheets and results:
         written = _write_sheets(bench, results, images_root, out_dir / "sheets", generation.reference_index, thumb_size)
         summary["sheets"] = [p.relative_to(out_dir).as_posix() for p in written]
-    _write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..correspondence import Correspondences, TokenGrid
-from ..correspondence._checks import (
+from ..utils.checks import (
     check_floating,
     check_int,
     check_option,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_grid_size, check_images, resize_to_grid, shape_str
+from ..utils.checks import check_images, shape_str
+from ._checks import check_grid_size, resize_to_grid
 
 __all__ = ["FeatureExtractor"]
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_int, check_size, require
+from ..utils.checks import check_int, check_size
+from ._checks import require
 from .base import FeatureExtractor
 
 __all__ = ["DINOv2"]

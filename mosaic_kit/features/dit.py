@@ -8,7 +8,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ._checks import check_int, require
+from ..utils.checks import check_int
+from ._checks import require
 from .diffusion import _HUB_KWARGS, _NoisedImageFeatures, _run_until
 
 __all__ = ["DiTFeatures"]

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._checks import shape_str
+from ..utils.checks import shape_str
 from .base import FeatureExtractor
 
 __all__ = ["Precomputed"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from kornia.color import rgb_to_grayscale
 from kornia.feature import SIFTDescriptor
 
-from ._checks import check_int, shape_str
+from ..utils.checks import check_int, shape_str
 from .base import FeatureExtractor
 
 __all__ = ["DenseSIFT"]

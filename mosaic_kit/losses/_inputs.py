@@ -17,8 +17,8 @@ import torch
 
 from ..attention import CaptureResult
 from ..correspondence import Correspondences
-from ..correspondence._checks import check_floating, check_shape, compute_dtype
-from ..correspondence._finite import check_finite
+from ..utils.checks import check_floating, check_shape, compute_dtype
+from ..utils.finite import check_finite
 
 
 def _same_points(a: Correspondences, b: Correspondences) -> bool:

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..attention import AGGREGATES, CaptureResult
 from ..correspondence import Correspondences
-from ..correspondence._checks import check_option
+from ..utils.checks import check_option
 from ._inputs import check_inputs, ref_rows
 from ._reduce import batch_mean, check_eps
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..attention import CaptureResult
 from ..correspondence import Correspondences
-from ..correspondence._checks import check_option
+from ..utils.checks import check_option
 from ._inputs import check_inputs, check_no_exact_zero, pair_log_probs
 from ._reduce import batch_mean, check_eps
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from ..attention import AGGREGATES, CaptureResult
 from ..correspondence import Correspondences
-from ..correspondence._checks import check_floating, check_int, check_option, check_shape, compute_dtype
-from ..correspondence._finite import check_finite
+from ..utils.checks import check_floating, check_int, check_option, check_shape, compute_dtype
+from ..utils.finite import check_finite
 from ._mdl import MDL_DIVERGENCES, mdl
 from ._reduce import check_eps
 from ._scal import SCAL_REDUCTIONS, scal

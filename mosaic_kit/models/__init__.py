@@ -1,6 +1,9 @@
 """FLUX with K reference images and the reference LoRA (needs the ``flux`` extra: diffusers, peft).
 
-- `MosaicFluxTransformer`: the multi-reference forward over a stock diffusers
+- `ModelFamily`, `ModelInputs`, `TokenLayout`, `TRAINABLE`, `logit_normal_sigmas`: the model
+  boundary (`family.py`) that the trainer, the pipelines and the evaluation use; one
+  implementation per model family. `MosaicFluxFamily`: FLUX.1 with multi-branch references.
+- `MosaicFluxTransformer` (package `flux/`, split by job): the multi-reference forward over a stock diffusers
   `FluxTransformer2DModel` (eq. 4-7), feeding `mosaic_kit.attention.RefTargetCapture`.
 - `add_reference_lora`, `load_reference_lora`, `save_reference_lora`: the reference LoRA through
   peft, in diffusers' LoRA safetensors layout (released checkpoints load unchanged); files the
@@ -10,10 +13,14 @@
   (`FluxCaptureProcessor`, `Flux2CaptureProcessor`, `Flux2ParallelCaptureProcessor`,
   `SD3CaptureProcessor`, `QwenCaptureProcessor`): MOSAIC's capture on stock diffusers DiTs that
   put the references in the target's sequence (Kontext, FLUX.2, SD3 in-context, Qwen-Image-Edit).
+- `Flux2Family` (`flux2.py`): FLUX.2 [klein]/[dev] behind the same boundary, laid out exactly as the
+  stock `Flux2KleinPipeline`/`Flux2Pipeline` (in-sequence references, a plain peft LoRA that the stock
+  pipelines load with `load_lora_weights`).
 - `PixelAutoencoder`: pixel space behind the VAE interface, for CPU-sized experiments.
 - `mosaic_kit.models.testing`: tiny random transformers and inputs.
 """
 
+from .family import TRAINABLE, ModelFamily, ModelInputs, TokenLayout, check_trainable, logit_normal_sigmas
 from .flux import (
     CAPTURE_BLOCKS,
     DEFAULT_ADAPTER,
@@ -21,6 +28,7 @@ from .flux import (
     REFERENCE_ATTENTION,
     REFERENCE_LORA_TARGETS,
     MosaicFluxAttnProcessor,
+    MosaicFluxFamily,
     MosaicFluxTransformer,
     ReferenceKVCache,
     add_reference_lora,
@@ -46,9 +54,27 @@ from .insequence import (
     SequenceLayout,
     install_capture_processors,
 )
+from .flux2 import (
+    FLUX2_ADAPTER,
+    FLUX2_LORA_FILE,
+    FLUX2_LORA_TARGETS,
+    FLUX2_REFERENCE_TIME_SCALE,
+    Flux2Denoiser,
+    Flux2Family,
+    add_flux2_lora,
+    flux2_lora_target_modules,
+)
 from .pixel import PixelAutoencoder
 
 __all__ = [
+    "FLUX2_ADAPTER",
+    "FLUX2_LORA_FILE",
+    "FLUX2_LORA_TARGETS",
+    "FLUX2_REFERENCE_TIME_SCALE",
+    "Flux2Denoiser",
+    "Flux2Family",
+    "add_flux2_lora",
+    "flux2_lora_target_modules",
     "CAPTURE_BLOCKS",
     "CaptureProcessors",
     "DEFAULT_ADAPTER",
@@ -58,17 +84,24 @@ __all__ = [
     "LORA_DIGEST_KEY",
     "REFERENCE_ATTENTION",
     "REFERENCE_LORA_TARGETS",
+    "ModelFamily",
+    "ModelInputs",
     "MosaicFluxAttnProcessor",
+    "MosaicFluxFamily",
     "MosaicFluxTransformer",
     "PixelAutoencoder",
     "QwenCaptureProcessor",
     "ReferenceKVCache",
     "SD3CaptureProcessor",
     "SequenceLayout",
+    "TRAINABLE",
+    "TokenLayout",
     "add_reference_lora",
+    "check_trainable",
     "install_capture_processors",
     "latent_image_ids",
     "load_reference_lora",
+    "logit_normal_sigmas",
     "lora_state_digest",
     "pack_latents",
     "read_lora_file",

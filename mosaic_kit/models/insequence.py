@@ -41,7 +41,7 @@ from diffusers.models.transformers import transformer_qwenimage as _qwen
 
 from ..attention import RefTargetCapture
 from ..correspondence import Correspondences
-from ..correspondence._checks import check_int
+from ..utils.checks import check_int
 
 __all__ = [
     "CaptureProcessors",

@@ -1,8 +1,11 @@
 """Inference pipelines (diffusers style) and tiny random pipelines for tests and demos.
 
-- `MosaicFluxPipeline`: prompt + K reference images → image, over a FLUX.1 base.
+- `MosaicFluxPipeline`: prompt + K reference images → image, over a FLUX.1 base (encoding and
+  decoding through its model family, `mosaic_kit.models.MosaicFluxFamily`).
 - `fit_on_white`, `load_reference_image`: the released reference preprocessing and input checks.
 - `tiny_flux_components`, `tiny_mosaic_pipeline`: tiny random pipelines built in code.
+- `tiny_flux2_components`, `tiny_flux2_pipeline`, `tiny_qwen_tokenizer`, `Flux2PixelAutoencoder`: the
+  same for FLUX.2 [klein] (tokenizer included, no downloads).
 """
 
 from .pipeline import (
@@ -13,8 +16,10 @@ from .pipeline import (
     load_reference_image,
 )
 from .tiny import tiny_flux_components, tiny_mosaic_pipeline
+from .tiny_flux2 import Flux2PixelAutoencoder, tiny_flux2_components, tiny_flux2_pipeline, tiny_qwen_tokenizer
 
 __all__ = [
+    "Flux2PixelAutoencoder",
     "OUTPUT_TYPES",
     "MosaicFluxPipeline",
     "MosaicFluxPipelineOutput",
@@ -22,4 +27,7 @@ __all__ = [
     "load_reference_image",
     "tiny_flux_components",
     "tiny_mosaic_pipeline",
+    "tiny_flux2_components",
+    "tiny_flux2_pipeline",
+    "tiny_qwen_tokenizer",
 ]

@@ -15,14 +15,10 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from ..correspondence._finite import check_finite
 from ..data import open_image, to_rgb
-from ..models import (
-    MosaicFluxTransformer,
-    load_reference_lora,
-    pack_latents,
-    reference_position_ids,
-)
+from ..models import MosaicFluxFamily, MosaicFluxTransformer, load_reference_lora
+from ..utils.finite import check_finite
+from ..utils.images import tensor_to_pil
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 """Allowed values of ``output_type`` in `MosaicFluxPipeline.__call__`."""
@@ -104,8 +100,7 @@ def load_reference_image(image: ImageInput, index: int) -> Image.Image:
             raise ValueError(f"Expected `{name}` as a (3, H, W) float tensor in [0, 1], but got {tuple(image.shape)}.")
         if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
             raise ValueError(f"Expected `{name}` with finite values in [0, 1].")
-        array = (image.detach().cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        return Image.fromarray(array)
+        return tensor_to_pil(image)
     raise ValueError(f"Expected `{name}` to be a PIL image, a path, an array or a tensor, but got {type(image).__name__}.")
 
 
@@ -114,8 +109,10 @@ class MosaicFluxPipeline(FluxPipeline):
 
     Built like any diffusers FLUX pipeline: ``MosaicFluxPipeline.from_pretrained(path_or_id,
     torch_dtype=torch.bfloat16)`` or ``MosaicFluxPipeline(**components)``; then
-    ``load_mosaic_weights(lora_file)``. The transformer stays the stock diffusers model; the
-    multi-reference forward is `mosaic_kit.models.MosaicFluxTransformer`.
+    ``load_mosaic_weights(lora_file)``. The transformer stays the stock diffusers model; encoding,
+    the multi-reference forward and decoding go through the model family `family`
+    (`mosaic_kit.models.MosaicFluxFamily`); the pipeline keeps the reference preprocessing, the
+    initial noise and the scheduler loop.
 
     Attributes:
         max_references: the most references one call accepts (default 8).
@@ -135,15 +132,33 @@ class MosaicFluxPipeline(FluxPipeline):
     reference_adapter: str = "mosaic"
 
     @property
+    def family(self) -> MosaicFluxFamily:
+        """The model boundary over this pipeline (`mosaic_kit.models.MosaicFluxFamily`): encoding,
+        the multi-reference forward and decoding. Built on first use with the released settings,
+        routing the adapter named `reference_adapter` to reference tokens; a trainer sets its own
+        (``pipe.family = MosaicFluxFamily(pipe, capture_blocks="all")``) so samples use its settings."""
+        family = getattr(self, "_family", None)
+        if (family is None or family.transformer is not self.transformer
+                or family.reference_adapter != self.reference_adapter):
+            family = MosaicFluxFamily(self, reference_adapter=self.reference_adapter)
+            self._family = family
+        return family
+
+    @family.setter
+    def family(self, family: MosaicFluxFamily) -> None:
+        if not isinstance(family, MosaicFluxFamily) or family.pipe is not self:
+            raise ValueError(
+                "Expected `family` to be a MosaicFluxFamily built over this pipeline (`MosaicFluxFamily(pipe, ...)`), "
+                f"but got {type(family).__name__}{'' if not isinstance(family, MosaicFluxFamily) else ' over another pipeline'}."
+            )
+        self.reference_adapter = family.reference_adapter
+        self._family = family
+
+    @property
     def mosaic_transformer(self) -> MosaicFluxTransformer:
-        """The multi-reference wrapper of ``self.transformer`` (built on first use), routing the
+        """The multi-reference wrapper of ``self.transformer`` (``self.family.model``), routing the
         adapter named `reference_adapter` to reference tokens."""
-        wrapper = self.__dict__.get("_mosaic_transformer")
-        if (wrapper is None or wrapper.transformer is not self.transformer
-                or wrapper.reference_adapter != self.reference_adapter):
-            wrapper = MosaicFluxTransformer(self.transformer, reference_adapter=self.reference_adapter)
-            self.__dict__["_mosaic_transformer"] = wrapper
-        return wrapper
+        return self.family.model
 
     def load_mosaic_weights(self, path: str | os.PathLike, adapter_name: str = "mosaic") -> None:
         """Loads a MOSAIC reference LoRA (diffusers LoRA safetensors, e.g. the released
@@ -216,7 +231,8 @@ class MosaicFluxPipeline(FluxPipeline):
     def encode_references(
         self, references: Sequence[Image.Image], ref_size: int, batch: int
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-        """VAE-encodes preprocessed references (latent mode, as released) into packed tokens.
+        """VAE-encodes preprocessed references (latent mode, as released) into packed tokens
+        (`MosaicFluxFamily.encode_references`).
 
         Args:
             references: K RGB ``ref_size × ref_size`` images.
@@ -226,16 +242,12 @@ class MosaicFluxPipeline(FluxPipeline):
         Returns:
             ``(tokens (batch, N_ref, C), ids (N_ref, 3), counts)``.
         """
-        device, dtype = self._execution_device, self.vae.dtype
-        pixels = self.image_processor.preprocess(list(references), height=ref_size, width=ref_size)
-        latents = self.vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist.mode()
-        latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-        tokens = pack_latents(latents)  # (K, n, C)
-        counts = (tokens.shape[1],) * tokens.shape[0]
-        tokens = tokens.reshape(1, -1, tokens.shape[-1]).expand(batch, -1, -1)
-        ids = reference_position_ids([(ref_size, ref_size)] * len(references), ref_size, device=device,
-                                     pixels_per_token=2 * self.vae_scale_factor)
-        return tokens.to(self.transformer.dtype), ids, counts
+        encoded = self.family.encode_references(self._reference_pixels(references, ref_size), batch)
+        return encoded["reference_tokens"], encoded["reference_ids"], encoded["reference_token_counts"]
+
+    def _reference_pixels(self, references: Sequence[Image.Image], ref_size: int) -> torch.Tensor:
+        """``(K, 3, ref_size, ref_size)`` in ``[-1, 1]`` (diffusers' image processor)."""
+        return self.image_processor.preprocess(list(references), height=ref_size, width=ref_size)
 
     @torch.no_grad()
     def __call__(
@@ -298,16 +310,15 @@ class MosaicFluxPipeline(FluxPipeline):
                 stacklevel=2,
             )
         device = self._execution_device
-        model = self.mosaic_transformer
+        family = self.family
         batch = num_images_per_prompt
 
-        prompt_embeds, pooled, text_ids = self.encode_prompt(
-            prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=batch,
-            max_sequence_length=max_sequence_length,
+        inputs = family.encode_prompt_and_references(
+            prompt, self._reference_pixels(references, ref_size), (height, width), num_images_per_prompt=batch,
+            max_sequence_length=max_sequence_length, reference_guidance=reference_guidance,
         )
-        ref_tokens, ref_ids, counts = self.encode_references(references, ref_size, batch)
-        target, target_ids = self.prepare_latents(
-            batch, self.transformer.config.in_channels // 4, height, width, prompt_embeds.dtype, device, generator, latents
+        target, _ = self.prepare_latents(
+            batch, family.token_channels // 4, height, width, family.dtype, device, generator, latents
         )
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         config = self.scheduler.config
@@ -316,43 +327,23 @@ class MosaicFluxPipeline(FluxPipeline):
             config.get("base_shift", 0.5), config.get("max_shift", 1.15),
         )
         timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((batch,), float(guidance_scale), device=device, dtype=torch.float32)
-
-        references_kwargs = {
-            "reference_tokens": ref_tokens, "reference_ids": ref_ids, "reference_token_counts": counts,
-        }
         if use_reference_cache:
-            cache = model.build_reference_cache(
-                ref_tokens, ref_ids, pooled, counts, guidance=guidance, reference_guidance=reference_guidance
-            )
-            references_kwargs = {"reference_cache": cache}
+            inputs = family.cache_references(inputs, guidance=guidance_scale)
 
         self.scheduler.set_begin_index(0)
         with self.progress_bar(total=len(timesteps), disable=not progress) as bar:
             for t in timesteps:
-                velocity = model(
-                    target_tokens=target,
-                    text_embeddings=prompt_embeds,
-                    pooled_embeddings=pooled,
-                    timestep=t.expand(batch).to(target.dtype) / 1000,  # FluxPipeline's rounding order
-                    target_ids=target_ids,
-                    text_ids=text_ids,
-                    guidance=guidance,
-                    reference_guidance=reference_guidance,
-                    **references_kwargs,
-                )
+                timestep = t.expand(batch).to(target.dtype) / 1000  # FluxPipeline's rounding order
+                velocity = family.forward(inputs, target, timestep, guidance=guidance_scale)
                 target = self.scheduler.step(velocity, t, target, return_dict=False)[0]
                 bar.update()
 
         if output_type == "latent":
             images = target
         else:
-            latents = self._unpack_latents(target, height, width, self.vae_scale_factor)
-            latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-            decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
-            images = self.image_processor.postprocess(decoded, output_type=output_type)
+            decoded = family.decode(target, height, width)  # [0, 1]
+            images = self.image_processor.postprocess(decoded, output_type=output_type,
+                                                      do_denormalize=[False] * decoded.shape[0])
         self.maybe_free_model_hooks()
         return MosaicFluxPipelineOutput(images=images, references=references)
 

@@ -2,12 +2,19 @@
 
 - `TrainConfig` (and its sections), `load_config`: YAML configs with ``dotted.key=value``
   overrides, validated.
-- `MosaicTrainer`: the accelerate training loop with exact resume; `NonFiniteTrainingError` when a
-  loss term or the gradient norm goes NaN or inf.
+- `MosaicTrainer` (``trainer``): the accelerate training loop with exact resume;
+  `NonFiniteTrainingError` when a loss term or the gradient norm goes NaN or inf.
+- ``checkpointing``: what a trainer checkpoint holds, `save_training_checkpoint`,
+  `load_training_checkpoint`, `load_reference_lora_values`, the file names (`LORA_FILE`, ...).
+- ``fsdp``: FSDP2 with every ``nn.Linear`` its own unit (`shard_linear_units`; the ``fsdp`` setting
+  or ``recipes/accelerate/fsdp.yaml``), LoRA-only checkpoints that resume exactly.
+- ``datasets``: `build_dataset`, the data set a config names (the trainer builds its loader around it).
 - Checkpoints that cannot lie: `write_checkpoint_digest`, `verify_checkpoint`,
   `latest_intact_checkpoint`, `list_checkpoints`, `publish_checkpoint`, `remove_checkpoint`,
   `clean_stale_checkpoints`, `CheckpointError` (see ``docs/reliability.md``).
-- `sample_sigmas`, `flux_shift_mu`: flow-matching timesteps (logit-normal, resolution shift).
+- ``timesteps``: `sample_sigmas`, `flux_shift_mu`: flow-matching timesteps (diffusers' logit-normal
+  density and ``calculate_shift``).
+- `plot_loss_curves` lives in `mosaic_kit.reporting` (importable here too).
 """
 
 from .checkpoints import (
@@ -22,10 +29,23 @@ from .checkpoints import (
     verify_checkpoint,
     write_checkpoint_digest,
 )
+from .checkpointing import (
+    EMA_LORA_FILE,
+    LORA_FILE,
+    RAW_LORA_FILE,
+    TRAINABLE_FILE,
+    TRAINER_STATE_FILE,
+    NonFiniteTrainingError,
+    load_reference_lora_values,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from .config import (
     DATA_KINDS,
     LR_SCHEDULES,
     MIXED_PRECISION,
+    TRAINABLE,
+    check_fsdp_config,
     DataConfig,
     ModelConfig,
     ObjectiveConfig,
@@ -36,20 +56,30 @@ from .config import (
     config_to_dict,
     load_config,
 )
-from .trainer import (
-    MosaicTrainer,
-    NonFiniteTrainingError,
-    build_dataset,
-    flux_shift_mu,
-    plot_loss_curves,
-    sample_sigmas,
-)
+from ..reporting.training import plot_loss_curves
+from .datasets import build_dataset
+from .fsdp import FSDP_OPTIMIZER_FILE, shard_linear_units
+from .timesteps import flux_shift_mu, sample_sigmas
+from .trainer import MosaicTrainer, TrainingForward
 
 __all__ = [
     "CHECKPOINT_PREFIX",
     "DIGEST_FILE",
     "CheckpointError",
+    "EMA_LORA_FILE",
+    "FSDP_OPTIMIZER_FILE",
+    "check_fsdp_config",
+    "shard_linear_units",
+    "LORA_FILE",
     "NonFiniteTrainingError",
+    "RAW_LORA_FILE",
+    "TRAINABLE",
+    "TRAINABLE_FILE",
+    "TRAINER_STATE_FILE",
+    "TrainingForward",
+    "load_reference_lora_values",
+    "load_training_checkpoint",
+    "save_training_checkpoint",
     "clean_stale_checkpoints",
     "latest_intact_checkpoint",
     "list_checkpoints",

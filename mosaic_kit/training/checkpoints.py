@@ -32,6 +32,8 @@ import shutil
 import warnings
 from pathlib import Path
 
+from ..utils.atomic import TEMPORARY_PREFIX, fsync_dir, write_text_atomic
+
 __all__ = [
     "CHECKPOINT_PREFIX",
     "DIGEST_FILE",
@@ -53,7 +55,7 @@ CHECKPOINT_PREFIX = "step-"
 DIGEST_FILE = "checkpoint_digest.json"
 """The file written last into every checkpoint: ``{"format": 1, "files": {name: {"sha256", "bytes"}}}``."""
 
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = TEMPORARY_PREFIX
 _TRASH_PREFIX = ".trash-"
 _CHUNK = 1 << 20
 
@@ -98,14 +100,6 @@ def _files(folder: Path) -> list[Path]:
                   and not p.name.startswith(_TMP_PREFIX))
 
 
-def _fsync_dir(folder: Path) -> None:
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
 def write_checkpoint_digest(folder: str | os.PathLike) -> dict:
     """Makes every file in ``folder`` durable, then writes `DIGEST_FILE` (atomically, last).
 
@@ -129,13 +123,7 @@ def write_checkpoint_digest(folder: str | os.PathLike) -> dict:
             os.fsync(handle.fileno())
         files[path.relative_to(folder).as_posix()] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
     digest = {"format": 1, "files": files}
-    partial = folder / f"{_TMP_PREFIX}{DIGEST_FILE}"
-    with open(partial, "w") as handle:
-        json.dump(digest, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, folder / DIGEST_FILE)
-    _fsync_dir(folder)
+    write_text_atomic(folder / DIGEST_FILE, json.dumps(digest, indent=1, sort_keys=True))  # fsyncs the folder too
     return digest
 
 
@@ -294,7 +282,7 @@ def remove_checkpoint(folder: str | os.PathLike) -> None:
     if trash.exists():
         shutil.rmtree(trash)
     os.replace(folder, trash)
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
     shutil.rmtree(trash)
 
 
@@ -322,7 +310,7 @@ def publish_checkpoint(tmp: str | os.PathLike, final: str | os.PathLike) -> Path
     if final.exists():
         remove_checkpoint(final)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..correspondence._checks import check_option
+from ..models.family import TRAINABLE
+from ..utils.checks import check_option
 
 DATA_KINDS = ("synthetic", "released", "manifest")
 """Allowed ``data.kind`` values."""
@@ -25,11 +26,18 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
     return field(default=default, metadata={"help": text})
 
 
+MODEL_FAMILIES = ("flux1", "flux2")
+"""Allowed ``model.family`` values."""
+
+
 @dataclass
 class ModelConfig:
     """The FLUX model and its reference LoRA."""
 
-    base: str | None = _help("FLUX.1 base: local folder or hub id; null builds a tiny random model", None)
+    family: str = _help(
+        "model family: flux1 (FLUX.1, references in their own branch, as released) or flux2 (FLUX.2 [klein] / "
+        "[dev] through the stock pipeline's layout, references in the target's sequence; docs/guide/flux2.md)", "flux1")
+    base: str | None = _help("base pipeline: local folder or hub id; null builds a tiny random model", None)
     tiny_seed: int = _help("seed of the tiny random model (base: null)", 0)
     tiny_overrides: dict = _help("tiny model: FluxTransformer2DModel config entries to change", factory=dict)
     pixel_space: int | None = _help("tiny model: pixel space with this factor instead of a random VAE", None)
@@ -39,8 +47,13 @@ class ModelConfig:
     capture_blocks: str = _help("blocks feeding SCAL/MDL: double (released) or all", "double")
     gradient_checkpointing: bool = _help("diffusers gradient checkpointing of the transformer blocks", True)
     init_lora: str | None = _help("start from this LoRA file (e.g. the released checkpoint)", None)
+    trainable: str = _help(
+        "what trains: lora (the reference LoRA; the base stays frozen) or all (every transformer weight "
+        "too, e.g. a tiny random model whose base cannot denoise)", "lora")
 
     def __post_init__(self) -> None:
+        check_option("model.family", self.family, MODEL_FAMILIES)
+        check_option("model.trainable", self.trainable, TRAINABLE)
         check_option("model.reference_attention", self.reference_attention, ("isolated", "full"))
         check_option("model.capture_blocks", self.capture_blocks, ("double", "all"))
         if self.base is not None and (self.tiny_overrides or self.pixel_space):
@@ -141,6 +154,10 @@ class TrainConfig:
         "run the first N steps with mosaic_kit.finite_checks() on: a NaN or inf in a query, key, attention "
         "map, prediction or loss term raises a ValueError naming the tensor (one device sync per checked "
         "tensor); 0: off. The loss terms and the gradient norm are checked at every step regardless", 10)
+    fsdp: bool = _help(
+        "shard the transformer with FSDP2 (every nn.Linear its own unit; LoRA-only checkpoints). On GPUs "
+        "`accelerate launch --config_file recipes/accelerate/fsdp.yaml` turns it on; true also shards the "
+        "processes of a CPU (gloo) run. Needs model.trainable: lora and ema_decay: null", False)
     model: ModelConfig = _help("model", factory=ModelConfig)
     data: DataConfig = _help("data", factory=DataConfig)
     objective: ObjectiveConfig = _help("objective", factory=ObjectiveConfig)
@@ -159,6 +176,27 @@ class TrainConfig:
             raise ValueError(f"Expected `cpu_threads` to be a positive int or null, but got {self.cpu_threads!r}.")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"Expected `ema_decay` in (0, 1) or null, but got {self.ema_decay!r}.")
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"Expected `fsdp` to be true or false, but got {self.fsdp!r}.")
+        if self.fsdp:
+            check_fsdp_config(self)
+
+
+def check_fsdp_config(config: TrainConfig) -> None:
+    """Raises a ValueError naming the setting when ``config`` cannot train under FSDP.
+
+    Example:
+        >>> check_fsdp_config(config_from_dict({"ema_decay": 0.9}))
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `ema_decay: null` under FSDP (the EMA of sharded weights is not supported yet), but got 0.9.
+    """
+    if config.model.trainable != "lora":
+        raise ValueError(f"Expected `model.trainable: lora` under FSDP (checkpoints gather the trainable weights), "
+                         f"but got {config.model.trainable!r}.")
+    if config.ema_decay is not None:
+        raise ValueError(f"Expected `ema_decay: null` under FSDP (the EMA of sharded weights is not supported yet), "
+                         f"but got {config.ema_decay!r}.")
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "objective": ObjectiveConfig, "optim": OptimConfig}

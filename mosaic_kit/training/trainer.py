@@ -4,18 +4,26 @@ One optimisation step, per process and micro-batch:
 
 1. the next batch of good samples in the seeded, resumable order (`mosaic_kit.data.SkippingLoader`),
    caption and reference dropout from a seeded generator;
-2. frozen encoders: CLIP + T5 prompt embeddings, VAE latents (distribution mode, as released) of
-   the target and the K references, packed 2×2;
-3. flow matching: sigma from a logit-normal density with FLUX's resolution shift, noisy latents
-   ``(1 - σ)·x + σ·ε``, velocity target ``ε - x``;
-4. the multi-reference forward (`MosaicFluxTransformer`) feeding `RefTargetCapture` (and, on log
-   steps, `PointAttentionRows` for the alignment hit-rate);
+2. frozen encoders through the model boundary (`mosaic_kit.models.MosaicFluxFamily.encode_batch`):
+   CLIP + T5 prompt embeddings, VAE latents (distribution mode, as released) of the target and
+   the K references, packed 2×2;
+3. flow matching (the family's `sample_sigmas` and `noise`): sigma from diffusers' logit-normal
+   density with FLUX's resolution shift, noisy latents ``(1 - σ)·x + σ·ε``, velocity target ``ε - x``;
+4. the multi-reference forward (the family's `MosaicFluxTransformer`) feeding `RefTargetCapture`
+   (and, on log steps, `PointAttentionRows` for the alignment hit-rate);
 5. `MosaicObjective` (eq. 15), backward into the LoRA only, grad-norm clipping, AdamW, LR schedule,
    EMA of the LoRA weights.
 
 Every random draw comes from generators whose states are checkpointed (plus accelerate's RNG
 states), and the data position is saved with each checkpoint, so ``resume="latest"`` continues
-exactly as an uninterrupted run would.
+exactly as an uninterrupted run would. Each micro-batch slot of the global batch (process ×
+accumulation step) has its own noise and dropout generators, so P processes with A accumulated
+micro-batches draw what one process with P·A micro-batches draws.
+
+The jobs around the loop live in their own modules: `mosaic_kit.training.checkpointing` (what a
+checkpoint holds, save and resume), `mosaic_kit.training.datasets` (`build_dataset`),
+`mosaic_kit.training.fsdp` (FSDP2 sharding and its checkpoints), `mosaic_kit.training.timesteps`
+and `mosaic_kit.reporting` (loss curves, validation sheets, attention panels).
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,120 +41,37 @@ from pathlib import Path
 import torch
 
 from ..attention import PointAttentionRows, RefTargetCapture
-from .. import check_finite, finite_checks
+from .. import finite_checks
 from ..losses import MosaicObjective
 from ..models import (
+    ModelInputs,
+    MosaicFluxFamily,
     MosaicFluxTransformer,
-    add_reference_lora,
-    latent_image_ids,
-    load_reference_lora,
-    pack_latents,
     reference_lora_state_dict,
-    reference_position_ids,
     save_reference_lora,
     write_lora_file,
 )
-from .checkpoints import (
-    CHECKPOINT_PREFIX,
-    CheckpointError,
-    clean_stale_checkpoints,
-    latest_intact_checkpoint,
-    list_checkpoints,
-    publish_checkpoint,
-    remove_checkpoint,
-    verify_checkpoint,
-    write_checkpoint_digest,
+from .checkpointing import (
+    EMA_LORA_FILE,
+    LORA_FILE,
+    RAW_LORA_FILE,
+    TRAINER_STATE_FILE,
+    NonFiniteTrainingError,
+    check_state_finite,
+    load_reference_lora_values,
+    load_training_checkpoint,
+    save_training_checkpoint,
 )
-from .config import TrainConfig, config_to_dict
+from .checkpoints import CheckpointError, clean_stale_checkpoints, list_checkpoints, verify_checkpoint
+from .config import TrainConfig, check_fsdp_config, config_to_dict
+from .datasets import build_dataset
+from .fsdp import full_state, is_sharded, shard_linear_units
+from .timesteps import flux_shift_mu, sample_sigmas
+from ..reporting.training import attention_panels, plot_loss_curves, validation_sheet
+from ..utils.atomic import write_text_atomic
+from ..utils.images import tensor_to_pil
 
 log = logging.getLogger("mosaic_kit.training")
-
-TRAINER_STATE_FILE = "trainer_state.json"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-EMA_LORA_FILE = "ema_lora_weights.safetensors"
-RAW_LORA_FILE = "lora_parameters.safetensors"
-
-
-class NonFiniteTrainingError(FloatingPointError):
-    """Training stopped on a NaN or inf: names the step, the process and the term that went bad
-    (``flow_matching``, ``scal``, ``mdl``, the weighted total or the gradient norm), or the weight
-    that is not finite when a checkpoint was about to be written. Raised before the optimiser
-    step, so the weights and every saved checkpoint stay finite.
-
-    Example:
-        >>> raise NonFiniteTrainingError("step 3: `scal` is nan")
-        Traceback (most recent call last):
-        ...
-        mosaic_kit.training.trainer.NonFiniteTrainingError: step 3: `scal` is nan
-    """
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Writes ``path`` through a temporary file renamed into place (never a half-written file)."""
-    partial = path.with_name(f".tmp-{path.name}")
-    with open(partial, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-
-
-def _read_trainer_state(path: Path) -> dict:
-    state = json.loads(path.read_text())
-    if not isinstance(state, dict) or not {"step", "processes", "history"} <= set(state):
-        raise ValueError(f"expected a mapping with step, processes and history, but got {str(state)[:200]}")
-    return state
-
-
-def _load_checkpoint_file(folder: Path, name: str, load: Callable[[Path], object]):
-    """``load(folder / name)``, with any error re-raised as a `CheckpointError` naming both."""
-    try:
-        return load(folder / name)
-    except CheckpointError:
-        raise
-    except Exception as error:
-        raise CheckpointError(folder, name, f"cannot be loaded ({type(error).__name__}: {error})") from error
-
-
-def flux_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                  base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """FLUX's resolution-dependent shift ``μ`` (linear in the number of image tokens).
-
-    Example:
-        >>> round(flux_shift_mu(256), 3), round(flux_shift_mu(4096), 3)
-        (0.5, 1.15)
-    """
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * slope + (base_shift - slope * base_seq_len)
-
-
-def sample_sigmas(batch: int, generator: torch.Generator, image_seq_len: int | None, mean: float = 0.0,
-                  std: float = 1.0) -> torch.Tensor:
-    """Flow-matching noise levels: ``u = sigmoid(N(mean, std))`` (logit-normal), then FLUX's shift
-    ``σ = e^μ / (e^μ + 1/u - 1)`` for ``image_seq_len`` target tokens (None: no shift).
-
-    Args:
-        batch: how many.
-        generator: a CPU generator (advanced by ``batch`` normal draws).
-        image_seq_len: target tokens, for the shift.
-        mean: logit-normal mean.
-        std: logit-normal std.
-
-    Returns:
-        ``(batch,)`` float32 sigmas in ``(0, 1)``.
-
-    Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> s = sample_sigmas(1000, g, 1024)
-        >>> bool(((s > 0) & (s < 1)).all()), s.mean().item() > 0.5  # shifted towards noise
-        (True, True)
-    """
-    u = torch.sigmoid(torch.randn(batch, generator=generator) * std + mean)
-    if image_seq_len is None:
-        return u
-    mu = flux_shift_mu(image_seq_len)
-    return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
-
 
 class TrainingForward(torch.nn.Module):
     """What the accelerator wraps (DDP): the multi-reference forward *and* the capture statistics.
@@ -238,11 +162,23 @@ class MosaicTrainer:
         if cfg.cpu_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(cfg.cpu_threads)
         self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
+        from accelerate.utils import DistributedType
+
+        self.fsdp = cfg.fsdp or acc.distributed_type == DistributedType.FSDP
+        if acc.distributed_type == DistributedType.FSDP:
+            check_fsdp_config(cfg)
+            if acc.state.fsdp_plugin.fsdp_version != 2:
+                raise ValueError("Expected accelerate's FSDP version 2 (fsdp_version: 2, as in "
+                                 f"recipes/accelerate/fsdp.yaml), but got {acc.state.fsdp_plugin.fsdp_version}.")
         self._build_models()
         self._build_data()
         self._build_optimisation()
-        self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + acc.process_index)
-        self.dropout_generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 + acc.process_index)
+        # one noise and one dropout generator per micro-batch slot of the global batch (slot = process +
+        # processes x micro-batch): P processes x A micro-batches draw what P*A processes would draw
+        slots = [acc.process_index + acc.num_processes * micro for micro in range(cfg.gradient_accumulation)]
+        self.slot_generators = [(torch.Generator().manual_seed(cfg.seed * 1_000_003 + slot),
+                                 torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 + slot)) for slot in slots]
+        self.generator, self.dropout_generator = self.slot_generators[0]
         self.history: list[dict] = []
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -252,49 +188,62 @@ class MosaicTrainer:
                     partial.unlink()
             import yaml
 
-            _write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         acc.wait_for_everyone()
         if cfg.tracker:
             acc.init_trackers("mosaic", config=_flat_config(cfg))
         self._ready = True
 
     def _build_models(self) -> None:
+        from diffusers.training_utils import cast_training_params
+
         from ..pipelines import MosaicFluxPipeline
         from ..pipelines.tiny import tiny_flux_components
 
         cfg = self.config.model
-        if cfg.base is None:
-            pipe = MosaicFluxPipeline(**tiny_flux_components(
-                seed=cfg.tiny_seed, transformer_overrides=cfg.tiny_overrides, pixel_space=cfg.pixel_space))
+        if cfg.family == "flux2":  # FLUX.2: the stock pipeline's layout (mosaic_kit.models.flux2)
+            from ..models.flux2 import Flux2Family
+
+            options = {"capture_blocks": cfg.capture_blocks, "max_sequence_length": self._max_sequence_length()}
+            if cfg.base is None:
+                family = Flux2Family.tiny(seed=cfg.tiny_seed, transformer_overrides=cfg.tiny_overrides,
+                                          pixel_space=cfg.pixel_space, **options)
+            else:
+                family = Flux2Family.from_pretrained(cfg.base, torch_dtype=self.weight_dtype, **options)
+            pipe = family.pipe
         else:
-            pipe = MosaicFluxPipeline.from_pretrained(cfg.base, torch_dtype=self.weight_dtype)
-        pipe.set_progress_bar_config(disable=True)
-        transformer = pipe.transformer
+            if cfg.base is None:
+                pipe = MosaicFluxPipeline(**tiny_flux_components(
+                    seed=cfg.tiny_seed, transformer_overrides=cfg.tiny_overrides, pixel_space=cfg.pixel_space))
+            else:
+                pipe = MosaicFluxPipeline.from_pretrained(cfg.base, torch_dtype=self.weight_dtype)
+            pipe.set_progress_bar_config(disable=True)
+            # the model boundary: encoding, noising, the forward and the LoRA (validation samples too)
+            family = MosaicFluxFamily(pipe, reference_attention=cfg.reference_attention,
+                                      capture_blocks=cfg.capture_blocks, reference_adapter=pipe.reference_adapter,
+                                      max_sequence_length=self._max_sequence_length())
         if cfg.init_lora:
-            load_reference_lora(transformer, cfg.init_lora)
+            family.load_lora(cfg.init_lora)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)
-                add_reference_lora(transformer, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-        for name, param in transformer.named_parameters():
-            param.requires_grad_(".lora_" in name)
-        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            module.requires_grad_(False).eval()
+                family.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        family.set_trainable(cfg.trainable)  # the LoRA, or every transformer weight
+        for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                module.requires_grad_(False).eval()
         if self.weight_dtype == torch.float32:
             pipe.to(self.device)
         else:
             pipe.to(self.device, self.weight_dtype)
-        for param in transformer.parameters():  # LoRA weights train in float32
-            if param.requires_grad:
-                param.data = param.data.float()
+        transformer = family.transformer
+        cast_training_params(transformer, dtype=torch.float32)  # trainable weights train in float32
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.pipe = pipe
-        mosaic = MosaicFluxTransformer(
-            transformer, reference_attention=cfg.reference_attention, capture_blocks=cfg.capture_blocks
-        )
-        pipe.__dict__["_mosaic_transformer"] = mosaic  # validation samples use the same settings
-        self.model = TrainingForward(mosaic)
+        pipe.family = family
+        self.family = family
+        self.model = TrainingForward(family.model)
         self.lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
 
     def _build_data(self) -> None:
@@ -325,22 +274,21 @@ class MosaicTrainer:
             optimizer_cls = bnb.optim.AdamW8bit
         else:
             optimizer_cls = torch.optim.AdamW
+        if self.fsdp:  # shard before the optimiser sees the parameters (they become DTensor shards)
+            shard_linear_units(self.model, self.device.type, self.accelerator.num_processes)
+            self.lora_parameters = [p for p in self._transformer().parameters() if p.requires_grad]
         optimizer = optimizer_cls(self.lora_parameters, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay,
                                   eps=opt.eps)
         scheduler = get_scheduler(opt.schedule, optimizer, num_warmup_steps=opt.warmup_steps * self.accelerator.num_processes,
                                   num_training_steps=cfg.max_steps * self.accelerator.num_processes)
         self.objective = MosaicObjective.from_preset(cfg.objective.preset, **cfg.objective.overrides)
-        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
+        if self.fsdp:  # the sharded model and its optimiser stay out of accelerate (LoRA-only checkpoints)
+            self.optimizer = optimizer
+            self.lr_scheduler = self.accelerator.prepare(scheduler)
+        else:
+            self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
         from accelerate.utils import DistributedType
 
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            raise ValueError(
-                "FSDP is not supported by the trainer yet. The model side works with every nn.Linear as an "
-                "FSDP unit (exact forward and gradients, tests/test_fsdp.py), but FSDP units around whole "
-                "blocks are never gathered (the forward calls block submodules per stream), and accelerate's "
-                "save_state would write the whole base model under FSDP. Use DDP (multi_gpu.yaml) or "
-                "DeepSpeed ZeRO-2 (deepspeed_zero2.yaml)."
-            )
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             self._configure_deepspeed()
         self.ema = EMAModel(self.lora_parameters, decay=cfg.ema_decay) if cfg.ema_decay else None
@@ -359,38 +307,10 @@ class MosaicTrainer:
         ds.pop("train_batch_size", None)
 
     # -- one step ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_batch(self, batch) -> dict:
-        """Frozen encoders: prompt embeddings and packed latents of targets and references."""
-        pipe, device = self.pipe, self.device
-        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-            prompt=batch.captions, prompt_2=None, device=device, max_sequence_length=self._max_sequence_length()
-        )
-        vae = pipe.vae
-
-        def latents_of(images: torch.Tensor) -> torch.Tensor:
-            pixels = (images.to(device, vae.dtype) * 2 - 1)
-            latents = vae.encode(pixels).latent_dist.mode()
-            return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
-        target = latents_of(batch.targets)
-        b, k = batch.references.shape[:2]
-        refs = latents_of(batch.references.flatten(0, 1))
-        ref_tokens = pack_latents(refs).view(b, -1, refs.shape[1] * 4)
-        h, w = target.shape[-2:]
-        ref_h, ref_w = refs.shape[-2:]
-        counts = ((ref_h // 2) * (ref_w // 2),) * k
-        size = (ref_h * pipe.vae_scale_factor, ref_w * pipe.vae_scale_factor)
-        return {
-            "target": pack_latents(target).float(),
-            "target_ids": latent_image_ids(h // 2, w // 2, device=device),
-            "text_embeddings": prompt_embeds,
-            "pooled_embeddings": pooled,
-            "text_ids": text_ids,
-            "reference_tokens": ref_tokens,
-            "reference_ids": reference_position_ids([size] * k, device=device, pixels_per_token=2 * pipe.vae_scale_factor),
-            "reference_token_counts": counts,
-        }
+    def encode_batch(self, batch) -> ModelInputs:
+        """Frozen encoders through the model boundary (`MosaicFluxFamily.encode_batch`): prompt
+        embeddings, packed reference tokens and ids, and the clean packed target latents."""
+        return self.family.encode_batch(batch)
 
     def _max_sequence_length(self) -> int:
         return 512 if self.config.model.base else 32
@@ -403,25 +323,20 @@ class MosaicTrainer:
         cfg = self.config
         batch = apply_condition_dropout(batch, cfg.data.caption_dropout, cfg.data.image_dropout, self.dropout_generator)
         inputs = self.encode_batch(batch)
-        latents = inputs.pop("target")
+        latents = inputs.target
         bsz = latents.shape[0]
-        shift_len = latents.shape[1] if cfg.objective.resolution_shift else None
-        sigmas = sample_sigmas(bsz, self.generator, shift_len, cfg.objective.logit_mean, cfg.objective.logit_std)
+        layout = inputs.layout if cfg.objective.resolution_shift else None  # its target size sets the shift
+        sigmas = self.family.sample_sigmas(bsz, self.generator, layout, cfg.objective.logit_mean, cfg.objective.logit_std)
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
         sigmas = sigmas.to(self.device)
-        noisy = (1 - sigmas[:, None, None]) * latents + sigmas[:, None, None] * noise
+        noisy = self.family.noise(latents, noise, sigmas)
         corr = batch.corr.to(self.device)
         capture = None
         if self.objective.scal_weight(self.step) or self.objective.mdl_weight(self.step):
             capture = RefTargetCapture(corr, aggregate=self.objective.mdl_aggregate)
         rows = PointAttentionRows(corr) if log_step else None
         guidance = torch.full((bsz,), cfg.objective.guidance, device=self.device)
-        model_inputs = {
-            k: v.to(self.weight_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and "ids" not in k else v
-            for k, v in inputs.items()
-        }
-        model_inputs.update(target_tokens=noisy.to(self.weight_dtype), timestep=sigmas.to(self.weight_dtype),
-                            guidance=guidance)
+        model_inputs = self.family.model_kwargs(inputs, noisy, sigmas, guidance=guidance)
         with self.accelerator.autocast():
             prediction, attention = self.model(model_inputs, capture, [rows] if rows is not None else None)
         out = self.objective(prediction.float(), noise, latents, attention, corr if capture is not None else None,
@@ -505,6 +420,8 @@ class MosaicTrainer:
 
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", disable=not acc.is_local_main_process,
                    dynamic_ncols=True)
+        if self.step == 0:  # where attention starts, to compare with the last validation sheet
+            self.attention_sheet()
         batches = iter(self.loader)
         start = time.perf_counter()
         self.model.train()
@@ -512,7 +429,8 @@ class MosaicTrainer:
             log_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
             accum: dict[str, list] = {}
             checking = self.step < cfg.check_finite_steps  # hot-path checks in the first steps
-            for _ in range(cfg.gradient_accumulation):
+            for micro in range(cfg.gradient_accumulation):
+                self.generator, self.dropout_generator = self.slot_generators[micro]
                 batch = next(batches)
                 with acc.accumulate(self.model):
                     with finite_checks(True) if checking else contextlib.nullcontext():
@@ -533,16 +451,22 @@ class MosaicTrainer:
                             raise  # not reached: _stop_if_not_finite raised
                     grad_norm = None
                     if acc.sync_gradients:
-                        if cfg.optim.grad_clip > 0:
+                        if self.fsdp:  # DTensor gradients: torch's clipping reduces the norm over the shards
+                            grad_norm = torch.nn.utils.clip_grad_norm_(
+                                self.lora_parameters, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+                            grad_norm = grad_norm.full_tensor() if is_sharded(grad_norm) else grad_norm
+                        elif cfg.optim.grad_clip > 0:
                             grad_norm = acc.clip_grad_norm_(self.lora_parameters, cfg.optim.grad_clip)
                         else:
                             grad_norm = torch.linalg.vector_norm(
                                 torch.stack([p.grad.norm() for p in self.lora_parameters if p.grad is not None]))
                         if grad_norm is not None:  # DeepSpeed clips inside its own step
                             self._stop_if_not_finite({"grad_norm": torch.as_tensor(grad_norm)})
-                    self.optimizer.step()
+                    if acc.sync_gradients or not self.fsdp:  # accelerate's optimiser skips by itself
+                        self.optimizer.step()
                     self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    if acc.sync_gradients or not self.fsdp:
+                        self.optimizer.zero_grad(set_to_none=True)
                 for key, value in scalars.items():
                     accum.setdefault(key, []).append(value)
             if self.ema is not None:
@@ -604,60 +528,33 @@ class MosaicTrainer:
             NonFiniteTrainingError: when a LoRA weight (or its EMA) is NaN or inf: such a state is
                 never saved.
         """
-        acc = self.accelerator
-        root = self.output_dir / "checkpoints"
-        final = root / f"{CHECKPOINT_PREFIX}{self.step:07d}"
-        tmp = root / f".tmp-{CHECKPOINT_PREFIX}{self.step:07d}"
-        self._check_state_finite()
-        if acc.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left by a crash while saving this step
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        acc.wait_for_everyone()
-        # optimiser, LR schedule and RNG states of every process (accelerate); LoRA only, not the model
-        from accelerate.utils import DistributedType
-
-        extra = {"exclude_frozen_parameters": True} if acc.distributed_type == DistributedType.DEEPSPEED else {}
-        acc.save_state(str(tmp), safe_serialization=True, **extra)
-        rank = acc.process_index
-        torch.save({"generator": self.generator.get_state(), "dropout_generator": self.dropout_generator.get_state(),
-                    "loader": self.loader.state_dict()}, tmp / f"trainer_rank{rank}.pt")
-        if acc.is_main_process:
-            save_reference_lora(self._transformer(), tmp / LORA_FILE)  # for inference (alpha/rank folded in)
-            write_lora_file(reference_lora_state_dict(self._transformer()), tmp / RAW_LORA_FILE)  # for resume
-            if self.ema is not None:
-                torch.save(self.ema.state_dict(), tmp / "ema.pt")
-                self._save_ema_lora(tmp / EMA_LORA_FILE)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            with open(tmp / TRAINER_STATE_FILE, "w") as handle:
-                json.dump({"step": self.step, "processes": acc.num_processes, "history": self.history}, handle)
-            write_checkpoint_digest(tmp)  # fsyncs every file, then the digest, last
-            publish_checkpoint(tmp, final)
-            for old in list_checkpoints(root)[: -self.config.keep_checkpoints]:
-                remove_checkpoint(old)
-        acc.wait_for_everyone()
-        return final
+        return save_training_checkpoint(self)
 
     def _check_state_finite(self) -> None:
-        params = dict(self._transformer().named_parameters())
-        for name, param in params.items():
-            if param.requires_grad:
-                try:
-                    check_finite(name, param, force=True)
-                except ValueError as error:
-                    raise NonFiniteTrainingError(
-                        f"Refusing to save a checkpoint at step {self.step}: {error} The last saved checkpoint "
-                        f"is left as it was.") from error
-        if self.ema is not None:
-            for index, shadow in enumerate(self.ema.shadow_params):
-                try:
-                    check_finite(f"EMA shadow parameter {index}", shadow, force=True)
-                except ValueError as error:
-                    raise NonFiniteTrainingError(
-                        f"Refusing to save a checkpoint at step {self.step}: {error} The last saved checkpoint "
-                        f"is left as it was.") from error
+        check_state_finite(self)
+
+    def rank_state_dict(self) -> dict:
+        """This process's data position and generators (``trainer_rank{r}.pt`` of a checkpoint)."""
+        (generator, dropout), *more = self.slot_generators
+        state = {"generator": generator.get_state(), "dropout_generator": dropout.get_state(),
+                 "loader": self.loader.state_dict()}
+        if more:  # the generators of micro-batches 2.. (gradient accumulation)
+            state["micro_batch_generators"] = [[g.get_state(), d.get_state()] for g, d in more]
+        return state
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        """Restores what `rank_state_dict` returned."""
+        (generator, dropout), *more = self.slot_generators
+        generator.set_state(state["generator"])
+        dropout.set_state(state["dropout_generator"])
+        if more:
+            saved = state["micro_batch_generators"]
+            if len(saved) != len(more):
+                raise ValueError(f"expected generators of {len(more) + 1} micro-batches, but got {len(saved) + 1}")
+            for (g, d), (g_state, d_state) in zip(more, saved):
+                g.set_state(g_state.clone())  # its own storage: set_state reads from the storage's start
+                d.set_state(d_state.clone())
+        self.loader.load_state_dict(state["loader"])
 
     def _save_ema_lora(self, path: Path) -> None:
         params = self.lora_parameters
@@ -686,76 +583,19 @@ class MosaicTrainer:
                 checkpoint (or, for ``"latest"``, every checkpoint) is damaged, or a file cannot be loaded.
         """
         self.setup()
-        acc = self.accelerator
-        root = self.output_dir / "checkpoints"
-        required = (TRAINER_STATE_FILE, RAW_LORA_FILE, *(f"trainer_rank{r}.pt" for r in range(acc.num_processes)))
-        error = None
-        if acc.is_main_process:  # one process verifies, all use its choice
-            try:
-                if str(which) == "latest":
-                    path = latest_intact_checkpoint(root, required)
-                else:
-                    path = Path(which)
-                    verify_checkpoint(path, required)
-            except CheckpointError as raised:
-                error, path = (str(raised.folder), raised.file, raised.reason), None
-        else:
-            path = None
-        if acc.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            path, error = broadcast_object_list([path, error], from_process=0)
-        if error is not None:
-            raise CheckpointError(*error)
-        path = Path(path)
-        state = _load_checkpoint_file(path, TRAINER_STATE_FILE, _read_trainer_state)
-        if state["processes"] != acc.num_processes:
-            raise CheckpointError(
-                path, TRAINER_STATE_FILE, f"expected to resume with {state['processes']} processes (the checkpoint's), "
-                f"but got {acc.num_processes}")
-        from accelerate.utils import DistributedType
-
-        _load_checkpoint_file(path, RAW_LORA_FILE, lambda f: load_reference_lora_values(self._transformer(), f))
-        extra = {"load_module_strict": False} if acc.distributed_type == DistributedType.DEEPSPEED else {}
-        try:
-            acc.load_state(str(path), **extra)
-        except Exception as raised:  # names the folder; accelerate's message names the file
-            raise CheckpointError(path, None, "accelerate's load_state (optimizer.bin, scheduler.bin, random_states_*.pkl) "
-                                  f"failed ({type(raised).__name__}: {raised})") from raised
-        rank_file = f"trainer_rank{acc.process_index}.pt"
-        rank_state = _load_checkpoint_file(path, rank_file, lambda f: torch.load(f, weights_only=True))
-        try:
-            self.generator.set_state(rank_state["generator"])
-            self.dropout_generator.set_state(rank_state["dropout_generator"])
-            self.loader.load_state_dict(rank_state["loader"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as raised:
-            raise CheckpointError(path, rank_file, f"unusable trainer state ({type(raised).__name__}: {raised})") \
-                from raised
-        if self.ema is not None:
-            ema_state = _load_checkpoint_file(path, "ema.pt", lambda f: torch.load(f, weights_only=True))
-            try:
-                self.ema.load_state_dict(ema_state)
-            except (KeyError, TypeError, ValueError, RuntimeError) as raised:
-                raise CheckpointError(path, "ema.pt", f"unusable EMA state ({type(raised).__name__}: {raised})") \
-                    from raised
-            self.ema.to(self.device)
-        self.step = int(state["step"])
-        self.history = list(state["history"])
-        if acc.is_main_process:  # forget metrics logged after the checkpoint by the interrupted run
-            lines = [json.dumps(r) for r in self.history]
-            _write_text_atomic(self.output_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
-        log.info("resumed from %s at step %d", path, self.step)
-        return path
+        return load_training_checkpoint(self, which)
 
     # -- validation and the end --------------------------------------------------------------------
     def validate(self) -> Path | None:
-        """Writes ``samples/step-N.png``: references, ground truth and a sample per validation
-        item (EMA weights when enabled)."""
+        """Writes ``samples/step-N.png``: per validation item, references, ground truth and a sample
+        (EMA weights when enabled), then where each reference's annotated points attend in the
+        target (red) beside the true target region (green), as in the paper's Fig. 6
+        (`attention_sheet_rows`)."""
         acc = self.accelerator
-        if not acc.is_main_process or self.config.validation_samples < 1:
-            acc.wait_for_everyone()
+        if self.config.validation_samples < 1 or not (acc.is_main_process or self.fsdp):
+            acc.wait_for_everyone()  # FSDP: every process runs the forwards (the weights are sharded)
             return None
-        from ..eval.sheets import SheetRow, contact_sheet
+        from ..eval.sheets import SheetRow
 
         cfg = self.config
         pipe = self.pipe
@@ -766,23 +606,96 @@ class MosaicTrainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            for index in range(cfg.validation_samples):
+            for index in self._root_weights_gathered(range(cfg.validation_samples)):
                 sample = self.validation_dataset()[index]
-                refs = [_to_pil(r) for r in sample.references]
-                out = pipe(
-                    sample.caption, refs, height=cfg.data.target_size, width=cfg.data.target_size,
-                    ref_size=cfg.data.ref_size, num_inference_steps=cfg.validation_steps,
-                    generator=torch.Generator().manual_seed(index), max_sequence_length=self._max_sequence_length(),
-                    progress=False, guidance_scale=3.5,
-                )
-                rows.append(SheetRow(sample.caption, refs, [_to_pil(sample.target), out.images[0]]))
+                refs = [tensor_to_pil(r) for r in sample.references]
+                if cfg.model.family == "flux2":  # the stock FLUX.2 pipeline's own call
+                    image = self.family.sample(sample.caption, refs, cfg.data.target_size, cfg.data.target_size,
+                                               num_inference_steps=cfg.validation_steps,
+                                               generator=torch.Generator().manual_seed(index))
+                else:
+                    image = pipe(
+                        sample.caption, refs, height=cfg.data.target_size, width=cfg.data.target_size,
+                        ref_size=cfg.data.ref_size, num_inference_steps=cfg.validation_steps,
+                        generator=torch.Generator().manual_seed(index), max_sequence_length=self._max_sequence_length(),
+                        progress=False, guidance_scale=3.5,
+                    ).images[0]
+                rows.append(SheetRow(sample.caption, refs, [tensor_to_pil(sample.target), image]))
+                rows.extend(self.attention_sheet_rows(index))
         finally:
             if self.ema is not None:
                 self.ema.restore(self.lora_parameters)
             self.model.train(was_training)
-        path = self.output_dir / "samples" / f"step-{self.step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        contact_sheet(rows, thumb_size=128, title=f"step {self.step}: references | ground truth | sample").save(path)
+        path = None
+        if acc.is_main_process:
+            path = validation_sheet(rows, self.output_dir / "samples" / f"step-{self.step:07d}.png",
+                                    title=f"step {self.step}: references | ground truth | sample")
+        acc.wait_for_everyone()
+        return path
+
+    def _root_weights_gathered(self, items):
+        """Yields ``items`` with, under FSDP, the root unit's own weights (norms) gathered on every
+        process, so that the pipeline can call the transformer's submodules (each linear layer
+        gathers its own weights); resharded at the end."""
+        if not self.fsdp:
+            yield from items
+            return
+        root = self.accelerator.unwrap_model(self.model)
+        root.unshard()
+        try:
+            yield from items
+        finally:
+            root.reshard()
+
+    ATTENTION_SIGMA = 0.5
+    """The noise level of the validation attention panels."""
+
+    @torch.no_grad()
+    def attention_sheet_rows(self, index: int) -> list:
+        """The captured attention of validation item ``index`` (paper Fig. 6): one `SheetRow` whose
+        outputs are, per reference with annotated points, the mean attention of those points over the
+        target tokens (red on the dimmed ground truth; `mosaic_kit.reporting.attention_panels`) and
+        the true target region (green), at noise level `ATTENTION_SIGMA` with seeded noise. Uses no
+        training generator, so it never changes the run."""
+        from ..data import collate_samples
+        from ..eval.sheets import SheetRow
+
+        cfg = self.config
+        sample = self.validation_dataset()[index]
+        batch = collate_samples([sample], target_size=cfg.data.target_size, ref_size=cfg.data.ref_size,
+                                vae_scale_factor=self.pipe.vae_scale_factor)
+        if not bool(batch.corr.point_mask.any()):
+            return []
+        inputs = self.encode_batch(batch)
+        latents = inputs.target
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(index)).to(self.device)
+        sigma = torch.full((1,), self.ATTENTION_SIGMA, device=self.device)
+        point_rows = PointAttentionRows(batch.corr.to(self.device))
+        guidance = torch.full((1,), self.config.objective.guidance, device=self.device)
+        model_inputs = self.family.model_kwargs(inputs, self.family.noise(latents, noise, sigma), sigma, guidance=guidance)
+        with self.accelerator.autocast():
+            self.accelerator.unwrap_model(self.model)(model_inputs, None, [point_rows])
+        panels = attention_panels(point_rows.result(), batch.corr, batch.target_grid, batch.targets[0])
+        return [SheetRow(f"attention of each reference's points (red) | true target region (green), "
+                         f"sigma {self.ATTENTION_SIGMA}", [], [image for pair in panels for image in pair])]
+
+    def attention_sheet(self) -> Path | None:
+        """Writes ``samples/attention-step-N.png``: the attention rows of every validation item alone
+        (no sampling; `train` writes it before the first step, to compare with the last sheet)."""
+        acc = self.accelerator
+        if self.config.validation_samples < 1 or not (acc.is_main_process or self.fsdp):
+            acc.wait_for_everyone()  # FSDP: every process runs the forwards (the weights are sharded)
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            rows = [row for index in range(self.config.validation_samples) for row in self.attention_sheet_rows(index)]
+        finally:
+            self.model.train(was_training)
+        path = None
+        if rows and acc.is_main_process:
+            path = validation_sheet(rows, self.output_dir / "samples" / f"attention-step-{self.step:07d}.png",
+                                    title=f"step {self.step}: where each reference's points attend")
         acc.wait_for_everyone()
         return path
 
@@ -798,18 +711,20 @@ class MosaicTrainer:
         tallies = acc.gather_for_metrics([self.loader.tally.state_dict()], use_gather_object=True) \
             if acc.num_processes > 1 else [self.loader.tally.state_dict()]
         summary = {}
+        save_lora = lambda f: save_reference_lora(self._transformer(), f)  # noqa: E731
+        if self.fsdp:  # every process gathers the LoRA; the main one writes it
+            gathered = full_state(reference_lora_state_dict(self._transformer(), scaled=True))
+            save_lora = functools.partial(write_lora_file, gathered)
         if acc.is_main_process:
             from ..data import BadDataTally
 
             tally = BadDataTally()
             for state in tallies:
                 tally = tally.merge(BadDataTally.from_state_dict(state))  # merge returns a new tally
-            for name, save in ((LORA_FILE, lambda f: save_reference_lora(self._transformer(), f)),
+            for name, save in ((LORA_FILE, save_lora),
                                (EMA_LORA_FILE, self._save_ema_lora if self.ema is not None else None)):
-                if save is not None:  # through a temporary name: never a half-written LoRA file
-                    partial = self.output_dir / f".tmp-{name}"
-                    save(partial)
-                    os.replace(partial, self.output_dir / name)
+                if save is not None:  # write_lora_file is atomic: never a half-written LoRA file
+                    save(self.output_dir / name)
             curves = plot_loss_curves(self.history, self.output_dir / "loss_curves.png")
             summary = {
                 "steps": self.step, "seconds": round(seconds, 2), "resumed_from": str(resumed_from) if resumed_from else None,
@@ -817,92 +732,15 @@ class MosaicTrainer:
                 "lora": str(self.output_dir / LORA_FILE), "loss_curves": str(curves) if curves else None,
                 "processes": acc.num_processes,
             }
-            _write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2))
+            write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2))
             print(f"bad data: {tally.summary()}")
         acc.wait_for_everyone()
         acc.end_training()
         return summary
 
 
-def load_reference_lora_values(transformer, path: Path) -> None:
-    """Copies LoRA tensors from a file into the existing adapter (keeps optimiser references)."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    current = reference_lora_state_dict(transformer)
-    if set(state) != set(current):
-        raise ValueError(f"Expected the checkpoint's LoRA keys to match the model's, but {path} differs.")
-    params = dict(transformer.named_parameters())
-    with torch.no_grad():
-        for key, value in state.items():
-            module, part = key[len("transformer."):].rsplit(".lora_", 1)
-            ab = part.split(".")[0]
-            name = f"{module}.lora_{ab}.mosaic.weight"
-            params[name].copy_(value.to(params[name].dtype))
-
-
-def _to_pil(image: torch.Tensor):
-    from PIL import Image
-
-    array = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    return Image.fromarray(array)
-
-
-def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
-    """Loss terms, LR, grad norm and hit-rate against the step, as a PNG (needs matplotlib)."""
-    if not history:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no loss curves (pip install mosaic_kit[train])")
-        return None
-    steps = [r["step"] for r in history]
-    panels = [("loss", ["loss", "flow_matching"]), ("MOSAIC terms", ["scal", "mdl"]),
-              ("attention hit-rate", ["hit_rate"]), ("optimiser", ["grad_norm", "lr"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            values = [r.get(key, float("nan")) for r in history]
-            if key == "lr":  # its own scale
-                twin = ax.twinx()
-                twin.plot(steps, values, label=key, color="tab:orange")
-                twin.set_ylabel("lr", fontsize=8)
-                twin.legend(fontsize=8, loc="lower right")
-            else:
-                ax.plot(steps, values, label=key)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8, loc="upper left")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def build_dataset(config: TrainConfig, validation: bool = False):
-    """The dataset a config names: the synthetic world (held-out identities for validation), the
-    released layout or a manifest, optionally through the multi-subject composer."""
-    from .. import data
-    from .. import data as world
-
-    cfg = config.data
-    if cfg.kind == "synthetic":
-        world_cfg = world.SyntheticWorldConfig(
-            image_size=cfg.target_size, ref_size=cfg.ref_size, min_refs=cfg.synthetic_refs[0],
-            max_refs=cfg.synthetic_refs[1], seed=cfg.seed + (1 if validation else 0),
-            identity_range=world.HELD_OUT_IDENTITIES if validation else world.TRAIN_IDENTITIES,
-        )
-        return world.SyntheticDataset(world.SyntheticWorld(world_cfg), cfg.synthetic_length)
-    if cfg.kind == "released":
-        base = data.ReleasedDataset(cfg.root, target_size=cfg.target_size, ref_size=cfg.ref_size)
-    else:
-        base = data.ManifestDataset(cfg.root)
-    if cfg.compose:
-        return data.ComposedDataset(base, num_subjects=tuple(cfg.compose), canvas_size=cfg.target_size, seed=cfg.seed)
-    return base
+__all__ = [
+    "MosaicTrainer", "NonFiniteTrainingError", "TrainingForward", "build_dataset", "flux_shift_mu",
+    "load_reference_lora_values", "plot_loss_curves", "sample_sigmas",
+    "EMA_LORA_FILE", "LORA_FILE", "RAW_LORA_FILE", "TRAINER_STATE_FILE",
+]

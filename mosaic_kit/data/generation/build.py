@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 
 from ...correspondence import TokenGrid, draw_matches, is_disjoint
+from ...utils.atomic import save_image_atomic
 from .._images import load_mask, pil_to_tensor, resize_mask
 from .config import DatasetBuildConfig, resolve_path
 from .correspondences import subject_pairs
@@ -49,15 +50,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _save_mask(mask: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((mask.to(torch.uint8) * 255).numpy(), mode="L").save(path)
-
-
-def _save_image(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    image.save(temporary)
-    temporary.replace(path)
+    save_image_atomic(tensor_to_pil(mask.bool()), path)
 
 
 def _open(path: Path) -> Image.Image:
@@ -279,7 +272,7 @@ class DatasetBuilder:
 
     def _write_image(self, record: PromptRecord, generated: GeneratedImage) -> None:
         folder = self.out / "images"
-        _save_image(generated.image, folder / f"{record.id}.png")
+        save_image_atomic(generated.image, folder / f"{record.id}.png")
         if generated.subject_masks:  # the exact regions: a box file the subjects stage can read
             entries = []
             for k, (name, mask) in enumerate(zip(record.subjects, generated.subject_masks)):
@@ -401,17 +394,17 @@ class DatasetBuilder:
                 if not files or len(files) != len(prompt.subjects) or files[k] is None:
                     raise ValueError(f"no reference file for subject {k} ({name}) of item {item_id}")
                 view = _open(Path(files[k])).resize((cfg.size, cfg.size), Image.BICUBIC)
-                _save_image(view, self.out / path)
+                save_image_atomic(view, self.out / path)
                 entries.append({"file": path, "mask": None, "source": cfg.source, "from": str(files[k])})
                 continue
             cut, cut_mask = cutout(image, mask, cfg.size, margin=cfg.margin, background=cfg.background)
             if editor is None:
-                _save_image(cut, self.out / path)
+                save_image_atomic(cut, self.out / path)
                 _save_mask(cut_mask, self.out / mask_path)
                 entries.append({"file": path, "mask": mask_path, "source": "cutout"})
             else:
                 view, info = editor(cut, name, f"{item_id}/{k}")
-                _save_image(view, self.out / path)
+                save_image_atomic(view, self.out / path)
                 entries.append({"file": path, "mask": None, "source": "editor", **info})
         self.stores["references"].write(item_id, {"id": item_id, "references": entries})
 
@@ -449,9 +442,9 @@ class DatasetBuilder:
                 "reasons": [f"few_pairs: references {few} have fewer than {cfg.min_pairs} pairs"],
             })
             return
-        _save_image(image, self.out / folder / "target.png")
+        save_image_atomic(image, self.out / folder / "target.png")
         for k, (reference, mask, ref_mask) in enumerate(zip(references, target_masks, ref_masks)):
-            _save_image(reference, self.out / folder / f"ref_{k}.png")
+            save_image_atomic(reference, self.out / folder / f"ref_{k}.png")
             _save_mask(mask, self.out / folder / f"target_mask_{k}.png")
             if ref_mask is not None:
                 _save_mask(ref_mask, self.out / folder / f"ref_mask_{k}.png")
@@ -524,7 +517,7 @@ class DatasetBuilder:
                            ("rejected", [self._rejected_row(*r) for r in rejected[: self.config.sheets]])):
             if rows:
                 path = self.out / "sheets" / f"{name}.png"
-                _save_image(contact_sheet(rows, min_width=480), path)
+                save_image_atomic(contact_sheet(rows, min_width=480), path)
                 written.append(str(path.relative_to(self.out)))
         return written
 
@@ -538,7 +531,7 @@ class DatasetBuilder:
             reference = pil_to_tensor(_open(self.out / path))
             p = torch.tensor(pairs[k]).reshape(-1, 4)
             canvas = draw_matches(reference, pil_to_tensor(target), p[:, :2], p[:, 2:], max_lines=40, seed=k)
-            panels.append(tensor_to_pil(canvas.float() / 255))
+            panels.append(tensor_to_pil(canvas))
         counts = [len(p) for p in pairs]
         return panels, f"{item_id} kept: {line['caption'][:60]} | pairs {counts}"
 

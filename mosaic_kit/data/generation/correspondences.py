@@ -27,7 +27,7 @@ from ...correspondence import (
     matches_to_correspondences,
     subsample,
 )
-from ...correspondence._checks import check_option
+from ...utils.checks import check_option
 from ...correspondence.matching import MATCH_FILTERS
 
 __all__ = ["SubjectPairs", "subject_pairs"]

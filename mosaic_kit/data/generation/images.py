@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ...utils.images import tensor_to_pil  # re-exported: the one converter
 from .._images import pil_to_tensor
 from .prompts import PromptRecord
 from .records import item_seed
@@ -28,19 +29,6 @@ from .records import item_seed
 __all__ = ["DiffusersImageGenerator", "GeneratedImage", "ImagesFromFolder", "PhotoComposites", "tensor_to_pil"]
 
 _SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def tensor_to_pil(image: torch.Tensor) -> Image.Image:
-    """A ``(3, H, W)`` float image in [0, 1] as an RGB PIL image.
-
-    Examples:
-        >>> tensor_to_pil(torch.ones(3, 4, 6)).size
-        (6, 4)
-    """
-    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"Expected `image` of shape (3, H, W), but got {getattr(image, 'shape', type(image).__name__)}.")
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu()
-    return Image.frombytes("RGB", (array.shape[1], array.shape[0]), array.numpy().tobytes())
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ...correspondence.io import _atomic_write
+from ...utils.atomic import write_text_atomic  # re-exported: the one atomic writer
 
 __all__ = ["STAGES", "StageStore", "in_shard", "item_seed", "parse_shard", "reject_reason_key", "write_text_atomic"]
 
@@ -65,20 +65,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
         raise ValueError(f"Expected a shard 'i/n' with 0 <= i < n, but got {text!r}.")
     return int(match.group(1)), int(match.group(2))
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Writes ``text`` to ``path`` atomically (a reader sees the old file or the new one, never a
-    part), creating the folder.
-
-    Examples:
-        >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "a" / "b.json"
-        >>> write_text_atomic(path, "{}"); path.read_text()
-        '{}'
-    """
-    data = text.encode()
-    _atomic_write(Path(path), lambda stream: stream.write(data))
 
 
 def item_seed(seed: int, item_id: str) -> int:

@@ -1,0 +1,808 @@
+"""FLUX.2 with K reference images: MOSAIC on the stock `Flux2Transformer2DModel`.
+
+FLUX.2 ([klein] and [dev]) takes references natively: diffusers' `Flux2KleinPipeline` and
+`Flux2Pipeline` encode each reference with the FLUX.2 autoencoder (distribution mode, patchified
+2×2, normalised by the autoencoder's latent batch-norm statistics), append its tokens after the
+target's, ``[target | ref 1 | … | ref K]``, and tell them apart by the time axis of the 4-axis
+position ids (reference ``k``, 0-based, at ``T = 10·(k + 1)``, the target at ``T = 0``).
+`Flux2Family` builds exactly those inputs for a training batch, by calling the pipeline's own
+encoding steps, so what is trained is what the stock pipeline runs.
+
+MOSAIC's capture comes from the in-sequence capture processors
+(`mosaic_kit.models.install_capture_processors`), which the family installs on the chosen blocks.
+Reference and target tokens share every weight in FLUX.2, so the LoRA is one ordinary peft
+adapter on the attention and feed-forward projections (no per-stream routing), saved in diffusers'
+LoRA layout with its adapter metadata: ``Flux2KleinPipeline.load_lora_weights(folder)`` (or
+``Flux2Pipeline``'s) loads the file unchanged, without mosaic_kit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attention import RefTargetCapture
+from ..utils.atomic import fsync_dir
+from .family import ModelFamily, ModelInputs, TokenLayout, check_trainable
+from .flux.lora import DEFAULT_ADAPTER
+from .insequence import CaptureProcessors, SequenceLayout, install_capture_processors
+
+__all__ = [
+    "FLUX2_ADAPTER",
+    "FLUX2_LORA_FILE",
+    "FLUX2_LORA_TARGETS",
+    "FLUX2_REFERENCE_TIME_SCALE",
+    "Flux2Denoiser",
+    "Flux2Family",
+    "add_flux2_lora",
+    "flux2_lora_target_modules",
+]
+
+FLUX2_LORA_TARGETS: tuple[str, ...] = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+    "to_qkv_mlp_proj", "attn.to_out",
+)
+"""Default LoRA targets, as name suffixes of `torch.nn.Linear` modules: the double-stream
+blocks' attention (image and text projections; ``to_out.0`` because ``to_out`` is a
+``ModuleList`` there) and feed-forward layers, and the parallel single-stream blocks' fused
+``to_qkv_mlp_proj`` and ``attn.to_out`` (a plain linear there)."""
+
+FLUX2_REFERENCE_TIME_SCALE = 10
+"""Time-axis offset between references in FLUX.2's position ids (the pipelines' ``scale``)."""
+
+FLUX2_ADAPTER = DEFAULT_ADAPTER
+"""The LoRA's peft adapter name, ``"mosaic"``: the FLUX.1 reference LoRA's, so the trainer's
+checkpoints (raw LoRA values saved and restored by adapter name) serve both families."""
+
+FLUX2_LORA_FILE = "pytorch_lora_weights.safetensors"
+"""The file name `Flux2Family.save_lora` writes (diffusers' default weight name)."""
+
+
+def flux2_lora_target_modules(transformer: torch.nn.Module, targets: Sequence[str] = FLUX2_LORA_TARGETS) -> list[str]:
+    """The full names of the `torch.nn.Linear` modules whose name ends with one of ``targets``.
+
+    Expanding the suffixes to full names lets one list hold ``attn.to_out`` (a linear in the
+    single-stream blocks) without peft also matching the double-stream blocks' ``to_out``
+    ``ModuleList`` (which peft refuses).
+
+    Args:
+        transformer: a `Flux2Transformer2DModel` (or any module).
+        targets: module-name suffixes (matched at a ``.`` boundary or as the whole name).
+
+    Returns:
+        The matching module names, in module order.
+
+    Raises:
+        ValueError: if ``targets`` is empty, not strings, or matches no linear module.
+
+    Example:
+        >>> from diffusers import Flux2Transformer2DModel
+        >>> from mosaic_kit.pipelines.tiny_flux2 import TINY_FLUX2_TRANSFORMER_CONFIG
+        >>> model = Flux2Transformer2DModel(**TINY_FLUX2_TRANSFORMER_CONFIG)
+        >>> flux2_lora_target_modules(model, ["to_out.0", "attn.to_out"])
+        ['transformer_blocks.0.attn.to_out.0', 'single_transformer_blocks.0.attn.to_out', 'single_transformer_blocks.1.attn.to_out']
+    """
+    if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"Expected `targets` to be a non-empty list of module-name suffixes, but got {targets!r}.")
+    names = [
+        name for name, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+    ]
+    if not names:
+        raise ValueError(f"Expected `targets` {list(targets)} to match linear modules of the transformer, but none matched.")
+    return names
+
+
+def add_flux2_lora(transformer: nn.Module, rank: int, alpha: float | None = None,
+                   targets: Sequence[str] = FLUX2_LORA_TARGETS, init: str | bool = True) -> list[str]:
+    """Adds a peft LoRA (adapter ``"mosaic"`` (`FLUX2_ADAPTER`)) on the target projections of a FLUX.2 transformer.
+
+    Reference and target tokens share these weights (FLUX.2 has no reference branch), so there
+    is no per-stream routing: one ordinary adapter, as diffusers' FLUX.2 LoRA loader expects.
+
+    Args:
+        transformer: a `Flux2Transformer2DModel`.
+        rank: LoRA rank.
+        alpha: LoRA alpha (None: ``rank``, scale 1).
+        targets: module-name suffixes (`FLUX2_LORA_TARGETS`), expanded by `flux2_lora_target_modules`.
+        init: peft's ``init_lora_weights`` (True: B = 0, the output is unchanged at first;
+            False: random B, for tests that must see an effect).
+
+    Returns:
+        The full names of the wrapped modules.
+
+    Raises:
+        ValueError: a bad ``rank`` or ``targets``.
+
+    Example:
+        >>> from diffusers import Flux2Transformer2DModel
+        >>> from mosaic_kit.pipelines.tiny_flux2 import TINY_FLUX2_TRANSFORMER_CONFIG
+        >>> model = Flux2Transformer2DModel(**TINY_FLUX2_TRANSFORMER_CONFIG)
+        >>> add_flux2_lora(model, rank=2, targets=["to_qkv_mlp_proj"])
+        ['single_transformer_blocks.0.attn.to_qkv_mlp_proj', 'single_transformer_blocks.1.attn.to_qkv_mlp_proj']
+    """
+    from peft import LoraConfig
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"Expected `rank` to be a positive int, but got {rank!r}.")
+    names = flux2_lora_target_modules(transformer, targets)
+    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=names,
+                        init_lora_weights=init)
+    transformer.add_adapter(config, adapter_name=FLUX2_ADAPTER)
+    return names
+
+
+class _FanOut(RefTargetCapture):
+    """Feeds several captures from one installation (the training capture and diagnostics such as
+    `mosaic_kit.attention.PointAttentionRows`, which share ``add(query, key)``); the first one's
+    correspondences fix the layout check."""
+
+    def __init__(self, captures: Sequence[Any]) -> None:  # no super().__init__: nothing is stored here
+        self.captures = list(captures)
+        self.corr = self.captures[0].corr
+        self.scale = None
+
+    def add(self, query: torch.Tensor, key: torch.Tensor) -> None:
+        for capture in self.captures:
+            capture.add(query, key)
+
+
+class Flux2Denoiser(nn.Module):
+    """The FLUX.2 denoiser as one module (what an accelerator wraps): the stock transformer's
+    forward over ``[target | ref 1 | … | ref K]``, returning the target's prediction and feeding
+    MOSAIC's captures through the in-sequence capture processors.
+
+    Args:
+        transformer: the stock `Flux2Transformer2DModel` (its LoRA included).
+        capture_blocks: ``"all"``, ``"double"`` or a list of block names.
+
+    Example:
+        >>> family = Flux2Family.tiny()
+        >>> isinstance(family.model, Flux2Denoiser), family.model.capture_handle().block_names[0]
+        (True, 'transformer_blocks.0')
+    """
+
+    def __init__(self, transformer: nn.Module, capture_blocks: str | Sequence[str] = "all") -> None:
+        super().__init__()
+        if isinstance(capture_blocks, str) and capture_blocks not in ("all", "double"):
+            raise ValueError(f"Expected `capture_blocks` 'all', 'double' or a list of block names, but got {capture_blocks!r}.")
+        self.transformer = transformer
+        self.capture_blocks = capture_blocks if isinstance(capture_blocks, str) else list(capture_blocks)
+        self._handle: CaptureProcessors | None = None
+
+    def capture_handle(self) -> CaptureProcessors:
+        """The capture processors on the chosen blocks (installed on first use, idle until a
+        forward gets a capture; idle, the forward is the stock one bit for bit)."""
+        if self._handle is None:
+            blocks: str | list[str] | Callable[[str], bool] = self.capture_blocks
+            if blocks == "double":
+                blocks = lambda name: name.startswith("transformer_blocks.")  # noqa: E731
+            self._handle = install_capture_processors(self.transformer, blocks=blocks)
+        return self._handle
+
+    def forward(self, hidden_states: torch.Tensor, img_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                txt_ids: torch.Tensor, timestep: torch.Tensor, tgt_tokens: int, ref_tokens: Sequence[int] = (),
+                guidance: torch.Tensor | None = None, capture: Any = None) -> torch.Tensor:
+        """Runs the stock forward; returns ``(B, tgt_tokens, C)``, the target's prediction.
+
+        Args:
+            hidden_states: ``(B, N_tgt + N_ref, C)`` noisy target tokens, then the references'.
+            img_ids: ``(B, N_tgt + N_ref, 4)`` position ids.
+            encoder_hidden_states: ``(B, L, D)`` prompt embeddings.
+            txt_ids: ``(B, L, 4)`` text ids.
+            timestep: ``(B,)`` flow-matching time in ``[0, 1]``.
+            tgt_tokens: N_tgt.
+            ref_tokens: N^(k) per reference slot.
+            guidance: ``(B,)`` embedded guidance ([dev]) or None ([klein]).
+            capture: a `RefTargetCapture`, a list of captures (diagnostics with the same
+                ``add(query, key)``, e.g. `PointAttentionRows`, included), or None.
+        """
+        captures = [] if capture is None else list(capture) if isinstance(capture, (list, tuple)) else [capture]
+        context = contextlib.nullcontext()
+        if captures:
+            if not ref_tokens:
+                raise ValueError("Expected references (`ref_tokens`) for a capture, but got none.")
+            layout = SequenceLayout.concatenated(tgt_tokens, ref_tokens)
+            fed = captures[0] if len(captures) == 1 and isinstance(captures[0], RefTargetCapture) else _FanOut(captures)
+            context = self.capture_handle().capture(fed, layout)
+        with context:
+            out = self.transformer(hidden_states=hidden_states, img_ids=img_ids,
+                                   encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids, timestep=timestep,
+                                   guidance=guidance, return_dict=False)[0]
+        return out[:, :tgt_tokens]
+
+
+class Flux2Family(ModelFamily):
+    """The FLUX.2 model family behind the model boundary (`ModelFamily`): encoding, the
+    multi-reference forward with MOSAIC's capture, the LoRA and decoding, over a stock
+    `Flux2KleinPipeline` (or `Flux2Pipeline`).
+
+    One owner for FLUX.2's encoding and decoding: prompts through the pipeline's
+    ``encode_prompt`` (Qwen3 hidden states of ``text_encoder_out_layers``), images through the
+    pipeline's ``_encode_vae_image`` (distribution mode, 2×2 patchify, batch-norm
+    normalisation), ids through its ``_prepare_latent_ids`` / ``_prepare_image_ids``, so a batch is
+    encoded exactly as the stock pipeline encodes its references (tested against a pipeline call).
+
+    Args:
+        pipe: a `diffusers.Flux2KleinPipeline` or `diffusers.Flux2Pipeline`.
+        capture_blocks: ``"all"`` (every block, eq. 8), ``"double"`` (the double-stream blocks),
+            or a list of block names (``"transformer_blocks.0"``, ``"single_transformer_blocks.3"``).
+        max_sequence_length: prompt tokens (the pipelines pad to 512).
+        text_encoder_out_layers: encoder layers stacked into the prompt embedding; None: the
+            pipeline's default (``(9, 18, 27)`` for [klein], ``(10, 20, 30)`` for [dev]).
+        guidance: the embedded guidance when the transformer has a guidance embedding ([dev]);
+            ignored by [klein], which has none.
+
+    Raises:
+        ValueError: on a pipeline without a FLUX.2 transformer or a bad option.
+
+    Example:
+        >>> from mosaic_kit.pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_pipeline
+        >>> family = Flux2Family(tiny_flux2_pipeline(), max_sequence_length=16,
+        ...     text_encoder_out_layers=TINY_FLUX2_TEXT_OUT_LAYERS)
+        >>> inputs = family.encode(torch.rand(2, 3, 32, 32), ["a cat", "a dog"], torch.rand(2, 2, 3, 16, 16))
+        >>> tuple(inputs.target.shape), inputs.layout.reference_token_counts
+        ((2, 4, 16), (1, 1))
+        >>> inputs.conditioning["reference_ids"][0, :, 0].tolist()  # T = 10·(k + 1)
+        [10, 20]
+        >>> tuple(family.forward(inputs, torch.randn(2, 4, 16), torch.tensor([0.5, 0.5])).shape)
+        (2, 4, 16)
+    """
+
+    name = "flux2"
+
+    def __init__(
+        self,
+        pipe: Any,
+        capture_blocks: str | Sequence[str] = "all",
+        max_sequence_length: int = 512,
+        text_encoder_out_layers: Sequence[int] | None = None,
+        guidance: float = 4.0,
+    ) -> None:
+        from diffusers import Flux2Transformer2DModel
+
+        if not isinstance(getattr(pipe, "transformer", None), Flux2Transformer2DModel):
+            raise ValueError(
+                f"Expected `pipe` with a Flux2Transformer2DModel (Flux2KleinPipeline or Flux2Pipeline), but got "
+                f"{type(pipe).__name__}."
+            )
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
+            raise ValueError(f"Expected `max_sequence_length` to be a positive int, but got {max_sequence_length!r}.")
+        self.pipe = pipe
+        self._model = Flux2Denoiser(pipe.transformer, capture_blocks)
+        self.max_sequence_length = max_sequence_length
+        self.text_encoder_out_layers = None if text_encoder_out_layers is None else tuple(text_encoder_out_layers)
+        self.guidance = float(guidance)
+
+    # -- building ----------------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, seed: int = 0, transformer_overrides: dict | None = None, pixel_space: int | None = None,
+             **kwargs: Any) -> Flux2Family:
+        """A family over a tiny random `Flux2KleinPipeline` (`mosaic_kit.pipelines.tiny_flux2`).
+
+        Args:
+            seed: seed of the random components.
+            transformer_overrides: tiny transformer config entries to change.
+            pixel_space: pixel space with this factor instead of the random autoencoder
+                (`mosaic_kit.pipelines.tiny_flux2.Flux2PixelAutoencoder`), or None.
+            **kwargs: `Flux2Family` options; ``text_encoder_out_layers`` defaults to the tiny
+                encoder's ``(1, 2, 3)`` and ``max_sequence_length`` to 32.
+
+        Returns:
+            The family.
+
+        Example:
+            >>> Flux2Family.tiny().transformer.config.num_layers
+            1
+        """
+        from diffusers import Flux2KleinPipeline
+
+        from ..pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_components
+
+        pipe = Flux2KleinPipeline(**tiny_flux2_components(seed=seed, transformer_overrides=transformer_overrides,
+                                                           pixel_space=pixel_space))
+        pipe.set_progress_bar_config(disable=True)
+        kwargs.setdefault("text_encoder_out_layers", TINY_FLUX2_TEXT_OUT_LAYERS)
+        kwargs.setdefault("max_sequence_length", 32)
+        return cls(pipe, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, base: str | os.PathLike, torch_dtype: torch.dtype = torch.bfloat16,
+                        **kwargs: Any) -> Flux2Family:
+        """A family over a FLUX.2 pipeline from the hub or a local folder.
+
+        Args:
+            base: hub id (``"black-forest-labs/FLUX.2-klein-4B"``) or a local pipeline folder; its
+                ``model_index.json`` picks `Flux2KleinPipeline` or `Flux2Pipeline`.
+            torch_dtype: weight dtype of the frozen components.
+            **kwargs: `Flux2Family` options.
+
+        Returns:
+            The family.
+
+        Example:
+            >>> import tempfile
+            >>> folder = tempfile.mkdtemp()
+            >>> Flux2Family.tiny().pipe.save_pretrained(folder)
+            >>> family = Flux2Family.from_pretrained(folder, torch_dtype=torch.float32, text_encoder_out_layers=(1, 2, 3))
+            >>> type(family.pipe).__name__
+            'Flux2KleinPipeline'
+        """
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(base, dtype=torch_dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, **kwargs)
+
+    # -- what the callers hold ---------------------------------------------------------------------
+    @property
+    def model(self) -> Flux2Denoiser:
+        """The `Flux2Denoiser` (what an accelerator wraps)."""
+        return self._model
+
+    @property
+    def transformer(self) -> nn.Module:
+        """The stock `Flux2Transformer2DModel` (with the LoRA once added)."""
+        return self.pipe.transformer
+
+    @property
+    def token_channels(self) -> int:
+        """C: channels of a patchified latent token (4 × the autoencoder's latent channels)."""
+        return int(self.transformer.config.in_channels)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Flux2Family:
+        """Moves the pipeline's modules (and casts them to ``dtype`` when given); returns self."""
+        if dtype is None:
+            self.pipe.to(device)
+        else:
+            self.pipe.to(device, dtype)
+        return self
+
+    def capture_handle(self) -> CaptureProcessors:
+        """The capture processors on the chosen blocks (installed on first use).
+
+        Example:
+            >>> Flux2Family.tiny(capture_blocks="double").capture_handle().block_names
+            ('transformer_blocks.0',)
+        """
+        return self._model.capture_handle()
+
+    # -- encoding ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings and text ids through the pipeline's ``encode_prompt``.
+
+        Args:
+            prompts: B prompts.
+
+        Returns:
+            ``(prompt_embeds (B, L, D), text_ids (B, L, 4))``.
+
+        Example:
+            >>> embeds, ids = Flux2Family.tiny(max_sequence_length=8).encode_prompts(["a cat"])
+            >>> tuple(embeds.shape), ids[0, :3].tolist()
+            ((1, 8, 96), [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2]])
+        """
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"Expected `prompts` to be a list of strings, but got {prompts!r}.")
+        kwargs = {} if self.text_encoder_out_layers is None else {"text_encoder_out_layers": self.text_encoder_out_layers}
+        return self.pipe.encode_prompt(list(prompts), device=self.device, max_sequence_length=self.max_sequence_length,
+                                       **kwargs)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised, patchified latents of images, as the pipelines encode references.
+
+        Args:
+            images: ``(N, 3, H, W)`` float in ``[0, 1]``, ``H`` and ``W`` multiples of 16.
+
+        Returns:
+            ``(N, 4·C_latent, H / 16, W / 16)`` in the autoencoder's dtype (one autoencoder call
+            per image, as the pipelines encode references, so the values are theirs bit for bit).
+
+        Example:
+            >>> tuple(Flux2Family.tiny().encode_images(torch.rand(1, 3, 32, 48)).shape)
+            (1, 16, 2, 3)
+        """
+        multiple = self.pixels_per_token
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"Expected `images` of shape (N, 3, H, W), but got {getattr(images, 'shape', type(images))}.")
+        if images.shape[-2] % multiple or images.shape[-1] % multiple:
+            raise ValueError(f"Expected `images` with H and W multiples of {multiple}, but got {tuple(images.shape[-2:])}.")
+        vae = self.pipe.vae
+        # channels-last, one image per autoencoder call: the memory layout and batching of the
+        # pipelines' references (their preprocessing goes through an H×W×C array), because a
+        # convolution over another layout or batch may differ in the last bits, and the encoding
+        # must equal the stock pipeline's exactly
+        pixels = (images.to(vae.device, vae.dtype) * 2 - 1).contiguous(memory_format=torch.channels_last)
+        return torch.cat([self.pipe._encode_vae_image(image=pixels[i : i + 1], generator=None)
+                          for i in range(pixels.shape[0])])
+
+    @torch.no_grad()
+    def encode(self, targets: torch.Tensor | None, prompts: Sequence[str], references: torch.Tensor | None = None,
+               target_size: tuple[int, int] | None = None) -> ModelInputs:
+        """Encodes targets, prompts and references into the transformer's inputs.
+
+        Args:
+            targets: ``(B, 3, H, W)`` in ``[0, 1]``, or None for inference (give ``target_size``).
+            prompts: B prompts.
+            references: ``(B, K, 3, h, w)`` in ``[0, 1]`` (every sample's K slots; a placeholder
+                image where a sample has fewer), or None.
+            target_size: ``(H, W)`` in pixels when ``targets`` is None.
+
+        Returns:
+            `ModelInputs`: ``target`` ``(B, N_tgt, C)`` float32 (None without targets), the
+            layout, and ``conditioning`` (``encoder_hidden_states``, ``txt_ids``, ``latent_ids``,
+            ``reference_tokens``, ``reference_ids``; the last two None without references).
+
+        Example:
+            >>> inputs = Flux2Family.tiny().encode(torch.rand(1, 3, 32, 48), ["a cat"])
+            >>> grid = inputs.layout.target_grid
+            >>> inputs.conditioning["reference_tokens"] is None, (grid.rows, grid.cols)
+            (True, (2, 3))
+        """
+        pipe = self.pipe
+        if targets is None:
+            if target_size is None:
+                raise ValueError("Expected `targets` or `target_size`, but got neither.")
+            b, (height, width) = len(prompts), target_size
+        else:
+            if not isinstance(targets, torch.Tensor) or targets.ndim != 4:
+                raise ValueError(f"Expected `targets` of shape (B, 3, H, W), but got {getattr(targets, 'shape', type(targets))}.")
+            b, (height, width) = targets.shape[0], tuple(targets.shape[-2:])
+        if isinstance(prompts, str) or len(prompts) != b:
+            raise ValueError(f"Expected {b} prompts (one per target), but got {prompts!r}.")
+        k = 0
+        if references is not None:
+            if not isinstance(references, torch.Tensor) or references.ndim != 5 or references.shape[0] != b:
+                raise ValueError(
+                    f"Expected `references` of shape ({b}, K, 3, h, w), but got {getattr(references, 'shape', type(references))}."
+                )
+            k = references.shape[1]
+        ref_sizes = [tuple(references.shape[-2:])] * k if k else []
+        layout = self.token_layout((int(height), int(width)), [(int(h), int(w)) for h, w in ref_sizes])
+        device, dtype = self.device, self.transformer.dtype
+        rows, cols = layout.target_grid.rows, layout.target_grid.cols
+        grid = torch.zeros(b, self.token_channels, rows, cols)  # the ids only read its shape
+        latents = None
+        if targets is not None:
+            grid = self.encode_images(targets)
+            latents = pipe._pack_latents(grid).to(device, torch.float32)
+        latent_ids = pipe._prepare_latent_ids(grid).to(device)
+        prompt_embeds, text_ids = self.encode_prompts(prompts)
+        reference_tokens = reference_ids = None
+        if k:
+            per_slot = self.encode_images(references.flatten(0, 1)).unflatten(0, (b, k))
+            ids = pipe._prepare_image_ids([per_slot[0, j : j + 1] for j in range(k)])  # (1, N_ref, 4)
+            reference_ids = ids.expand(b, -1, -1).to(device)
+            reference_tokens = torch.cat([pipe._pack_latents(per_slot[:, j]) for j in range(k)], dim=1).to(device, dtype)
+        conditioning = {"encoder_hidden_states": prompt_embeds.to(device, dtype), "txt_ids": text_ids.to(device),
+                        "latent_ids": latent_ids, "reference_tokens": reference_tokens, "reference_ids": reference_ids}
+        return ModelInputs(conditioning=conditioning, layout=layout, target=latents)
+
+    def encode_batch(self, batch: Any) -> ModelInputs:
+        """Encodes a `mosaic_kit.data.MosaicBatch` (targets, captions, references).
+
+        Args:
+            batch: anything with ``targets``, ``captions`` and ``references`` (a `MosaicBatch`).
+
+        Returns:
+            The `ModelInputs`; the reference slots are ``batch.references``'s K slots.
+
+        Example:
+            >>> from mosaic_kit.data import MultiSubjectSample, collate_samples
+            >>> image = torch.rand(3, 32, 32)
+            >>> batch = collate_samples([MultiSubjectSample("a", image, [image], "a cat", [torch.zeros(0, 4)])],
+            ...     target_size=32, ref_size=16)
+            >>> Flux2Family.tiny().encode_batch(batch).layout.reference_token_counts
+            (1,)
+        """
+        return self.encode(batch.targets, list(batch.captions), batch.references)
+
+    def sequence_layout(self, layout: TokenLayout) -> SequenceLayout:
+        """Where the target and each reference sit in the transformer's image stream,
+        ``[target | ref 1 | … | ref K]`` (what the capture processors read).
+
+        Args:
+            layout: the token layout (with references).
+
+        Returns:
+            The `SequenceLayout` shared by the batch.
+
+        Example:
+            >>> family = Flux2Family.tiny()
+            >>> layout = family.token_layout((32, 32), [(16, 16), (16, 16)])
+            >>> family.sequence_layout(layout).ref_index.tolist()
+            [[4, 5]]
+        """
+        if not layout.reference_grids:
+            raise ValueError("Expected a `layout` with references, but got none.")
+        return SequenceLayout.concatenated(layout.target_grid.num_tokens, layout.reference_token_counts)
+
+    # -- noising and the forward -------------------------------------------------------------------
+    def shift_mu(self, layout: TokenLayout) -> float:
+        """The resolution shift of the training noise levels: diffusers' ``calculate_shift`` with
+        the scheduler's ``base_shift``/``max_shift`` over ``base_image_seq_len``…``max_image_seq_len``
+        (0.5…1.15 over 256…4096 tokens, as FLUX.1), for the target's token count.
+
+        Example:
+            >>> family = Flux2Family.tiny()
+            >>> round(family.shift_mu(family.token_layout((256, 256), [])), 3)  # 256 tokens
+            0.5
+        """
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = self.pipe.scheduler.config
+        return float(calculate_shift(layout.target_grid.num_tokens, config.get("base_image_seq_len", 256),
+                                     config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                     config.get("max_shift", 1.15)))
+
+    def model_kwargs(self, inputs: ModelInputs, noisy: torch.Tensor, timestep: torch.Tensor,
+                     guidance: float | torch.Tensor | None = None) -> dict[str, Any]:
+        """The `Flux2Denoiser`'s keyword arguments, built as the pipelines build the transformer's.
+
+        Args:
+            inputs: the encoded batch.
+            noisy: ``(B, N_tgt, C)`` noisy target tokens.
+            timestep: ``(B,)`` flow-matching time in ``[0, 1]`` (the pipelines pass ``t / 1000``).
+            guidance: embedded guidance for [dev] (None: the family's ``guidance``); [klein] has
+                no guidance embedding and gets None.
+
+        Returns:
+            ``hidden_states`` ``[target | refs]``, ``img_ids``, ``encoder_hidden_states``,
+            ``txt_ids``, ``timestep``, ``guidance``, ``tgt_tokens``, ``ref_tokens``.
+
+        Example:
+            >>> family = Flux2Family.tiny()
+            >>> inputs = family.encode(torch.rand(1, 3, 32, 32), ["a"], torch.rand(1, 1, 3, 16, 16))
+            >>> kwargs = family.model_kwargs(inputs, inputs.target, torch.tensor([1.0]))
+            >>> tuple(kwargs["hidden_states"].shape), tuple(kwargs["img_ids"].shape), kwargs["guidance"]
+            ((1, 5, 16), (1, 5, 4), None)
+        """
+        cond, dtype = inputs.conditioning, self.transformer.dtype
+        n_tgt = inputs.layout.target_grid.num_tokens
+        if not isinstance(noisy, torch.Tensor) or noisy.ndim != 3 or noisy.shape[1] != n_tgt:
+            raise ValueError(f"Expected `noisy` of shape (B, {n_tgt}, C), but got {getattr(noisy, 'shape', type(noisy))}.")
+        hidden, ids = noisy.to(dtype), cond["latent_ids"]
+        if cond["reference_tokens"] is not None:
+            hidden = torch.cat([hidden, cond["reference_tokens"].to(dtype)], dim=1)
+            ids = torch.cat([ids, cond["reference_ids"]], dim=1)
+        embedded = None
+        if self.transformer.config.guidance_embeds:
+            value = self.guidance if guidance is None else guidance
+            embedded = torch.as_tensor(value, dtype=torch.float32, device=noisy.device).expand(noisy.shape[0])
+        return {"hidden_states": hidden, "img_ids": ids, "encoder_hidden_states": cond["encoder_hidden_states"].to(dtype),
+                "txt_ids": cond["txt_ids"], "timestep": timestep.to(dtype), "guidance": embedded,
+                "tgt_tokens": n_tgt, "ref_tokens": inputs.layout.reference_token_counts}
+
+    # -- LoRA --------------------------------------------------------------------------------------
+    def add_lora(self, rank: int, alpha: float | None = None, targets: Sequence[str] = FLUX2_LORA_TARGETS,
+                 init: str | bool = True) -> list[str]:
+        """Adds a peft LoRA (adapter ``"mosaic"`` (`FLUX2_ADAPTER`)) on the transformer: `add_flux2_lora`.
+
+        Example:
+            >>> family = Flux2Family.tiny()
+            >>> len(family.add_lora(rank=4))  # 12 in the double block, 2 in each single block
+            16
+        """
+        return add_flux2_lora(self.transformer, rank, alpha, targets, init)
+
+    def trainable_parameters(self, trainable: str = "lora") -> list[nn.Parameter]:
+        """The transformer's parameters that train for ``trainable``: its LoRA, or every weight.
+
+        Args:
+            trainable: ``"lora"`` or ``"all"``.
+
+        Returns:
+            The parameters, in module order.
+
+        Example:
+            >>> family = Flux2Family.tiny()
+            >>> _ = family.add_lora(rank=2)
+            >>> len(family.trainable_parameters("lora")), len(family.trainable_parameters("all")) > 32
+            (32, True)
+        """
+        check_trainable(trainable)
+        params = [p for name, p in self.transformer.named_parameters() if trainable == "all" or ".lora_" in name]
+        if not params:
+            raise ValueError("Expected trainable parameters, but found none (add a LoRA first with `add_lora`).")
+        return params
+
+    def set_trainable(self, trainable: str = "lora") -> list[nn.Parameter]:
+        """Marks exactly `trainable_parameters(trainable)` as requiring gradients; the autoencoder
+        and the text encoder are frozen.
+
+        Example:
+            >>> family = Flux2Family.tiny()
+            >>> _ = family.add_lora(rank=2)
+            >>> params = family.set_trainable("lora")
+            >>> sum(p.requires_grad for p in family.transformer.parameters()) == len(params)
+            True
+        """
+        for module in (self.pipe.vae, self.pipe.text_encoder):
+            if module is not None:
+                module.requires_grad_(False)
+        return super().set_trainable(trainable)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights of adapter ``"mosaic"`` (`FLUX2_ADAPTER`) without the ``transformer.`` prefix (peft's
+        ``get_peft_model_state_dict``).
+
+        Example:
+            >>> family = Flux2Family.tiny()
+            >>> _ = family.add_lora(rank=2, targets=["to_q"])
+            >>> sorted(family.lora_state_dict())[0]
+            'transformer_blocks.0.attn.to_q.lora_A.weight'
+        """
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.transformer, adapter_name=FLUX2_ADAPTER)
+
+    def save_lora(self, path: str | os.PathLike) -> Path:
+        """Writes the LoRA in diffusers' layout with its adapter metadata, atomically.
+
+        The keys are ``transformer.<module>.lora_A.weight``; the metadata carries ``lora_alpha``
+        (without it a reload would use alpha = rank). ``Flux2KleinPipeline.load_lora_weights``
+        and ``Flux2Pipeline.load_lora_weights`` load it exactly, without mosaic_kit.
+
+        Args:
+            path: a ``.safetensors`` file, or a folder (the file is then
+                ``pytorch_lora_weights.safetensors`` in it); parent folders are created.
+
+        Returns:
+            The path of the written file.
+
+        Example:
+            >>> import tempfile
+            >>> family = Flux2Family.tiny()
+            >>> _ = family.add_lora(rank=2)
+            >>> family.save_lora(tempfile.mkdtemp()).name
+            'pytorch_lora_weights.safetensors'
+        """
+        import tempfile
+
+        from diffusers import Flux2KleinPipeline
+
+        peft_config = getattr(self.transformer, "peft_config", {}).get(FLUX2_ADAPTER)
+        if peft_config is None:
+            raise ValueError(f"Expected a LoRA adapter {FLUX2_ADAPTER!r} on the transformer (`add_lora`), but found none.")
+        path = Path(path)
+        file = path if path.suffix == ".safetensors" else path / FLUX2_LORA_FILE
+        file.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.lora_state_dict().items()}
+        with tempfile.TemporaryDirectory(dir=file.parent, prefix=".tmp-lora-") as scratch:
+            Flux2KleinPipeline.save_lora_weights(scratch, transformer_lora_layers=state, weight_name=file.name,
+                                                 transformer_lora_adapter_metadata=peft_config.to_dict())
+            os.replace(Path(scratch) / file.name, file)
+        fsync_dir(file.parent)
+        return file
+
+    def load_lora(self, path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor], partial: bool = False) -> None:
+        """Loads a FLUX.2 LoRA (a file or folder diffusers can read, or its state dict).
+
+        With no LoRA on the transformer, the file goes in through the pipeline's stock
+        ``load_lora_weights`` as adapter ``"mosaic"`` (`FLUX2_ADAPTER`) (rank and alpha from the file). With one,
+        the values replace those of adapter ``"mosaic"`` (`FLUX2_ADAPTER`) (resuming training); every LoRA weight
+        must be in the file unless ``partial``.
+
+        Args:
+            path_or_state_dict: a ``.safetensors`` file, a folder holding
+                ``pytorch_lora_weights.safetensors``, or a state dict in diffusers' layout.
+            partial: allow a file that holds only some of the current LoRA's weights.
+
+        Raises:
+            ValueError: a weight missing (unless ``partial``), unexpected, or of another shape.
+
+        Example:
+            >>> import tempfile
+            >>> family = Flux2Family.tiny()
+            >>> _ = family.add_lora(rank=2, init=False)
+            >>> file = family.save_lora(tempfile.mkdtemp())
+            >>> other = Flux2Family.tiny()
+            >>> other.load_lora(file)
+            >>> other.transformer.active_adapters()
+            ['mosaic']
+        """
+        from diffusers import Flux2KleinPipeline
+
+        source: Any = path_or_state_dict
+        kwargs: dict[str, Any] = {}
+        if not isinstance(source, dict):
+            path = Path(source)
+            if path.is_file():
+                source, kwargs = str(path.parent), {"weight_name": path.name}
+            else:
+                source = str(path)
+        if getattr(self.transformer, "peft_config", {}).get(FLUX2_ADAPTER) is None:
+            self.pipe.load_lora_weights(source, adapter_name=FLUX2_ADAPTER, **kwargs)
+            return
+        state = Flux2KleinPipeline.lora_state_dict(source, **kwargs)
+        prefix = "transformer."
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        current = self.lora_state_dict()
+        unexpected = sorted(set(state) - set(current))
+        missing = [] if partial else sorted(set(current) - set(state))
+        wrong = sorted(k for k in set(state) & set(current) if state[k].shape != current[k].shape)
+        if unexpected or missing or wrong:
+            raise ValueError(
+                f"Expected the LoRA weights of adapter {FLUX2_ADAPTER!r} ({len(current)} tensors), but got "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(missing)} missing (e.g. {missing[:2]}) "
+                f"and {len(wrong)} of another shape (e.g. {wrong[:2]}) in {path_or_state_dict if not isinstance(path_or_state_dict, dict) else 'the state dict'}."
+            )
+        params = dict(self.transformer.named_parameters())
+        with torch.no_grad():
+            for key, value in state.items():
+                name = key.replace(".lora_A.weight", f".lora_A.{FLUX2_ADAPTER}.weight").replace(
+                    ".lora_B.weight", f".lora_B.{FLUX2_ADAPTER}.weight")
+                params[name].copy_(value.to(params[name]))
+
+    # -- sampling ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, prompt: str, references: Sequence[Any], height: int, width: int, num_inference_steps: int = 4,
+               generator: torch.Generator | None = None, guidance_scale: float = 4.0) -> Any:
+        """One image from the stock pipeline's ``__call__`` (the LoRA as loaded), for validation
+        sheets and evaluation: what a user of the stock pipeline gets.
+
+        Args:
+            prompt: the prompt.
+            references: PIL images (each side at least 64 px, the pipelines' minimum), or none.
+            height: image height in pixels (a multiple of 16).
+            width: image width in pixels.
+            num_inference_steps: denoising steps ([klein] is distilled to 4).
+            generator: the noise generator.
+            guidance_scale: classifier-free guidance of [klein] base / embedded guidance of [dev];
+                ignored by distilled [klein].
+
+        Returns:
+            A PIL image.
+
+        Example:
+            >>> from PIL import Image
+            >>> family = Flux2Family.tiny()
+            >>> family.sample("a cat", [Image.new("RGB", (64, 64), "red")], 32, 32, num_inference_steps=1).size
+            (32, 32)
+        """
+        kwargs = {} if self.text_encoder_out_layers is None else {"text_encoder_out_layers": self.text_encoder_out_layers}
+        out = self.pipe(image=list(references) or None, prompt=prompt, height=height, width=width,
+                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
+                        max_sequence_length=self.max_sequence_length, **kwargs)
+        return out.images[0]
+
+    # -- decoding ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Target tokens to images, as the pipelines decode: unpack, undo the batch-norm
+        normalisation, unpatchify, decode.
+
+        Args:
+            latents: ``(B, N_tgt, C)`` packed tokens.
+            height: image height in pixels (a multiple of 16).
+            width: image width in pixels.
+
+        Returns:
+            ``(B, 3, height, width)`` float32 in ``[0, 1]``.
+
+        Example:
+            >>> family = Flux2Family.tiny()
+            >>> inputs = family.encode(torch.rand(1, 3, 32, 48), ["a"])
+            >>> tuple(family.decode(inputs.target, 32, 48).shape)
+            (1, 3, 32, 48)
+        """
+        pipe, vae = self.pipe, self.pipe.vae
+        grid = self.token_layout((height, width), []).target_grid
+        rows, cols = grid.rows, grid.cols
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 3 or latents.shape[1] != rows * cols:
+            raise ValueError(f"Expected `latents` of shape (B, {rows * cols}, C), but got {getattr(latents, 'shape', type(latents))}.")
+        grid = latents.transpose(1, 2).reshape(latents.shape[0], latents.shape[2], rows, cols).to(vae.dtype)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(grid)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(grid)
+        grid = pipe._unpatchify_latents(grid * std + mean)
+        images = vae.decode(grid, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
