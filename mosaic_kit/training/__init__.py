@@ -8,6 +8,7 @@
   `load_training_checkpoint`, `load_reference_lora_values`, the file names (`LORA_FILE`, ...).
 - ``fsdp``: FSDP2 with every ``nn.Linear`` its own unit (`shard_linear_units`; the ``fsdp`` setting
   or ``recipes/accelerate/fsdp.yaml``), LoRA-only checkpoints that resume exactly.
+- ``distributed``: `final_barrier` (ends a run so that torch's gloo teardown cannot deadlock).
 - ``datasets``: `build_dataset`, the data set a config names (the trainer builds its loader around it).
 - Checkpoints that cannot lie: `write_checkpoint_digest`, `verify_checkpoint`,
   `latest_intact_checkpoint`, `list_checkpoints`, `publish_checkpoint`, `remove_checkpoint`,
@@ -58,6 +59,7 @@ from .config import (
 )
 from ..reporting.training import plot_loss_curves
 from .datasets import build_dataset
+from .distributed import final_barrier
 from .fsdp import FSDP_OPTIMIZER_FILE, shard_linear_units
 from .timesteps import flux_shift_mu, sample_sigmas
 from .trainer import MosaicTrainer, TrainingForward
@@ -66,6 +68,7 @@ __all__ = [
     "CHECKPOINT_PREFIX",
     "DIGEST_FILE",
     "CheckpointError",
+    "final_barrier",
     "EMA_LORA_FILE",
     "FSDP_OPTIMIZER_FILE",
     "check_fsdp_config",

@@ -65,6 +65,7 @@ from .checkpointing import (
 from .checkpoints import CheckpointError, clean_stale_checkpoints, list_checkpoints, verify_checkpoint
 from .config import TrainConfig, check_fsdp_config, config_to_dict
 from .datasets import build_dataset
+from .distributed import final_barrier
 from .fsdp import full_state, is_sharded, shard_linear_units
 from .timesteps import flux_shift_mu, sample_sigmas
 from ..reporting.training import attention_panels, plot_loss_curves, validation_sheet
@@ -734,7 +735,7 @@ class MosaicTrainer:
             }
             write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2))
             print(f"bad data: {tally.summary()}")
-        acc.wait_for_everyone()
+        final_barrier()  # not wait_for_everyone: the gloo teardown could deadlock (training/distributed.py)
         acc.end_training()
         return summary
 
