@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import io
 import json
 import math
 import shutil
@@ -54,6 +55,7 @@ from mosaic_kit.eval import (
     summarise_records,
 )
 from mosaic_kit.training import MosaicTrainer, apply_overrides, config_from_dict
+from mosaic_kit.utils import atomic_write, save_image_atomic, tensor_to_pil, write_text_atomic
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PRESETS = {"cpu": CONFIGS / "synthetic_cpu.yaml", "gpu": CONFIGS / "synthetic_gpu.yaml",
@@ -154,11 +156,9 @@ def train_and_evaluate(name: str, seed: int, settings: dict, run_dir: Path) -> d
         "final_losses": history[-1] if history else None, "records": result.records,
     }
     if result.figure is not None:
-        torch.save(result.figure, run_dir / "figure.pt")
-    torch.save({k: v for k, v in result.images.items()}, run_dir / "images.pt")
-    tmp = run_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps(payload))
-    tmp.replace(run_dir / "eval.json")
+        atomic_write(run_dir / "figure.pt", lambda stream: torch.save(result.figure, stream))
+    atomic_write(run_dir / "images.pt", lambda stream: torch.save(dict(result.images), stream))
+    write_text_atomic(run_dir / "eval.json", json.dumps(payload))  # written last: marks the run done
     done = "loaded the trained weights" if trained else f"trained in {train_seconds:.0f} s"
     print(f"[{name} seed {seed}] {done}, evaluated in {eval_seconds:.0f} s "
           f"(total {time.perf_counter() - start:.0f} s)", flush=True)
@@ -200,7 +200,7 @@ def sample_sheet(runs: dict, settings: dict, out: Path) -> Path:
         raise ValueError("Expected `ablation.sheet_num_refs` to name a K that is evaluated, but none is.")
     sheet = torch.cat([torch.cat((r, torch.ones(3, 2, r.shape[2])), 1) for r in rows], 1)
     scale = max(1, 384 // size)
-    image = Image.fromarray((sheet.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    image = tensor_to_pil(sheet)
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     header = Image.new("RGB", (image.width, 18), "white")
     draw = ImageDraw.Draw(header)
@@ -209,9 +209,15 @@ def sample_sheet(runs: dict, settings: dict, out: Path) -> Path:
     full = Image.new("RGB", (image.width, image.height + 18), "white")
     full.paste(header, (0, 0))
     full.paste(image, (0, 18))
-    path = out / "samples.png"
-    full.save(path)
-    return path
+    return save_image_atomic(full, out / "samples.png")
+
+
+def _csv(fields: list[str], rows: list[dict]) -> str:
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def aggregate(settings: dict, payloads: dict, baselines: list[dict], out: Path, wall: float) -> dict:
@@ -258,7 +264,7 @@ def aggregate(settings: dict, payloads: dict, baselines: list[dict], out: Path, 
               f"images per K for the sample scores).")
     markdown = "\n\n".join([header, table, "Per noise level (teacher-forced scores, all K):", "\n".join(sigma_lines),
                             *range_tables]) + "\n"
-    (out / "table.md").write_text(markdown)
+    write_text_atomic(out / "table.md", markdown)
 
     per_k_rows, curves = [], {m: {} for m in METRICS}
     for n in names:
@@ -274,20 +280,11 @@ def aggregate(settings: dict, payloads: dict, baselines: list[dict], out: Path, 
     plot_metric_against_k(curves, out / "attention_vs_k.png", ATTENTION_PLOT)
     plot_metric_against_k(curves, out / "fidelity_vs_k.png", FIDELITY_PLOT, references=reference_lines)
 
-    with open(out / "per_k.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["setting", "seed", "num_refs", *METRICS])
-        writer.writeheader()
-        writer.writerows(per_k_rows)
+    write_text_atomic(out / "per_k.csv", _csv(["setting", "seed", "num_refs", *METRICS], per_k_rows))
+    records = [{"setting": n, "seed": p["seed"], **record} for n in names for p in payloads[n] for record in p["records"]]
+    records += [{"setting": record["kind"], "seed": "", **record} for record in baselines]
     fields = ["setting", "seed", "kind", "num_refs", "index", "sigma", *METRICS, "other_mass"]
-    with open(out / "records.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for n in names:
-            for p in payloads[n]:
-                for record in p["records"]:
-                    writer.writerow({"setting": n, "seed": p["seed"], **record})
-        for record in baselines:
-            writer.writerow({"setting": record["kind"], "seed": "", **record})
+    write_text_atomic(out / "records.csv", _csv(fields, records))
 
     results = {
         "config": settings["path"], "ablation": settings["ablation"], "eval": settings["eval_dict"],
@@ -303,7 +300,7 @@ def aggregate(settings: dict, payloads: dict, baselines: list[dict], out: Path, 
                      "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"},
     }
     clean = json.loads(json.dumps(results, default=str), parse_constant=lambda _: None)
-    (out / "results.json").write_text(json.dumps(clean, indent=1, default=str))
+    write_text_atomic(out / "results.json", json.dumps(clean, indent=1, default=str))
     return results
 
 
@@ -320,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(int(ablation.get("threads") or torch.get_num_threads()))
     out = Path(ablation.get("output_dir") or "outputs/ablation")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.yaml").write_text(yaml.safe_dump(
+    write_text_atomic(out / "settings.yaml", yaml.safe_dump(
         {"ablation": ablation, "eval": settings["eval_dict"], "train": settings["train"]}, sort_keys=False))
     payloads: dict[str, list[dict]] = {}
     for seed in ablation["seeds"]:
