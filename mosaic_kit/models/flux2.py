@@ -646,7 +646,10 @@ class Flux2Family(ModelFamily):
         return get_peft_model_state_dict(self.transformer, adapter_name=FLUX2_ADAPTER)
 
     def save_lora(self, path: str | os.PathLike) -> Path:
-        """Writes the LoRA in diffusers' layout with its adapter metadata, atomically.
+        """Writes the LoRA in diffusers' layout with its adapter metadata, atomically and durably.
+
+        Diffusers writes it into a temporary folder beside the destination; the file is fsynced,
+        renamed over the destination, and the folder fsynced.
 
         The keys are ``transformer.<module>.lora_A.weight``; the metadata carries ``lora_alpha``
         (without it a reload would use alpha = rank). ``Flux2KleinPipeline.load_lora_weights``
@@ -680,7 +683,10 @@ class Flux2Family(ModelFamily):
         with tempfile.TemporaryDirectory(dir=file.parent, prefix=".tmp-lora-") as scratch:
             Flux2KleinPipeline.save_lora_weights(scratch, transformer_lora_layers=state, weight_name=file.name,
                                                  transformer_lora_adapter_metadata=peft_config.to_dict())
-            os.replace(Path(scratch) / file.name, file)
+            written = Path(scratch) / file.name
+            with open(written, "rb") as handle:  # durable before it replaces the old file
+                os.fsync(handle.fileno())
+            os.replace(written, file)
         fsync_dir(file.parent)
         return file
 
