@@ -29,7 +29,8 @@ def final_barrier() -> bool:
     """Synchronises every process one last time, safely for the process group's teardown.
 
     Call it after the run's last collective and before the models (and their DDP reducers) are
-    released, in place of ``accelerator.wait_for_everyone()``. Does nothing without a process
+    released, in place of ``accelerator.wait_for_everyone()``: at the end of a run, and where every
+    process has agreed to stop with an error (`MosaicTrainer` does both). Does nothing without a process
     group or with a single process.
 
     Returns:

@@ -371,6 +371,7 @@ class MosaicTrainer:
             flags = flags[None]
         if bool(flags.all()):
             return
+        final_barrier()  # every process stops here: end safely for the gloo teardown (training/distributed.py)
         if failed_check is not None:
             raise NonFiniteTrainingError(
                 f"Training stopped at step {self.step + 1} (finite checks of the first "
