@@ -304,6 +304,18 @@ def test_filter_keeps_every_failed_reason_and_checks_its_inputs():
         FilterThresholds(max_box_iou=2.0)
 
 
+def test_the_filter_stage_config_is_the_thresholds_plus_its_scorers():
+    from mosaic_kit.data.generation import FilterStageConfig
+
+    config = FilterStageConfig(clip="openai/clip-vit-base-patch32", min_clip=20.0, max_box_iou=0.4)
+    assert config.thresholds == FilterThresholds(min_clip=20.0, max_box_iou=0.4)
+    assert type(config.thresholds) is FilterThresholds  # what the provenance records: thresholds only
+    with pytest.raises(ValueError, match="max_box_iou"):  # the thresholds' own checks apply to the config
+        FilterStageConfig(max_box_iou=2.0)
+    with pytest.raises(ValueError, match="filter.clip"):
+        FilterStageConfig(min_clip=20.0)
+
+
 def test_subject_scores_from_detections():
     masks = [box_mask([0, 0, 8, 8], 16, 16), box_mask([4, 4, 12, 12], 16, 16)]
     found = DetectedSubjects(["dog", "dog"], [[0, 0, 8, 8], [4, 4, 12, 12]], [0.9, 0.8], masks, [0.9, 0.8], {"dog": 3})

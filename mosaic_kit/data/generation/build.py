@@ -36,7 +36,7 @@ from ...utils.atomic import save_image_atomic
 from .._images import load_mask, pil_to_tensor, resize_mask
 from .config import DatasetBuildConfig, resolve_path
 from .correspondences import subject_pairs
-from .filtering import ClipQualityScore, FilterThresholds, SharpnessScore, decide, subject_scores
+from .filtering import ClipQualityScore, SharpnessScore, decide, subject_scores
 from .images import GeneratedImage, tensor_to_pil
 from .prompts import PromptRecord, PromptTemplates, prompts_from_file
 from .records import STAGES, StageStore, in_shard, reject_reason_key, write_text_atomic
@@ -335,8 +335,7 @@ class DatasetBuilder:
 
     def _stage_filter(self, ids: list[str], by_id: dict[str, PromptRecord]) -> None:
         cfg = self.config.filter
-        thresholds = FilterThresholds(cfg.min_clip, cfg.min_quality, cfg.exactly_once, cfg.min_mask_score,
-                                      cfg.min_subject_area, cfg.max_subject_area, cfg.max_box_iou)
+        thresholds = cfg.thresholds
         todo = self._todo("filter", self._kept("subjects", ids))
         clip = self._model("clip", self._build_clip) if cfg.clip and todo else None
         quality = None

@@ -15,6 +15,7 @@ from typing import Any
 
 from ...correspondence import DISJOINT_POLICIES
 from ...correspondence.matching import MATCH_FILTERS
+from .filtering import FilterThresholds
 
 __all__ = [
     "IMAGE_SOURCES", "PROMPT_SOURCES", "QUALITY_SCORES", "REFERENCE_SOURCES", "SUBJECT_SOURCES",
@@ -155,26 +156,22 @@ class SubjectStageConfig:
 
 
 @dataclass
-class FilterStageConfig:
-    """Stage "filter": ``clip`` (a CLIP model), ``quality`` (`QUALITY_SCORES`) and the thresholds
-    of `FilterThresholds` (null turns one off).
+class FilterStageConfig(FilterThresholds):
+    """Stage "filter": the thresholds of `FilterThresholds` (its fields; null turns one off), plus
+    ``clip`` (a CLIP model) and ``quality`` (`QUALITY_SCORES`).
 
     Examples:
         >>> FilterStageConfig(quality="sharpness", min_quality=20.0).min_quality
         20.0
+        >>> FilterStageConfig(max_box_iou=0.5).thresholds
+        FilterThresholds(min_clip=None, min_quality=None, exactly_once=True, min_mask_score=None, min_subject_area=None, max_subject_area=None, max_box_iou=0.5)
     """
 
     clip: str | None = None
     quality: str | None = "sharpness"
-    min_clip: float | None = None
-    min_quality: float | None = None
-    exactly_once: bool = True
-    min_mask_score: float | None = None
-    min_subject_area: float | None = None
-    max_subject_area: float | None = None
-    max_box_iou: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.quality is not None:
             _allowed("filter.quality", self.quality, QUALITY_SCORES)
         if self.min_clip is not None and not self.clip:
@@ -183,6 +180,11 @@ class FilterStageConfig:
             raise ValueError("Expected `filter.clip` (a CLIP model) for filter.quality = 'clip_iqa', but got none.")
         if self.min_quality is not None and self.quality is None:
             raise ValueError("Expected `filter.quality` for filter.min_quality, but got none.")
+
+    @property
+    def thresholds(self) -> FilterThresholds:
+        """The thresholds alone, as the filter takes them (`decide`)."""
+        return FilterThresholds(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FilterThresholds)})
 
 
 @dataclass

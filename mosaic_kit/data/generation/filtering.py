@@ -20,7 +20,7 @@ Every rejected item keeps all its scores and every failed criterion as a reason
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -54,7 +54,8 @@ class FilterThresholds:
     max_box_iou: float | None = None
 
     def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
+        for name in (f.name for f in fields(FilterThresholds)):  # not a subclass's own fields
+            value = getattr(self, name)
             if name == "exactly_once":
                 if not isinstance(value, bool):
                     raise ValueError(f"Expected `exactly_once` to be a bool, but got {value!r}.")
