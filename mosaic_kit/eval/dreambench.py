@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..data import open_image, to_rgb
 from ..utils.atomic import save_image_atomic, write_text_atomic
 from .crops import (
     DEFAULT_CROP_SIZES,
@@ -410,8 +411,8 @@ def image_seed(seed: int, case_id: str, image_index: int) -> int:
 
 
 def _open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """The data package's checked opening: size limit, 16-bit grey and alpha handled, errors name the file."""
+    return to_rgb(open_image(path), str(path))
 
 
 def generate_case_images(

@@ -280,3 +280,27 @@ def test_the_real_benchmark_has_the_paper_protocol_size():
     assert len(multi) == 20 and {len(c.subjects) for c in multi} == {2, 3, 4}
     assert multi[0].prompt == "a dog and a backpack on a beach"
     assert all("{" not in c.prompt for c in cases)
+
+
+def test_reference_photos_are_opened_with_the_data_packages_checks(bench_dir, tmp_path):
+    """16-bit grey photos keep their grey (PIL's own conversion clips them to white); an unreadable
+    photo is a ValueError naming the file, not a raw PIL error."""
+    from mosaic_kit.eval import GenerationSettings, generate_case_images
+
+    calls = []
+
+    class Recorder:
+        def __call__(self, **kwargs):
+            calls.append(kwargs)
+            return type("Output", (), {"images": [Image.new("RGB", (kwargs["width"], kwargs["height"]))]})()
+
+    bench = DreamBench.load(bench_dir)
+    case = list_cases(bench, settings=["multi"], max_multi=1, images_per_prompt=1, seed=0)[0]
+    settings = GenerationSettings(height=16, width=16, num_inference_steps=1, reference_index=1, reference_size=None)
+    for name in case.subjects:
+        Image.new("I;16", (48, 40), 128 * 257).save(bench_dir / name / "01.jpg", format="PNG")
+    generate_case_images(Recorder(), bench, case, tmp_path / "grey", settings)
+    assert [r.getpixel((5, 5)) for r in calls[0]["reference_images"]] == [(128, 128, 128)] * len(case.subjects)
+    (bench_dir / case.subjects[0] / "01.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"01\.jpg: expected a readable image file"):
+        generate_case_images(Recorder(), bench, case, tmp_path / "broken", settings)
