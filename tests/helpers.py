@@ -1,10 +1,14 @@
 """Random correspondence batches and attention inputs for the tests; loading a recipe or benchmark
-script as a module."""
+script as a module; running a two-process gloo script."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -74,3 +78,21 @@ def load_script(relative_path: str, name: str | None = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_process_script(source: str, folder: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Writes ``source`` to ``folder`` and runs it as ``python script.py PORT *args`` with this
+    checkout's ``mosaic_kit`` (the script spawns its processes); fails the test if it fails."""
+    script = folder / "two_processes.py"
+    script.write_text(source)
+    done = subprocess.run([sys.executable, str(script), str(free_port()), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -208,16 +208,22 @@ def test_generation_smoke_run(bench_dir, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in images.rglob("*.png")} == stamps
 
 
-def test_generation_calls_the_pipeline_with_the_documented_interface(bench_dir, tmp_path):
-    from mosaic_kit.eval import GenerationSettings, generate_case_images
-
-    calls = []
+def recorder(calls: list):
+    """A pipeline stand-in class that records its keyword arguments and returns black images."""
 
     class Recorder:
         def __call__(self, **kwargs):
             calls.append(kwargs)
             return type("Output", (), {"images": [Image.new("RGB", (kwargs["width"], kwargs["height"]))]})()
 
+    return Recorder
+
+
+def test_generation_calls_the_pipeline_with_the_documented_interface(bench_dir, tmp_path):
+    from mosaic_kit.eval import GenerationSettings, generate_case_images
+
+    calls = []
+    Recorder = recorder(calls)
     bench = DreamBench.load(bench_dir)
     case = list_cases(bench, settings=["multi"], max_multi=1, images_per_prompt=2, seed=0)[0]
     settings = GenerationSettings(height=16, width=48, num_inference_steps=3, guidance_scale=2.0, seed=5,
@@ -288,12 +294,7 @@ def test_reference_photos_are_opened_with_the_data_packages_checks(bench_dir, tm
     from mosaic_kit.eval import GenerationSettings, generate_case_images
 
     calls = []
-
-    class Recorder:
-        def __call__(self, **kwargs):
-            calls.append(kwargs)
-            return type("Output", (), {"images": [Image.new("RGB", (kwargs["width"], kwargs["height"]))]})()
-
+    Recorder = recorder(calls)
     bench = DreamBench.load(bench_dir)
     case = list_cases(bench, settings=["multi"], max_multi=1, images_per_prompt=1, seed=0)[0]
     settings = GenerationSettings(height=16, width=16, num_inference_steps=1, reference_index=1, reference_size=None)

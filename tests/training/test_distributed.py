@@ -4,11 +4,9 @@ process group (the teardown deadlock described in ``mosaic_kit/training/distribu
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
+
+from helpers import run_two_process_script
 
 from mosaic_kit.training import final_barrier
 from mosaic_kit.training import distributed
@@ -41,12 +39,6 @@ if __name__ == "__main__":
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_final_barrier_without_a_process_group_does_nothing():
     before = list(distributed._KEPT)
     assert final_barrier() is False
@@ -54,13 +46,8 @@ def test_final_barrier_without_a_process_group_does_nothing():
 
 
 def test_final_barrier_synchronises_two_processes_and_keeps_its_work(tmp_path):
-    script = tmp_path / "final_barrier.py"
-    script.write_text(SCRIPT)
     out = tmp_path / "result"
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, str(script), str(free_port()), str(out)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_process_script(SCRIPT, tmp_path, str(out), timeout=120)
     results = [Path(f"{out}.{rank}").read_text().split(" ", 4) for rank in (0, 1)]
     for ran, kept, completed, waited, gathered in results:
         assert (ran, kept, completed, gathered) == ("True", "1", "True", "[0, 1]")

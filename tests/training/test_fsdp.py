@@ -6,11 +6,11 @@ resumes from them exactly."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port, run_two_process_script
 
 pytest.importorskip("diffusers")
 
@@ -57,23 +57,10 @@ if __name__ == "__main__":
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_fsdp_with_linear_units_is_exact(tmp_path):
-    import subprocess
-
-    script = tmp_path / "fsdp_check.py"
-    script.write_text(SCRIPT)
     out = tmp_path / "result.txt"
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, str(script), str(free_port()), str(out)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_process_script(SCRIPT, tmp_path, str(out))
     forward, backward, same_keys = out.read_text().split()
     assert float(forward) == 0.0 and float(backward) == 0.0 and same_keys == "True"
 
