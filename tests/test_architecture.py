@@ -51,7 +51,7 @@ FORBIDDEN_EXTERNAL = {
 KNOWN_UPWARD = {
     # FLUX.2's tiny random components (built in code for tests and smoke runs) live beside the
     # FLUX.1 ones in pipelines/; `Flux2Family.tiny()` imports them lazily.
-    ("models/flux2.py", "mosaic_kit.pipelines.tiny_flux2"),
+    ("models/flux2/family.py", "mosaic_kit.pipelines.tiny_flux2"),
 }
 
 

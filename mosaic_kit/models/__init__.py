@@ -10,10 +10,10 @@
   project writes carry a digest of their tensors (`read_lora_file` verifies it).
 - `pack_latents`, `latent_image_ids`, `reference_position_ids`: packing and position ids.
 - `install_capture_processors`, `SequenceLayout`, `CaptureProcessors` and the capture processors
-  (`FluxCaptureProcessor`, `Flux2CaptureProcessor`, `Flux2ParallelCaptureProcessor`,
+  (`insequence/`: `layout`, `processors`, `install`; `FluxCaptureProcessor`, `Flux2CaptureProcessor`, `Flux2ParallelCaptureProcessor`,
   `SD3CaptureProcessor`, `QwenCaptureProcessor`): MOSAIC's capture on stock diffusers DiTs that
   put the references in the target's sequence (Kontext, FLUX.2, SD3 in-context, Qwen-Image-Edit).
-- `Flux2Family` (`flux2.py`): FLUX.2 [klein]/[dev] behind the same boundary, laid out exactly as the
+- `Flux2Family` (`flux2/`: `lora`, `denoiser`, `family`): FLUX.2 [klein]/[dev] behind the same boundary, laid out exactly as the
   stock `Flux2KleinPipeline`/`Flux2Pipeline` (in-sequence references, a plain peft LoRA that the stock
   pipelines load with `load_lora_weights`).
 - `PixelAutoencoder`: pixel space behind the VAE interface, for CPU-sized experiments.

@@ -1,222 +1,29 @@
-"""FLUX.2 with K reference images: MOSAIC on the stock `Flux2Transformer2DModel`.
-
-FLUX.2 ([klein] and [dev]) takes references natively: diffusers' `Flux2KleinPipeline` and
-`Flux2Pipeline` encode each reference with the FLUX.2 autoencoder (distribution mode, patchified
-2×2, normalised by the autoencoder's latent batch-norm statistics), append its tokens after the
-target's, ``[target | ref 1 | … | ref K]``, and tell them apart by the time axis of the 4-axis
-position ids (reference ``k``, 0-based, at ``T = 10·(k + 1)``, the target at ``T = 0``).
-`Flux2Family` builds exactly those inputs for a training batch, by calling the pipeline's own
-encoding steps, so what is trained is what the stock pipeline runs.
-
-MOSAIC's capture comes from the in-sequence capture processors
-(`mosaic_kit.models.install_capture_processors`), which the family installs on the chosen blocks.
-Reference and target tokens share every weight in FLUX.2, so the LoRA is one ordinary peft
-adapter on the attention and feed-forward projections (no per-stream routing), saved in diffusers'
-LoRA layout with its adapter metadata: ``Flux2KleinPipeline.load_lora_weights(folder)`` (or
-``Flux2Pipeline``'s) loads the file unchanged, without mosaic_kit.
-"""
+"""`Flux2Family`: FLUX.2 behind the model boundary, its inputs built by the stock pipeline's own
+encoding steps."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..attention import RefTargetCapture
-from ..utils.atomic import fsync_dir
-from .family import ModelFamily, ModelInputs, TokenLayout, check_trainable
-from .flux.lora import DEFAULT_ADAPTER
-from .insequence import CaptureProcessors, SequenceLayout, install_capture_processors
+from ...utils.atomic import fsync_dir
+from ..family import ModelFamily, ModelInputs, TokenLayout, check_trainable
+from ..insequence import CaptureProcessors, SequenceLayout
+from .denoiser import Flux2Denoiser
+from .lora import FLUX2_ADAPTER, FLUX2_LORA_TARGETS, add_flux2_lora
 
-__all__ = [
-    "FLUX2_ADAPTER",
-    "FLUX2_LORA_FILE",
-    "FLUX2_LORA_TARGETS",
-    "FLUX2_REFERENCE_TIME_SCALE",
-    "Flux2Denoiser",
-    "Flux2Family",
-    "add_flux2_lora",
-    "flux2_lora_target_modules",
-]
-
-FLUX2_LORA_TARGETS: tuple[str, ...] = (
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
-    "to_qkv_mlp_proj", "attn.to_out",
-)
-"""Default LoRA targets, as name suffixes of `torch.nn.Linear` modules: the double-stream
-blocks' attention (image and text projections; ``to_out.0`` because ``to_out`` is a
-``ModuleList`` there) and feed-forward layers, and the parallel single-stream blocks' fused
-``to_qkv_mlp_proj`` and ``attn.to_out`` (a plain linear there)."""
+__all__ = ["FLUX2_LORA_FILE", "FLUX2_REFERENCE_TIME_SCALE", "Flux2Family"]
 
 FLUX2_REFERENCE_TIME_SCALE = 10
 """Time-axis offset between references in FLUX.2's position ids (the pipelines' ``scale``)."""
 
-FLUX2_ADAPTER = DEFAULT_ADAPTER
-"""The LoRA's peft adapter name, ``"mosaic"``: the FLUX.1 reference LoRA's, so the trainer's
-checkpoints (raw LoRA values saved and restored by adapter name) serve both families."""
-
 FLUX2_LORA_FILE = "pytorch_lora_weights.safetensors"
 """The file name `Flux2Family.save_lora` writes (diffusers' default weight name)."""
-
-
-def flux2_lora_target_modules(transformer: torch.nn.Module, targets: Sequence[str] = FLUX2_LORA_TARGETS) -> list[str]:
-    """The full names of the `torch.nn.Linear` modules whose name ends with one of ``targets``.
-
-    Expanding the suffixes to full names lets one list hold ``attn.to_out`` (a linear in the
-    single-stream blocks) without peft also matching the double-stream blocks' ``to_out``
-    ``ModuleList`` (which peft refuses).
-
-    Args:
-        transformer: a `Flux2Transformer2DModel` (or any module).
-        targets: module-name suffixes (matched at a ``.`` boundary or as the whole name).
-
-    Returns:
-        The matching module names, in module order.
-
-    Raises:
-        ValueError: if ``targets`` is empty, not strings, or matches no linear module.
-
-    Example:
-        >>> from diffusers import Flux2Transformer2DModel
-        >>> from mosaic_kit.pipelines.tiny_flux2 import TINY_FLUX2_TRANSFORMER_CONFIG
-        >>> model = Flux2Transformer2DModel(**TINY_FLUX2_TRANSFORMER_CONFIG)
-        >>> flux2_lora_target_modules(model, ["to_out.0", "attn.to_out"])
-        ['transformer_blocks.0.attn.to_out.0', 'single_transformer_blocks.0.attn.to_out', 'single_transformer_blocks.1.attn.to_out']
-    """
-    if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"Expected `targets` to be a non-empty list of module-name suffixes, but got {targets!r}.")
-    names = [
-        name for name, module in transformer.named_modules()
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
-    ]
-    if not names:
-        raise ValueError(f"Expected `targets` {list(targets)} to match linear modules of the transformer, but none matched.")
-    return names
-
-
-def add_flux2_lora(transformer: nn.Module, rank: int, alpha: float | None = None,
-                   targets: Sequence[str] = FLUX2_LORA_TARGETS, init: str | bool = True) -> list[str]:
-    """Adds a peft LoRA (adapter ``"mosaic"`` (`FLUX2_ADAPTER`)) on the target projections of a FLUX.2 transformer.
-
-    Reference and target tokens share these weights (FLUX.2 has no reference branch), so there
-    is no per-stream routing: one ordinary adapter, as diffusers' FLUX.2 LoRA loader expects.
-
-    Args:
-        transformer: a `Flux2Transformer2DModel`.
-        rank: LoRA rank.
-        alpha: LoRA alpha (None: ``rank``, scale 1).
-        targets: module-name suffixes (`FLUX2_LORA_TARGETS`), expanded by `flux2_lora_target_modules`.
-        init: peft's ``init_lora_weights`` (True: B = 0, the output is unchanged at first;
-            False: random B, for tests that must see an effect).
-
-    Returns:
-        The full names of the wrapped modules.
-
-    Raises:
-        ValueError: a bad ``rank`` or ``targets``.
-
-    Example:
-        >>> from diffusers import Flux2Transformer2DModel
-        >>> from mosaic_kit.pipelines.tiny_flux2 import TINY_FLUX2_TRANSFORMER_CONFIG
-        >>> model = Flux2Transformer2DModel(**TINY_FLUX2_TRANSFORMER_CONFIG)
-        >>> add_flux2_lora(model, rank=2, targets=["to_qkv_mlp_proj"])
-        ['single_transformer_blocks.0.attn.to_qkv_mlp_proj', 'single_transformer_blocks.1.attn.to_qkv_mlp_proj']
-    """
-    from peft import LoraConfig
-
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"Expected `rank` to be a positive int, but got {rank!r}.")
-    names = flux2_lora_target_modules(transformer, targets)
-    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=names,
-                        init_lora_weights=init)
-    transformer.add_adapter(config, adapter_name=FLUX2_ADAPTER)
-    return names
-
-
-class _FanOut(RefTargetCapture):
-    """Feeds several captures from one installation (the training capture and diagnostics such as
-    `mosaic_kit.attention.PointAttentionRows`, which share ``add(query, key)``); the first one's
-    correspondences fix the layout check."""
-
-    def __init__(self, captures: Sequence[Any]) -> None:  # no super().__init__: nothing is stored here
-        self.captures = list(captures)
-        self.corr = self.captures[0].corr
-        self.scale = None
-
-    def add(self, query: torch.Tensor, key: torch.Tensor) -> None:
-        for capture in self.captures:
-            capture.add(query, key)
-
-
-class Flux2Denoiser(nn.Module):
-    """The FLUX.2 denoiser as one module (what an accelerator wraps): the stock transformer's
-    forward over ``[target | ref 1 | … | ref K]``, returning the target's prediction and feeding
-    MOSAIC's captures through the in-sequence capture processors.
-
-    Args:
-        transformer: the stock `Flux2Transformer2DModel` (its LoRA included).
-        capture_blocks: ``"all"``, ``"double"`` or a list of block names.
-
-    Example:
-        >>> family = Flux2Family.tiny()
-        >>> isinstance(family.model, Flux2Denoiser), family.model.capture_handle().block_names[0]
-        (True, 'transformer_blocks.0')
-    """
-
-    def __init__(self, transformer: nn.Module, capture_blocks: str | Sequence[str] = "all") -> None:
-        super().__init__()
-        if isinstance(capture_blocks, str) and capture_blocks not in ("all", "double"):
-            raise ValueError(f"Expected `capture_blocks` 'all', 'double' or a list of block names, but got {capture_blocks!r}.")
-        self.transformer = transformer
-        self.capture_blocks = capture_blocks if isinstance(capture_blocks, str) else list(capture_blocks)
-        self._handle: CaptureProcessors | None = None
-
-    def capture_handle(self) -> CaptureProcessors:
-        """The capture processors on the chosen blocks (installed on first use, idle until a
-        forward gets a capture; idle, the forward is the stock one bit for bit)."""
-        if self._handle is None:
-            blocks: str | list[str] | Callable[[str], bool] = self.capture_blocks
-            if blocks == "double":
-                blocks = lambda name: name.startswith("transformer_blocks.")  # noqa: E731
-            self._handle = install_capture_processors(self.transformer, blocks=blocks)
-        return self._handle
-
-    def forward(self, hidden_states: torch.Tensor, img_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                txt_ids: torch.Tensor, timestep: torch.Tensor, tgt_tokens: int, ref_tokens: Sequence[int] = (),
-                guidance: torch.Tensor | None = None, capture: Any = None) -> torch.Tensor:
-        """Runs the stock forward; returns ``(B, tgt_tokens, C)``, the target's prediction.
-
-        Args:
-            hidden_states: ``(B, N_tgt + N_ref, C)`` noisy target tokens, then the references'.
-            img_ids: ``(B, N_tgt + N_ref, 4)`` position ids.
-            encoder_hidden_states: ``(B, L, D)`` prompt embeddings.
-            txt_ids: ``(B, L, 4)`` text ids.
-            timestep: ``(B,)`` flow-matching time in ``[0, 1]``.
-            tgt_tokens: N_tgt.
-            ref_tokens: N^(k) per reference slot.
-            guidance: ``(B,)`` embedded guidance ([dev]) or None ([klein]).
-            capture: a `RefTargetCapture`, a list of captures (diagnostics with the same
-                ``add(query, key)``, e.g. `PointAttentionRows`, included), or None.
-        """
-        captures = [] if capture is None else list(capture) if isinstance(capture, (list, tuple)) else [capture]
-        context = contextlib.nullcontext()
-        if captures:
-            if not ref_tokens:
-                raise ValueError("Expected references (`ref_tokens`) for a capture, but got none.")
-            layout = SequenceLayout.concatenated(tgt_tokens, ref_tokens)
-            fed = captures[0] if len(captures) == 1 and isinstance(captures[0], RefTargetCapture) else _FanOut(captures)
-            context = self.capture_handle().capture(fed, layout)
-        with context:
-            out = self.transformer(hidden_states=hidden_states, img_ids=img_ids,
-                                   encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids, timestep=timestep,
-                                   guidance=guidance, return_dict=False)[0]
-        return out[:, :tgt_tokens]
 
 
 class Flux2Family(ModelFamily):
@@ -304,7 +111,7 @@ class Flux2Family(ModelFamily):
         """
         from diffusers import Flux2KleinPipeline
 
-        from ..pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_components
+        from ...pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_components
 
         pipe = Flux2KleinPipeline(**tiny_flux2_components(seed=seed, transformer_overrides=transformer_overrides,
                                                            pixel_space=pixel_space))
