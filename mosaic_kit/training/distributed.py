@@ -35,6 +35,10 @@ def final_barrier() -> bool:
 
     Returns:
         True when a barrier ran (a distributed run), False otherwise.
+
+    Example:
+        >>> final_barrier()  # a single process without a process group: nothing to synchronise
+        False
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
