@@ -2,7 +2,7 @@
 argument, what was expected and what arrived".
 
 These were three copies (``correspondence/_checks.py``, ``features/_checks.py`` and the private
-integer check of ``data/synthetic_world.py``); they live here, in the lowest layer, so that every
+integer check of ``data/synthetic_world/``); they live here, in the lowest layer, so that every
 package may use them (`docs/architecture.md`).
 """
 
