@@ -334,7 +334,7 @@ def _tiny_florence2(seed: int) -> Florence2Grounder:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.Florence2ForConditionalGeneration(config)
-    return Florence2Grounder(model, processor, num_beams=2, max_new_tokens=12)
+    return Florence2Grounder(model, processor, num_beams=1, max_new_tokens=10)
 
 
 def _tiny_sam2(seed: int) -> Sam2Segmenter:
