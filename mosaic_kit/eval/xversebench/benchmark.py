@@ -246,7 +246,7 @@ def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
 def list_cases(
     bench: XVerseBench,
     *,
-    splits: tuple[str, ...] = SPLITS,
+    splits: tuple[str, ...] | None = None,
     max_cases: int | None = None,
     shard: tuple[int, int] = (0, 1),
 ) -> list[XVerseCase]:
@@ -255,7 +255,7 @@ def list_cases(
 
     Args:
         bench: the benchmark.
-        splits: which splits; defaults to both.
+        splits: which splits; defaults to every split loaded.
         max_cases: at most this many cases per split (the first ones); None for all.
         shard: ``(i, n)``: this run's share; defaults to ``(0, 1)`` (all).
 
@@ -271,6 +271,7 @@ def list_cases(
         >>> [c.index for c in list_cases(bench, splits=("single",), max_cases=4, shard=(1, 2))]
         [1, 3]
     """
+    splits = tuple(bench.cases) if splits is None else splits
     if isinstance(splits, str) or not splits or any(split not in bench.cases for split in splits):
         raise ValueError(f"Expected `splits` to be a non-empty tuple drawn from the loaded {list(bench.cases)}, but got {splits!r}.")
     if max_cases is not None and (isinstance(max_cases, bool) or not isinstance(max_cases, int) or max_cases < 1):
