@@ -41,7 +41,7 @@ subject count, beside the paper's Table 2; ``--judge PATH`` adds the OmniContext
     python recipes/evaluate.py --benchmark xversebench --xversebench XVerse/ --generate \\
         --base black-forest-labs/FLUX.1-dev --lora mosaic_lora.safetensors --vqa Qwen/Qwen2.5-VL-7B-Instruct \\
         --no-metric id_sim --out runs/xversebench
-    # a CPU smoke run on tiny random models (the numbers mean nothing)
+    # a CPU smoke run on tiny random models (the numbers mean nothing; --family flux2 needs --ref-size 64)
     python recipes/evaluate.py --benchmark xversebench --xversebench XVerse/ --generate --tiny \\
         --tiny-metrics --max-cases 2 --images-per-prompt 1 --height 32 --width 32 --ref-size 32 --steps 2 \\
         --max-sequence-length 16 --out runs/xsmoke
