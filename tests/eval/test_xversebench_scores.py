@@ -14,7 +14,6 @@ from PIL import Image, ImageDraw
 
 pytest.importorskip("transformers")
 
-from mosaic_kit.utils.images import pil_to_tensor
 from mosaic_kit.eval.judge import MLLMJudge, judge_summary, parse_judge_score
 from mosaic_kit.eval.paper import DREAMBENCH_TABLE, XVERSEBENCH_TABLE, dreambench_paper_table, xversebench_paper_table
 from mosaic_kit.eval.xversebench import (
@@ -37,6 +36,7 @@ from mosaic_kit.eval.xversebench import (
     summarize,
     xverse_dino_scorer,
 )
+from mosaic_kit.utils.images import pil_to_tensor
 
 PAPER = Path(__file__).resolve().parents[3] / "shared" / "paper" / "mosaic-paper.txt"
 

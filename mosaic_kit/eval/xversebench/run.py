@@ -56,10 +56,6 @@ def judge_task_type(case: XVerseCase) -> str:
     return f"{count}_{kind}"
 
 
-def _open(path: Path) -> Image.Image:
-    return open_subject_photo(path)
-
-
 def evaluate_xversebench(
     bench: XVerseBench,
     cases: Sequence[XVerseCase],
@@ -141,12 +137,12 @@ def evaluate_xversebench(
             continue
         for subject in case.subjects:
             if subject.name not in photos:
-                photos[subject.name] = _open(subject.image_path)
+                photos[subject.name] = open_subject_photo(subject.image_path)
         if pipe is not None:
             paths = generate_case_images(pipe, case, photos, images_root, generation)
         else:
             paths = found[case.case_id]
-        images = [_open(p) for p in paths]
+        images = [open_subject_photo(p) for p in paths]
         record = score_case(case, images, photos, scorers, cache=cache)
         record["images"] = [p.relative_to(images_root).as_posix() for p in paths]
         if judge is not None:
