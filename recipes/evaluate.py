@@ -31,12 +31,27 @@ Examples::
         --max-sequence-length 16 --out runs/smoke
     # score another method's images
     python recipes/evaluate.py --score-only other_method/ --out runs/other
+
+XVerseBench (``--benchmark xversebench``, ``docs/eval/xversebench.md``): the case files come
+from XVerse's repository (``--xversebench DIR`` or ``$MOSAIC_XVERSEBENCH``); images at 768² with
+256² references, 4 per case, seeds 42-45; DPG, ID-Sim, IP-Sim, AES and AVG per split and per
+subject count, beside the paper's Table 2; ``--judge PATH`` adds the OmniContext-style MLLM judge
+(``docs/eval/judge.md``). ``--shard i/n`` runs every n-th case from i into the same ``--out``::
+
+    python recipes/evaluate.py --benchmark xversebench --xversebench XVerse/ --generate \\
+        --base black-forest-labs/FLUX.1-dev --lora mosaic_lora.safetensors --vqa Qwen/Qwen2.5-VL-7B-Instruct \\
+        --no-metric id_sim --out runs/xversebench
+    # a CPU smoke run on tiny random models (the numbers mean nothing; --family flux2 needs --ref-size 64)
+    python recipes/evaluate.py --benchmark xversebench --xversebench XVerse/ --generate --tiny \\
+        --tiny-metrics --max-cases 2 --images-per-prompt 1 --height 32 --width 32 --ref-size 32 --steps 2 \\
+        --max-sequence-length 16 --out runs/xsmoke
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -58,6 +73,11 @@ from mosaic_kit.eval import (
     tiny_clip_scorer,
     tiny_dino_scorer,
 )
+from mosaic_kit.eval.paper import dreambench_paper_table
+
+XVERSEBENCH_ENV = "MOSAIC_XVERSEBENCH"
+BENCHMARKS = ("dreambench", "xversebench")
+XVERSE_METRICS = ("dpg", "id_sim", "ip_sim", "aes")
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -68,8 +88,17 @@ def default_dreambench() -> Path:
     return Path(os.environ.get(DREAMBENCH_ENV, ROOT.parent / "shared" / "data" / "dreambench"))
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` → ``(i, n)`` with ``0 <= i < n``."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise argparse.ArgumentTypeError(f"expected --shard i/n with 0 <= i < n, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--benchmark", choices=BENCHMARKS, default="dreambench", help="which benchmark (default dreambench)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--generate", action="store_true", help="generate the images with a MosaicFluxPipeline, then score")
     mode.add_argument("--score-only", type=Path, metavar="DIR", help="score the images in DIR (laid out by case)")
@@ -82,8 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cases.add_argument("--max-subjects", type=int, default=None, help="subjects drawn for single-subject cases (default all)")
     cases.add_argument("--max-prompts", type=int, default=None, help="prompts drawn per kind (default all 25)")
     cases.add_argument("--max-multi", type=int, default=None, help="multi-subject cases drawn (default all)")
-    cases.add_argument("--images-per-prompt", type=int, default=4, help="images per case (DreamBench: 4)")
-    cases.add_argument("--seed", type=int, default=0, help="seed of the draws and of the generation noise")
+    cases.add_argument("--images-per-prompt", type=int, default=4, help="images per case (DreamBench and XVerseBench: 4)")
+    cases.add_argument("--seed", type=int, default=None,
+                       help="seed of the draws and of the generation noise (default 0; XVerseBench: 42, image i uses seed + i)")
     cases.add_argument("--identifier", default="", help="the {0} token of the prompts (e.g. sks); default empty")
 
     gen = parser.add_argument_group("generation (--generate)")
@@ -92,9 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--lora", type=Path, default=None, help="MOSAIC LoRA safetensors (diffusers layout)")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="pipeline dtype (tiny: float32)")
-    gen.add_argument("--height", type=int, default=512)
-    gen.add_argument("--width", type=int, default=512)
-    gen.add_argument("--ref-size", type=int, default=512, help="reference square side given to the pipeline")
+    gen.add_argument("--family", choices=("flux1", "flux2"), default="flux1",
+                     help="XVerseBench generation: flux1 (MosaicFluxPipeline) or flux2 (stock FLUX.2 pipeline + LoRA)")
+    gen.add_argument("--height", type=int, default=None, help="default 512 (XVerseBench: 768)")
+    gen.add_argument("--width", type=int, default=None, help="default 512 (XVerseBench: 768)")
+    gen.add_argument("--ref-size", type=int, default=None,
+                     help="reference square side given to the pipeline (default 512; XVerseBench: 256)")
     gen.add_argument("--reference-index", type=int, default=0, help="which photo of each subject is the reference")
     gen.add_argument("--steps", type=int, default=28)
     gen.add_argument("--guidance", type=float, default=3.5)
@@ -110,6 +143,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="multi-subject crop sides, fractions of the shorter image side")
     metrics.add_argument("--crop-stride", type=float, default=DEFAULT_CROP_STRIDE, help="crop step, fraction of the crop side")
 
+    xverse = parser.add_argument_group("XVerseBench (--benchmark xversebench)")
+    xverse.add_argument("--xversebench", type=Path, default=None,
+                        help=f"XVerse's repository folder, holding eval/tools/XVerseBench_*.json and assets/ (default ${XVERSEBENCH_ENV})")
+    xverse.add_argument("--split", action="append", choices=("single", "multi"), help="single and/or multi (default both)")
+    xverse.add_argument("--max-cases", type=int, default=None, help="the first N cases of each split (default all)")
+    xverse.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: every n-th case from i (default 0/1)")
+    xverse.add_argument("--vqa", default=None,
+                        help="DPG: a transformers vision-language model (folder or hub id); default XVerse's mPLUG through modelscope")
+    xverse.add_argument("--grounder", default="florence-community/Florence-2-large", help="IP-Sim grounding: Florence-2 (folder or hub id)")
+    xverse.add_argument("--segmenter", default="facebook/sam2.1-hiera-large", help="IP-Sim segmentation: SAM 2.1 (folder or hub id)")
+    xverse.add_argument("--ip-dino", default="facebook/dino-vits16", help="IP-Sim DINO (XVerse's code: dino-vits16)")
+    xverse.add_argument("--aes-input", choices=("grid", "images"), default="grid",
+                        help="AES on the 2x2 grid of a case's images (XVerse) or the mean over its images")
+    xverse.add_argument("--no-metric", action="append", choices=XVERSE_METRICS, default=[],
+                        help="skip a metric (e.g. id_sim, whose face models are not in transformers); AVG is then n/a")
+    xverse.add_argument("--judge", default=None, help="OmniContext-style MLLM judge: a vision-language model (folder or hub id; tiny: a tiny random one)")
+    xverse.add_argument("--judge-prompts", type=Path, default=None,
+                        help="folder with prompt_following.txt and subject_consistency.txt (default: the packaged prompts)")
+
     misc = parser.add_argument_group("run")
     misc.add_argument("--overwrite", action="store_true", help="redo finished cases and replace settings.json")
     misc.add_argument("--allow-missing", action="store_true", help="--score-only: skip cases without images")
@@ -117,6 +169,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     misc.add_argument("--thumb-size", type=int, default=128, help="contact-sheet thumbnail side")
     misc.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    xverse = args.benchmark == "xversebench"
+    defaults = {"height": 768, "width": 768, "ref_size": 256, "seed": 42} if xverse else {
+        "height": 512, "width": 512, "ref_size": 512, "seed": 0}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if xverse and args.xversebench is None:
+        if XVERSEBENCH_ENV not in os.environ:
+            parser.error(f"--benchmark xversebench needs --xversebench DIR (XVerse's repository) or ${XVERSEBENCH_ENV}")
+        args.xversebench = Path(os.environ[XVERSEBENCH_ENV])
+    if not xverse and args.family != "flux1":
+        parser.error("--family flux2 applies to --benchmark xversebench (DreamBench generation uses MosaicFluxPipeline)")
     if args.dreambench is None:
         args.dreambench = default_dreambench()
     if args.score_only is not None and args.tiny:
@@ -171,8 +235,123 @@ def load_scorers(args: argparse.Namespace) -> tuple[CLIPScorer, DINOScorer]:
             DINOScorer.from_pretrained(args.dino, device=device, batch_size=args.batch_size, progress=progress))
 
 
+def xverse_settings(args: argparse.Namespace) -> dict:
+    """What shapes XVerseBench's per-case records (stored in settings.json, compared on resume)."""
+    settings = {
+        "benchmark": "xversebench",
+        "mode": "generate" if args.generate else "score-only",
+        "images_per_prompt": args.images_per_prompt,
+        "metrics": "tiny" if args.tiny_metrics else {
+            "vqa": args.vqa or "mplug (modelscope)", "grounder": args.grounder, "segmenter": args.segmenter,
+            "dino": args.ip_dino, "skipped": sorted(args.no_metric)},
+        "aes_input": args.aes_input,
+        "judge": None if args.judge is None else {"model": args.judge, "prompts": str(args.judge_prompts or "packaged")},
+    }
+    if args.generate:
+        settings["pipeline"] = f"tiny-{args.family}" if args.tiny else {
+            "family": args.family, "base": args.base, "lora": str(args.lora), "dtype": args.dtype}
+        settings.update(seed=args.seed, height=args.height, width=args.width, ref_size=args.ref_size, steps=args.steps,
+                        guidance=args.guidance, max_sequence_length=args.max_sequence_length)
+    else:
+        settings["images"] = str(args.score_only.resolve())
+    return settings
+
+
+def load_xverse_pipeline(args: argparse.Namespace):
+    """(pipeline, XVerseGeneration) for the chosen family (imported only in generation mode)."""
+    from mosaic_kit.eval.xversebench import XVerseGeneration
+
+    common = dict(height=args.height, width=args.width, reference_size=args.ref_size, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, seed=args.seed)
+    if args.family == "flux1":
+        kwargs = {"max_sequence_length": args.max_sequence_length, "progress": False}
+        return load_pipeline(args), XVerseGeneration(**common, pipeline_kwargs=kwargs)
+    from mosaic_kit.pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_pipeline
+
+    if args.tiny:
+        pipe = tiny_flux2_pipeline(seed=args.seed)
+        kwargs = {"text_encoder_out_layers": TINY_FLUX2_TEXT_OUT_LAYERS, "max_sequence_length": args.max_sequence_length}
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(args.base, torch_dtype=DTYPES[args.dtype])
+        lora = Path(args.lora)
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name) if lora.is_file() else pipe.load_lora_weights(str(lora))
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = {"max_sequence_length": args.max_sequence_length}
+    generation = XVerseGeneration(**common, reference_argument="image", pass_reference_size=False, pipeline_kwargs=kwargs)
+    return pipe.to(args.device), generation
+
+
+def load_xverse_scorers(args: argparse.Namespace):
+    """The XVerseBench scorers (tiny random ones with --tiny-metrics) and the optional judge."""
+    from mosaic_kit.eval.judge import MLLMJudge, load_judge_prompt
+    from mosaic_kit.eval.vlm import VisionLanguageModel, tiny_vision_language_model
+    from mosaic_kit.eval.xversebench import (
+        AestheticPredictorV25, Florence2Grounder, ModelScopeVQA, Sam2Segmenter, SubjectSimilarityScorer,
+        VLMQuestionAnswerer, XVerseScorers, tiny_xverse_scorers, xverse_dino_scorer,
+    )
+
+    device = args.metrics_device or args.device
+    if args.tiny_metrics:
+        scorers = tiny_xverse_scorers(args.seed)
+    else:
+        scorers = XVerseScorers()
+        if "dpg" not in args.no_metric:
+            scorers.vqa = (VLMQuestionAnswerer(VisionLanguageModel.from_pretrained(args.vqa, device=device))
+                           if args.vqa else ModelScopeVQA(device="gpu" if str(device).startswith("cuda") else "cpu"))
+        if "id_sim" not in args.no_metric:
+            raise ValueError(
+                "Expected --no-metric id_sim: XVerse's ID-Sim models (facer's RetinaFace and an IR-SE50 ArcFace backbone) "
+                "are not in transformers and mosaic_kit does not build them; score ID-Sim from Python with "
+                "FaceIdentityScorer(FacerRetinaFace(), ModuleFaceEmbedder(your_ir_se50)) (docs/eval/xversebench.md)."
+            )
+        if "ip_sim" not in args.no_metric:
+            import transformers
+
+            dino = xverse_dino_scorer(transformers.AutoModel.from_pretrained(args.ip_dino).to(device), batch_size=args.batch_size)
+            scorers.subjects = SubjectSimilarityScorer(Florence2Grounder.from_pretrained(args.grounder, device=device),
+                                                       Sam2Segmenter.from_pretrained(args.segmenter, device=device), dino)
+        if "aes" not in args.no_metric:
+            scorers.aesthetics = AestheticPredictorV25(device=device)
+    for metric in args.no_metric:
+        setattr(scorers, {"dpg": "vqa", "id_sim": "faces", "ip_sim": "subjects", "aes": "aesthetics"}[metric], None)
+    scorers.aes_input = args.aes_input
+    judge = None
+    if args.judge is not None:
+        backend = tiny_vision_language_model(args.seed) if args.judge == "tiny" else VisionLanguageModel.from_pretrained(args.judge, device=device)
+        prompts = {}
+        if args.judge_prompts is not None:
+            prompts = {name: load_judge_prompt(args.judge_prompts / f"{name}.txt")
+                       for name in ("prompt_following", "subject_consistency")}
+        judge = MLLMJudge(backend, **prompts)
+    return scorers, judge
+
+
+def main_xversebench(args: argparse.Namespace) -> dict:
+    """XVerseBench: load the case files, generate or find the images, score, summarise."""
+    from mosaic_kit.eval.xversebench import XVerseBench, evaluate_xversebench, list_cases, summary_markdown as xsummary
+
+    splits = tuple(args.split or ("single", "multi"))
+    bench = XVerseBench.load(args.xversebench, splits=splits, num_images=args.images_per_prompt)
+    cases = list_cases(bench, splits=splits, max_cases=args.max_cases, shard=args.shard)
+    args.out.mkdir(parents=True, exist_ok=True)
+    check_run_settings(args.out, xverse_settings(args), overwrite=args.overwrite)
+    pipe, generation = load_xverse_pipeline(args) if args.generate else (None, None)
+    scorers, judge = load_xverse_scorers(args)
+    extra = {"generation": generation} if generation is not None else {}
+    summary = evaluate_xversebench(
+        bench, cases, args.out, scorers, images_root=args.score_only, pipe=pipe, judge=judge,
+        overwrite=args.overwrite, allow_missing=args.allow_missing, progress=not args.quiet, **extra,
+    )
+    print(xsummary(summary))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.benchmark == "xversebench":
+        return main_xversebench(args)
     bench = DreamBench.load(args.dreambench)
     cases = list_cases(
         bench,
@@ -201,6 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         sheets=not args.no_sheets, thumb_size=args.thumb_size, progress=not args.quiet,
     )
     print(summary_markdown(summary, crop_sizes=args.crop_sizes, crop_stride=args.crop_stride))
+    print(dreambench_paper_table(summary))
     return summary
 
 

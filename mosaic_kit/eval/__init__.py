@@ -12,6 +12,10 @@ localisation, and the DreamBench harness (single- and multi-subject).
 - `DreamBench`, `list_cases`, `generate_case_images`, `score_case`, `evaluate_cases`,
   `summarize`, `summary_markdown`: the benchmark protocol and its reports (`recipes/evaluate.py`).
 - `contact_sheet`, `SheetRow`: contact sheets of references, prompts and outputs.
+- Sub-packages (imported by name): `mosaic_kit.eval.xversebench` (XVerseBench: case files,
+  generation, DPG / ID-Sim / IP-Sim / AES, summary), `mosaic_kit.eval.judge` (an
+  OmniContext-style MLLM judge), `mosaic_kit.eval.vlm` (a local vision-language model) and
+  `mosaic_kit.eval.paper` (the paper's Tables 1 and 2 beside a run).
 - `evaluate_synthetic` and its metrics (`attention_log_probability`, `reference_attention_maps`,
   `attention_overlap`, `subject_attention_mass`, `masked_ncc`, `locate_subject`,
   `palette_affinity`, `subject_fidelity`, ...): the synthetic-world ablation
