@@ -124,3 +124,11 @@ def test_init_lora_of_flux1_in_flux2_training_is_refused(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert str(path) in str(error.value) and "Flux2Transformer2DModel" in str(error.value)
+
+
+def test_a_state_dict_with_non_lora_keys_is_refused_and_left_unchanged():
+    state = {"transformer.x_embedder.weight": torch.zeros(2, 2)}
+    family = Flux2Family.tiny()
+    with pytest.raises(ValueError, match="LoRA state dict: expected LoRA"):
+        family.load_lora(state)
+    assert list(state) == ["transformer.x_embedder.weight"] and not getattr(family.transformer, "peft_config", None)

@@ -545,6 +545,9 @@ class Flux2Family(ModelFamily):
         if file is not None and file.suffix == ".safetensors":
             read_lora_file(file)  # the recorded digest (damaged or changed tensors) and finite tensors
         state, metadata = Flux2KleinPipeline.lora_state_dict(source, return_lora_metadata=True, **kwargs)
+        stray = sorted(k for k in state if "lora" not in k and "lokr" not in k)  # stock load_lora_weights' check
+        if stray:
+            raise ValueError(f"{label}: expected LoRA (or LoKr) keys only, but got {stray[:3]}.")
         check_lora_fits(state, self.transformer, label, "FLUX.2")
         if getattr(self.transformer, "peft_config", {}).get(FLUX2_ADAPTER) is None:
             type(self.pipe).load_lora_into_transformer(state, transformer=self.transformer, adapter_name=FLUX2_ADAPTER,
@@ -639,7 +642,7 @@ def _lora_source(path_or_state_dict: Any) -> tuple[Any, dict[str, Any], Path | N
     dict) and the local file it will read (None for a state dict, a hub id, or a folder whose file
     diffusers picks by itself)."""
     if isinstance(path_or_state_dict, dict):
-        return path_or_state_dict, {}, None
+        return dict(path_or_state_dict), {}, None  # a copy: the loaders may change it in place
     path = Path(path_or_state_dict)
     if path.is_file():
         return str(path.parent), {"weight_name": path.name}, path
