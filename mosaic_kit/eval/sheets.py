@@ -16,6 +16,10 @@ _TEXT = (20, 20, 20)
 _MARGIN = 8
 _GAP = 4
 _GROUP_GAP = 16
+_FONT_SIZE = 13
+"""Caption size in pixels. Pillow's default font (Aileron) at its default 10 px hints the space
+down to the width of the gap between letters, so words ran together; from 12 px a space is wider
+than any gap inside a word."""
 
 
 @dataclass
@@ -45,8 +49,22 @@ def _thumbnail(image: Image.Image, size: int) -> Image.Image:
     return cell
 
 
+def _caption_font() -> ImageFont.FreeTypeFont:
+    """Pillow's bundled FreeType font (Aileron) at `_FONT_SIZE`; needs Pillow >= 10.1 with FreeType."""
+    try:
+        return ImageFont.load_default(size=_FONT_SIZE)
+    except (ImportError, TypeError) as error:  # no FreeType, or a Pillow before 10.1 (no `size`)
+        raise ImportError(
+            "Contact sheets need Pillow >= 10.1 built with FreeType (every Pillow wheel is): "
+            f"`pip install -U pillow` ({error})."
+        ) from error
+
+
 def contact_sheet(rows: Sequence[SheetRow], *, thumb_size: int = 128, title: str = "") -> Image.Image:
     """Lays out rows of captions and thumbnails (scaled to fit, aspect kept, centred on grey square cells).
+
+    Captions use Pillow's bundled FreeType font (Aileron) at 13 px, where a space is clearly wider
+    than the gaps between letters (at Pillow's default 10 px, words ran together).
 
     Args:
         rows: the `SheetRow`s, top to bottom (at least one).
@@ -59,6 +77,7 @@ def contact_sheet(rows: Sequence[SheetRow], *, thumb_size: int = 128, title: str
     Raises:
         ValueError: if `rows` is empty or holds something else than `SheetRow`s, or `thumb_size`
             is not an int >= 8.
+        ImportError: if Pillow is older than 10.1 or built without FreeType.
 
     Example:
         >>> red, blue = Image.new("RGB", (40, 20), "red"), Image.new("RGB", (16, 16), "blue")
@@ -73,7 +92,7 @@ def contact_sheet(rows: Sequence[SheetRow], *, thumb_size: int = 128, title: str
     for index, row in enumerate(rows):
         if not isinstance(row, SheetRow):
             raise ValueError(f"Expected `rows[{index}]` to be a SheetRow, but got {type(row).__name__}.")
-    font = ImageFont.load_default()
+    font = _caption_font()
     _, top, _, bottom = font.getbbox("Ag")
     line_height = bottom - top + 4
     char_width = max(1.0, font.getlength("n"))

@@ -18,8 +18,12 @@
   pipelines load with `load_lora_weights`).
 - `PixelAutoencoder`: pixel space behind the VAE interface, for CPU-sized experiments.
 - `mosaic_kit.models.testing`: tiny random transformers and inputs.
+
+Importing the package first binds the transformers image processors diffusers imports to their
+PIL backends where torchvision is missing (`_image_processors`: no torchvision warnings).
 """
 
+from ._image_processors import choose_image_processors  # first: before any module imports diffusers
 from .family import TRAINABLE, ModelFamily, ModelInputs, TokenLayout, check_trainable, logit_normal_sigmas
 from .flux import (
     CAPTURE_BLOCKS,

@@ -8,6 +8,7 @@
   same for FLUX.2 [klein] (tokenizer included, no downloads).
 """
 
+from .. import models  # noqa: F401  (first: chooses the image processors before diffusers' pipelines load)
 from .pipeline import (
     OUTPUT_TYPES,
     MosaicFluxPipeline,

@@ -29,6 +29,10 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
 MODEL_FAMILIES = ("flux1", "flux2")
 """Allowed ``model.family`` values."""
 
+FLUX2_MIN_REFERENCE_SIDE = 64
+"""The smallest reference side the stock FLUX.2 pipelines take (diffusers' ``Flux2ImageProcessor.
+check_image_input``, ``min_side_length=64``): a FLUX.2 validation sheet samples through them."""
+
 
 @dataclass
 class ModelConfig:
@@ -69,7 +73,8 @@ class DataConfig:
     kind: str = _help("synthetic (generated multi-subject world), released (SemAlign-MS layout) or manifest", "synthetic")
     root: str | None = _help("released layout folder, or the manifest .jsonl file", None)
     target_size: int = _help("target side in pixels (multiple of 16)", 512)
-    ref_size: int = _help("reference side in pixels (multiple of 16)", 512)
+    ref_size: int = _help("reference side in pixels (multiple of 16; FLUX.2 with validation samples: at least 64, "
+                          "the stock pipelines' minimum)", 512)
     batch_size: int = _help("samples per process and step", 1)
     max_refs: int | None = _help("pad every batch to this K (fixed shapes); null: the batch's largest K", None)
     compose: list[int] | None = _help("[min_k, max_k]: compose K-subject samples from single-subject ones", None)
@@ -157,7 +162,8 @@ class TrainConfig:
     fsdp: bool = _help(
         "shard the transformer with FSDP2 (every nn.Linear its own unit; LoRA-only checkpoints). On GPUs "
         "`accelerate launch --config_file recipes/accelerate/fsdp.yaml` turns it on; true also shards the "
-        "processes of a CPU (gloo) run. Needs model.trainable: lora and ema_decay: null", False)
+        "processes of a CPU (gloo) run, and under a plain `python` (one process) trains in a process group of one "
+        "(the same path, nothing to shard). Needs model.trainable: lora and ema_decay: null", False)
     model: ModelConfig = _help("model", factory=ModelConfig)
     data: DataConfig = _help("data", factory=DataConfig)
     objective: ObjectiveConfig = _help("objective", factory=ObjectiveConfig)
@@ -176,6 +182,18 @@ class TrainConfig:
             raise ValueError(f"Expected `cpu_threads` to be a positive int or null, but got {self.cpu_threads!r}.")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"Expected `ema_decay` in (0, 1) or null, but got {self.ema_decay!r}.")
+        if isinstance(self.validation_samples, bool) or not isinstance(self.validation_samples, int) \
+                or self.validation_samples < 0:
+            raise ValueError(f"Expected `validation_samples` to be a non-negative int, but got {self.validation_samples!r}.")
+        if self.model.family == "flux2" and self.validation_samples >= 1 and self.data.kind != "manifest" \
+                and self.data.ref_size < FLUX2_MIN_REFERENCE_SIDE:  # (manifest references keep their files' sizes)
+            raise ValueError(
+                f"Expected `data.ref_size` >= {FLUX2_MIN_REFERENCE_SIDE} with `model.family: flux2` and validation "
+                f"samples, but got {self.data.ref_size}: the validation sheet samples through the stock FLUX.2 "
+                f"pipeline, whose image processor refuses references with a side under {FLUX2_MIN_REFERENCE_SIDE} px "
+                "(diffusers' Flux2ImageProcessor.check_image_input), so the run would fail after training. Raise "
+                "`data.ref_size` or set `validation_samples: 0`."
+            )
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"Expected `fsdp` to be true or false, but got {self.fsdp!r}.")
         if self.fsdp:

@@ -23,20 +23,68 @@ FSDP_OPTIMIZER_FILE = "fsdp_optimizer.pt"
 """The full optimiser state of an FSDP run (written by process 0, LoRA parameters only)."""
 
 
+def single_process_group(device_type: str) -> bool:
+    """Starts a process group of one process (rank 0, world size 1) when none exists, so that
+    ``fsdp: true`` runs under a plain ``python`` as under ``accelerate launch`` with one process.
+
+    The group rendezvous in memory (a ``HashStore``: no address, port or environment variables).
+    The trainer's run ends with accelerate's ``end_training``, which destroys it as it destroys a
+    launcher's.
+
+    Args:
+        device_type: ``"cpu"`` (gloo) or ``"cuda"`` (nccl).
+
+    Returns:
+        True when a group was started, False when one existed already.
+
+    Raises:
+        ValueError: on another ``device_type``.
+
+    Example:
+        >>> import torch.distributed as dist
+        >>> single_process_group("cpu"), dist.get_world_size()
+        (True, 1)
+        >>> single_process_group("cpu")  # one exists now
+        False
+        >>> dist.destroy_process_group()
+    """
+    dist = torch.distributed
+    backends = {"cpu": "gloo", "cuda": "nccl"}
+    if device_type not in backends:
+        raise ValueError(f"Expected `device_type` to be one of {sorted(backends)}, but got {device_type!r}.")
+    if dist.is_initialized():
+        return False
+    dist.init_process_group(backends[device_type], store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
 def shard_linear_units(model: torch.nn.Module, device_type: str, world_size: int) -> torch.nn.Module:
     """Shards ``model`` in place with FSDP2: every ``nn.Linear`` its own unit, the rest the root.
 
     Args:
-        model: the module to shard (its parameters on ``device_type``); a process group must exist.
+        model: the module to shard (its parameters on ``device_type``).
         device_type: ``"cpu"`` (gloo) or ``"cuda"`` (nccl).
-        world_size: the number of processes sharing the model.
+        world_size: the number of processes sharing the model. Several need the launcher's
+            process group; one process without a group gets one (`single_process_group`).
 
     Returns:
         ``model`` (now an FSDP module: its parameters are ``DTensor`` shards outside the forward).
+
+    Raises:
+        ValueError: ``world_size`` above 1 without a process group, or a group of another size.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    dist = torch.distributed
+    if not dist.is_initialized():
+        if world_size != 1:
+            raise ValueError(f"Expected a process group of {world_size} processes (started by `accelerate launch`), "
+                             "but none is initialised.")
+        single_process_group(device_type)
+    elif dist.get_world_size() != world_size:
+        raise ValueError(f"Expected a process group of {world_size} processes, but the initialised one has "
+                         f"{dist.get_world_size()}.")
     mesh = init_device_mesh(device_type, (world_size,))
     linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
     for module in reversed(linears):  # bottom-up, as FSDP2 expects

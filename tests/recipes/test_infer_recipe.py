@@ -43,6 +43,7 @@ def test_default_run_as_a_program(tmp_path):
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(RECIPE.parents[1])})  # this checkout's mosaic_kit
     assert done.returncode == 0, done.stderr
+    assert "torchvision" not in done.stderr  # no transformers image-processor warnings (mosaic_kit.models)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert Path(summary["image"]).is_file() and Path(summary["sheet"]).is_file()
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ...utils.atomic import write_bytes_atomic
+from .._lora_origin import check_lora_fits, lora_made_for
 from ...utils.finite import check_finite
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -394,7 +395,8 @@ def load_reference_lora(
     Raises:
         ValueError: naming the file (or "the state dict") and what is wrong: unreadable or
             damaged file, non-finite or non-float tensors, malformed keys, wrong shapes,
-            modules missing (unless ``partial``) or unexpected.
+            modules missing (unless ``partial``) or unexpected; a FLUX.2 LoRA (keys of modules
+            only FLUX.2 has) is named as such, with the model it is being loaded into.
 
     Example:
         >>> from mosaic_kit.models.testing import tiny_flux_transformer
@@ -417,6 +419,10 @@ def load_reference_lora(
         state = read_lora_file(path_or_state_dict)
     if not state:
         raise ValueError(f"{source}: expected `transformer.<module>.lora_A/B.weight` keys, but got none.")
+    named = sorted({match["module"] for match in map(_LORA_KEY.match, state) if match is not None})
+    made_for = lora_made_for(named)
+    if made_for is not None and not made_for[0].startswith("FLUX.1 "):  # a FLUX.2 LoRA: say so, naming both models
+        check_lora_fits(state, transformer, source, "FLUX.1")
     modules = dict(transformer.named_modules())
     ranks: dict[str, int] = {}
     malformed, unknown = [], []

@@ -500,18 +500,29 @@ class Flux2Family(ModelFamily):
     def load_lora(self, path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor], partial: bool = False) -> None:
         """Loads a FLUX.2 LoRA (a file or folder diffusers can read, or its state dict).
 
-        With no LoRA on the transformer, the file goes in through the pipeline's stock
-        ``load_lora_weights`` as adapter ``"mosaic"`` (`FLUX2_ADAPTER`) (rank and alpha from the file). With one,
-        the values replace those of adapter ``"mosaic"`` (`FLUX2_ADAPTER`) (resuming training); every LoRA weight
-        must be in the file unless ``partial``.
+        A local ``.safetensors`` file is first read with `mosaic_kit.models.read_lora_file`: the
+        digest mosaic_kit records in its files (`LORA_DIGEST_KEY`) is verified and every tensor
+        must be finite (files without a digest, e.g. written by diffusers, load as they are).
+        Every LoRA key must then name a linear module of this transformer with matching shapes: a
+        LoRA made for FLUX.1 (or another FLUX.2 size) is refused naming the file, the model it was
+        made for and this one, before peft sees it.
+
+        With no LoRA on the transformer, the weights go in through the pipeline's stock loader
+        (``load_lora_into_transformer``, with the file's adapter metadata) as adapter ``"mosaic"``
+        (`FLUX2_ADAPTER`) (rank and alpha from the file). With one, the values replace those of
+        adapter ``"mosaic"`` (`FLUX2_ADAPTER`) (resuming training); every LoRA weight must be in the
+        file unless ``partial``.
 
         Args:
             path_or_state_dict: a ``.safetensors`` file, a folder holding
-                ``pytorch_lora_weights.safetensors``, or a state dict in diffusers' layout.
+                ``pytorch_lora_weights.safetensors`` (or a single ``.safetensors`` file), a hub id,
+                or a state dict in diffusers' layout.
             partial: allow a file that holds only some of the current LoRA's weights.
 
         Raises:
-            ValueError: a weight missing (unless ``partial``), unexpected, or of another shape.
+            ValueError: naming the file: damaged (digest mismatch), unreadable or non-finite
+                tensors, made for another model (keys or shapes that do not fit this transformer),
+                or a weight missing (unless ``partial``) or unexpected for the current adapter.
 
         Example:
             >>> import tempfile
@@ -525,18 +536,23 @@ class Flux2Family(ModelFamily):
         """
         from diffusers import Flux2KleinPipeline
 
-        source: Any = path_or_state_dict
-        kwargs: dict[str, Any] = {}
-        if not isinstance(source, dict):
-            path = Path(source)
-            if path.is_file():
-                source, kwargs = str(path.parent), {"weight_name": path.name}
-            else:
-                source = str(path)
+        from .._lora_origin import check_lora_fits
+        from ..flux.lora import read_lora_file
+
+        source, kwargs, file = _lora_source(path_or_state_dict)
+        label = f"LoRA file {str(file or source)!r}" if file is not None or not isinstance(source, dict) \
+            else "LoRA state dict"
+        if file is not None and file.suffix == ".safetensors":
+            read_lora_file(file)  # the recorded digest (damaged or changed tensors) and finite tensors
+        state, metadata = Flux2KleinPipeline.lora_state_dict(source, return_lora_metadata=True, **kwargs)
+        stray = sorted(k for k in state if "lora" not in k and "lokr" not in k)  # stock load_lora_weights' check
+        if stray:
+            raise ValueError(f"{label}: expected LoRA (or LoKr) keys only, but got {stray[:3]}.")
+        check_lora_fits(state, self.transformer, label, "FLUX.2")
         if getattr(self.transformer, "peft_config", {}).get(FLUX2_ADAPTER) is None:
-            self.pipe.load_lora_weights(source, adapter_name=FLUX2_ADAPTER, **kwargs)
+            type(self.pipe).load_lora_into_transformer(state, transformer=self.transformer, adapter_name=FLUX2_ADAPTER,
+                                                      metadata=metadata, _pipeline=self.pipe)
             return
-        state = Flux2KleinPipeline.lora_state_dict(source, **kwargs)
         prefix = "transformer."
         state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
         current = self.lora_state_dict()
@@ -547,7 +563,7 @@ class Flux2Family(ModelFamily):
             raise ValueError(
                 f"Expected the LoRA weights of adapter {FLUX2_ADAPTER!r} ({len(current)} tensors), but got "
                 f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(missing)} missing (e.g. {missing[:2]}) "
-                f"and {len(wrong)} of another shape (e.g. {wrong[:2]}) in {path_or_state_dict if not isinstance(path_or_state_dict, dict) else 'the state dict'}."
+                f"and {len(wrong)} of another shape (e.g. {wrong[:2]}) in {label}."
             )
         params = dict(self.transformer.named_parameters())
         with torch.no_grad():
@@ -619,3 +635,20 @@ class Flux2Family(ModelFamily):
         grid = pipe._unpatchify_latents(grid * std + mean)
         images = vae.decode(grid, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _lora_source(path_or_state_dict: Any) -> tuple[Any, dict[str, Any], Path | None]:
+    """What diffusers' LoRA loader gets (a folder or hub id and its ``weight_name``, or a state
+    dict) and the local file it will read (None for a state dict, a hub id, or a folder whose file
+    diffusers picks by itself)."""
+    if isinstance(path_or_state_dict, dict):
+        return dict(path_or_state_dict), {}, None  # a copy: the loaders may change it in place
+    path = Path(path_or_state_dict)
+    if path.is_file():
+        return str(path.parent), {"weight_name": path.name}, path
+    if path.is_dir():
+        file = path / FLUX2_LORA_FILE
+        candidates = [file] if file.is_file() else sorted(path.glob("*.safetensors"))
+        if len(candidates) == 1:
+            return str(path), {"weight_name": candidates[0].name}, candidates[0]
+    return str(path), {}, None

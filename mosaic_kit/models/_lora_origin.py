@@ -1,0 +1,150 @@
+"""Which FLUX transformer a LoRA was made for, from its keys, and whether it fits the transformer
+it is being loaded into: so that a FLUX.1 LoRA loaded into FLUX.2 (or the reverse) is refused
+with an error naming the file, the model it was made for and the model it is being loaded into,
+instead of peft's raw ``size mismatch``.
+
+The two architectures name some modules differently (diffusers ``FluxTransformer2DModel`` and
+``Flux2Transformer2DModel``): FLUX.1 has per-block modulation linears (``norm1.linear``), a GELU
+feed-forward (``ff.net.2``) and separate single-block projections (``proj_mlp``,
+``attn.to_q``); FLUX.2 has shared modulation (``double_stream_modulation_img``), a SwiGLU
+feed-forward (``ff.linear_in``) and fused single-block projections (``attn.to_qkv_mlp_proj``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+FLUX1_ONLY = re.compile(
+    r"^(transformer_blocks\.\d+\.(norm1(_context)?\.linear|ff(_context)?\.net\.\d+(\.proj)?)"
+    r"|single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.to_[qkv])"
+    r"|time_text_embed\..+)$"
+)
+"""Linear modules of FLUX.1 (`FluxTransformer2DModel`) that FLUX.2 does not have."""
+
+FLUX2_ONLY = re.compile(
+    r"^(transformer_blocks\.\d+\.ff(_context)?\.linear_(in|out)"
+    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
+    r"|(double_stream_modulation_(img|txt)|single_stream_modulation|time_guidance_embed)\..+)$"
+)
+"""Linear modules of FLUX.2 (`Flux2Transformer2DModel`) that FLUX.1 does not have."""
+
+MODELS = {
+    "FLUX.1": ("FluxTransformer2DModel", FLUX1_ONLY, "`MosaicFluxFamily` (training: `model.family: flux1`)"),
+    "FLUX.2": ("Flux2Transformer2DModel", FLUX2_ONLY, "`Flux2Family` (training: `model.family: flux2`)"),
+}
+"""Model → (diffusers transformer class, its own module names, where its LoRAs load)."""
+
+_KEY = re.compile(r"^(transformer\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+
+def lora_made_for(modules: list[str]) -> tuple[str, list[str]] | None:
+    """The FLUX model a LoRA's module names belong to, with the names that show it.
+
+    Args:
+        modules: module names of the LoRA's keys (``transformer_blocks.0.norm1.linear``).
+
+    Returns:
+        ``(model, evidence)``, e.g. ``("FLUX.1 (FluxTransformer2DModel)", [...])``, or None when
+        the names are of neither model only (shared names, or both).
+
+    Example:
+        >>> lora_made_for(["transformer_blocks.0.attn.to_q", "transformer_blocks.0.norm1.linear"])
+        ('FLUX.1 (FluxTransformer2DModel)', ['transformer_blocks.0.norm1.linear'])
+        >>> lora_made_for(["transformer_blocks.0.attn.to_q"]) is None
+        True
+    """
+    found = {name: [m for m in modules if pattern.fullmatch(m)] for name, (_, pattern, _) in MODELS.items()}
+    hits = [name for name, names in found.items() if names]
+    if len(hits) != 1:
+        return None
+    return f"{hits[0]} ({MODELS[hits[0]][0]})", found[hits[0]]
+
+
+def describe_transformer(transformer: nn.Module, family: str) -> str:
+    """``"FLUX.2 (Flux2Transformer2DModel from 'black-forest-labs/…')"``: the model a LoRA is loaded into."""
+    path = getattr(getattr(transformer, "config", None), "_name_or_path", None)
+    origin = f" from {path!r}" if path else ""
+    return f"{family} ({type(transformer).__name__}{origin})"
+
+
+def _listing(names: list, limit: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', …' if len(names) > limit else ''}]"
+
+
+def check_lora_fits(state: Mapping[str, torch.Tensor], transformer: nn.Module, source: str, family: str) -> None:
+    """Raises unless every ``<module>.lora_A/B.weight`` key of ``state`` names a linear module of
+    ``transformer`` with the shapes its LoRA needs (``(r, in_features)`` and ``(out_features, r)``).
+
+    Keys in other layouts (LoKr, alphas) are left to the loader. The error names ``source``, the
+    model the keys show the LoRA was made for (`lora_made_for`; "another model" when they show
+    none), and the model it is being loaded into.
+
+    Args:
+        state: the LoRA's tensors (keys with or without the ``transformer.`` prefix).
+        transformer: the transformer being loaded into (peft-wrapped modules are read through
+            their base layer).
+        source: what to call the LoRA in the error (``"LoRA file '…'"``).
+        family: the transformer's model family, for the error (``"FLUX.2"``).
+
+    Raises:
+        ValueError: a key naming no linear module of ``transformer``, or a tensor of another shape.
+
+    Example:
+        >>> from mosaic_kit.models.testing import tiny_flux_transformer
+        >>> check_lora_fits({"transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight":
+        ...                  torch.zeros(2, 32)}, tiny_flux_transformer(), "LoRA file 'x.safetensors'", "FLUX.1")
+        Traceback (most recent call last):
+        ...
+        ValueError: LoRA file 'x.safetensors' was made for FLUX.2 (Flux2Transformer2DModel): ...
+    """
+    modules = dict(transformer.named_modules())
+    unknown, wrong, named = [], [], []
+    for key, value in state.items():
+        match = _KEY.match(key)
+        if match is None:
+            continue
+        name, part = match["module"], match["part"]
+        named.append(name)
+        module = modules.get(name)
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        if not isinstance(base, nn.Linear):
+            unknown.append(name)
+            continue
+        shape = tuple(value.shape)
+        if len(shape) != 2:
+            wrong.append(f"{key} {shape}")
+            continue
+        rank = shape[0] if part == "A" else shape[1]
+        expected = (rank, base.in_features) if part == "A" else (base.out_features, rank)
+        if shape != expected:
+            wrong.append(f"{key} {shape}, here {expected}")
+    if not unknown and not wrong:
+        return
+    unknown = sorted(set(unknown))
+    origin = lora_made_for(sorted(set(named)))
+    if origin is not None and origin[0].startswith(family + " "):
+        origin = None  # keys of this family's architecture: another size of it (the shapes tell)
+    problems, hint = [], ""
+    if origin is not None:
+        model = origin[0].split()[0]
+        made_for = f"was made for {origin[0]}: {len(origin[1])} of its modules exist only there, e.g. {_listing(origin[1])}"
+        hint = f" Load it with {MODELS[model][2]}."
+        unknown = [name for name in unknown if name not in origin[1]]
+    elif unknown:
+        made_for = "was made for another model"
+    else:
+        made_for = f"was made for another {family} model (other layer widths)"
+    if unknown:
+        problems.append(f"{len(unknown)} of its modules are not linear modules here, e.g. {_listing(unknown)}")
+    if wrong:
+        problems.append(f"{len(wrong)} of its tensors have other shapes, e.g. {_listing(wrong, 2)}")
+    details = f": {'; '.join(problems)}" if problems else ""
+    raise ValueError(
+        f"{source} {made_for}; it does not fit {describe_transformer(transformer, family)}, which it is being "
+        f"loaded into{details}.{hint}"
+    )
