@@ -4,11 +4,11 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import dreambench_for_tests
 from PIL import Image
 
 from mosaic_kit.correspondence import load_correspondences
@@ -26,14 +26,12 @@ from mosaic_kit.data import (
 pq = pytest.importorskip("pyarrow.parquet")
 pa = pytest.importorskip("pyarrow")
 ROOT = Path(__file__).resolve().parents[2]
-DREAMBENCH = Path(os.environ.get("MOSAIC_DREAMBENCH", ROOT.parent / "shared" / "data" / "dreambench"))
+DREAMBENCH = dreambench_for_tests()
 
 
 def _photo(name: str) -> Image.Image:
-    if DREAMBENCH.is_dir():
-        with Image.open(DREAMBENCH / name) as photo:
-            return photo.convert("RGB").resize((512, 512))
-    return Image.new("RGB", (512, 512), (len(name) * 40 % 255, 90, 160))
+    with Image.open(DREAMBENCH / name) as photo:
+        return photo.convert("RGB").resize((512, 512))
 
 
 def _side_by_side(target: Image.Image, reference: Image.Image) -> bytes:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import dreambench_for_tests
 
 from mosaic_kit.correspondence import (
     is_disjoint,
@@ -15,8 +16,7 @@ from mosaic_kit.correspondence import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-DREAMBENCH = Path(os.environ.get("MOSAIC_DREAMBENCH", ROOT.parent / "shared" / "data" / "dreambench"))
-pytestmark = pytest.mark.skipif(not DREAMBENCH.is_dir(), reason=f"DreamBench photos not found at {DREAMBENCH}")
+DREAMBENCH = dreambench_for_tests()
 
 spec = importlib.util.spec_from_file_location("build_correspondences", ROOT / "recipes" / "build_correspondences.py")
 recipe = importlib.util.module_from_spec(spec)

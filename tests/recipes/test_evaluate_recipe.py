@@ -6,16 +6,17 @@ import csv
 import importlib.util
 import itertools
 import json
-import os
 import random
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import dreambench_for_tests
 from PIL import Image
 
 pytest.importorskip("transformers")
 
+from mosaic_kit.data import DREAMBENCH_MULTI_CASES
 from mosaic_kit.eval import (
     DreamBench,
     EvalCase,
@@ -25,7 +26,7 @@ from mosaic_kit.eval import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-REAL_DREAMBENCH = Path(os.environ.get("MOSAIC_DREAMBENCH", ROOT.parent / "shared" / "data" / "dreambench"))
+REAL_DREAMBENCH = dreambench_for_tests()
 
 spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes" / "evaluate.py")
 recipe = importlib.util.module_from_spec(spec)
@@ -276,16 +277,26 @@ def test_benchmark_validation(bench_dir):
         DreamBench.load(bench_dir / "missing")
 
 
-@pytest.mark.skipif(not REAL_DREAMBENCH.is_dir(), reason=f"DreamBench not found at {REAL_DREAMBENCH}")
-def test_the_real_benchmark_has_the_paper_protocol_size():
+def test_the_real_benchmark_follows_the_paper_protocol():
+    """On the real photos (the full copy, or the repository's subset of it): 25 prompts per subject
+    and 4 images per prompt, and the toolkit's multi-subject cases whose subjects are all there;
+    the full protocol has 30 subjects (3,000 images) and 20 multi-subject cases of 2-4 subjects."""
     bench = DreamBench.load(REAL_DREAMBENCH)
     cases = list_cases(bench)
     single = [c for c in cases if c.setting == "single"]
     multi = [c for c in cases if c.setting == "multi"]
-    assert len(single) == 30 * 25 and sum(c.num_images for c in single) == 3000
-    assert len(multi) == 20 and {len(c.subjects) for c in multi} == {2, 3, 4}
+    assert len(single) == len(bench.subjects) * 25 and sum(c.num_images for c in single) == 4 * len(single)
+    assert {c.subjects[0] for c in single} == set(bench.subjects) and {"dog", "cat", "teapot"} <= set(bench.subjects)
+    assert {s.kind for s in bench.subjects.values() if s.class_name in ("dog", "cat")} == {"live"}
+    complete = [case for case in DREAMBENCH_MULTI_CASES if set(case["subjects"]) <= set(bench.subjects)]
+    assert list(bench.pairs) == complete and len(multi) == len(complete) >= 3
     assert multi[0].prompt == "a dog and a backpack on a beach"
     assert all("{" not in c.prompt for c in cases)
+    assert len(DREAMBENCH_MULTI_CASES) == 20 and len({s for c in DREAMBENCH_MULTI_CASES for s in c["subjects"]}) == 30
+    sizes = [len(c["subjects"]) for c in DREAMBENCH_MULTI_CASES]
+    assert (sizes.count(2), sizes.count(3), sizes.count(4)) == (7, 6, 7)
+    if len(bench.subjects) == 30:  # the full copy
+        assert sum(c.num_images for c in single) == 3000 and len(multi) == 20
 
 
 def test_reference_photos_are_opened_with_the_data_packages_checks(bench_dir, tmp_path):

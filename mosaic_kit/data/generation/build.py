@@ -97,7 +97,7 @@ class DatasetBuilder:
             raise ValueError(f"Expected `config` to be a DatasetBuildConfig, but got {type(config).__name__}.")
         in_shard("check", *shard)  # validates the shard
         self.config, self.shard, self.progress, self.overwrite = config, tuple(shard), progress, overwrite
-        self.out = Path(config.out)
+        self.out = Path(config.output_dir)
         self.stores = {stage: StageStore(self.out, stage) for stage in STAGES}
         self.models: dict[str, Any] = dict(models or {})
         self.timings: dict[str, dict[str, float]] = {}
