@@ -103,10 +103,10 @@ def test_recipe_over_the_released_layout_with_shards_and_resume(released, tmp_pa
     ids = []
     for shard in range(2):
         out = tmp_path / f"out{shard}"
-        summary = recipe.main([*common, "--out", str(out), "--shard", f"{shard}/2"])
+        summary = recipe.main([*common, "--output-dir", str(out), "--shard", f"{shard}/2"])
         assert summary["samples"] == 2
         ids += [p.stem for p in out.glob("*.pt")] + [f["id"] for f in summary["failures"]]
-        again = recipe.main([*common, "--out", str(out), "--shard", f"{shard}/2"])
+        again = recipe.main([*common, "--output-dir", str(out), "--shard", f"{shard}/2"])
         assert again["done"] == 0 and again["skipped"] == summary["done"]
     uids = [decode_released_row(r, released).uid for i, r in enumerate(iter_released_rows(released)) if i != 2]
     assert sorted(ids) == sorted(uids + ["train-00001.parquet:0"])

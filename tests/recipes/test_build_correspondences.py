@@ -48,7 +48,7 @@ def manifest(tmp_path):
 
 def _run(manifest, out, *extra):
     return recipe.main([
-        "--manifest", str(manifest), "--out", str(out), "--target-size", "128", "--ref-size", "128",
+        "--manifest", str(manifest), "--output-dir", str(out), "--target-size", "128", "--ref-size", "128",
         "--grid", "16", "--draw", "2", *extra,
     ])
 
@@ -123,6 +123,6 @@ def test_bad_manifest_and_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"missing \['references'\]"):
         recipe.read_manifest(bad)
     with pytest.raises(SystemExit):
-        recipe.main(["--manifest", str(bad), "--out", str(tmp_path), "--shard", "3/3"])
+        recipe.main(["--manifest", str(bad), "--output-dir", str(tmp_path), "--shard", "3/3"])
     with pytest.raises(SystemExit):
-        recipe.main(["--manifest", str(bad), "--out", str(tmp_path), "--extractor", "sift:patch_size"])
+        recipe.main(["--manifest", str(bad), "--output-dir", str(tmp_path), "--extractor", "sift:patch_size"])

@@ -133,7 +133,7 @@ def check_outputs(out: Path, cases: list[EvalCase], images_root: Path) -> dict:
     return summary
 
 
-def test_score_only_run_writes_every_file_and_resumes(bench_dir, tmp_path):
+def test_score_only_run_writes_every_file_and_resumes(bench_dir, tmp_path, capsys):
     cases = selected_cases(bench_dir)
     assert [c.setting for c in cases] == ["single"] * 4 + ["multi"]
     images = tmp_path / "generated"
@@ -145,7 +145,7 @@ def test_score_only_run_writes_every_file_and_resumes(bench_dir, tmp_path):
             pattern(PALETTES[name], seed=100 + i, size=(64, 64)).save(folder / f"{i:02d}.png")
         (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "run"
-    args = ["--score-only", str(images), "--out", str(out), "--dreambench", str(bench_dir), "--tiny-metrics", "--quiet",
+    args = ["--score-only", str(images), "--output-dir", str(out), "--dreambench", str(bench_dir), "--tiny-metrics", "--no-progress",
             *CASE_ARGS]
     summary = recipe.main(args)
     assert (summary["scored_cases"], summary["resumed_cases"], summary["missing_cases"]) == (5, 0, [])
@@ -159,9 +159,11 @@ def test_score_only_run_writes_every_file_and_resumes(bench_dir, tmp_path):
     assert (again["scored_cases"], again["resumed_cases"]) == (0, 5)
     assert (out / "results.json").read_text() == before
 
-    # other settings in the same folder are refused; --overwrite redoes everything
-    with pytest.raises(ValueError, match="crop_stride"):
+    # other settings in the same folder are refused (a one-line usage error); --overwrite redoes everything
+    with pytest.raises(SystemExit) as refused:
         recipe.main(args + ["--crop-stride", "0.25"])
+    error = capsys.readouterr().err
+    assert refused.value.code == 2 and "crop_stride" in error and len(error.strip().splitlines()) == 1
     redone = recipe.main(args + ["--crop-stride", "0.25", "--overwrite"])
     assert redone["scored_cases"] == 5 and redone["crop_stride"] == 0.25
 
@@ -173,11 +175,11 @@ def test_score_only_refuses_missing_cases_unless_allowed(bench_dir, tmp_path):
         (images / case.case_id).mkdir(parents=True)
         for i in range(2):
             pattern(PALETTES[case.subjects[0]], seed=i).save(images / case.case_id / f"{i}.jpg")
-    args = ["--score-only", str(images), "--dreambench", str(bench_dir), "--tiny-metrics", "--quiet", "--no-sheets",
+    args = ["--score-only", str(images), "--dreambench", str(bench_dir), "--tiny-metrics", "--no-progress", "--no-sheets",
             *CASE_ARGS]
     with pytest.raises(ValueError, match=f"1 of 5 cases have none.*{cases[0].case_id}"):
-        recipe.main(args + ["--out", str(tmp_path / "a")])
-    summary = recipe.main(args + ["--out", str(tmp_path / "b"), "--allow-missing"])
+        recipe.main(args + ["--output-dir", str(tmp_path / "a")])
+    summary = recipe.main(args + ["--output-dir", str(tmp_path / "b"), "--allow-missing"])
     assert summary["missing_cases"] == [cases[0].case_id] and summary["single"]["cases"] == 3
     assert not (tmp_path / "b" / "sheets").exists()
 
@@ -188,7 +190,7 @@ def test_generation_smoke_run(bench_dir, tmp_path):
         pytest.skip("mosaic_kit.pipelines.tiny_mosaic_pipeline is not available yet")
     cases = selected_cases(bench_dir)
     out = tmp_path / "run"
-    args = ["--generate", "--tiny", "--tiny-metrics", "--out", str(out), "--dreambench", str(bench_dir), "--quiet",
+    args = ["--generate", "--tiny", "--tiny-metrics", "--output-dir", str(out), "--dreambench", str(bench_dir), "--no-progress",
             "--device", "cpu", "--height", "32", "--width", "32", "--ref-size", "32", "--steps", "1",
             "--max-sequence-length", "8", *CASE_ARGS]
     summary = recipe.main(args)
