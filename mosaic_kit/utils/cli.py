@@ -53,7 +53,8 @@ def one_line(message: object) -> str:
 
 class RecipeArgumentParser(argparse.ArgumentParser):
     """An `argparse.ArgumentParser` whose errors are one line on stderr and exit code 2: the
-    message, and for an unknown option the accepted ones (the closest first).
+    message, and for an unknown option the closest accepted one and all of them. Options are
+    taken only as spelt (no abbreviations: ``--output`` is not silently ``--output-dir``).
 
     Example:
         >>> parser = RecipeArgumentParser(prog="demo.py")
@@ -66,6 +67,10 @@ class RecipeArgumentParser(argparse.ArgumentParser):
         demo.py: error: unrecognized arguments: --stepz 3; did you mean --steps? accepted: -h, --help, --steps
         exit code 2
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def accepted_options(self) -> list[str]:
         """Every option string the parser takes (deprecated aliases left out)."""

@@ -92,13 +92,16 @@ def test_shards_cover_every_sample_once(manifest, tmp_path):
     assert sorted(ids) == ["broken", "cat_and_can", "dog", "teapot"]
 
 
-def test_settings_are_recorded_and_a_resume_with_other_settings_is_refused(manifest, tmp_path):
+def test_settings_are_recorded_and_a_resume_with_other_settings_is_refused(manifest, tmp_path, capsys):
     out = tmp_path / "out"
     _run(manifest, out, "--extractor", "sift:grid_size=8")  # a spec's own grid size wins over --grid
     assert load_correspondences(out / "dog.pt").num_points.sum() <= 64
     assert json.loads((out / "settings.json").read_text())["extractor"] == [["sift", {"grid_size": 8}]]
-    with pytest.raises(SystemExit, match="other settings"):
+    capsys.readouterr()  # the first run's progress bar
+    with pytest.raises(SystemExit) as refused:
         _run(manifest, out, "--filter", "mutual", "--extractor", "sift:grid_size=8")
+    error = capsys.readouterr().err
+    assert refused.value.code == 2 and "other settings (filter: 'none')" in error and len(error.strip().splitlines()) == 1
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "dog.pt").stat().st_mode & 0o777 == 0o666 & ~umask
