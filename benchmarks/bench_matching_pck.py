@@ -39,12 +39,12 @@ from pathlib import Path
 
 import torch
 
+from mosaic_kit.data import dreambench_root
 from mosaic_kit.features import parse_extractor_spec
 from mosaic_kit.reporting import format_table, hardware_info
 from mosaic_kit.utils import pil_to_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "dreambench"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "matching-pck.json"
 DEFAULT_EXTRACTORS = ("sift:patch_size=16", "sift:patch_size=32")
 ALPHAS = (0.05, 0.10)
@@ -56,7 +56,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 def select_photos(data: Path, subjects: list[str] | None, per_subject: int) -> list[tuple[str, Path]]:
     """``(subject, path)`` of the first ``per_subject`` photos (sorted by name) of each subject."""
     if not data.is_dir():
-        raise FileNotFoundError(f"DreamBench photos not found at {data} (set --data).")
+        raise FileNotFoundError(f"Expected `--data` to be the DreamBench folder, but {data} is not a folder.")
     available = sorted(p.name for p in data.iterdir() if p.is_dir() and _images_in(p))
     chosen = available if subjects is None else subjects
     missing = [s for s in chosen if s not in available]
@@ -230,7 +230,8 @@ def print_table(results: list[dict]) -> None:
 # ------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"DreamBench folder (default: {DEFAULT_DATA})")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="DreamBench folder (default: $MOSAIC_DREAMBENCH, else the folder recipes/fetch_dreambench.py fills)")
     parser.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
     parser.add_argument("--images-per-subject", type=int, default=1, help="photos per subject, first by name (default: 1)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
@@ -276,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"note: no consensus row, the extractors use different grids {sorted(grids)}", flush=True)
     subjects = None if args.subjects is None else [s for s in args.subjects.split(",") if s]
     try:
+        args.data = args.data or dreambench_root()
         photos = select_photos(args.data, subjects, args.images_per_subject)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))

@@ -26,10 +26,14 @@ from mosaic_kit.correspondence import Correspondences  # MOSAIC
 from mosaic_kit.losses import MosaicObjective  # MOSAIC
 from mosaic_kit.models import SequenceLayout, install_capture_processors  # MOSAIC
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--steps", type=int, default=20)
-parser.add_argument("--output", help="write the losses of every step to this JSON file")
-args = parser.parse_args()
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage=argparse.SUPPRESS)  # errors: one line
+parser.add_argument("--steps", type=int, default=20, help="optimisation steps, at least 5 (default 20)")
+parser.add_argument("--output", metavar="FILE", help="write the losses of every step to this JSON file")
+args, unknown = parser.parse_known_args()
+if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}; accepted: -h, --help, --steps, --output")
+if args.steps < 5:  # the summary compares the first and the last five steps
+    parser.error(f"argument --steps: expected at least 5, but got {args.steps}")
 torch.set_num_threads(1)
 torch.manual_seed(0)
 

@@ -6,7 +6,7 @@ image with one or more feature extractors (cosine nearest neighbour of every tar
 grid). The matches are kept where the extractors agree and inside the subject masks, mapped to
 token pairs on the model's token grids, and made disjoint across references (eq. 2).
 
-Outputs in ``--out``:
+Outputs in ``--output-dir``:
 
 - ``<id>.pt``: the project's format (`mosaic_kit.correspondence.load_correspondences`);
 - ``<id>.json``: the released dict format (per reference, ``{ref_token: tgt_token}``);
@@ -35,7 +35,7 @@ images with ``DIR/mask/<uid>.png`` target masks; each row is a sample with id ``
 
 Example::
 
-    python recipes/build_correspondences.py --manifest data/manifest.jsonl --out runs/corr \\
+    python recipes/build_correspondences.py --manifest data/manifest.jsonl --output-dir runs/corr \\
         --extractor sift --extractor sift:patch_size=48 --filter mutual --shard 0/4
 """
 
@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,17 +66,17 @@ from mosaic_kit.data import count_released_rows, decode_released_row, iter_relea
 from mosaic_kit.data import read_manifest as read_manifest_entries
 from mosaic_kit.features import build_extractor, parse_extractor_spec
 from mosaic_kit.utils import pil_to_tensor, save_image_atomic, tensor_to_pil, write_text_atomic
+from mosaic_kit.utils.cli import (
+    RecipeArgumentParser,
+    add_output_dir,
+    add_progress,
+    add_shard,
+    add_threads,
+    usage_errors,
+)
 
 log = logging.getLogger("build_correspondences")
 _RESERVED = {"settings", "drawings"}  # names the recipe writes itself (and ids starting "summary-")
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` → ``(i, n)`` with ``0 <= i < n``."""
-    match = re.fullmatch(r"(\d+)/(\d+)", text)
-    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
-        raise argparse.ArgumentTypeError(f"expected --shard i/n with 0 <= i < n, got {text!r}")
-    return int(match.group(1)), int(match.group(2))
 
 
 def _extractor_arg(text: str) -> tuple[str, dict]:
@@ -180,14 +179,14 @@ def check_settings(args: argparse.Namespace) -> None:
     different ones (unless ``--overwrite``) so that one folder never mixes two kinds of output."""
     wanted = {name: getattr(args, name) for name in _MATCHING_SETTINGS}
     wanted = json.loads(json.dumps(wanted))  # tuples → lists, as stored
-    path = args.out / "settings.json"
+    path = args.output_dir / "settings.json"
     if path.exists() and not args.overwrite:
         stored = json.loads(path.read_text())
         changed = sorted(k for k in wanted if stored.get(k) != wanted[k])
         if changed:
-            raise SystemExit(
+            raise ValueError(
                 f"{path} was written with other settings ({', '.join(f'{k}: {stored.get(k)!r}' for k in changed)}); "
-                "use another --out, the same settings, or --overwrite"
+                "use another --output-dir, the same settings, or --overwrite"
             )
         return
     write_text_atomic(path, json.dumps(wanted, indent=2))
@@ -235,11 +234,11 @@ def draw(sample_id: str, corr, target, references, ref_grid: TokenGrid, tgt_grid
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = RecipeArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", type=Path, help="JSONL manifest (see the module docstring)")
     source.add_argument("--released-root", type=Path, help="folder of the released SemAlign-MS layout")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    add_output_dir(parser, "output folder (required)", type=Path, deprecated=("--out",))
     parser.add_argument("--extractor", action="append", type=_extractor_arg, default=None,
                         help="name[:key=value,...]; repeat for consensus (default: sift)")
     parser.add_argument("--grid", type=int, default=64, help="feature grid size (default 64, as released)")
@@ -250,29 +249,37 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--consensus-radius", type=float, default=0.0, help="agreement radius between extractors")
     parser.add_argument("--disjoint", choices=DISJOINT_POLICIES, default="confidence", help="eq. 2 policy")
     parser.add_argument("--max-points", type=int, default=0, help="farthest-point subsample per reference (0: all)")
-    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this shard of n")
+    add_shard(parser, help="i/n: every n-th sample from the i-th (0 <= i < n)")
     parser.add_argument("--draw", type=int, default=4, help="draw the first N samples of the shard")
     parser.add_argument("--overwrite", action="store_true", help="recompute finished samples")
     parser.add_argument("--device", default="cpu")
+    add_threads(parser)
+    add_progress(parser)
     args = parser.parse_args(argv)
+    if args.output_dir is None:
+        parser.error("the following arguments are required: --output-dir")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    ref_grid, tgt_grid = TokenGrid(args.ref_size, args.ref_size), TokenGrid(args.target_size, args.target_size)
-    extractors = [
-        build_extractor(name, **{"grid_size": args.grid, **kwargs}).to(args.device).eval()
-        for name, kwargs in (args.extractor or [("sift", {})])
-    ]
-    shard, shards = args.shard
-    if args.manifest is not None:
-        total, samples = manifest_samples(args.manifest, shard, shards)
-    else:
-        total, samples = released_samples(args.released_root, shard, shards)
-    args.out.mkdir(parents=True, exist_ok=True)
-    check_settings(args)
+    with usage_errors(parser):  # a bad option, manifest or settings file: one line, exit code 2
+        ref_grid, tgt_grid = TokenGrid(args.ref_size, args.ref_size), TokenGrid(args.target_size, args.target_size)
+        extractors = [
+            build_extractor(name, **{"grid_size": args.grid, **kwargs}).to(args.device).eval()
+            for name, kwargs in (args.extractor or [("sift", {})])
+        ]
+        shard, shards = args.shard
+        if args.manifest is not None:
+            total, samples = manifest_samples(args.manifest, shard, shards)
+        else:
+            total, samples = released_samples(args.released_root, shard, shards)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        check_settings(args)
     counts = {"done": 0, "skipped": 0, "failed": 0, "points": 0}
     failures = []
     seen: set[str] = set()
-    progress = tqdm(samples, total=total, desc=f"correspondences {shard}/{shards}", unit="sample", file=sys.stderr)
+    progress = tqdm(samples, total=total, desc=f"correspondences {shard}/{shards}", unit="sample", file=sys.stderr,
+                    disable=args.no_progress)
     for position, sample in enumerate(progress):
         if isinstance(sample, Exception):  # a released row that could not be decoded, or has no mask
             counts["failed"] += 1
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
             log.warning("sample %s skipped: duplicate id", sample["id"])
             continue
         seen.add(sample["id"])
-        project, released = args.out / f"{sample['id']}.pt", args.out / f"{sample['id']}.json"
+        project, released = args.output_dir / f"{sample['id']}.pt", args.output_dir / f"{sample['id']}.json"
         if project.exists() and released.exists() and not args.overwrite:
             counts["skipped"] += 1
             continue
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         counts["done"] += 1
         counts["points"] += int(corr.num_points.sum())
         if position < args.draw:  # the first --draw samples of the shard, also across resumes
-            draw(sample["id"], corr, target, references, ref_grid, tgt_grid, args.out)
+            draw(sample["id"], corr, target, references, ref_grid, tgt_grid, args.output_dir)
     summary = {
         "shard": f"{shard}/{shards}",
         "samples": total,
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         "failures": failures,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    write_text_atomic(args.out / f"summary-{shard}of{shards}.json", json.dumps(summary, indent=2))
+    write_text_atomic(args.output_dir / f"summary-{shard}of{shards}.json", json.dumps(summary, indent=2))
     log.info("shard %d/%d: %d done, %d skipped, %d failed, %d pairs", shard, shards,
              counts["done"], counts["skipped"], counts["failed"], counts["points"])
     return summary

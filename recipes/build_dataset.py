@@ -1,8 +1,8 @@
 """Build a SemAlign-MS-style multi-subject data set (paper §3) from one YAML config.
 
-Stages (each writes ``<out>/<stage>/<id>.json`` records and can be rerun alone with ``--stage``):
+Stages (each writes ``<output_dir>/<stage>/<id>.json`` records and can be rerun alone with ``--stage``):
 prompts → images → subjects → filter → references → correspondences; then the manifest
-(``<out>/manifest.jsonl``, trains with ``recipes/flux_mosaic_train.py`` as ``data.kind: manifest``),
+(``<output_dir>/manifest.jsonl``, trains with ``recipes/flux_mosaic_train.py`` as ``data.kind: manifest``),
 ``summary.json`` (kept and rejected per reason, seconds per item) and contact sheets
 (``sheets/accepted.png``, ``sheets/rejected.png``).
 
@@ -12,10 +12,11 @@ n (a stable hash of each id), so n machines or GPUs cover every item once; run
 
 Examples::
 
+    python recipes/fetch_dreambench.py                               # once: the DreamBench photos
     python recipes/build_dataset.py                                  # the CPU config on DreamBench
     python recipes/build_dataset.py --config recipes/configs/dataset_real.yaml --shard 0/8
     python recipes/build_dataset.py --config recipes/configs/dataset_real.yaml --stage manifest
-    python recipes/build_dataset.py out=runs/ds2 filter.min_quality=2.0   # overrides
+    python recipes/build_dataset.py --output-dir runs/ds2 filter.min_quality=2.0   # overrides
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from mosaic_kit.data import dreambench_root
 from mosaic_kit.data.generation import STAGES, DatasetBuilder, dataset_config_from_dict, parse_shard
 from mosaic_kit.training.config import apply_overrides
+from mosaic_kit.utils.cli import RecipeArgumentParser, add_output_dir, add_progress, add_threads, usage_errors
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dataset_cpu.yaml"
 log = logging.getLogger("build_dataset")
@@ -44,21 +47,27 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = RecipeArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: the CPU run)")
     parser.add_argument("--stage", action="append", choices=[*STAGES, "manifest"],
                         help="run only this stage (repeatable); 'manifest' only collects the outputs")
+    add_output_dir(parser, "output folder (default: the config's output_dir)")
     parser.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: this shard of n")
     parser.add_argument("--overwrite", action="store_true", help="redo items that already have a record")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads(parser, default=1)
+    add_progress(parser)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    values = apply_overrides(yaml.safe_load(args.config.read_text()) or {}, args.overrides)
-    config = dataset_config_from_dict(values)
-    out = Path(config.out)
+    with usage_errors(parser, yaml.YAMLError):  # a bad option or override: one line, exit code 2
+        overrides = args.overrides + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+        values = apply_overrides(yaml.safe_load(args.config.read_text()) or {}, overrides)
+        config = dataset_config_from_dict(values)
+        if "@dreambench" in json.dumps(values) and set(args.stage or STAGES) - {"manifest"}:
+            # the DreamBench photos are here, or the error names the command that fetches them
+            dreambench_root()
+    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"config-{args.shard[0]}of{args.shard[1]}.json").write_text(json.dumps(values, indent=2))
     builder = DatasetBuilder(config, args.shard, progress=not args.no_progress, overwrite=args.overwrite)

@@ -12,51 +12,52 @@ Two modes:
   (``.png``, ``.jpg``, ``.jpeg`` or ``.webp``, taken in file-name order, at most
   ``--images-per-prompt`` per case).
 
-Outputs in ``--out``: ``cases/<case id>.json`` (per case, written when the case is done, so a
+Outputs in ``--output-dir``: ``cases/<case id>.json`` (per case, written when the case is done, so a
 rerun resumes), ``results.csv``, ``results.json``, ``summary.json``, ``summary.md`` (the Table 1
 layout), ``sheets/`` (contact sheets) and ``settings.json`` (a rerun with other settings is refused
 unless ``--overwrite``). Metric models come from ``--clip`` and ``--dino`` (local folders or hub
 ids); ``--tiny-metrics`` uses tiny random ones (smoke tests and CPU demos: the numbers mean
-nothing). The protocol is described in ``docs/evaluation.md``; the logic lives in
-`mosaic_kit.eval`.
+nothing). The photos are read from ``--dreambench``, by default ``$MOSAIC_DREAMBENCH`` or the
+folder ``python recipes/fetch_dreambench.py`` fills. The protocol is described in
+``docs/evaluation.md``; the logic lives in `mosaic_kit.eval`.
 
 Examples::
 
     # the paper's protocol with the released checkpoint (3,000 + 80 images)
     python recipes/evaluate.py --generate --base black-forest-labs/FLUX.1-dev \\
-        --lora mosaic_lora.safetensors --out runs/dreambench
+        --lora mosaic_lora.safetensors --output-dir runs/dreambench
     # a quick CPU smoke run
     python recipes/evaluate.py --generate --tiny --tiny-metrics --max-subjects 2 --max-prompts 2 \\
         --max-multi 1 --images-per-prompt 1 --height 32 --width 32 --ref-size 32 --steps 2 \\
-        --max-sequence-length 16 --out runs/smoke
+        --max-sequence-length 16 --output-dir runs/smoke
     # score another method's images
-    python recipes/evaluate.py --score-only other_method/ --out runs/other
+    python recipes/evaluate.py --score-only other_method/ --output-dir runs/other
 
 XVerseBench (``--benchmark xversebench``, ``docs/eval/xversebench.md``): the case files come
 from XVerse's repository (``--xversebench DIR`` or ``$MOSAIC_XVERSEBENCH``); images at 768² with
 256² references, 4 per case, seeds 42-45; DPG, ID-Sim, IP-Sim, AES and AVG per split and per
 subject count, beside the paper's Table 2; ``--judge PATH`` adds the OmniContext-style MLLM judge
-(``docs/eval/judge.md``). ``--shard i/n`` runs every n-th case from i into the same ``--out``::
+(``docs/eval/judge.md``). ``--shard i/n`` runs every n-th case from i into the same ``--output-dir``::
 
     python recipes/evaluate.py --benchmark xversebench --xversebench XVerse/ --generate \\
         --base black-forest-labs/FLUX.1-dev --lora mosaic_lora.safetensors --vqa Qwen/Qwen2.5-VL-7B-Instruct \\
-        --no-metric id_sim --out runs/xversebench
+        --no-metric id_sim --output-dir runs/xversebench
     # a CPU smoke run on tiny random models (the numbers mean nothing; --family flux2 needs --ref-size 64)
     python recipes/evaluate.py --benchmark xversebench --xversebench XVerse/ --generate --tiny \\
         --tiny-metrics --max-cases 2 --images-per-prompt 1 --height 32 --width 32 --ref-size 32 --steps 2 \\
-        --max-sequence-length 16 --out runs/xsmoke
+        --max-sequence-length 16 --output-dir runs/xsmoke
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
 import torch
 
+from mosaic_kit.data import dreambench_root
 from mosaic_kit.eval import (
     DEFAULT_CROP_SIZES,
     DEFAULT_CROP_STRIDE,
@@ -74,37 +75,32 @@ from mosaic_kit.eval import (
     tiny_dino_scorer,
 )
 from mosaic_kit.eval.paper import dreambench_paper_table
+from mosaic_kit.utils.cli import (
+    RecipeArgumentParser,
+    add_output_dir,
+    add_progress,
+    add_shard,
+    add_threads,
+    one_line,
+    usage_errors,
+)
 
 XVERSEBENCH_ENV = "MOSAIC_XVERSEBENCH"
 BENCHMARKS = ("dreambench", "xversebench")
 XVERSE_METRICS = ("dpg", "id_sim", "ip_sim", "aes")
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def default_dreambench() -> Path:
-    """``$MOSAIC_DREAMBENCH``, else ``../shared/data/dreambench`` beside the repository."""
-    return Path(os.environ.get(DREAMBENCH_ENV, ROOT.parent / "shared" / "data" / "dreambench"))
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` → ``(i, n)`` with ``0 <= i < n``."""
-    match = re.fullmatch(r"(\d+)/(\d+)", text)
-    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
-        raise argparse.ArgumentTypeError(f"expected --shard i/n with 0 <= i < n, got {text!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def build_parser() -> RecipeArgumentParser:
+    parser = RecipeArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--benchmark", choices=BENCHMARKS, default="dreambench", help="which benchmark (default dreambench)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--generate", action="store_true", help="generate the images with a MosaicFluxPipeline, then score")
     mode.add_argument("--score-only", type=Path, metavar="DIR", help="score the images in DIR (laid out by case)")
-    parser.add_argument("--out", type=Path, required=True, help="run folder (resumable)")
+    add_output_dir(parser, "run folder (resumable; required)", type=Path, deprecated=("--out",))
     parser.add_argument("--dreambench", type=Path, default=None,
-                        help=f"DreamBench folder (default ${DREAMBENCH_ENV} or ../shared/data/dreambench)")
+                        help=f"DreamBench folder (default ${DREAMBENCH_ENV}, else the folder recipes/fetch_dreambench.py fills)")
 
     cases = parser.add_argument_group("cases")
     cases.add_argument("--setting", action="append", choices=SETTINGS, help="single and/or multi (default both)")
@@ -148,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"XVerse's repository folder, holding eval/tools/XVerseBench_*.json and assets/ (default ${XVERSEBENCH_ENV})")
     xverse.add_argument("--split", action="append", choices=("single", "multi"), help="single and/or multi (default both)")
     xverse.add_argument("--max-cases", type=int, default=None, help="the first N cases of each split (default all)")
-    xverse.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: every n-th case from i (default 0/1)")
+    add_shard(xverse, "i/n: every n-th case from i (default 0/1)")
     xverse.add_argument("--vqa", default=None,
                         help="DPG: a transformers vision-language model (folder or hub id); default XVerse's mPLUG through modelscope")
     xverse.add_argument("--grounder", default="florence-community/Florence-2-large", help="IP-Sim grounding: Florence-2 (folder or hub id)")
@@ -167,8 +163,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     misc.add_argument("--allow-missing", action="store_true", help="--score-only: skip cases without images")
     misc.add_argument("--no-sheets", action="store_true", help="do not write contact sheets")
     misc.add_argument("--thumb-size", type=int, default=128, help="contact-sheet thumbnail side")
-    misc.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_progress(misc, deprecated=("--quiet",))
+    add_threads(misc)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, parser: RecipeArgumentParser | None = None) -> argparse.Namespace:
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
+    if args.output_dir is None:
+        parser.error("the following arguments are required: --output-dir")
     xverse = args.benchmark == "xversebench"
     defaults = {"height": 768, "width": 768, "ref_size": 256, "seed": 42} if xverse else {
         "height": 512, "width": 512, "ref_size": 512, "seed": 0}
@@ -181,8 +185,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.xversebench = Path(os.environ[XVERSEBENCH_ENV])
     if not xverse and args.family != "flux1":
         parser.error("--family flux2 applies to --benchmark xversebench (DreamBench generation uses MosaicFluxPipeline)")
-    if args.dreambench is None:
-        args.dreambench = default_dreambench()
     if args.score_only is not None and args.tiny:
         parser.error("--tiny only applies to --generate")
     if args.generate and not args.tiny and args.lora is None:
@@ -226,7 +228,7 @@ def load_pipeline(args: argparse.Namespace):
 
 
 def load_scorers(args: argparse.Namespace) -> tuple[CLIPScorer, DINOScorer]:
-    progress = not args.quiet
+    progress = not args.no_progress
     if args.tiny_metrics:
         return (tiny_clip_scorer(batch_size=args.batch_size, progress=progress),
                 tiny_dino_scorer(batch_size=args.batch_size, progress=progress))
@@ -335,49 +337,54 @@ def main_xversebench(args: argparse.Namespace) -> dict:
     splits = tuple(args.split or ("single", "multi"))
     bench = XVerseBench.load(args.xversebench, splits=splits, num_images=args.images_per_prompt)
     cases = list_cases(bench, splits=splits, max_cases=args.max_cases, shard=args.shard)
-    args.out.mkdir(parents=True, exist_ok=True)
-    check_run_settings(args.out, xverse_settings(args), overwrite=args.overwrite)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    check_run_settings(args.output_dir, xverse_settings(args), overwrite=args.overwrite)
     pipe, generation = load_xverse_pipeline(args) if args.generate else (None, None)
     scorers, judge = load_xverse_scorers(args)
     extra = {"generation": generation} if generation is not None else {}
     summary = evaluate_xversebench(
-        bench, cases, args.out, scorers, images_root=args.score_only, pipe=pipe, judge=judge,
-        overwrite=args.overwrite, allow_missing=args.allow_missing, progress=not args.quiet, **extra,
+        bench, cases, args.output_dir, scorers, images_root=args.score_only, pipe=pipe, judge=judge,
+        overwrite=args.overwrite, allow_missing=args.allow_missing, progress=not args.no_progress, **extra,
     )
     print(xsummary(summary))
     return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_args(argv, parser)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.benchmark == "xversebench":
-        return main_xversebench(args)
-    bench = DreamBench.load(args.dreambench)
-    cases = list_cases(
-        bench,
-        settings=args.setting or SETTINGS,
-        max_subjects=args.max_subjects,
-        max_prompts=args.max_prompts,
-        max_multi=args.max_multi,
-        images_per_prompt=args.images_per_prompt,
-        seed=args.seed,
-        identifier=args.identifier,
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    check_run_settings(args.out, run_settings(args), overwrite=args.overwrite)
-    generation = GenerationSettings(
-        height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        seed=args.seed, reference_index=args.reference_index, reference_size=args.ref_size,
-        pipeline_kwargs={"max_sequence_length": args.max_sequence_length, "progress": False},
-    )
+        with usage_errors(parser):  # bad options, missing case files, another run's folder: one line, exit code 2
+            return main_xversebench(args)
+    with usage_errors(parser):  # bad options, missing photos, another run's folder: one line, exit code 2
+        bench = DreamBench.load(args.dreambench or dreambench_root())
+        cases = list_cases(
+            bench,
+            settings=args.setting or SETTINGS,
+            max_subjects=args.max_subjects,
+            max_prompts=args.max_prompts,
+            max_multi=args.max_multi,
+            images_per_prompt=args.images_per_prompt,
+            seed=args.seed,
+            identifier=args.identifier,
+        )
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        check_run_settings(args.output_dir, run_settings(args), overwrite=args.overwrite)
+        generation = GenerationSettings(
+            height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+            seed=args.seed, reference_index=args.reference_index, reference_size=args.ref_size,
+            pipeline_kwargs={"max_sequence_length": args.max_sequence_length, "progress": False},
+        )
     pipe = load_pipeline(args) if args.generate else None
     clip, dino = load_scorers(args)
     summary = evaluate_cases(
-        bench, cases, args.out, clip, dino,
+        bench, cases, args.output_dir, clip, dino,
         images_root=args.score_only, pipe=pipe, generation=generation,
         crop_sizes=args.crop_sizes, crop_stride=args.crop_stride,
         overwrite=args.overwrite, allow_missing=args.allow_missing,
-        sheets=not args.no_sheets, thumb_size=args.thumb_size, progress=not args.quiet,
+        sheets=not args.no_sheets, thumb_size=args.thumb_size, progress=not args.no_progress,
     )
     print(summary_markdown(summary, crop_sizes=args.crop_sizes, crop_stride=args.crop_stride))
     print(dreambench_paper_table(summary))
@@ -387,5 +394,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as error:  # bad inputs: a message, not a traceback
-        sys.exit(f"error: {error}")
+    except ValueError as error:  # bad inputs met during the run: one line, not a traceback
+        sys.exit(f"error: {one_line(error)}")

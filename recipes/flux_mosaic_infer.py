@@ -6,7 +6,7 @@ Real weights (a local folder or a hub id of a FLUX.1 base, plus a MOSAIC LoRA fi
 
     python recipes/flux_mosaic_infer.py --base black-forest-labs/FLUX.1-dev \\
         --lora mosaic_512.safetensors --references dog.jpg cat.jpg \\
-        --prompt "a dog and a cat on a sofa" --out outputs/dog_cat.png --dtype bf16
+        --prompt "a dog and a cat on a sofa" --output outputs/dog_cat.png --dtype bf16
 
 FLUX.2 (``--family flux2``) runs the stock diffusers pipeline (`Flux2KleinPipeline` or
 `Flux2Pipeline`, as the base's ``model_index.json`` says) with the trained LoRA loaded by its own
@@ -14,19 +14,19 @@ FLUX.2 (``--family flux2``) runs the stock diffusers pipeline (`Flux2KleinPipeli
 
     python recipes/flux_mosaic_infer.py --family flux2 --base black-forest-labs/FLUX.2-klein-4B \
         --lora outputs/train/flux2_klein/lora --references dog.jpg cat.jpg \
-        --prompt "a dog and a cat on a sofa" --out outputs/dog_cat.png --dtype bf16
+        --prompt "a dog and a cat on a sofa" --output outputs/dog_cat.png --dtype bf16
 
 With no ``--base`` it builds a tiny random pipeline of the family in code (nothing is downloaded)
 and runs the whole path on the CPU in seconds; its image is noise, but every step is the real
-one. Without ``--references`` it then uses two DreamBench photos (``--dreambench``) or, when that
-folder is missing, two drawn shapes.
+one. Without ``--references`` it then uses two DreamBench photos (``--dreambench``, by default
+``$MOSAIC_DREAMBENCH`` or the folder ``python recipes/fetch_dreambench.py`` fills) or, when there
+are none, two drawn shapes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,16 +34,17 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from mosaic_kit.data import find_dreambench
 from mosaic_kit.eval.sheets import SheetRow, contact_sheet
-from mosaic_kit.pipelines import MosaicFluxPipeline, tiny_mosaic_pipeline
+from mosaic_kit.pipelines import MosaicFluxPipeline, load_reference_image, tiny_mosaic_pipeline
 from mosaic_kit.utils import save_image_atomic
+from mosaic_kit.utils.cli import DeprecatedAlias, RecipeArgumentParser, add_threads
 
-REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> RecipeArgumentParser:
+    parser = RecipeArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=("flux1", "flux2"), default="flux1",
                         help="model family: flux1 (MosaicFluxPipeline) or flux2 (stock Flux2KleinPipeline / Flux2Pipeline)")
     parser.add_argument("--base", help="base pipeline: a local folder or a hub id (default: a tiny random pipeline)")
@@ -60,15 +61,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="compute reference keys/values once (faster, references see only themselves)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="outputs/infer/result.png", help="output image path")
-    parser.add_argument("--dreambench", default=os.environ.get("MOSAIC_DREAMBENCH", str(REPO.parent / "shared/data/dreambench")))
-    return parser.parse_args(argv)
+    parser.add_argument("--output", default="outputs/infer/result.png", metavar="FILE",
+                        help="output image (the contact sheet goes beside it as <name>-sheet.png)")
+    parser.add_argument("--out", dest="output", action=DeprecatedAlias, new="--output", help=argparse.SUPPRESS)
+    parser.add_argument("--dreambench", type=Path, default=None,
+                        help="DreamBench folder for the default references (default: $MOSAIC_DREAMBENCH, else the "
+                             "folder recipes/fetch_dreambench.py fills; drawn shapes when there is none)")
+    add_threads(parser)
+    return parser
 
 
-def default_references(dreambench: Path, size: int) -> list[Image.Image | Path]:
-    """Two DreamBench photos when the folder exists, else two drawn shapes."""
-    picks = [dreambench / "dog", dreambench / "cat"]
-    if all(p.is_dir() for p in picks):
+def parse_args(argv: list[str] | None = None, parser: RecipeArgumentParser | None = None) -> argparse.Namespace:
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    for path in (args.references or []):  # a missing or unreadable reference: one line, before any model loads
+        try:
+            load_reference_image(path, 0)
+        except ValueError as error:
+            parser.error(f"argument --references: {error}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def default_references(dreambench: Path | None, size: int) -> list[Image.Image | Path]:
+    """Two DreamBench photos (``dreambench``, else the default copy) when there are, else two drawn shapes."""
+    dreambench = dreambench or find_dreambench()
+    picks = [dreambench / "dog", dreambench / "cat"] if dreambench else []
+    if picks and all(p.is_dir() for p in picks):
         return [sorted(p.glob("*.jp*g"))[0] for p in picks]
     shapes = []
     for colour, draw in (("red", "ellipse"), ("blue", "rectangle")):
@@ -99,7 +119,7 @@ def run_flux2(args: argparse.Namespace, tiny: bool) -> tuple[list[Image.Image], 
             pipe.load_lora_weights(str(lora))
     elif not tiny:
         print("warning: no --lora given, the references go through the base weights only", file=sys.stderr)
-    references = args.references or default_references(Path(args.dreambench), 256)
+    references = args.references or default_references(args.dreambench, 256)
     images = [fit_on_white(load_reference_image(ref, k), args.ref_size) for k, ref in enumerate(references)]
     extra = {"text_encoder_out_layers": TINY_FLUX2_TEXT_OUT_LAYERS, "max_sequence_length": 32} if tiny else {}
     out = pipe(image=images, prompt=args.prompt, height=args.height, width=args.width,
@@ -133,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         pipe.load_mosaic_weights(args.lora)
     elif not tiny:
         print("warning: no --lora given, the references go through the base weights only", file=sys.stderr)
-    references = args.references or default_references(Path(args.dreambench), 256)
+    references = args.references or default_references(args.dreambench, 256)
 
     start = time.perf_counter()
     out = pipe(
@@ -153,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _write(args: argparse.Namespace, images: list, references: list, seconds: float, extra: dict) -> dict:
     """Saves the image and the contact sheet (references beside the result); prints the summary."""
-    image_path = Path(args.out)
+    image_path = Path(args.output)
     sheet_path = image_path.with_name(f"{image_path.stem}-sheet.png")
     save_image_atomic(images[0], image_path)
     sheet = contact_sheet([SheetRow(args.prompt, references, images)], thumb_size=max(128, args.height // 2))

@@ -17,7 +17,9 @@ Real runs (see docs/guide/training.md)::
 
     python recipes/flux_mosaic_train.py --config recipes/configs/flux_512.yaml --resume latest
 
-Settings: ``--config`` YAML files (later ones win), then ``dotted.key=value`` overrides.
+Settings: ``--config`` YAML files (later ones win), then ``dotted.key=value`` overrides;
+``--output-dir DIR`` and ``--threads N`` are the overrides ``output_dir=DIR`` and ``cpu_threads=N``.
+A bad setting stops the recipe with one line naming it and the accepted ones (exit code 2).
 """
 
 from __future__ import annotations
@@ -29,38 +31,55 @@ import signal
 import sys
 from pathlib import Path
 
+import yaml
+
 from mosaic_kit.training import MosaicTrainer, load_config
+from mosaic_kit.utils.cli import RecipeArgumentParser, add_output_dir, add_progress, add_threads, usage_errors
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny_cpu.yaml"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> RecipeArgumentParser:
+    parser = RecipeArgumentParser(description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", help=f"YAML config (repeatable; default {DEFAULT_CONFIG.name})")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder")
     parser.add_argument("--verbose", action="store_true", help="keep diffusers/transformers warnings (e.g. truncated captions)")
+    add_output_dir(parser, "run folder (the setting output_dir)")
+    add_threads(parser, help="torch CPU threads (the setting cpu_threads)")
+    add_progress(parser)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value settings, e.g. optim.lr=8e-5 data.batch_size=2")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not args.verbose:  # per-step caption truncation warnings would drown the progress bar
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
         diffusers_logging.set_verbosity_error()
         transformers_logging.set_verbosity_error()
-    config = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
+    overrides = list(args.overrides)
+    overrides += [f"output_dir={args.output_dir}"] if args.output_dir else []
+    overrides += [f"cpu_threads={args.threads}"] if args.threads else []
+    with usage_errors(parser, yaml.YAMLError):  # a bad setting: one line naming it, exit code 2
+        config = load_config(args.config or [DEFAULT_CONFIG], overrides)
     on_step_end = None
     kill_at = os.environ.get("MOSAIC_KILL_AT_STEP")  # fault injection for the resume tests
     if kill_at:
         def on_step_end(trainer, step):
             if step == int(kill_at):
                 os.kill(os.getpid(), signal.SIGKILL)
-    trainer = MosaicTrainer(config, on_step_end=on_step_end)
+    trainer = MosaicTrainer(config, on_step_end=on_step_end, progress=not args.no_progress)
     trainer.resume = args.resume
+    with usage_errors(parser):  # settings only the set-up can check (models, data folders)
+        trainer.setup()
     summary = trainer.train()
     if summary:
         print(json.dumps({k: summary[k] for k in ("steps", "seconds", "lora", "loss_curves")}))

@@ -21,10 +21,13 @@ run interrupted during training starts that run over). ``--publish DIR`` copies 
     python recipes/synthetic_ablation.py                  # --preset cpu: about 25 min on 2 cores
     python recipes/synthetic_ablation.py --preset gpu     # larger, for one GPU
     python recipes/synthetic_ablation.py --preset flux2-cpu   # the FLUX.2 family, about 30 min
-    python recipes/synthetic_ablation.py --smoke --output /tmp/ablation   # seconds
+    python recipes/synthetic_ablation.py --smoke --output-dir /tmp/ablation   # seconds
 
 Settings: ``--preset`` or ``--config`` YAML, then ``dotted.key=value`` overrides of its
-``ablation``, ``eval`` and ``train`` sections.
+``ablation``, ``eval`` and ``train`` sections (``--output-dir`` and ``--threads`` set
+``ablation.output_dir`` and ``ablation.threads``). Every setting, the training settings of each
+ablation setting included, is checked before the first run: a bad one stops the recipe with one
+line naming it and the accepted ones (exit code 2).
 """
 
 from __future__ import annotations
@@ -54,8 +57,10 @@ from mosaic_kit.eval import (
     plot_metric_against_k,
     summarise_records,
 )
+from mosaic_kit.losses import MosaicObjective
 from mosaic_kit.training import MosaicTrainer, apply_overrides, config_from_dict
 from mosaic_kit.utils import atomic_write, save_image_atomic, tensor_to_pil, write_text_atomic
+from mosaic_kit.utils.cli import RecipeArgumentParser, add_output_dir, add_progress, add_threads, usage_errors
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PRESETS = {"cpu": CONFIGS / "synthetic_cpu.yaml", "gpu": CONFIGS / "synthetic_gpu.yaml",
@@ -74,16 +79,22 @@ FIDELITY_PLOT = ["denoise_mse", "ref_gain", "sample_ncc", "sample_colour", "samp
 SAMPLE_METRICS = ["sample_ncc", "sample_colour", "sample_leakage"]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> RecipeArgumentParser:
+    parser = RecipeArgumentParser(description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="config preset (default cpu)")
     parser.add_argument("--config", help="a YAML file instead of the preset")
-    parser.add_argument("--output", help="output folder (default: ablation.output_dir)")
+    add_output_dir(parser, "output folder (default: ablation.output_dir)", deprecated=("--output",))
+    add_threads(parser, help="torch CPU threads (default: ablation.threads)")
+    add_progress(parser)
     parser.add_argument("--smoke", action="store_true", help="tiny steps and samples (tests)")
     parser.add_argument("--publish", help="copy the PNGs here, prefixed 'synthetic_' (the docs use docs/results)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.max_steps=200 ablation.seeds=[0,1]")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def load_settings(args: argparse.Namespace) -> dict:
@@ -99,15 +110,23 @@ def load_settings(args: argparse.Namespace) -> dict:
     unknown = set(ablation) - ABLATION_KEYS
     if unknown:
         raise ValueError(f"Unknown settings in `ablation`: {sorted(unknown)}; expected among {sorted(ABLATION_KEYS)}.")
-    if args.output:
-        ablation["output_dir"] = args.output
+    if args.output_dir:
+        ablation["output_dir"] = args.output_dir
+    if args.threads:
+        ablation["threads"] = args.threads
     settings = ablation.get("settings")
     if not isinstance(settings, dict) or not settings:
         raise ValueError(f"Expected `ablation.settings` to map names to objective overrides, but got {settings!r}.")
     eval_config = SyntheticEvalConfig(**(values.get("eval") or {}))
     config_from_dict(values.get("train") or {})  # validates the shared training settings once
+    for name, overrides in settings.items():  # and each setting's objective, before hours of runs
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ValueError(f"Expected `ablation.settings.{name}` to map objective settings to values, "
+                             f"but got {overrides!r}.")
+        objective = run_config(values.get("train") or {}, overrides or {}, 0, Path(".")).objective
+        MosaicObjective.from_preset(objective.preset, **objective.overrides)
     return {"path": str(path), "ablation": ablation, "eval": eval_config, "eval_dict": values.get("eval") or {},
-            "train": values.get("train") or {}}
+            "train": values.get("train") or {}, "progress": not args.no_progress}
 
 
 def run_config(train: dict, setting_overrides: dict, seed: int, run_dir: Path):
@@ -131,7 +150,7 @@ def train_and_evaluate(name: str, seed: int, settings: dict, run_dir: Path) -> d
     trained = (run_dir / "summary.json").is_file() and weights.is_file()
     if not trained and run_dir.exists():
         shutil.rmtree(run_dir)  # an interrupted run starts over (checkpoints hold the LoRA only)
-    trainer = MosaicTrainer(config)
+    trainer = MosaicTrainer(config, progress=settings["progress"])
     start = time.perf_counter()
     if trained:
         trainer.setup()
@@ -305,14 +324,16 @@ def aggregate(settings: dict, payloads: dict, baselines: list[dict], out: Path, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     wall_start = time.perf_counter()
-    settings = load_settings(args)
+    with usage_errors(parser, yaml.YAMLError):  # a bad setting: one line naming it, exit code 2
+        settings = load_settings(args)
     ablation = settings["ablation"]
     torch.set_num_threads(int(ablation.get("threads") or torch.get_num_threads()))
     out = Path(ablation.get("output_dir") or "outputs/ablation")

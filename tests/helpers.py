@@ -1,5 +1,5 @@
 """Random correspondence batches and attention inputs for the tests; loading a recipe or benchmark
-script as a module; running a two-process gloo script."""
+script as a module; running a two-process gloo script; the DreamBench photos the tests read."""
 
 from __future__ import annotations
 
@@ -69,6 +69,17 @@ def random_qk(
 
 
 ROOT = Path(__file__).resolve().parents[1]
+DREAMBENCH_SUBSET = ROOT / "tests" / "data" / "dreambench_subset"
+"""9 subjects, 3 photos each at 256 px, their 5 multi-subject cases, with attribution and licence."""
+
+
+def dreambench_for_tests() -> Path:
+    """The DreamBench copy the defaults find (``$MOSAIC_DREAMBENCH`` or the folder that
+    ``recipes/fetch_dreambench.py`` fills) when this machine has one, else the subset in the
+    repository, so the tests that need real photos run on every machine."""
+    from mosaic_kit.data import find_dreambench
+
+    return find_dreambench() or DREAMBENCH_SUBSET
 
 
 def load_script(relative_path: str, name: str | None = None):

@@ -171,7 +171,7 @@ def test_a_planted_upward_or_private_import_is_caught(tmp_path):
 
 
 TESTS = ROOT / "tests"
-TOP_LEVEL_TESTS = {"test_architecture.py", "test_docs_site.py"}  # about the whole repository
+TOP_LEVEL_TESTS = {"test_architecture.py", "test_docs_site.py", "test_standalone.py"}  # about the whole repository
 
 
 def test_tests_mirror_the_package_folders():

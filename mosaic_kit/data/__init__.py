@@ -13,6 +13,9 @@ composition carry them exactly); `collate_samples` turns a list of them into a `
 - `mosaic_kit.data.collate`: `collate_samples`, `MosaicBatch`, `apply_condition_dropout`.
 - `mosaic_kit.data.bad` and `mosaic_kit.data.loader`: `BadSample`, `BadDataTally`, `skip_bad`,
   `ResumableSampler`, `SkippingLoader` (exact resume).
+- `mosaic_kit.data.dreambench`: where the DreamBench photos are (`dreambench_root`:
+  ``$MOSAIC_DREAMBENCH``, else a cache folder) and `fetch_dreambench`, which puts them there
+  (``python recipes/fetch_dreambench.py``).
 - `mosaic_kit.data.fixtures`: tiny data sets written on the fly (tests, examples).
 - Image files: `open_image` (refuses more than `MAX_IMAGE_PIXELS` pixels from the header) and
   `to_rgb` (16-bit, palette, CMYK and alpha images to RGB, alpha on `ALPHA_BACKGROUND`).
@@ -38,6 +41,19 @@ from .composer import (
     compose_caption,
     compose_samples,
     join_subjects,
+)
+from .dreambench import (
+    DREAMBENCH_ENV,
+    DREAMBENCH_FETCH_COMMAND,
+    DREAMBENCH_MULTI_CASES,
+    DREAMBOOTH_ARCHIVE_URL,
+    DREAMBOOTH_COMMIT,
+    DreamBenchNotFoundError,
+    default_dreambench_dir,
+    dreambench_root,
+    fetch_dreambench,
+    find_dreambench,
+    is_dreambench_copy,
 )
 from .fixtures import make_manifest_fixture, make_released_fixture
 from .loader import ResumableSampler, SkippingLoader
@@ -96,6 +112,11 @@ __all__ = [
     "COLLATE_DISJOINT_POLICIES",
     "COMPOSE_DISJOINT_POLICIES",
     "COORD_LAYOUTS",
+    "DREAMBENCH_ENV",
+    "DREAMBENCH_FETCH_COMMAND",
+    "DREAMBENCH_MULTI_CASES",
+    "DREAMBOOTH_ARCHIVE_URL",
+    "DREAMBOOTH_COMMIT",
     "HELD_OUT_IDENTITIES",
     "MANIFEST_KEYS",
     "MAX_SUBJECTS",
@@ -114,6 +135,7 @@ __all__ = [
     "BadDataTally",
     "BadSample",
     "ComposedDataset",
+    "DreamBenchNotFoundError",
     "ManifestDataset",
     "ManifestEntry",
     "MosaicBatch",
@@ -134,8 +156,13 @@ __all__ = [
     "compose_samples",
     "count_released_rows",
     "decode_released_row",
+    "default_dreambench_dir",
+    "dreambench_root",
+    "fetch_dreambench",
+    "find_dreambench",
     "generation",
     "iter_released_rows",
+    "is_dreambench_copy",
     "iter_released_samples",
     "join_subjects",
     "load_pairs_file",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from .base import FeatureExtractor
@@ -36,7 +37,7 @@ def build_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
         The extractor, a `FeatureExtractor` whose `name` is `name`.
 
     Raises:
-        ValueError: if `name` is not one of `EXTRACTORS`.
+        ValueError: if `name` is not one of `EXTRACTORS`, or a setting is not one the extractor takes.
 
     Example:
         >>> import torch
@@ -47,18 +48,29 @@ def build_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
         Traceback (most recent call last):
         ...
         ValueError: Expected `name` to be one of ['sift', 'dinov2', 'dift', 'dit', 'precomputed'], but got 'geoaware'.
+        >>> build_extractor("sift", patch_sise=16)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected the settings of extractor 'sift' among [..., 'patch_size', ...], but got unknown ['patch_sise'].
     """
-    if name == "sift":
-        return DenseSIFT(**kwargs)
-    if name == "dinov2":
-        return DINOv2.from_pretrained(**kwargs) if "path_or_id" in kwargs else DINOv2(**kwargs)
-    if name == "dift":
-        return DiffusionFeatures.from_pretrained(**kwargs) if "path_or_id" in kwargs else DiffusionFeatures(**kwargs)
-    if name == "dit":
-        return DiTFeatures.from_pretrained(**kwargs) if "path_or_id" in kwargs else DiTFeatures(**kwargs)
-    if name == "precomputed":
-        return Precomputed(**kwargs)
-    raise ValueError(f"Expected `name` to be one of {list(EXTRACTORS)}, but got {name!r}.")
+    classes = {"sift": DenseSIFT, "dinov2": DINOv2, "dift": DiffusionFeatures, "dit": DiTFeatures,
+               "precomputed": Precomputed}
+    if name not in classes:
+        raise ValueError(f"Expected `name` to be one of {list(EXTRACTORS)}, but got {name!r}.")
+    build = classes[name].from_pretrained if "path_or_id" in kwargs and name != "sift" else classes[name]
+    _check_settings(name, build, kwargs)
+    return build(**kwargs)
+
+
+def _check_settings(name: str, build: Any, kwargs: dict) -> None:
+    """A setting the extractor does not take is a ValueError naming it and the accepted ones."""
+    parameters = inspect.signature(build).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [p for p in parameters if p not in ("self", "cls")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"Expected the settings of extractor {name!r} among {accepted}, but got unknown {unknown}.")
 
 
 def _parse_value(value: str) -> Any:

@@ -146,7 +146,8 @@ OBJECTIVE_PRESETS: dict[str, dict[str, Any]] = {
         mdl_aggregate="all",
     ),
 }
-"""Named settings of `MosaicObjective`: the paper's and the released code's (DESIGN §3)."""
+"""Named settings of `MosaicObjective`: the paper's and the released code's (the table "Paper vs released
+settings" in docs/guide/conventions.md)."""
 
 
 @dataclass(frozen=True)

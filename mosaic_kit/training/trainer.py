@@ -117,15 +117,18 @@ class MosaicTrainer:
     Args:
         config: the resolved `TrainConfig`.
         on_step_end: optional ``callback(trainer, step)`` after every optimisation step.
+        progress: show the training progress bar (on the local main process).
 
     Call `train` (which calls `setup` first).
     """
 
-    def __init__(self, config: TrainConfig, on_step_end: Callable[[MosaicTrainer, int], None] | None = None) -> None:
+    def __init__(self, config: TrainConfig, on_step_end: Callable[[MosaicTrainer, int], None] | None = None,
+                 progress: bool = True) -> None:
         if not isinstance(config, TrainConfig):
             raise ValueError(f"Expected `config` to be a TrainConfig, but got {type(config).__name__}.")
         self.config = config
         self.on_step_end = on_step_end
+        self.progress = progress
         self.output_dir = Path(config.output_dir)
         self.step = 0
         self._ready = False
@@ -420,7 +423,8 @@ class MosaicTrainer:
             resumed_from = self.load_checkpoint(self.resume)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", disable=not acc.is_local_main_process,
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training",
+                   disable=not (self.progress and acc.is_local_main_process),
                    dynamic_ncols=True)
         if self.step == 0:  # where attention starts, to compare with the last validation sheet
             self.attention_sheet()

@@ -8,6 +8,8 @@
 - `atomic`: atomic, durable file writes (`atomic_write`, `write_text_atomic`,
   `write_bytes_atomic`, `save_image_atomic`, `fsync_dir`).
 - `images`: tensor ↔ PIL conversion (`tensor_to_pil`, `pil_to_tensor`, `to_uint8`).
+- `cli`: the recipes' command lines: the shared option spellings and one-line usage errors
+  (`RecipeArgumentParser`, `usage_errors`; import them from `mosaic_kit.utils.cli`).
 """
 
 from .atomic import TEMPORARY_PREFIX, atomic_write, fsync_dir, save_image_atomic, write_bytes_atomic, write_text_atomic

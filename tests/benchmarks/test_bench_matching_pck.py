@@ -2,12 +2,12 @@
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import dreambench_for_tests
 
 from mosaic_kit.correspondence import DenseMatches
 from mosaic_kit.features import parse_extractor_spec
@@ -18,11 +18,7 @@ bench = importlib.util.module_from_spec(spec)
 sys.modules["bench_matching_pck"] = bench
 spec.loader.exec_module(bench)
 
-if os.environ.get("MOSAIC_DREAMBENCH"):
-    bench.DEFAULT_DATA = Path(os.environ["MOSAIC_DREAMBENCH"])
-needs_photos = pytest.mark.skipif(
-    not (bench.DEFAULT_DATA / "dog").is_dir(), reason=f"DreamBench photos not found at {bench.DEFAULT_DATA}"
-)
+PHOTOS = ["--data", str(dreambench_for_tests())]
 
 
 def test_extractor_specs_parse():
@@ -59,12 +55,11 @@ def test_scoring_of_exact_and_shifted_matches():
     assert summary["images_without_kept_cells"] == 1 and summary["pck@0.05"]["n"] == 0
 
 
-@needs_photos
 def test_benchmark_runs_on_two_photos_and_writes_its_report(tmp_path):
     out = tmp_path / "report.json"
     argv = [
         "--subjects", "dog,teapot", "--images-per-subject", "1", "--size", "64", "--grid", "8",
-        "--extractor", "sift:patch_size=16", "--extractor", "sift:patch_size=8", "--out", str(out),
+        "--extractor", "sift:patch_size=16", "--extractor", "sift:patch_size=8", "--out", str(out), *PHOTOS,
     ]
     report = bench.main(argv)
     saved = json.loads(out.read_text())
@@ -91,9 +86,8 @@ def test_benchmark_runs_on_two_photos_and_writes_its_report(tmp_path):
     assert len(saved["photos"][0]["results"]) == len(expected)
 
 
-@needs_photos
 def test_the_warps_depend_only_on_the_seed_and_the_photo(tmp_path):
-    common = ["--images-per-subject", "1", "--size", "32", "--grid", "4", "--extractor", "sift:patch_size=8"]
+    common = ["--images-per-subject", "1", "--size", "32", "--grid", "4", "--extractor", "sift:patch_size=8", *PHOTOS]
     example = tmp_path / "example.png"
     one = bench.main(["--subjects", "dog", *common, "--out", str(tmp_path / "a.json"), "--example", str(example)])
     assert example.stat().st_size > 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import dreambench_for_tests
 from PIL import Image
 
 from mosaic_kit.correspondence import TokenGrid
@@ -54,7 +55,7 @@ def photos(tmp_path):
 
 def config_for(base: Path, out: Path, **sections) -> dict:
     values = {
-        "out": str(out), "seed": 0, "sheets": 2,
+        "output_dir": str(out), "seed": 0, "sheets": 2,
         "prompts": {"source": "file", "file": str(base / "prompts.json"), "count": 8},
         "images": {"source": "photo_composites", "root": str(base / "photos"), "canvas_size": 128,
                    "scale_range": [0.3, 0.5]},
@@ -213,7 +214,7 @@ def test_every_stage_runs_with_tiny_models(tmp_path):
     """Templates, a tiny instruction model, tiny FLUX, tiny Grounding DINO + SAM, tiny CLIP, tiny
     Kontext: the plumbing (their outputs are random, so the count criterion is off)."""
     values = {
-        "out": str(tmp_path / "out"), "seed": 1, "sheets": 1,
+        "output_dir": str(tmp_path / "out"), "seed": 1, "sheets": 1,
         "prompts": {"source": "templates", "count": 2, "rewriter": {"model": "tiny", "max_new_tokens": 4},
                     "templates": {"categories": {"animal": ["dog", "cat"], "object": ["teapot", "clock"]}}},
         "images": {"source": "diffusers", "model": "tiny", "height": 64, "width": 64, "steps": 2, "batch_size": 2,
@@ -236,15 +237,14 @@ def test_every_stage_runs_with_tiny_models(tmp_path):
     assert summary["accepted"] == 2 and len(read_manifest(tmp_path / "out" / "manifest.jsonl")) == 2
 
 
-def test_recipe_on_dreambench_trains_the_tiny_model(tmp_path):
-    try:
-        dreambench_root()
-    except ValueError as error:
-        pytest.skip(str(error))
+def test_recipe_on_dreambench_trains_the_tiny_model(tmp_path, monkeypatch):
+    """The recipe's default config on real photos (the full copy, or the repository's subset)."""
+    monkeypatch.setenv("MOSAIC_DREAMBENCH", str(dreambench_for_tests()))
+    assert dreambench_root() == dreambench_for_tests()
     from mosaic_kit.training import MosaicTrainer, load_config
 
     out = tmp_path / "dataset"
-    summary = recipe.main(["--no-progress", f"out={out}", "prompts.count=4", "correspondences.target_size=64",
+    summary = recipe.main(["--no-progress", "--output-dir", str(out), "prompts.count=4", "correspondences.target_size=64",
                            "correspondences.ref_size=32", "correspondences.grid=16"])
     assert summary["items"] == 4 and summary["accepted"] >= 1
     assert (out / "config-0of1.json").is_file() and (out / "summary.json").is_file()

@@ -4,11 +4,11 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import dreambench_for_tests
 from PIL import Image
 
 from mosaic_kit.correspondence import load_correspondences
@@ -26,14 +26,12 @@ from mosaic_kit.data import (
 pq = pytest.importorskip("pyarrow.parquet")
 pa = pytest.importorskip("pyarrow")
 ROOT = Path(__file__).resolve().parents[2]
-DREAMBENCH = Path(os.environ.get("MOSAIC_DREAMBENCH", ROOT.parent / "shared" / "data" / "dreambench"))
+DREAMBENCH = dreambench_for_tests()
 
 
 def _photo(name: str) -> Image.Image:
-    if DREAMBENCH.is_dir():
-        with Image.open(DREAMBENCH / name) as photo:
-            return photo.convert("RGB").resize((512, 512))
-    return Image.new("RGB", (512, 512), (len(name) * 40 % 255, 90, 160))
+    with Image.open(DREAMBENCH / name) as photo:
+        return photo.convert("RGB").resize((512, 512))
 
 
 def _side_by_side(target: Image.Image, reference: Image.Image) -> bytes:
@@ -105,10 +103,10 @@ def test_recipe_over_the_released_layout_with_shards_and_resume(released, tmp_pa
     ids = []
     for shard in range(2):
         out = tmp_path / f"out{shard}"
-        summary = recipe.main([*common, "--out", str(out), "--shard", f"{shard}/2"])
+        summary = recipe.main([*common, "--output-dir", str(out), "--shard", f"{shard}/2"])
         assert summary["samples"] == 2
         ids += [p.stem for p in out.glob("*.pt")] + [f["id"] for f in summary["failures"]]
-        again = recipe.main([*common, "--out", str(out), "--shard", f"{shard}/2"])
+        again = recipe.main([*common, "--output-dir", str(out), "--shard", f"{shard}/2"])
         assert again["done"] == 0 and again["skipped"] == summary["done"]
     uids = [decode_released_row(r, released).uid for i, r in enumerate(iter_released_rows(released)) if i != 2]
     assert sorted(ids) == sorted(uids + ["train-00001.parquet:0"])

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import dreambench_for_tests
 from kornia.color import rgb_to_grayscale
 from kornia.feature import SIFTDescriptor
 
@@ -21,9 +20,6 @@ from mosaic_kit.features import (
     Precomputed,
     build_extractor,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
-DREAMBENCH = Path(os.environ.get("MOSAIC_DREAMBENCH", ROOT.parent / "shared" / "data" / "dreambench"))
 
 GRIDS = [16, (12, 20)]
 
@@ -49,9 +45,7 @@ def _cosine_nearest(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _photo(size: int) -> torch.Tensor:
-    path = DREAMBENCH / "dog" / "00.jpg"
-    if not path.exists():
-        pytest.skip(f"no DreamBench photo at {path} (set MOSAIC_DREAMBENCH)")
+    path = dreambench_for_tests() / "dog" / "00.jpg"
     image_module = pytest.importorskip("PIL.Image")
     image = image_module.open(path).convert("RGB").resize((size, size), image_module.BICUBIC)
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(size, size, 3)

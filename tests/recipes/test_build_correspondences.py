@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import dreambench_for_tests
 
 from mosaic_kit.correspondence import (
     is_disjoint,
@@ -15,8 +16,7 @@ from mosaic_kit.correspondence import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-DREAMBENCH = Path(os.environ.get("MOSAIC_DREAMBENCH", ROOT.parent / "shared" / "data" / "dreambench"))
-pytestmark = pytest.mark.skipif(not DREAMBENCH.is_dir(), reason=f"DreamBench photos not found at {DREAMBENCH}")
+DREAMBENCH = dreambench_for_tests()
 
 spec = importlib.util.spec_from_file_location("build_correspondences", ROOT / "recipes" / "build_correspondences.py")
 recipe = importlib.util.module_from_spec(spec)
@@ -48,7 +48,7 @@ def manifest(tmp_path):
 
 def _run(manifest, out, *extra):
     return recipe.main([
-        "--manifest", str(manifest), "--out", str(out), "--target-size", "128", "--ref-size", "128",
+        "--manifest", str(manifest), "--output-dir", str(out), "--target-size", "128", "--ref-size", "128",
         "--grid", "16", "--draw", "2", *extra,
     ])
 
@@ -92,13 +92,16 @@ def test_shards_cover_every_sample_once(manifest, tmp_path):
     assert sorted(ids) == ["broken", "cat_and_can", "dog", "teapot"]
 
 
-def test_settings_are_recorded_and_a_resume_with_other_settings_is_refused(manifest, tmp_path):
+def test_settings_are_recorded_and_a_resume_with_other_settings_is_refused(manifest, tmp_path, capsys):
     out = tmp_path / "out"
     _run(manifest, out, "--extractor", "sift:grid_size=8")  # a spec's own grid size wins over --grid
     assert load_correspondences(out / "dog.pt").num_points.sum() <= 64
     assert json.loads((out / "settings.json").read_text())["extractor"] == [["sift", {"grid_size": 8}]]
-    with pytest.raises(SystemExit, match="other settings"):
+    capsys.readouterr()  # the first run's progress bar
+    with pytest.raises(SystemExit) as refused:
         _run(manifest, out, "--filter", "mutual", "--extractor", "sift:grid_size=8")
+    error = capsys.readouterr().err
+    assert refused.value.code == 2 and "other settings (filter: 'none')" in error and len(error.strip().splitlines()) == 1
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "dog.pt").stat().st_mode & 0o777 == 0o666 & ~umask
@@ -123,6 +126,6 @@ def test_bad_manifest_and_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"missing \['references'\]"):
         recipe.read_manifest(bad)
     with pytest.raises(SystemExit):
-        recipe.main(["--manifest", str(bad), "--out", str(tmp_path), "--shard", "3/3"])
+        recipe.main(["--manifest", str(bad), "--output-dir", str(tmp_path), "--shard", "3/3"])
     with pytest.raises(SystemExit):
-        recipe.main(["--manifest", str(bad), "--out", str(tmp_path), "--extractor", "sift:patch_size"])
+        recipe.main(["--manifest", str(bad), "--output-dir", str(tmp_path), "--extractor", "sift:patch_size"])

@@ -6,16 +6,17 @@ import csv
 import importlib.util
 import itertools
 import json
-import os
 import random
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import dreambench_for_tests
 from PIL import Image
 
 pytest.importorskip("transformers")
 
+from mosaic_kit.data import DREAMBENCH_MULTI_CASES
 from mosaic_kit.eval import (
     DreamBench,
     EvalCase,
@@ -25,7 +26,7 @@ from mosaic_kit.eval import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-REAL_DREAMBENCH = Path(os.environ.get("MOSAIC_DREAMBENCH", ROOT.parent / "shared" / "data" / "dreambench"))
+REAL_DREAMBENCH = dreambench_for_tests()
 
 spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes" / "evaluate.py")
 recipe = importlib.util.module_from_spec(spec)
@@ -132,7 +133,7 @@ def check_outputs(out: Path, cases: list[EvalCase], images_root: Path) -> dict:
     return summary
 
 
-def test_score_only_run_writes_every_file_and_resumes(bench_dir, tmp_path):
+def test_score_only_run_writes_every_file_and_resumes(bench_dir, tmp_path, capsys):
     cases = selected_cases(bench_dir)
     assert [c.setting for c in cases] == ["single"] * 4 + ["multi"]
     images = tmp_path / "generated"
@@ -144,7 +145,7 @@ def test_score_only_run_writes_every_file_and_resumes(bench_dir, tmp_path):
             pattern(PALETTES[name], seed=100 + i, size=(64, 64)).save(folder / f"{i:02d}.png")
         (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "run"
-    args = ["--score-only", str(images), "--out", str(out), "--dreambench", str(bench_dir), "--tiny-metrics", "--quiet",
+    args = ["--score-only", str(images), "--output-dir", str(out), "--dreambench", str(bench_dir), "--tiny-metrics", "--no-progress",
             *CASE_ARGS]
     summary = recipe.main(args)
     assert (summary["scored_cases"], summary["resumed_cases"], summary["missing_cases"]) == (5, 0, [])
@@ -158,9 +159,11 @@ def test_score_only_run_writes_every_file_and_resumes(bench_dir, tmp_path):
     assert (again["scored_cases"], again["resumed_cases"]) == (0, 5)
     assert (out / "results.json").read_text() == before
 
-    # other settings in the same folder are refused; --overwrite redoes everything
-    with pytest.raises(ValueError, match="crop_stride"):
+    # other settings in the same folder are refused (a one-line usage error); --overwrite redoes everything
+    with pytest.raises(SystemExit) as refused:
         recipe.main(args + ["--crop-stride", "0.25"])
+    error = capsys.readouterr().err
+    assert refused.value.code == 2 and "crop_stride" in error and len(error.strip().splitlines()) == 1
     redone = recipe.main(args + ["--crop-stride", "0.25", "--overwrite"])
     assert redone["scored_cases"] == 5 and redone["crop_stride"] == 0.25
 
@@ -172,11 +175,11 @@ def test_score_only_refuses_missing_cases_unless_allowed(bench_dir, tmp_path):
         (images / case.case_id).mkdir(parents=True)
         for i in range(2):
             pattern(PALETTES[case.subjects[0]], seed=i).save(images / case.case_id / f"{i}.jpg")
-    args = ["--score-only", str(images), "--dreambench", str(bench_dir), "--tiny-metrics", "--quiet", "--no-sheets",
+    args = ["--score-only", str(images), "--dreambench", str(bench_dir), "--tiny-metrics", "--no-progress", "--no-sheets",
             *CASE_ARGS]
     with pytest.raises(ValueError, match=f"1 of 5 cases have none.*{cases[0].case_id}"):
-        recipe.main(args + ["--out", str(tmp_path / "a")])
-    summary = recipe.main(args + ["--out", str(tmp_path / "b"), "--allow-missing"])
+        recipe.main(args + ["--output-dir", str(tmp_path / "a")])
+    summary = recipe.main(args + ["--output-dir", str(tmp_path / "b"), "--allow-missing"])
     assert summary["missing_cases"] == [cases[0].case_id] and summary["single"]["cases"] == 3
     assert not (tmp_path / "b" / "sheets").exists()
 
@@ -187,7 +190,7 @@ def test_generation_smoke_run(bench_dir, tmp_path):
         pytest.skip("mosaic_kit.pipelines.tiny_mosaic_pipeline is not available yet")
     cases = selected_cases(bench_dir)
     out = tmp_path / "run"
-    args = ["--generate", "--tiny", "--tiny-metrics", "--out", str(out), "--dreambench", str(bench_dir), "--quiet",
+    args = ["--generate", "--tiny", "--tiny-metrics", "--output-dir", str(out), "--dreambench", str(bench_dir), "--no-progress",
             "--device", "cpu", "--height", "32", "--width", "32", "--ref-size", "32", "--steps", "1",
             "--max-sequence-length", "8", *CASE_ARGS]
     summary = recipe.main(args)
@@ -276,16 +279,26 @@ def test_benchmark_validation(bench_dir):
         DreamBench.load(bench_dir / "missing")
 
 
-@pytest.mark.skipif(not REAL_DREAMBENCH.is_dir(), reason=f"DreamBench not found at {REAL_DREAMBENCH}")
-def test_the_real_benchmark_has_the_paper_protocol_size():
+def test_the_real_benchmark_follows_the_paper_protocol():
+    """On the real photos (the full copy, or the repository's subset of it): 25 prompts per subject
+    and 4 images per prompt, and the toolkit's multi-subject cases whose subjects are all there;
+    the full protocol has 30 subjects (3,000 images) and 20 multi-subject cases of 2-4 subjects."""
     bench = DreamBench.load(REAL_DREAMBENCH)
     cases = list_cases(bench)
     single = [c for c in cases if c.setting == "single"]
     multi = [c for c in cases if c.setting == "multi"]
-    assert len(single) == 30 * 25 and sum(c.num_images for c in single) == 3000
-    assert len(multi) == 20 and {len(c.subjects) for c in multi} == {2, 3, 4}
+    assert len(single) == len(bench.subjects) * 25 and sum(c.num_images for c in single) == 4 * len(single)
+    assert {c.subjects[0] for c in single} == set(bench.subjects) and {"dog", "cat", "teapot"} <= set(bench.subjects)
+    assert {s.kind for s in bench.subjects.values() if s.class_name in ("dog", "cat")} == {"live"}
+    complete = [case for case in DREAMBENCH_MULTI_CASES if set(case["subjects"]) <= set(bench.subjects)]
+    assert list(bench.pairs) == complete and len(multi) == len(complete) >= 3
     assert multi[0].prompt == "a dog and a backpack on a beach"
     assert all("{" not in c.prompt for c in cases)
+    assert len(DREAMBENCH_MULTI_CASES) == 20 and len({s for c in DREAMBENCH_MULTI_CASES for s in c["subjects"]}) == 30
+    sizes = [len(c["subjects"]) for c in DREAMBENCH_MULTI_CASES]
+    assert (sizes.count(2), sizes.count(3), sizes.count(4)) == (7, 6, 7)
+    if len(bench.subjects) == 30:  # the full copy
+        assert sum(c.num_images for c in single) == 3000 and len(multi) == 20
 
 
 def test_reference_photos_are_opened_with_the_data_packages_checks(bench_dir, tmp_path):

@@ -144,7 +144,7 @@ def recipe_command(bench_dir: Path, out: Path) -> list[str]:
     return [sys.executable, str(ROOT / "recipes" / "evaluate.py"), "--benchmark", "xversebench", "--xversebench",
             str(bench_dir), "--generate", "--tiny", "--tiny-metrics", "--judge", "tiny", "--images-per-prompt", "2",
             "--height", "32", "--width", "32", "--ref-size", "32", "--steps", "2", "--max-sequence-length", "16",
-            "--device", "cpu", "--quiet", "--out", str(out)]
+            "--device", "cpu", "--no-progress", "--output-dir", str(out)]
 
 
 @pytest.mark.slow
@@ -182,13 +182,13 @@ def test_recipe_end_to_end_resumes_after_a_kill(bench_dir, tmp_path):
 
 def test_recipe_options_for_xversebench(bench_dir, monkeypatch):
     parse_args = recipe.parse_args
-    args = parse_args(["--benchmark", "xversebench", "--xversebench", str(bench_dir), "--score-only", "x", "--out", "o",
+    args = parse_args(["--benchmark", "xversebench", "--xversebench", str(bench_dir), "--score-only", "x", "--output-dir", "o",
                        "--shard", "1/3"])
     assert (args.height, args.width, args.ref_size, args.seed, args.shard) == (768, 768, 256, 42, (1, 3))
-    defaults = parse_args(["--score-only", "x", "--out", "o"])
+    defaults = parse_args(["--score-only", "x", "--output-dir", "o"])
     assert (defaults.height, defaults.ref_size, defaults.seed) == (512, 512, 0)
     monkeypatch.delenv("MOSAIC_XVERSEBENCH", raising=False)
     with pytest.raises(SystemExit):
-        parse_args(["--benchmark", "xversebench", "--score-only", "x", "--out", "o"])
+        parse_args(["--benchmark", "xversebench", "--score-only", "x", "--output-dir", "o"])
     with pytest.raises(SystemExit):
-        parse_args(["--benchmark", "xversebench", "--xversebench", "b", "--score-only", "x", "--out", "o", "--shard", "3/3"])
+        parse_args(["--benchmark", "xversebench", "--xversebench", "b", "--score-only", "x", "--output-dir", "o", "--shard", "3/3"])

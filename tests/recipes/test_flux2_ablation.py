@@ -20,7 +20,7 @@ def test_flux2_ablation_smoke_run_scores_every_setting(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, str(ROOT / "recipes" / "synthetic_ablation.py"), "--preset", "flux2-cpu", "--smoke",
-         "--output", str(tmp_path), "eval.generation_samples=0"],
+         "--output-dir", str(tmp_path), "eval.generation_samples=0"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())

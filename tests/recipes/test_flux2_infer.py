@@ -36,12 +36,12 @@ def test_flux2_writes_image_and_sheet_and_the_lora_changes_the_output(tmp_path):
     lora = family.save_lora(tmp_path / "lora")
     recipe = load_recipe()
     common = ["--family", "flux2", "--references", *refs, "--steps", "2", "--prompt", "two things"]
-    plain = recipe.main([*common, "--out", str(tmp_path / "plain.png")])
-    tuned = recipe.main([*common, "--lora", str(lora.parent), "--out", str(tmp_path / "tuned.png")])
+    plain = recipe.main([*common, "--output", str(tmp_path / "plain.png")])
+    tuned = recipe.main([*common, "--lora", str(lora.parent), "--output", str(tmp_path / "tuned.png")])
     assert plain["pipeline"] == "Flux2KleinPipeline" and plain["references"] == 2
     a, b = (np.asarray(Image.open(tmp_path / name)) for name in ("plain.png", "tuned.png"))
     assert a.shape == (32, 32, 3) and not np.array_equal(a, b)
     sheet = Image.open(tmp_path / "tuned-sheet.png")
     assert sheet.width > 3 * 32  # two references and the result side by side
-    again = recipe.main([*common, "--lora", str(lora), "--out", str(tmp_path / "again.png")])  # the file itself
+    again = recipe.main([*common, "--lora", str(lora), "--output", str(tmp_path / "again.png")])  # the file itself
     assert np.array_equal(np.asarray(Image.open(again["image"])), b)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ def test_cli_writes_image_and_sheet(tmp_path, k):
         Image.new("RGB", (20 + i, 24), (40 * i, 100, 200)).save(path)
         paths.append(str(path))
     out = tmp_path / "out" / "result.png"
-    summary = load_recipe().main(["--references", *paths, "--steps", "2", "--out", str(out), "--prompt", "things"])
+    summary = load_recipe().main(["--references", *paths, "--steps", "2", "--output", str(out), "--prompt", "things"])
     assert summary["references"] == k
     image = Image.open(out)
     assert image.size == (32, 32)
@@ -39,7 +40,7 @@ def test_cli_writes_image_and_sheet(tmp_path, k):
 
 def test_default_run_as_a_program(tmp_path):
     out = tmp_path / "r.png"
-    done = subprocess.run([sys.executable, str(RECIPE), "--out", str(out), "--steps", "1"],
+    done = subprocess.run([sys.executable, str(RECIPE), "--output", str(out), "--steps", "1"],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(RECIPE.parents[1])})  # this checkout's mosaic_kit
     assert done.returncode == 0, done.stderr
@@ -48,7 +49,10 @@ def test_default_run_as_a_program(tmp_path):
     assert Path(summary["image"]).is_file() and Path(summary["sheet"]).is_file()
 
 
-def test_missing_reference_fails_clearly(tmp_path):
-    with pytest.raises(ValueError, match=r"reference_images\[0\].*does not exist"):
-        load_recipe().main(["--references", str(tmp_path / "nope.png"), "--out", str(tmp_path / "x.png")])
+def test_missing_reference_fails_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as failed:
+        load_recipe().main(["--references", str(tmp_path / "nope.png"), "--output", str(tmp_path / "x.png")])
+    error = capsys.readouterr().err
+    assert failed.value.code == 2 and len(error.strip().splitlines()) == 1
+    assert re.search(r"argument --references: .*reference_images\[0\].*nope\.png.*does not exist", error)
     assert not (tmp_path / "x.png").exists()

@@ -357,7 +357,7 @@ def test_eval_config_validation():
 
 # ----------------------------------------------------------------------------- the recipe
 def run_recipe(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, str(RECIPE), "--smoke", "--output", str(out), *extra],
+    done = subprocess.run([sys.executable, str(RECIPE), "--smoke", "--output-dir", str(out), *extra],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(RECIPE.parents[1])})  # this checkout's mosaic_kit
     assert done.returncode == 0, done.stderr[-3000:]

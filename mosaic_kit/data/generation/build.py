@@ -79,7 +79,7 @@ class DatasetBuilder:
         ...     for i in range(2):
         ...         Image.effect_noise((64, 64), 60).convert("RGB").save(root / "photos" / name / f"{i}.png")
         >>> _ = (root / "prompts.json").write_text(json.dumps([{"prompt": "a {dog} and a {cat}", "subjects": ["dog", "cat"]}]))
-        >>> config = dataset_config_from_dict({"out": str(root / "out"),
+        >>> config = dataset_config_from_dict({"output_dir": str(root / "out"),
         ...     "prompts": {"source": "file", "file": str(root / "prompts.json")},
         ...     "images": {"source": "photo_composites", "root": str(root / "photos"), "canvas_size": 128},
         ...     "subjects": {"source": "files", "segmenter": None}, "references": {"source": "other_views", "size": 32},
@@ -97,7 +97,7 @@ class DatasetBuilder:
             raise ValueError(f"Expected `config` to be a DatasetBuildConfig, but got {type(config).__name__}.")
         in_shard("check", *shard)  # validates the shard
         self.config, self.shard, self.progress, self.overwrite = config, tuple(shard), progress, overwrite
-        self.out = Path(config.out)
+        self.out = Path(config.output_dir)
         self.stores = {stage: StageStore(self.out, stage) for stage in STAGES}
         self.models: dict[str, Any] = dict(models or {})
         self.timings: dict[str, dict[str, float]] = {}

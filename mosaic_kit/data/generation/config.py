@@ -2,19 +2,21 @@
 
 Model entries take a hub id, a local folder, or ``"tiny"`` (a tiny random model built in code:
 for tests and CPU smoke runs; its outputs mean nothing). Paths starting with ``@dreambench/``
-resolve inside the DreamBench copy (`dreambench_root`).
+resolve inside the DreamBench copy (`mosaic_kit.data.dreambench_root`: ``$MOSAIC_DREAMBENCH``, else
+the folder ``python recipes/fetch_dreambench.py`` fills).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...correspondence import DISJOINT_POLICIES
 from ...correspondence.matching import MATCH_FILTERS
+from ..dreambench import dreambench_root
 from .filtering import FilterThresholds
 
 __all__ = [
@@ -38,27 +40,6 @@ REFERENCE_SOURCES = ("editor", "cutout", "files", "other_views")
 def _allowed(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"Expected `{name}` to be one of {list(allowed)}, but got {value!r}.")
-
-
-def dreambench_root() -> Path:
-    """The DreamBench copy: ``$MOSAIC_DREAMBENCH``, else ``shared/data/dreambench`` beside the
-    repository (``<repo>/../shared/data/dreambench``) or beside one of its parent folders.
-
-    Raises:
-        ValueError: naming both places when neither holds it.
-
-    Examples:
-        >>> dreambench_root().name  # doctest: +SKIP
-        'dreambench'
-    """
-    repo = Path(__file__).resolve().parents[3]
-    candidates = [Path(os.environ["MOSAIC_DREAMBENCH"])] if os.environ.get("MOSAIC_DREAMBENCH") else []
-    candidates += [folder / "shared" / "data" / "dreambench" for folder in repo.parents]
-    for candidate in candidates:
-        if (candidate / "pairs_multi.json").is_file():
-            return candidate
-    raise ValueError(f"Expected the DreamBench copy (with pairs_multi.json) at {' or '.join(map(str, candidates))}, "
-                     "but found none; set MOSAIC_DREAMBENCH to its folder.")
 
 
 def resolve_path(value: str | None) -> Path | None:
@@ -259,7 +240,7 @@ class DatasetBuildConfig:
         ('cutout', ['sift'])
     """
 
-    out: str = "runs/dataset"
+    output_dir: str = "runs/dataset"
     seed: int = 0
     device: str = "cpu"
     prompts: PromptStageConfig = field(default_factory=PromptStageConfig)
@@ -291,6 +272,13 @@ def dataset_config_from_dict(values: dict[str, Any]) -> DatasetBuildConfig:
     """
     if not isinstance(values, dict):
         raise ValueError(f"Expected the config to be a mapping, but got {type(values).__name__}.")
+    if "out" in values:  # the old spelling of `output_dir`, kept for one release
+        warnings.warn("The dataset config key `out` is deprecated and will be removed after mosaic_kit 0.1; "
+                      "use `output_dir`.", FutureWarning, stacklevel=2)
+        if "output_dir" in values and values["output_dir"] != values["out"]:
+            raise ValueError(f"Expected `output_dir` or its old spelling `out`, but got both: "
+                             f"output_dir={values['output_dir']!r}, out={values['out']!r}.")
+        values = {("output_dir" if key == "out" else key): value for key, value in values.items()}
     top = {f.name for f in dataclasses.fields(DatasetBuildConfig)}
     unknown = sorted(set(values) - top)
     if unknown:

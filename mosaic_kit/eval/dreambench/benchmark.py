@@ -10,13 +10,10 @@ from typing import Any
 
 from PIL import Image
 
-from ...data import open_image, to_rgb
+from ...data import DREAMBENCH_ENV, open_image, to_rgb
 
 __all__ = ["DREAMBENCH_ENV", "IMAGE_SUFFIXES", "SETTINGS", "DreamBench", "DreamBenchSubject"]
 
-
-DREAMBENCH_ENV = "MOSAIC_DREAMBENCH"
-"""Environment variable the recipe reads for the DreamBench folder."""
 
 SETTINGS = ("single", "multi")
 """The two DreamBench settings: single-subject and multi-subject cases."""
@@ -74,8 +71,8 @@ class DreamBench:
         """Reads `prompts.json`, `pairs_multi.json` and the subject folders of `root`.
 
         Args:
-            root: the DreamBench folder (see `/work/shared/data/dreambench/README.md` for the
-                layout written for this toolkit).
+            root: the DreamBench folder, as `mosaic_kit.data.fetch_dreambench` writes it
+                (``python recipes/fetch_dreambench.py``; `mosaic_kit.data.dreambench_root` finds it).
 
         Returns:
             A `DreamBench`.
@@ -85,7 +82,8 @@ class DreamBench:
                 names an unknown subject or a prompt without its `{name}` placeholders.
 
         Example:
-            >>> bench = DreamBench.load(os.environ.get("MOSAIC_DREAMBENCH", "../shared/data/dreambench"))  # doctest: +SKIP
+            >>> from mosaic_kit.data import dreambench_root
+            >>> bench = DreamBench.load(dreambench_root())  # doctest: +SKIP
             >>> len(bench.subjects), len(bench.pairs)  # doctest: +SKIP
             (30, 20)
         """
