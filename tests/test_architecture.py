@@ -48,11 +48,7 @@ FORBIDDEN_EXTERNAL = {
 
 # Known exceptions, each with its reason; `test_known_exceptions_still_exist` fails once one is
 # gone, so the list only shrinks.
-KNOWN_UPWARD = {
-    # FLUX.2's tiny random components (built in code for tests and smoke runs) live beside the
-    # FLUX.1 ones in pipelines/; `Flux2Family.tiny()` imports them lazily.
-    ("models/flux2/family.py", "mosaic_kit.pipelines.tiny_flux2"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def unit_of(module: str) -> str | None:

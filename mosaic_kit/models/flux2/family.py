@@ -51,7 +51,7 @@ class Flux2Family(ModelFamily):
         ValueError: on a pipeline without a FLUX.2 transformer or a bad option.
 
     Example:
-        >>> from mosaic_kit.pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_pipeline
+        >>> from mosaic_kit.models.flux2.tiny import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_pipeline
         >>> family = Flux2Family(tiny_flux2_pipeline(), max_sequence_length=16,
         ...     text_encoder_out_layers=TINY_FLUX2_TEXT_OUT_LAYERS)
         >>> inputs = family.encode(torch.rand(2, 3, 32, 32), ["a cat", "a dog"], torch.rand(2, 2, 3, 16, 16))
@@ -92,13 +92,13 @@ class Flux2Family(ModelFamily):
     @classmethod
     def tiny(cls, seed: int = 0, transformer_overrides: dict | None = None, pixel_space: int | None = None,
              **kwargs: Any) -> Flux2Family:
-        """A family over a tiny random `Flux2KleinPipeline` (`mosaic_kit.pipelines.tiny_flux2`).
+        """A family over a tiny random `Flux2KleinPipeline` (`mosaic_kit.models.flux2.tiny`).
 
         Args:
             seed: seed of the random components.
             transformer_overrides: tiny transformer config entries to change.
             pixel_space: pixel space with this factor instead of the random autoencoder
-                (`mosaic_kit.pipelines.tiny_flux2.Flux2PixelAutoencoder`), or None.
+                (`mosaic_kit.models.flux2.tiny.Flux2PixelAutoencoder`), or None.
             **kwargs: `Flux2Family` options; ``text_encoder_out_layers`` defaults to the tiny
                 encoder's ``(1, 2, 3)`` and ``max_sequence_length`` to 32.
 
@@ -111,7 +111,7 @@ class Flux2Family(ModelFamily):
         """
         from diffusers import Flux2KleinPipeline
 
-        from ...pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_components
+        from .tiny import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_components
 
         pipe = Flux2KleinPipeline(**tiny_flux2_components(seed=seed, transformer_overrides=transformer_overrides,
                                                            pixel_space=pixel_space))
