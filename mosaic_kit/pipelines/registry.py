@@ -48,6 +48,8 @@ class FamilySpec:
         pipeline_class: the class `build_family` builds the family over (None: the family's own
             default, e.g. the one a base's ``model_index.json`` names).
         lora_format: what the family's LoRA file is (written by ``family.save_lora``).
+        stock_lora: the file is a plain adapter that the stock pipeline's ``load_lora_weights``
+            loads (the contract suite then checks the forward against the stock transformer).
         inference_defaults: ``{"height", "width", "ref_size", "steps"}`` for a real base.
         tiny_inference_defaults: the same for the tiny random components.
         description: one line for help texts.
@@ -57,6 +59,7 @@ class FamilySpec:
     pipeline: str
     lora_format: str
     pipeline_class: type | None = None
+    stock_lora: bool = False
     inference_defaults: dict[str, int] = field(default_factory=dict)
     tiny_inference_defaults: dict[str, int] = field(default_factory=dict)
     description: str = ""
@@ -152,6 +155,7 @@ register_family(FamilySpec(
     Flux2Family,
     pipeline="diffusers Flux2KleinPipeline / Flux2Pipeline (stock load_lora_weights)",
     lora_format="diffusers LoRA safetensors of a plain peft adapter, with its adapter metadata (lora_alpha)",
+    stock_lora=True,
     inference_defaults={"height": 1024, "width": 1024, "ref_size": 1024, "steps": 4},
     tiny_inference_defaults={"height": 32, "width": 32, "ref_size": 64, "steps": 4},
     description="FLUX.2 [klein]/[dev], references in the target's sequence (stock pipeline layout)",
