@@ -1,4 +1,4 @@
-"""Generate one image from a prompt and K reference images with MOSAIC on FLUX.1 or FLUX.2.
+"""Generate one image from a prompt and K reference images with MOSAIC on any registered model family.
 
 Writes the image and a contact sheet (references beside the result).
 
@@ -8,9 +8,11 @@ Real weights (a local folder or a hub id of a FLUX.1 base, plus a MOSAIC LoRA fi
         --lora mosaic_512.safetensors --references dog.jpg cat.jpg \\
         --prompt "a dog and a cat on a sofa" --output outputs/dog_cat.png --dtype bf16
 
-FLUX.2 (``--family flux2``) runs the stock diffusers pipeline (`Flux2KleinPipeline` or
-`Flux2Pipeline`, as the base's ``model_index.json`` says) with the trained LoRA loaded by its own
-``load_lora_weights``; no mosaic_kit code is in the sampling path::
+Any family of the registry (``--family NAME``, `mosaic_kit.pipelines.registry`) runs through the
+model boundary: ``family.load_lora`` then ``family.sample``, the family's own pipeline. FLUX.2
+(``--family flux2``) runs the stock diffusers pipeline (`Flux2KleinPipeline` or `Flux2Pipeline`, as
+the base's ``model_index.json`` says) with the trained LoRA loaded by its own ``load_lora_weights``;
+no mosaic_kit code is in the sampling path::
 
     python recipes/flux_mosaic_infer.py --family flux2 --base black-forest-labs/FLUX.2-klein-4B \
         --lora outputs/train/flux2_klein/lora --references dog.jpg cat.jpg \
@@ -20,7 +22,8 @@ With no ``--base`` it builds a tiny random pipeline of the family in code (nothi
 and runs the whole path on the CPU in seconds; its image is noise, but every step is the real
 one. Without ``--references`` it then uses two DreamBench photos (``--dreambench``, by default
 ``$MOSAIC_DREAMBENCH`` or the folder ``python recipes/fetch_dreambench.py`` fills) or, when there
-are none, two drawn shapes.
+are none, two drawn shapes. Every reference is fitted on white into a ``--ref-size`` square first
+(the released preprocessing).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from PIL import Image, ImageDraw
 
 from mosaic_kit.data import find_dreambench
 from mosaic_kit.eval.sheets import SheetRow, contact_sheet
-from mosaic_kit.pipelines import MosaicFluxPipeline, load_reference_image, tiny_mosaic_pipeline
+from mosaic_kit.pipelines import build_family, family_names, fit_on_white, get_family, load_reference_image
 from mosaic_kit.utils import save_image_atomic
 from mosaic_kit.utils.cli import DeprecatedAlias, RecipeArgumentParser, add_threads
 
@@ -45,20 +48,23 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def build_parser() -> RecipeArgumentParser:
     parser = RecipeArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", choices=("flux1", "flux2"), default="flux1",
-                        help="model family: flux1 (MosaicFluxPipeline) or flux2 (stock Flux2KleinPipeline / Flux2Pipeline)")
+    parser.add_argument("--family", choices=family_names(), default=family_names()[0],
+                        help="model family of the registry: " + "; ".join(
+                            f"{name}: {get_family(name).description}" for name in family_names()))
     parser.add_argument("--base", help="base pipeline: a local folder or a hub id (default: a tiny random pipeline)")
     parser.add_argument("--lora", help="MOSAIC LoRA .safetensors file (or a folder holding one)")
     parser.add_argument("--references", nargs="+", help="reference image files, one per subject")
     parser.add_argument("--prompt", default="two subjects side by side on a table")
-    parser.add_argument("--height", type=int, help="output height (default 512; 32 with the tiny pipeline)")
-    parser.add_argument("--width", type=int, help="output width (default 512; 32 with the tiny pipeline)")
-    parser.add_argument("--ref-size", type=int, help="reference square side (default 512; 32 tiny)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default 28, FLUX.2 [klein] 4; 4 tiny)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default 3.5; FLUX.2 4.0)")
+    parser.add_argument("--height", type=int, help="output height (default: the family's, e.g. 512 for flux1; 32 tiny)")
+    parser.add_argument("--width", type=int, help="output width (default: the family's; 32 tiny)")
+    parser.add_argument("--ref-size", type=int, help="reference square side (default: the family's; e.g. 32 tiny)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the family's, e.g. 28 flux1, 4 flux2)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="guidance scale (default: the family's, e.g. 3.5 flux1, 4.0 flux2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference-cache", action="store_true",
-                        help="compute reference keys/values once (faster, references see only themselves)")
+                        help="compute reference keys/values once (faster, references see only themselves; "
+                             "families whose sampling has the option)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default="outputs/infer/result.png", metavar="FILE",
@@ -98,77 +104,27 @@ def default_references(dreambench: Path | None, size: int) -> list[Image.Image |
     return shapes
 
 
-def run_flux2(args: argparse.Namespace, tiny: bool) -> tuple[list[Image.Image], list[Image.Image], dict]:
-    """The stock FLUX.2 pipeline with the LoRA through its own ``load_lora_weights``; returns
-    (images, the references as the pipeline got them, the call's extra settings)."""
-    from diffusers import DiffusionPipeline
-
-    from mosaic_kit.pipelines import fit_on_white, load_reference_image
-    from mosaic_kit.pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_pipeline
-
-    if tiny:
-        pipe = tiny_flux2_pipeline(seed=args.seed)
-    else:
-        pipe = DiffusionPipeline.from_pretrained(args.base, torch_dtype=DTYPES[args.dtype])
-    pipe.to(args.device)
-    if args.lora:
-        lora = Path(args.lora)
-        if lora.is_file():
-            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-        else:
-            pipe.load_lora_weights(str(lora))
-    elif not tiny:
-        print("warning: no --lora given, the references go through the base weights only", file=sys.stderr)
-    references = args.references or default_references(args.dreambench, 256)
-    images = [fit_on_white(load_reference_image(ref, k), args.ref_size) for k, ref in enumerate(references)]
-    extra = {"text_encoder_out_layers": TINY_FLUX2_TEXT_OUT_LAYERS, "max_sequence_length": 32} if tiny else {}
-    out = pipe(image=images, prompt=args.prompt, height=args.height, width=args.width,
-               num_inference_steps=args.steps, guidance_scale=4.0 if args.guidance is None else args.guidance,
-               generator=torch.Generator(device="cpu").manual_seed(args.seed), **extra)
-    return out.images, images, {"pipeline": type(pipe).__name__}
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     tiny = args.base is None
-    if args.family == "flux2":
-        defaults = {"height": 32, "width": 32, "ref_size": 64, "steps": 4} if tiny else {
-            "height": 1024, "width": 1024, "ref_size": 1024, "steps": 4}
-    else:
-        defaults = {"height": 32, "width": 32, "ref_size": 32, "steps": 4} if tiny else {
-            "height": 512, "width": 512, "ref_size": 512, "steps": 28}
+    spec = get_family(args.family)
+    defaults = spec.tiny_inference_defaults if tiny else spec.inference_defaults
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.family == "flux2":
-        start = time.perf_counter()
-        images, references, extra = run_flux2(args, tiny)
-        return _write(args, images, references, time.perf_counter() - start, extra)
-    if tiny:
-        pipe = tiny_mosaic_pipeline(seed=args.seed)
-    else:
-        pipe = MosaicFluxPipeline.from_pretrained(args.base, torch_dtype=DTYPES[args.dtype])
-    pipe.to(args.device)
+    references = args.references or default_references(args.dreambench, 256)
+    references = [fit_on_white(load_reference_image(ref, k), args.ref_size) for k, ref in enumerate(references)]
+    family = build_family(args.family, args.base, torch_dtype=DTYPES[args.dtype], seed=args.seed).to(args.device)
     if args.lora:
-        pipe.load_mosaic_weights(args.lora)
+        family.load_lora(args.lora)
     elif not tiny:
         print("warning: no --lora given, the references go through the base weights only", file=sys.stderr)
-    references = args.references or default_references(args.dreambench, 256)
-
+    options = {"use_reference_cache": True} if args.reference_cache else {}
     start = time.perf_counter()
-    out = pipe(
-        args.prompt,
-        references,
-        height=args.height,
-        width=args.width,
-        ref_size=args.ref_size,
-        num_inference_steps=args.steps,
-        guidance_scale=3.5 if args.guidance is None else args.guidance,
-        generator=torch.Generator(device="cpu").manual_seed(args.seed),
-        use_reference_cache=args.reference_cache,
-        max_sequence_length=32 if tiny else 512,
-    )
-    return _write(args, out.images, out.references, time.perf_counter() - start, {})
+    image = family.sample(args.prompt, references, args.height, args.width, args.steps,
+                          generator=torch.Generator(device="cpu").manual_seed(args.seed), guidance_scale=args.guidance,
+                          **options)
+    return _write(args, [image], references, time.perf_counter() - start, {"pipeline": type(family.pipe).__name__})
 
 
 def _write(args: argparse.Namespace, images: list, references: list, seconds: float, extra: dict) -> dict:

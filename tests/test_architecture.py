@@ -48,11 +48,7 @@ FORBIDDEN_EXTERNAL = {
 
 # Known exceptions, each with its reason; `test_known_exceptions_still_exist` fails once one is
 # gone, so the list only shrinks.
-KNOWN_UPWARD = {
-    # FLUX.2's tiny random components (built in code for tests and smoke runs) live beside the
-    # FLUX.1 ones in pipelines/; `Flux2Family.tiny()` imports them lazily.
-    ("models/flux2/family.py", "mosaic_kit.pipelines.tiny_flux2"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def unit_of(module: str) -> str | None:
@@ -188,3 +184,54 @@ def test_tests_mirror_the_package_folders():
     names = [p.name for p in TESTS.rglob("test_*.py")]
     assert len(names) == len(set(names)), "test file names must stay unique (pytest imports them by basename)"
     assert all(folder in folders for folder in (p.name for p in TESTS.iterdir() if p.is_dir() and p.name != "__pycache__"))
+
+
+# -- model families: chosen by name from one registry, compared nowhere else ----------------------------
+REGISTRY = PACKAGE / "pipelines" / "registry.py"
+
+
+def family_name_uses(path: Path, names: set[str]) -> list[str]:
+    """Where ``path`` compares a value with a family name (``== "flux2"``, ``in ("flux1", ...)``),
+    lists family names, or keys a mapping by them: what only the registry may do."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            for operand in operands:
+                items = operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand]
+                if any(isinstance(i, ast.Constant) and i.value in names for i in items):
+                    found.append(f"line {node.lineno}: a comparison with a family name")
+                    break
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            if any(isinstance(i, ast.Constant) and i.value in names for i in node.elts):
+                found.append(f"line {node.lineno}: a list of family names")
+        elif isinstance(node, ast.Dict):
+            if any(isinstance(k, ast.Constant) and k.value in names for k in node.keys):
+                found.append(f"line {node.lineno}: a mapping keyed by family names")
+    return found
+
+
+def registered_family_names() -> set[str]:
+    pytest.importorskip("diffusers")
+    from mosaic_kit.pipelines.registry import family_names
+
+    return set(family_names())
+
+
+def test_no_family_name_is_compared_outside_the_registry():
+    names = registered_family_names()
+    wrong = []
+    for path in [*sources(), *sorted((ROOT / "recipes").rglob("*.py")), *sorted((ROOT / "benchmarks").rglob("*.py"))]:
+        if path == REGISTRY:
+            continue
+        wrong.extend(f"{path.relative_to(ROOT).as_posix()} {where}" for where in family_name_uses(path, names))
+    assert not wrong, "\n".join(wrong)
+
+
+def test_a_planted_family_name_comparison_is_caught(tmp_path):
+    names = registered_family_names()
+    planted = tmp_path / "trainer.py"
+    planted.write_text('family = "flux1"  # a default is fine\nif cfg.family == "flux2":\n    pass\n'
+                       'FAMILIES = ("flux1", "flux2")\nDEFAULTS = {"flux1": 512}\nok = cfg.family in family_names()\n')
+    assert family_name_uses(planted, names) == [
+        "line 2: a comparison with a family name", "line 4: a list of family names", "line 5: a mapping keyed by family names"]

@@ -1,6 +1,6 @@
 """FLUX with K reference images and the reference LoRA (needs the ``flux`` extra: diffusers, peft).
 
-- `ModelFamily`, `ModelInputs`, `TokenLayout`, `TRAINABLE`, `logit_normal_sigmas`: the model
+- `ModelFamily`, `ModelInputs`, `TokenLayout`, `TRAINABLE`, `logit_normal_sigmas`, `resolution_shift_mu`: the model
   boundary (`family.py`) that the trainer, the pipelines and the evaluation use; one
   implementation per model family. `MosaicFluxFamily`: FLUX.1 with multi-branch references.
 - `MosaicFluxTransformer` (package `flux/`, split by job): the multi-reference forward over a stock diffusers
@@ -24,7 +24,15 @@ PIL backends where torchvision is missing (`_image_processors`: no torchvision w
 """
 
 from ._image_processors import choose_image_processors  # first: before any module imports diffusers
-from .family import TRAINABLE, ModelFamily, ModelInputs, TokenLayout, check_trainable, logit_normal_sigmas
+from .family import (
+    TRAINABLE,
+    ModelFamily,
+    ModelInputs,
+    TokenLayout,
+    check_trainable,
+    logit_normal_sigmas,
+    resolution_shift_mu,
+)
 from .flux import (
     CAPTURE_BLOCKS,
     DEFAULT_ADAPTER,
@@ -44,6 +52,7 @@ from .flux import (
     reference_lora_state_dict,
     reference_position_ids,
     save_reference_lora,
+    scale_lora_state,
     set_reference_lora_scale,
     unpack_latents,
     write_lora_file,
@@ -111,7 +120,9 @@ __all__ = [
     "read_lora_file",
     "reference_lora_state_dict",
     "reference_position_ids",
+    "resolution_shift_mu",
     "save_reference_lora",
+    "scale_lora_state",
     "set_reference_lora_scale",
     "unpack_latents",
     "write_lora_file",

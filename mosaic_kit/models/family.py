@@ -48,6 +48,7 @@ Example (the FLUX.1 family on a tiny random pipeline):
 from __future__ import annotations
 
 import abc
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ import torch
 from torch import nn
 
 from ..correspondence.grid import TokenGrid
+from ..utils.checks import check_images
 
 TRAINABLE = ("lora", "all")
 """Allowed values of ``trainable``: the reference LoRA only, or every weight of the denoiser (the
@@ -130,36 +132,80 @@ class ModelInputs:
         target: ``(B, N_tgt, C)`` the clean packed target latents in float32 (the flow-matching
             target), or None when encoding for inference (no target image).
         extras: anything else a family wants to carry (not read by the callers).
+        batch_size: ``B``, the samples encoded (what the forward's noisy latents and timesteps
+            must have); None: the target's batch (or unknown without a target).
 
     Example:
         >>> inputs = ModelInputs({"text_ids": torch.zeros(4, 3)}, TokenLayout(TokenGrid(32, 32)))
-        >>> inputs.target is None, inputs.layout.target_grid.num_tokens
-        (True, 4)
+        >>> inputs.target is None, inputs.layout.target_grid.num_tokens, inputs.batch_size
+        (True, 4, None)
     """
 
     conditioning: dict[str, Any]
     layout: TokenLayout
     target: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size is None and isinstance(self.target, torch.Tensor):
+            self.batch_size = int(self.target.shape[0])
 
 
 class ModelFamily(abc.ABC):
     """The model boundary: one model family (a denoiser with its encoders, VAE and LoRA).
 
     Implementations: `mosaic_kit.models.MosaicFluxFamily` (FLUX.1, multi-branch references, as
-    released) and ``Flux2Family`` (FLUX.2, references in the target's sequence). A new family
-    subclasses this and implements the abstract methods; the trainer, the pipelines and the
-    evaluation then work unchanged. See the module docstring for an example.
+    released) and `mosaic_kit.models.Flux2Family` (FLUX.2, references in the target's
+    sequence); the registry (`mosaic_kit.pipelines.registry`) names them. A new family
+    subclasses this, implements the abstract methods (the model-specific steps: ``_encode_batch``,
+    ``_model_kwargs``, ``_decode``, the LoRA, ``sample``, the builders ``tiny`` and
+    ``from_pretrained``) and registers itself; the trainer, the pipelines and the evaluation then
+    work unchanged. See the module docstring for an example.
+
+    The contract every family shares is checked here, once, before the model-specific step runs
+    (`encode_batch`, `model_kwargs` and so `forward`, `decode`): images ``(B, 3, H, W)`` float in
+    ``[0, 1]`` with sizes multiples of `pixels_per_token`, references ``(B, K, 3, h, w)`` with at
+    most `max_references`, B captions, noisy latents ``(B, N_tgt, C)`` of the encoded batch, a
+    ``(B,)`` floating timestep in ``[0, 1]``, a guidance number or ``(B,)`` tensor. Bad input
+    raises ``ValueError`` naming the argument, what was expected and what arrived.
 
     Attributes:
-        name: a short name of the family (``"flux1"``, ...).
+        name: the family's registry name (``"flux1"``, ...).
+        config_extras: the `mosaic_kit.training.ModelConfig` fields the family's builders take
+            as options beyond the common ones (base, seed, tiny overrides, pixel space).
+        default_guidance_scale: the guidance `sample` uses when none is given.
+        max_references: the most references a sample may have (None: no limit).
     """
 
     name: ClassVar[str] = ""
+    config_extras: ClassVar[tuple[str, ...]] = ()
+    default_guidance_scale: ClassVar[float] = 3.5
+    max_references: ClassVar[int | None] = None
 
     pipe: Any = None
     """The diffusers pipeline whose encoders, VAE and scheduler a family built on one uses (None
     otherwise; such a family overrides `vae_scale_factor` and `device`)."""
+
+    # -- building ----------------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def tiny(cls, seed: int = 0, transformer_overrides: dict | None = None, pixel_space: int | None = None,
+             **options: Any) -> ModelFamily:
+        """The family over tiny random components built in code (tests, CPU runs; no downloads).
+
+        Args:
+            seed: seed of the random weights.
+            transformer_overrides: transformer config entries to change.
+            pixel_space: pixel space with this factor instead of a random autoencoder, or None.
+            **options: the family's constructor options (e.g. its `config_extras`).
+        """
+
+    @classmethod
+    @abc.abstractmethod
+    def from_pretrained(cls, base: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                        **options: Any) -> ModelFamily:
+        """The family over a pretrained pipeline (a hub id or a local folder)."""
 
     # -- what the callers hold ---------------------------------------------------------------------
     @property
@@ -167,6 +213,11 @@ class ModelFamily(abc.ABC):
     def model(self) -> nn.Module:
         """The module whose forward is the denoiser (what an accelerator wraps). Called with
         ``model(**model_kwargs(...), capture=...)``."""
+
+    @property
+    @abc.abstractmethod
+    def transformer(self) -> nn.Module:
+        """The stock diffusers transformer holding the trained weights (and the LoRA)."""
 
     @property
     def vae_scale_factor(self) -> int:
@@ -197,6 +248,24 @@ class ModelFamily(abc.ABC):
         """Pixels per token side: image sizes must be multiples of it."""
         return self.vae_scale_factor * self.patch_size
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelFamily:
+        """Moves the pipeline's modules (and casts them to ``dtype`` when given); returns self."""
+        if self.pipe is None:
+            raise NotImplementedError(f"{type(self).__name__} holds no pipeline: override `to`.")
+        if dtype is None:
+            self.pipe.to(device)
+        else:
+            self.pipe.to(device, dtype)
+        return self
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The modules that never train (encoders, VAE): the pipeline's modules other than the
+        transformer. `set_trainable` freezes them and puts them in eval mode."""
+        if self.pipe is None:
+            return []
+        components = getattr(self.pipe, "components", {})
+        return [m for m in components.values() if isinstance(m, nn.Module) and m is not self.transformer]
+
     # -- encoding ----------------------------------------------------------------------------------
     def token_layout(
         self, target_size: tuple[int, int], reference_sizes: Sequence[tuple[int, int]]
@@ -222,9 +291,55 @@ class ModelFamily(abc.ABC):
             tuple(grid(f"reference_sizes[{k}]", size) for k, size in enumerate(reference_sizes)),
         )
 
-    @abc.abstractmethod
+    def check_encode_inputs(self, targets: Any, prompts: Any, references: Any = None, names: tuple[str, str, str] = (
+            "targets", "prompts", "references")) -> None:
+        """The contract of what gets encoded (every family's `encode_batch` runs it first).
+
+        Args:
+            targets: ``(B, 3, H, W)`` float in ``[0, 1]``, H and W multiples of `pixels_per_token`
+                (None when encoding for inference: B is then the number of prompts).
+            prompts: B strings.
+            references: ``(B, K, 3, h, w)`` float in ``[0, 1]`` (h and w multiples of
+                `pixels_per_token`, K at most `max_references`), or None.
+            names: the three arguments' names in the messages.
+
+        Raises:
+            ValueError: naming the argument, what was expected and what arrived.
+        """
+        target_name, prompt_name, reference_name = names
+        unit = self.pixels_per_token
+        if targets is None:  # inference: the batch is the prompts'
+            if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+                raise ValueError(f"Expected `{prompt_name}` to be a non-empty list of strings, but got {prompts!r}.")
+            b = len(prompts)
+        else:
+            check_images(targets, target_name)
+            b = targets.shape[0]
+            if targets.shape[-2] % unit or targets.shape[-1] % unit:
+                raise ValueError(f"Expected `{target_name}` with H and W multiples of {unit}, but got "
+                                 f"{tuple(targets.shape[-2:])}.")
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) != b \
+                or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"Expected `{prompt_name}` to be {b} strings (one per target), but got {prompts!r}.")
+        if references is None:
+            return
+        if not isinstance(references, torch.Tensor) or references.ndim != 5 or references.shape[0] != b \
+                or references.shape[2] != 3:
+            got = tuple(references.shape) if isinstance(references, torch.Tensor) else type(references).__name__
+            raise ValueError(f"Expected `{reference_name}` of shape ({b}, K, 3, h, w), but got {got}.")
+        k = references.shape[1]
+        if self.max_references is not None and k > self.max_references:
+            raise ValueError(f"Expected at most {self.max_references} references per sample in `{reference_name}`, "
+                             f"but got {k}.")
+        if k:
+            check_images(references.flatten(0, 1), reference_name)
+            if references.shape[-2] % unit or references.shape[-1] % unit:
+                raise ValueError(f"Expected `{reference_name}` with h and w multiples of {unit}, but got "
+                                 f"{tuple(references.shape[-2:])}.")
+
     def encode_batch(self, batch: Any) -> ModelInputs:
-        """Encodes a training or evaluation batch (frozen encoders, no gradients).
+        """Encodes a training or evaluation batch (frozen encoders, no gradients), after checking
+        it against the contract (`check_encode_inputs`).
 
         Args:
             batch: anything with ``targets`` ``(B, 3, H, W)`` and ``references`` ``(B, K, 3, h, w)``
@@ -233,13 +348,37 @@ class ModelFamily(abc.ABC):
 
         Returns:
             `ModelInputs` with the clean packed target latents.
+
+        Raises:
+            ValueError: ``batch`` lacks one of the three, or one breaks the contract.
         """
+        missing = [name for name in ("targets", "references", "captions") if not hasattr(batch, name)]
+        if missing:
+            raise ValueError(f"Expected `batch` with `targets`, `references` and `captions` (a MosaicBatch), but "
+                             f"got {type(batch).__name__} without {missing}.")
+        self.check_encode_inputs(batch.targets, batch.captions, batch.references,
+                          ("batch.targets", "batch.captions", "batch.references"))
+        return self._encode_batch(batch)
+
+    @abc.abstractmethod
+    def _encode_batch(self, batch: Any) -> ModelInputs:
+        """The model-specific encoding of a checked batch (see `encode_batch`)."""
 
     # -- noising -----------------------------------------------------------------------------------
     def shift_mu(self, layout: TokenLayout) -> float | None:
-        """The resolution shift ``μ`` of the training noise levels for ``layout``'s target (None:
-        no shift, the default)."""
-        return None
+        """The resolution shift ``μ`` of the training noise levels for ``layout``'s target:
+        `resolution_shift_mu` with the pipeline's scheduler settings (None without a pipeline).
+
+        Example:
+            >>> from mosaic_kit.models import Flux2Family
+            >>> family = Flux2Family.tiny()
+            >>> round(family.shift_mu(family.token_layout((256, 256), [])), 3)  # 256 tokens
+            0.5
+        """
+        if self.pipe is None:
+            return None
+        scheduler = getattr(self.pipe, "scheduler", None)
+        return resolution_shift_mu(layout.target_grid.num_tokens, getattr(scheduler, "config", None))
 
     def sample_sigmas(
         self, batch: int, generator: torch.Generator, layout: TokenLayout | None,
@@ -287,13 +426,58 @@ class ModelFamily(abc.ABC):
         return (1 - sigmas) * latents + sigmas * noise
 
     # -- the forward -------------------------------------------------------------------------------
-    @abc.abstractmethod
     def model_kwargs(
         self, inputs: ModelInputs, noisy: torch.Tensor, timestep: torch.Tensor,
         guidance: float | torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """The keyword arguments of ``model(...)`` (without ``capture``) for noisy latents at
-        ``timestep`` (``(B,)`` flow-matching time in ``[0, 1]``), cast to the model's dtype."""
+        ``timestep``, cast to the model's dtype, after checking the contract.
+
+        Args:
+            inputs: from `encode_batch` (or a family's inference encoding).
+            noisy: ``(B, N_tgt, C)`` floating noisy packed target latents (B: ``inputs.batch_size``).
+            timestep: ``(B,)`` floating flow-matching time in ``[0, 1]``.
+            guidance: a finite number or a ``(B,)`` floating tensor, or None.
+
+        Raises:
+            ValueError: naming the argument, what was expected and what arrived.
+        """
+        if not isinstance(inputs, ModelInputs):
+            raise ValueError(f"Expected `inputs` to be ModelInputs (from `encode_batch`), but got {type(inputs).__name__}.")
+        n_tgt, channels = inputs.layout.target_grid.num_tokens, self.token_channels
+        b = inputs.batch_size
+        if not isinstance(noisy, torch.Tensor) or noisy.ndim != 3 or noisy.shape[1:] != (n_tgt, channels) \
+                or (b is not None and noisy.shape[0] != b):
+            got = tuple(noisy.shape) if isinstance(noisy, torch.Tensor) else type(noisy).__name__
+            raise ValueError(f"Expected `noisy` of shape ({'B' if b is None else b}, {n_tgt}, {channels}), but got {got}.")
+        if not noisy.is_floating_point():
+            raise ValueError(f"Expected `noisy` with a floating dtype, but got {noisy.dtype}.")
+        b = noisy.shape[0]
+        if not isinstance(timestep, torch.Tensor) or tuple(timestep.shape) != (b,):
+            got = tuple(timestep.shape) if isinstance(timestep, torch.Tensor) else type(timestep).__name__
+            raise ValueError(f"Expected `timestep` of shape ({b},) (one flow-matching time in [0, 1] per sample), "
+                             f"but got {got}.")
+        if not timestep.is_floating_point():
+            raise ValueError(f"Expected `timestep` with a floating dtype (time in [0, 1]), but got {timestep.dtype}.")
+        low, high = timestep.aminmax()
+        if not (bool(low >= 0) and bool(high <= 1)):  # written so that NaN fails too
+            raise ValueError(f"Expected `timestep` with values in [0, 1] (flow-matching time, not the scheduler's "
+                             f"0…1000), but got values in [{float(low):.4g}, {float(high):.4g}].")
+        if isinstance(guidance, torch.Tensor):
+            if tuple(guidance.shape) != (b,) or not guidance.is_floating_point():
+                raise ValueError(f"Expected a `guidance` tensor of shape ({b},) and a floating dtype, but got "
+                                 f"{tuple(guidance.shape)} {guidance.dtype}.")
+        elif guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                       or not math.isfinite(guidance)):
+            raise ValueError(f"Expected `guidance` to be a finite number, a ({b},) tensor or None, but got {guidance!r}.")
+        return self._model_kwargs(inputs, noisy, timestep, guidance)
+
+    @abc.abstractmethod
+    def _model_kwargs(
+        self, inputs: ModelInputs, noisy: torch.Tensor, timestep: torch.Tensor,
+        guidance: float | torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """The model-specific keyword arguments for checked inputs (see `model_kwargs`)."""
 
     def forward(
         self, inputs: ModelInputs, noisy: torch.Tensor, timestep: torch.Tensor,
@@ -312,43 +496,152 @@ class ModelFamily(abc.ABC):
 
         Returns:
             ``(B, N_tgt, C)`` the prediction (velocity).
+
+        Raises:
+            ValueError: an input breaks the contract (`model_kwargs`).
         """
         return self.model(**self.model_kwargs(inputs, noisy, timestep, guidance), capture=capture)
 
     # -- trainable parameters and the LoRA -----------------------------------------------------------
     @abc.abstractmethod
-    def add_lora(self, rank: int, alpha: float | None = None) -> None:
-        """Adds a fresh reference LoRA (base weights frozen)."""
+    def add_lora(self, rank: int, alpha: float | None = None) -> Any:
+        """Adds a fresh LoRA (base weights frozen)."""
 
     @abc.abstractmethod
     def trainable_parameters(self, trainable: str = "lora") -> list[nn.Parameter]:
         """The parameters that train for ``trainable`` (one of `TRAINABLE`), in a fixed order."""
 
     def set_trainable(self, trainable: str = "lora") -> list[nn.Parameter]:
-        """Marks exactly `trainable_parameters(trainable)` as requiring gradients.
+        """Marks exactly `trainable_parameters(trainable)` as requiring gradients; the
+        `frozen_modules` are frozen and put in eval mode.
 
         Returns:
             Those parameters.
         """
         chosen = self.trainable_parameters(trainable)
+        for module in self.frozen_modules():
+            module.requires_grad_(False).eval()
         ids = {id(p) for p in chosen}
         for param in self.model.parameters():
             param.requires_grad_(id(param) in ids)
         return chosen
 
     @abc.abstractmethod
-    def save_lora(self, path: str | os.PathLike) -> Path:
-        """Writes the reference LoRA file (atomically); returns the path."""
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        """The LoRA's parameters by their key in diffusers' LoRA layout
+        (``transformer.<module>.lora_A.weight``, ``….lora_B.weight``): raw values, what a training
+        checkpoint saves and restores exactly (`load_lora_values`)."""
+
+    def load_lora_values(self, state: dict[str, torch.Tensor], copy: Any = None) -> None:
+        """Copies raw LoRA values (keys of `lora_parameters`) into the current LoRA, in place (the
+        optimiser keeps its references): what resuming a training run does.
+
+        Args:
+            state: key → tensor, exactly the keys of `lora_parameters`.
+            copy: ``copy(parameter, value)`` (default ``parameter.copy_(value)``; sharded
+                parameters need their own).
+
+        Raises:
+            ValueError: the keys or shapes differ from the LoRA's.
+        """
+        params = self.lora_parameters()
+        if set(state) != set(params):
+            extra, missing = sorted(set(state) - set(params)), sorted(set(params) - set(state))
+            raise ValueError(f"Expected the LoRA's {len(params)} keys, but got {len(extra)} unexpected (e.g. "
+                             f"{extra[:2]}) and {len(missing)} missing (e.g. {missing[:2]}).")
+        with torch.no_grad():
+            for key, value in state.items():
+                if copy is None:
+                    if value.shape != params[key].shape:
+                        raise ValueError(f"Expected {key!r} of shape {tuple(params[key].shape)}, but got "
+                                         f"{tuple(value.shape)}.")
+                    params[key].copy_(value.to(params[key]))
+                else:
+                    copy(params[key], value)
+
+    @abc.abstractmethod
+    def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Writes the family's LoRA file (atomically; the one writer of the family's format), the
+        file its pipeline loads; returns the path.
+
+        Args:
+            path: the file (or a folder, where the family names the file).
+            state_dict: raw LoRA values keyed as `lora_parameters` (e.g. gathered from FSDP
+                shards) to write instead of the model's own.
+        """
 
     @abc.abstractmethod
     def load_lora(self, path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor], partial: bool = False) -> None:
-        """Loads a reference LoRA file (or state dict), checked, replacing the current one."""
+        """Loads a LoRA file (or state dict) of the family's format, checked, replacing the current one."""
+
+    # -- sampling ----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def sample(self, prompt: str, references: Sequence[Any], height: int, width: int, num_inference_steps: int,
+               generator: torch.Generator | None = None, guidance_scale: float | None = None,
+               **options: Any) -> Any:
+        """One image from the family's pipeline (the LoRA as loaded): what a user gets, for
+        validation sheets, inference and evaluation.
+
+        Args:
+            prompt: the prompt.
+            references: PIL images, already preprocessed (each is given to the pipeline as it is).
+            height: image height in pixels (a multiple of `pixels_per_token`).
+            width: image width in pixels.
+            num_inference_steps: denoising steps.
+            generator: the noise generator.
+            guidance_scale: None: `default_guidance_scale`.
+            **options: family-specific sampling options (unknown ones raise ``TypeError``).
+
+        Returns:
+            A PIL image.
+        """
 
     # -- decoding ----------------------------------------------------------------------------------
-    @abc.abstractmethod
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Packed latents ``(B, N_tgt, C)`` of a ``height × width`` image → ``(B, 3, H, W)``
-        float32 images in ``[0, 1]``."""
+        float32 images in ``[0, 1]``, after checking the sizes and the latents' shape.
+
+        Raises:
+            ValueError: a size that is not a positive multiple of `pixels_per_token`, or latents of
+                another shape than ``(B, N_tgt, C)``.
+        """
+        n_tgt = self.token_layout((height, width), ()).target_grid.num_tokens
+        channels = self.token_channels
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 3 or latents.shape[1:] != (n_tgt, channels) \
+                or not latents.is_floating_point():
+            got = f"{tuple(latents.shape)} {latents.dtype}" if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"Expected floating `latents` of shape (B, {n_tgt}, {channels}) for a {height}×{width} "
+                             f"image, but got {got}.")
+        return self._decode(latents, height, width)
+
+    @abc.abstractmethod
+    def _decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The model-specific decoding of checked latents (see `decode`)."""
+
+
+def resolution_shift_mu(image_seq_len: int, scheduler_config: Any = None) -> float:
+    """The resolution shift ``μ`` of FLUX-style flow matching, linear in the target's token count:
+    diffusers' ``calculate_shift`` with the scheduler's ``base_image_seq_len``,
+    ``max_image_seq_len``, ``base_shift`` and ``max_shift`` (defaults 256, 4096, 0.5, 1.15: FLUX's).
+    The one place the shift is computed (training noise levels and the samplers).
+
+    Args:
+        image_seq_len: target tokens.
+        scheduler_config: a scheduler's config (a mapping), or None for the defaults.
+
+    Returns:
+        ``μ``.
+
+    Example:
+        >>> round(resolution_shift_mu(256), 3), round(resolution_shift_mu(4096), 3)
+        (0.5, 1.15)
+    """
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = scheduler_config or {}
+    return float(calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                 config.get("max_shift", 1.15)))
 
 
 def logit_normal_sigmas(

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import FluxPipeline
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 from diffusers.utils import BaseOutput
 from PIL import Image
 
 from ..data import open_image, to_rgb
-from ..models import MosaicFluxFamily, MosaicFluxTransformer, load_reference_lora
+from ..models import MosaicFluxFamily, MosaicFluxTransformer, load_reference_lora, resolution_shift_mu
 from ..utils.finite import check_finite
 from ..utils.images import tensor_to_pil
 
@@ -267,6 +267,7 @@ class MosaicFluxPipeline(FluxPipeline):
         max_sequence_length: int = 512,
         latents: torch.Tensor | None = None,
         progress: bool = True,
+        fit_references: bool = True,
     ) -> MosaicFluxPipelineOutput:
         """Generates images of the prompt with the referenced subjects.
 
@@ -291,6 +292,9 @@ class MosaicFluxPipeline(FluxPipeline):
             latents: optional initial packed latents, ``(num_images_per_prompt, (height/16)·(width/16),
                 C_in)``, finite.
             progress: show a progress bar.
+            fit_references: fit each reference on white into the ``ref_size`` square (the released
+                preprocessing); False: the references are already ``ref_size`` squares and are
+                used as they are (`mosaic_kit.models.MosaicFluxFamily.sample`).
 
         Returns:
             `MosaicFluxPipelineOutput` with the images and the preprocessed references.
@@ -298,7 +302,14 @@ class MosaicFluxPipeline(FluxPipeline):
         self._check_call(prompt, reference_images, height, width, ref_size, num_inference_steps, guidance_scale,
                          output_type, reference_guidance, use_reference_cache, num_images_per_prompt,
                          max_sequence_length, latents, progress)
-        references = [fit_on_white(load_reference_image(img, k), ref_size) for k, img in enumerate(reference_images)]
+        if not isinstance(fit_references, bool):
+            raise ValueError(f"Expected `fit_references` to be a bool, but got {fit_references!r}.")
+        references = [load_reference_image(img, k) for k, img in enumerate(reference_images)]
+        if fit_references:
+            references = [fit_on_white(image, ref_size) for image in references]
+        elif any(image.size != (ref_size, ref_size) for image in references):
+            raise ValueError(f"Expected `reference_images` of {ref_size}×{ref_size} with fit_references=False, but got "
+                             f"sizes {[image.size for image in references]}.")
         adapters = getattr(self.transformer, "peft_config", {})
         if self.reference_adapter in adapters and self.reference_adapter not in self.transformer.active_adapters():
             warnings.warn(
@@ -321,11 +332,7 @@ class MosaicFluxPipeline(FluxPipeline):
             batch, family.token_channels // 4, height, width, family.dtype, device, generator, latents
         )
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        config = self.scheduler.config
-        mu = calculate_shift(
-            target.shape[1], config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5), config.get("max_shift", 1.15),
-        )
+        mu = resolution_shift_mu(target.shape[1], self.scheduler.config)
         timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
         if use_reference_cache:
             inputs = family.cache_references(inputs, guidance=guidance_scale)

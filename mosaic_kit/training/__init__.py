@@ -4,21 +4,24 @@
   overrides, validated.
 - `MosaicTrainer` (``trainer``): the accelerate training loop with exact resume;
   `NonFiniteTrainingError` when a loss term or the gradient norm goes NaN or inf.
-- ``checkpointing``: what a trainer checkpoint holds, `save_training_checkpoint`,
-  `load_training_checkpoint`, `load_reference_lora_values`, the file names (`LORA_FILE`, ...).
+- ``checkpointing``: what a trainer checkpoint holds, `TrainingState` (the narrow view of a run it
+  saves and restores), `save_training_checkpoint`, `load_training_checkpoint`, the file names
+  (`LORA_FILE`, ...).
+- ``validation``: `Validator`, the validation sheets (samples from the family's own pipeline and
+  the attention of each reference's points).
 - ``fsdp``: FSDP2 with every ``nn.Linear`` its own unit (`shard_linear_units`; the ``fsdp`` setting
   or ``recipes/accelerate/fsdp.yaml``), LoRA-only checkpoints that resume exactly.
 - ``distributed``: `final_barrier` (ends a run so that torch's gloo teardown cannot deadlock).
 - ``datasets``: `build_dataset`, the data set a config names (the trainer builds its loader around it).
-- Checkpoints that cannot lie: `write_checkpoint_digest`, `verify_checkpoint`,
+- Checkpoints that cannot lie (``checkpoint_folders``): `write_checkpoint_digest`, `verify_checkpoint`,
   `latest_intact_checkpoint`, `list_checkpoints`, `publish_checkpoint`, `remove_checkpoint`,
   `clean_stale_checkpoints`, `CheckpointError` (see ``docs/reliability.md``).
-- ``timesteps``: `sample_sigmas`, `flux_shift_mu`: flow-matching timesteps (diffusers' logit-normal
-  density and ``calculate_shift``).
+- The training noise levels come from the model family (`mosaic_kit.models.ModelFamily.sample_sigmas`,
+  one sampler with one resolution shift, `mosaic_kit.models.resolution_shift_mu`).
 - `plot_loss_curves` lives in `mosaic_kit.reporting` (importable here too).
 """
 
-from .checkpoints import (
+from .checkpoint_folders import (
     CHECKPOINT_PREFIX,
     DIGEST_FILE,
     CheckpointError,
@@ -37,7 +40,7 @@ from .checkpointing import (
     TRAINABLE_FILE,
     TRAINER_STATE_FILE,
     NonFiniteTrainingError,
-    load_reference_lora_values,
+    TrainingState,
     load_training_checkpoint,
     save_training_checkpoint,
 )
@@ -61,8 +64,8 @@ from ..reporting.training import plot_loss_curves
 from .datasets import build_dataset
 from .distributed import final_barrier
 from .fsdp import FSDP_OPTIMIZER_FILE, shard_linear_units
-from .timesteps import flux_shift_mu, sample_sigmas
 from .trainer import MosaicTrainer, TrainingForward
+from .validation import Validator
 
 __all__ = [
     "CHECKPOINT_PREFIX",
@@ -80,7 +83,8 @@ __all__ = [
     "TRAINABLE_FILE",
     "TRAINER_STATE_FILE",
     "TrainingForward",
-    "load_reference_lora_values",
+    "TrainingState",
+    "Validator",
     "load_training_checkpoint",
     "save_training_checkpoint",
     "clean_stale_checkpoints",
@@ -103,8 +107,6 @@ __all__ = [
     "build_dataset",
     "config_from_dict",
     "config_to_dict",
-    "flux_shift_mu",
     "load_config",
     "plot_loss_curves",
-    "sample_sigmas",
 ]

@@ -1,14 +1,18 @@
 """The trainer's checkpoints: what a ``checkpoints/step-N`` folder holds, how it is written so that
-it cannot lie (`mosaic_kit.training.checkpoints`: temporary folder, digest last, rename) and how
-a run resumes from it exactly.
+it cannot lie (`mosaic_kit.training.checkpoint_folders`: temporary folder, digest last, rename) and
+how a run resumes from it exactly.
 
-A checkpoint holds the trainable weights only (the reference LoRA, or every transformer weight
-with ``model.trainable: all``), never the frozen base model, under DDP, DeepSpeed and FSDP alike:
+A checkpoint holds the trainable weights only (the LoRA, or every transformer weight with
+``model.trainable: all``), never the frozen base model, under DDP, DeepSpeed and FSDP alike:
 the optimiser, LR schedule and RNG states of every process (accelerate's ``save_state``), the
-LoRA for inference (``pytorch_lora_weights.safetensors``, alpha/rank folded in) and for resume
-(``lora_parameters.safetensors``), the EMA, the data position and generators of every process
-(``trainer_rank{r}.pt``) and the logged history (``trainer_state.json``); under FSDP the
+LoRA file for inference (``pytorch_lora_weights.safetensors``, written by the family's one
+writer, ``family.save_lora``) and the raw LoRA values for resume (``lora_parameters.safetensors``,
+keyed as ``family.lora_parameters()``), the EMA, the data position and generators of every
+process (``trainer_rank{r}.pt``) and the logged history (``trainer_state.json``); under FSDP the
 optimiser state is gathered into ``fsdp_optimizer.pt`` (`mosaic_kit.training.fsdp`).
+
+Saving and resuming see only a `TrainingState`: the accelerator, the model family, the wrapped
+module, the optimiser, the EMA, the generators and the loader (never the trainer).
 """
 
 from __future__ import annotations
@@ -18,16 +22,16 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from .. import check_finite
+from ..models import ModelFamily, write_lora_file
 from ..utils.atomic import write_text_atomic
-from ..models import reference_lora_state_dict, save_reference_lora, write_lora_file
-from .fsdp import FSDP_OPTIMIZER_FILE, copy_into, full_state, load_optimizer, save_optimizer
-from .checkpoints import (
+from .checkpoint_folders import (
     CHECKPOINT_PREFIX,
     CheckpointError,
     latest_intact_checkpoint,
@@ -37,11 +41,7 @@ from .checkpoints import (
     verify_checkpoint,
     write_checkpoint_digest,
 )
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from .trainer import MosaicTrainer
+from .fsdp import FSDP_OPTIMIZER_FILE, copy_into, full_state, load_optimizer, save_optimizer
 
 log = logging.getLogger("mosaic_kit.training")
 
@@ -51,6 +51,82 @@ EMA_LORA_FILE = "ema_lora_weights.safetensors"
 RAW_LORA_FILE = "lora_parameters.safetensors"
 TRAINABLE_FILE = "trainable_parameters.safetensors"
 """With ``model.trainable: all``: every trainable transformer weight, by parameter name."""
+
+
+@dataclass
+class TrainingState:
+    """What checkpointing saves and restores: a narrow view of a training run.
+
+    Attributes:
+        accelerator: the run's ``accelerate.Accelerator``.
+        output_dir: the run folder (checkpoints go to ``output_dir/checkpoints``).
+        family: the `mosaic_kit.models.ModelFamily` (its LoRA file writer and LoRA parameters).
+        model: the module the accelerator wraps (FSDP: its optimiser state).
+        optimizer: the optimiser.
+        ema: diffusers' ``EMAModel`` of the trainable parameters, or None.
+        trainable_parameters: the parameters that train (the EMA's order).
+        generators: ``(noise, dropout)`` generators of each micro-batch slot of this process.
+        loader: the resumable loader (``state_dict``/``load_state_dict``).
+        trainable: ``"lora"`` or ``"all"`` (the latter also saves every trainable weight).
+        keep_checkpoints: how many checkpoints to keep.
+        fsdp: whether the model is sharded with FSDP2.
+    """
+
+    accelerator: Any
+    output_dir: Path
+    family: ModelFamily
+    model: Any
+    optimizer: Any
+    ema: Any
+    trainable_parameters: list
+    generators: list
+    loader: Any
+    trainable: str = "lora"
+    keep_checkpoints: int = 2
+    fsdp: bool = False
+
+    def rank_state_dict(self) -> dict:
+        """This process's data position and generators (``trainer_rank{r}.pt`` of a checkpoint)."""
+        (generator, dropout), *more = self.generators
+        state = {"generator": generator.get_state(), "dropout_generator": dropout.get_state(),
+                 "loader": self.loader.state_dict()}
+        if more:  # the generators of micro-batches 2.. (gradient accumulation)
+            state["micro_batch_generators"] = [[g.get_state(), d.get_state()] for g, d in more]
+        return state
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        """Restores what `rank_state_dict` returned."""
+        (generator, dropout), *more = self.generators
+        generator.set_state(state["generator"])
+        dropout.set_state(state["dropout_generator"])
+        if more:
+            saved = state["micro_batch_generators"]
+            if len(saved) != len(more):
+                raise ValueError(f"expected generators of {len(more) + 1} micro-batches, but got {len(saved) + 1}")
+            for (g, d), (g_state, d_state) in zip(more, saved):
+                g.set_state(g_state.clone())  # its own storage: set_state reads from the storage's start
+                d.set_state(d_state.clone())
+        self.loader.load_state_dict(state["loader"])
+
+    def lora_values(self) -> dict[str, torch.Tensor]:
+        """The raw LoRA values keyed as ``family.lora_parameters()`` (FSDP: gathered on every process)."""
+        values = {key: param.detach() for key, param in self.family.lora_parameters().items()}
+        return full_state(values) if self.fsdp else values
+
+    def save_lora(self, path: Path, values: dict[str, torch.Tensor] | None = None) -> None:
+        """The family's LoRA file (its one writer) of the current weights (FSDP: of ``values``,
+        gathered by every process before the main one writes)."""
+        self.family.save_lora(path, state_dict=values if self.fsdp else None)
+
+    def save_ema_lora(self, path: Path) -> None:
+        """The family's LoRA file of the EMA weights (the live weights are restored after)."""
+        params = self.trainable_parameters
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            self.family.save_lora(path)
+        finally:
+            self.ema.restore(params)
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -84,31 +160,6 @@ def _load_checkpoint_file(folder: Path, name: str, load: Callable[[Path], object
         raise CheckpointError(folder, name, f"cannot be loaded ({type(error).__name__}: {error})") from error
 
 
-def load_reference_lora_values(transformer: nn.Module, path: Path) -> None:
-    """Copies LoRA tensors from a file into the existing adapter (keeps optimiser references).
-
-    Args:
-        transformer: the transformer holding the reference LoRA.
-        path: a file written by ``write_lora_file(reference_lora_state_dict(transformer), path)``.
-
-    Raises:
-        ValueError: when the file's keys are not the model's.
-    """
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    current = reference_lora_state_dict(transformer)
-    if set(state) != set(current):
-        raise ValueError(f"Expected the checkpoint's LoRA keys to match the model's, but {path} differs.")
-    params = dict(transformer.named_parameters())
-    with torch.no_grad():
-        for key, value in state.items():
-            module, part = key[len("transformer."):].rsplit(".lora_", 1)
-            ab = part.split(".")[0]
-            name = f"{module}.lora_{ab}.mosaic.weight"
-            copy_into(params[name], value)
-
-
 def _save_trainable_values(transformer, path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -128,34 +179,37 @@ def _load_trainable_values(transformer, path: Path) -> None:
             params[name].copy_(value.to(params[name].dtype))
 
 
-def check_state_finite(trainer) -> None:
+def check_state_finite(state: TrainingState, step: int) -> None:
     """Raises `NonFiniteTrainingError` when a trainable weight (or its EMA) is NaN or inf."""
-    trainable = {name: param.detach() for name, param in trainer._transformer().named_parameters() if param.requires_grad}
+    trainable = {name: param.detach() for name, param in state.family.transformer.named_parameters()
+                 if param.requires_grad}
     for name, param in full_state(trainable).items():  # FSDP: gathered on every process
         try:
             check_finite(name, param, force=True)
         except ValueError as error:
             raise NonFiniteTrainingError(
-                f"Refusing to save a checkpoint at step {trainer.step}: {error} The last saved checkpoint "
+                f"Refusing to save a checkpoint at step {step}: {error} The last saved checkpoint "
                 f"is left as it was.") from error
-    if trainer.ema is not None:
-        for index, shadow in enumerate(trainer.ema.shadow_params):
+    if state.ema is not None:
+        for index, shadow in enumerate(state.ema.shadow_params):
             try:
                 check_finite(f"EMA shadow parameter {index}", shadow, force=True)
             except ValueError as error:
                 raise NonFiniteTrainingError(
-                    f"Refusing to save a checkpoint at step {trainer.step}: {error} The last saved checkpoint "
+                    f"Refusing to save a checkpoint at step {step}: {error} The last saved checkpoint "
                     f"is left as it was.") from error
 
 
-def save_training_checkpoint(trainer: MosaicTrainer) -> Path:
-    """Writes ``checkpoints/step-N`` of a `MosaicTrainer` (what `MosaicTrainer.save_checkpoint` runs):
-    every process writes its own files into ``checkpoints/.tmp-step-N``, process 0 the LoRA files,
-    the EMA and the history, then the digest (last) and renames the folder; old checkpoints beyond
+def save_training_checkpoint(state: TrainingState, step: int, history: list[dict]) -> Path:
+    """Writes ``checkpoints/step-N`` (what `MosaicTrainer.save_checkpoint` runs): every process
+    writes its own files into ``checkpoints/.tmp-step-N``, process 0 the LoRA files, the EMA and
+    the history, then the digest (last) and renames the folder; old checkpoints beyond
     ``keep_checkpoints`` are removed. Every process calls it.
 
     Args:
-        trainer: a set-up `MosaicTrainer` (its ``step`` names the folder).
+        state: the run's `TrainingState`.
+        step: the optimisation steps taken (names the folder).
+        history: the logged records so far.
 
     Returns:
         The published folder ``checkpoints/step-N``.
@@ -163,11 +217,11 @@ def save_training_checkpoint(trainer: MosaicTrainer) -> Path:
     Raises:
         NonFiniteTrainingError: a trainable weight or its EMA is NaN or inf (nothing is written).
     """
-    acc = trainer.accelerator
-    root = trainer.output_dir / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{trainer.step:07d}"
-    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{trainer.step:07d}"
-    check_state_finite(trainer)
+    acc = state.accelerator
+    root = state.output_dir / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
+    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step:07d}"
+    check_state_finite(state, step)
     if acc.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # left by a crash while saving this step
@@ -179,57 +233,53 @@ def save_training_checkpoint(trainer: MosaicTrainer) -> Path:
 
     extra = {"exclude_frozen_parameters": True} if acc.distributed_type == DistributedType.DEEPSPEED else {}
     acc.save_state(str(tmp), safe_serialization=True, **extra)
-    rank = acc.process_index
-    torch.save(trainer.rank_state_dict(), tmp / f"trainer_rank{rank}.pt")
-    transformer = trainer._transformer()
-    if trainer.fsdp:  # every process gathers the LoRA (and the optimiser state); process 0 writes
-        gathered = {scaled: full_state(reference_lora_state_dict(transformer, scaled=scaled)) for scaled in (True, False)}
-        save_optimizer(acc.unwrap_model(trainer.model), trainer.optimizer, tmp / FSDP_OPTIMIZER_FILE, acc.is_main_process)
-    if acc.is_main_process and trainer.fsdp:
-        write_lora_file(gathered[True], tmp / LORA_FILE)
-        write_lora_file(gathered[False], tmp / RAW_LORA_FILE)
-    elif acc.is_main_process:
-        save_reference_lora(transformer, tmp / LORA_FILE)  # for inference (alpha/rank folded in)
-        write_lora_file(reference_lora_state_dict(transformer), tmp / RAW_LORA_FILE)  # for resume
-        if trainer.config.model.trainable == "all":
-            _save_trainable_values(transformer, tmp / TRAINABLE_FILE)
-        if trainer.ema is not None:
-            torch.save(trainer.ema.state_dict(), tmp / "ema.pt")
-            trainer._save_ema_lora(tmp / EMA_LORA_FILE)
+    torch.save(state.rank_state_dict(), tmp / f"trainer_rank{acc.process_index}.pt")
+    raw = state.lora_values()  # FSDP: every process gathers the LoRA (and the optimiser state)
+    if state.fsdp:
+        save_optimizer(acc.unwrap_model(state.model), state.optimizer, tmp / FSDP_OPTIMIZER_FILE, acc.is_main_process)
+    if acc.is_main_process:
+        state.save_lora(tmp / LORA_FILE, raw)  # for inference: the family's own file
+        write_lora_file(raw, tmp / RAW_LORA_FILE)  # for resume: the raw values
+        if not state.fsdp:
+            if state.trainable == "all":
+                _save_trainable_values(state.family.transformer, tmp / TRAINABLE_FILE)
+            if state.ema is not None:
+                torch.save(state.ema.state_dict(), tmp / "ema.pt")
+                state.save_ema_lora(tmp / EMA_LORA_FILE)
     acc.wait_for_everyone()
     if acc.is_main_process:
         with open(tmp / TRAINER_STATE_FILE, "w") as handle:
-            json.dump({"step": trainer.step, "processes": acc.num_processes, "history": trainer.history}, handle)
+            json.dump({"step": step, "processes": acc.num_processes, "history": history}, handle)
         write_checkpoint_digest(tmp)  # fsyncs every file, then the digest, last
         publish_checkpoint(tmp, final)
-        for old in list_checkpoints(root)[: -trainer.config.keep_checkpoints]:
+        for old in list_checkpoints(root)[: -state.keep_checkpoints]:
             remove_checkpoint(old)
     acc.wait_for_everyone()
     return final
 
 
-def load_training_checkpoint(trainer: MosaicTrainer, which: str | os.PathLike) -> Path:
-    """Restores a `MosaicTrainer` from a checkpoint (what `MosaicTrainer.load_checkpoint` runs):
-    process 0 verifies the files against the digest (``"latest"``: the newest intact checkpoint)
-    and every process loads the trainable weights, accelerate's states, its generators and data
-    position, the EMA and the history. Every process calls it.
+def load_training_checkpoint(state: TrainingState, which: str | os.PathLike) -> tuple[Path, int, list[dict]]:
+    """Restores a run from a checkpoint (what `MosaicTrainer.load_checkpoint` runs): process 0
+    verifies the files against the digest (``"latest"``: the newest intact checkpoint) and every
+    process loads the trainable weights, accelerate's states, its generators and data position,
+    the EMA; the history is returned. Every process calls it.
 
     Args:
-        trainer: a set-up `MosaicTrainer` with the checkpoint's number of processes.
+        state: the run's `TrainingState`, with the checkpoint's number of processes.
         which: ``"latest"`` or a checkpoint folder.
 
     Returns:
-        The checkpoint folder used.
+        ``(folder, step, history)``: the checkpoint folder used, its step and logged history.
 
     Raises:
         CheckpointError: naming the folder and the file, when it is damaged or cannot be loaded.
     """
-    acc = trainer.accelerator
-    root = trainer.output_dir / "checkpoints"
+    acc = state.accelerator
+    root = state.output_dir / "checkpoints"
     required = (TRAINER_STATE_FILE, RAW_LORA_FILE, *(f"trainer_rank{r}.pt" for r in range(acc.num_processes)))
-    if trainer.fsdp:
+    if state.fsdp:
         required += (FSDP_OPTIMIZER_FILE,)
-    if trainer.config.model.trainable == "all":
+    if state.trainable == "all":
         required += (TRAINABLE_FILE,)
     error = None
     if acc.is_main_process:  # one process verifies, all use its choice
@@ -250,45 +300,45 @@ def load_training_checkpoint(trainer: MosaicTrainer, which: str | os.PathLike) -
     if error is not None:
         raise CheckpointError(*error)
     path = Path(path)
-    state = _load_checkpoint_file(path, TRAINER_STATE_FILE, _read_trainer_state)
-    if state["processes"] != acc.num_processes:
+    saved = _load_checkpoint_file(path, TRAINER_STATE_FILE, _read_trainer_state)
+    if saved["processes"] != acc.num_processes:
         raise CheckpointError(
-            path, TRAINER_STATE_FILE, f"expected to resume with {state['processes']} processes (the checkpoint's), "
+            path, TRAINER_STATE_FILE, f"expected to resume with {saved['processes']} processes (the checkpoint's), "
             f"but got {acc.num_processes}")
     from accelerate.utils import DistributedType
+    from safetensors.torch import load_file
 
-    transformer = trainer._transformer()
-    _load_checkpoint_file(path, RAW_LORA_FILE, lambda f: load_reference_lora_values(transformer, f))
-    if trainer.config.model.trainable == "all":
-        _load_checkpoint_file(path, TRAINABLE_FILE, lambda f: _load_trainable_values(transformer, f))
+    family = state.family
+    _load_checkpoint_file(path, RAW_LORA_FILE, lambda f: family.load_lora_values(load_file(str(f)), copy=copy_into))
+    if state.trainable == "all":
+        _load_checkpoint_file(path, TRAINABLE_FILE, lambda f: _load_trainable_values(family.transformer, f))
     extra = {"load_module_strict": False} if acc.distributed_type == DistributedType.DEEPSPEED else {}
     try:
         acc.load_state(str(path), **extra)
     except Exception as raised:  # names the folder; accelerate's message names the file
         raise CheckpointError(path, None, "accelerate's load_state (optimizer.bin, scheduler.bin, random_states_*.pkl) "
                               f"failed ({type(raised).__name__}: {raised})") from raised
-    if trainer.fsdp:
+    if state.fsdp:
         _load_checkpoint_file(path, FSDP_OPTIMIZER_FILE, lambda f: load_optimizer(
-            acc.unwrap_model(trainer.model), trainer.optimizer, f, acc.is_main_process))
+            acc.unwrap_model(state.model), state.optimizer, f, acc.is_main_process))
     rank_file = f"trainer_rank{acc.process_index}.pt"
     rank_state = _load_checkpoint_file(path, rank_file, lambda f: torch.load(f, weights_only=True))
     try:
-        trainer.load_rank_state_dict(rank_state)
+        state.load_rank_state_dict(rank_state)
     except (KeyError, TypeError, ValueError, RuntimeError) as raised:
         raise CheckpointError(path, rank_file, f"unusable trainer state ({type(raised).__name__}: {raised})") \
             from raised
-    if trainer.ema is not None:
+    if state.ema is not None:
         ema_state = _load_checkpoint_file(path, "ema.pt", lambda f: torch.load(f, weights_only=True))
         try:
-            trainer.ema.load_state_dict(ema_state)
+            state.ema.load_state_dict(ema_state)
         except (KeyError, TypeError, ValueError, RuntimeError) as raised:
             raise CheckpointError(path, "ema.pt", f"unusable EMA state ({type(raised).__name__}: {raised})") \
                 from raised
-        trainer.ema.to(trainer.device)
-    trainer.step = int(state["step"])
-    trainer.history = list(state["history"])
+        state.ema.to(acc.device)
+    step, history = int(saved["step"]), list(saved["history"])
     if acc.is_main_process:  # forget metrics logged after the checkpoint by the interrupted run
-        lines = [json.dumps(r) for r in trainer.history]
-        write_text_atomic(trainer.output_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
-    log.info("resumed from %s at step %d", path, trainer.step)
-    return path
+        lines = [json.dumps(r) for r in history]
+        write_text_atomic(state.output_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
+    log.info("resumed from %s at step %d", path, step)
+    return path, step, history

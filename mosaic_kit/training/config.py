@@ -26,8 +26,6 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
     return field(default=default, metadata={"help": text})
 
 
-MODEL_FAMILIES = ("flux1", "flux2")
-"""Allowed ``model.family`` values."""
 
 FLUX2_MIN_REFERENCE_SIDE = 64
 """The smallest reference side the stock FLUX.2 pipelines take (diffusers' ``Flux2ImageProcessor.
@@ -39,8 +37,9 @@ class ModelConfig:
     """The FLUX model and its reference LoRA."""
 
     family: str = _help(
-        "model family: flux1 (FLUX.1, references in their own branch, as released) or flux2 (FLUX.2 [klein] / "
-        "[dev] through the stock pipeline's layout, references in the target's sequence; docs/guide/flux2.md)", "flux1")
+        "model family, a name of the registry (mosaic_kit.pipelines.registry): flux1 (FLUX.1, references in their "
+        "own branch, as released), flux2 (FLUX.2 [klein] / [dev], the stock pipeline's layout; docs/guide/flux2.md), …",
+        "flux1")
     base: str | None = _help("base pipeline: local folder or hub id; null builds a tiny random model", None)
     tiny_seed: int = _help("seed of the tiny random model (base: null)", 0)
     tiny_overrides: dict = _help("tiny model: FluxTransformer2DModel config entries to change", factory=dict)
@@ -56,7 +55,9 @@ class ModelConfig:
         "too, e.g. a tiny random model whose base cannot denoise)", "lora")
 
     def __post_init__(self) -> None:
-        check_option("model.family", self.family, MODEL_FAMILIES)
+        from ..pipelines.registry import family_names
+
+        check_option("model.family", self.family, family_names())
         check_option("model.trainable", self.trainable, TRAINABLE)
         check_option("model.reference_attention", self.reference_attention, ("isolated", "full"))
         check_option("model.capture_blocks", self.capture_blocks, ("double", "all"))

@@ -4,12 +4,12 @@ One optimisation step, per process and micro-batch:
 
 1. the next batch of good samples in the seeded, resumable order (`mosaic_kit.data.SkippingLoader`),
    caption and reference dropout from a seeded generator;
-2. frozen encoders through the model boundary (`mosaic_kit.models.MosaicFluxFamily.encode_batch`):
-   CLIP + T5 prompt embeddings, VAE latents (distribution mode, as released) of the target and
-   the K references, packed 2×2;
+2. frozen encoders through the model boundary (``family.encode_batch``, a
+   `mosaic_kit.models.ModelFamily` chosen by name from the registry, `mosaic_kit.pipelines.registry`):
+   prompt embeddings, the packed latents of the target and the K references;
 3. flow matching (the family's `sample_sigmas` and `noise`): sigma from diffusers' logit-normal
-   density with FLUX's resolution shift, noisy latents ``(1 - σ)·x + σ·ε``, velocity target ``ε - x``;
-4. the multi-reference forward (the family's `MosaicFluxTransformer`) feeding `RefTargetCapture`
+   density with the resolution shift, noisy latents ``(1 - σ)·x + σ·ε``, velocity target ``ε - x``;
+4. the multi-reference forward (``family.model``) feeding `RefTargetCapture`
    (and, on log steps, `PointAttentionRows` for the alignment hit-rate);
 5. `MosaicObjective` (eq. 15), backward into the LoRA only, grad-norm clipping, AdamW, LR schedule,
    EMA of the LoRA weights.
@@ -20,10 +20,11 @@ exactly as an uninterrupted run would. Each micro-batch slot of the global batch
 accumulation step) has its own noise and dropout generators, so P processes with A accumulated
 micro-batches draw what one process with P·A micro-batches draws.
 
-The jobs around the loop live in their own modules: `mosaic_kit.training.checkpointing` (what a
-checkpoint holds, save and resume), `mosaic_kit.training.datasets` (`build_dataset`),
-`mosaic_kit.training.fsdp` (FSDP2 sharding and its checkpoints), `mosaic_kit.training.timesteps`
-and `mosaic_kit.reporting` (loss curves, validation sheets, attention panels).
+Nothing here knows which family it drives. The jobs around the loop live in their own modules:
+`mosaic_kit.training.checkpointing` (what a checkpoint holds, save and resume, through a narrow
+`TrainingState`), `mosaic_kit.training.validation` (validation sheets),
+`mosaic_kit.training.datasets` (`build_dataset`), `mosaic_kit.training.fsdp` (FSDP2 sharding and its
+checkpoints) and `mosaic_kit.reporting` (loss curves, validation sheets, attention panels).
 """
 
 from __future__ import annotations
@@ -43,34 +44,26 @@ import torch
 from ..attention import PointAttentionRows, RefTargetCapture
 from .. import finite_checks
 from ..losses import MosaicObjective
-from ..models import (
-    ModelInputs,
-    MosaicFluxFamily,
-    MosaicFluxTransformer,
-    reference_lora_state_dict,
-    save_reference_lora,
-    write_lora_file,
-)
+from ..models import ModelInputs
+from ..pipelines.registry import get_family
 from .checkpointing import (
     EMA_LORA_FILE,
     LORA_FILE,
     RAW_LORA_FILE,
     TRAINER_STATE_FILE,
     NonFiniteTrainingError,
-    check_state_finite,
-    load_reference_lora_values,
+    TrainingState,
     load_training_checkpoint,
     save_training_checkpoint,
 )
-from .checkpoints import CheckpointError, clean_stale_checkpoints, list_checkpoints, verify_checkpoint
+from .checkpoint_folders import CheckpointError, clean_stale_checkpoints, list_checkpoints, verify_checkpoint
 from .config import TrainConfig, check_fsdp_config, config_to_dict
 from .datasets import build_dataset
 from .distributed import final_barrier
-from .fsdp import full_state, is_sharded, shard_linear_units
-from .timesteps import flux_shift_mu, sample_sigmas
-from ..reporting.training import attention_panels, plot_loss_curves, validation_sheet
+from .fsdp import is_sharded, shard_linear_units
+from .validation import Validator
+from ..reporting.training import plot_loss_curves
 from ..utils.atomic import write_text_atomic
-from ..utils.images import tensor_to_pil
 
 log = logging.getLogger("mosaic_kit.training")
 
@@ -83,10 +76,10 @@ class TrainingForward(torch.nn.Module):
     ``capture_blocks="all"``).
 
     Args:
-        model: the `MosaicFluxTransformer`.
+        model: the family's denoiser (``family.model``).
     """
 
-    def __init__(self, model: MosaicFluxTransformer) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
@@ -112,7 +105,7 @@ def _flat_config(config: TrainConfig) -> dict:
 
 
 class MosaicTrainer:
-    """Trains the reference LoRA of a FLUX model with the MOSAIC objective.
+    """Trains the LoRA (or every weight) of any registered model family with the MOSAIC objective.
 
     Args:
         config: the resolved `TrainConfig`.
@@ -184,6 +177,14 @@ class MosaicTrainer:
                                  torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 + slot)) for slot in slots]
         self.generator, self.dropout_generator = self.slot_generators[0]
         self.history: list[dict] = []
+        self.state = TrainingState(
+            acc, self.output_dir, self.family, self.model, self.optimizer, self.ema, self.lora_parameters,
+            self.slot_generators, self.loader, trainable=cfg.model.trainable, keep_checkpoints=cfg.keep_checkpoints,
+            fsdp=self.fsdp)
+        self.validator = Validator(
+            acc, self.family, self.model, self.validation_dataset, self.output_dir, cfg.validation_samples,
+            cfg.validation_steps, cfg.data.target_size, cfg.data.ref_size, cfg.objective.guidance, ema=self.ema,
+            trainable_parameters=self.lora_parameters, fsdp=self.fsdp)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             clean_stale_checkpoints(self.output_dir / "checkpoints")  # what a killed save or prune left
@@ -201,52 +202,24 @@ class MosaicTrainer:
     def _build_models(self) -> None:
         from diffusers.training_utils import cast_training_params
 
-        from ..pipelines import MosaicFluxPipeline
-        from ..pipelines.tiny import tiny_flux_components
-
         cfg = self.config.model
-        if cfg.family == "flux2":  # FLUX.2: the stock pipeline's layout (mosaic_kit.models.flux2)
-            from ..models.flux2 import Flux2Family
-
-            options = {"capture_blocks": cfg.capture_blocks, "max_sequence_length": self._max_sequence_length()}
-            if cfg.base is None:
-                family = Flux2Family.tiny(seed=cfg.tiny_seed, transformer_overrides=cfg.tiny_overrides,
-                                          pixel_space=cfg.pixel_space, **options)
-            else:
-                family = Flux2Family.from_pretrained(cfg.base, torch_dtype=self.weight_dtype, **options)
-            pipe = family.pipe
-        else:
-            if cfg.base is None:
-                pipe = MosaicFluxPipeline(**tiny_flux_components(
-                    seed=cfg.tiny_seed, transformer_overrides=cfg.tiny_overrides, pixel_space=cfg.pixel_space))
-            else:
-                pipe = MosaicFluxPipeline.from_pretrained(cfg.base, torch_dtype=self.weight_dtype)
-            pipe.set_progress_bar_config(disable=True)
-            # the model boundary: encoding, noising, the forward and the LoRA (validation samples too)
-            family = MosaicFluxFamily(pipe, reference_attention=cfg.reference_attention,
-                                      capture_blocks=cfg.capture_blocks, reference_adapter=pipe.reference_adapter,
-                                      max_sequence_length=self._max_sequence_length())
+        spec = get_family(cfg.family)  # the registry: everything model-specific is behind the family
+        family = spec.build(cfg.base, torch_dtype=self.weight_dtype, seed=cfg.tiny_seed, tiny_overrides=cfg.tiny_overrides,
+                            pixel_space=cfg.pixel_space, **{name: getattr(cfg, name) for name in spec.config_extras})
         if cfg.init_lora:
             family.load_lora(cfg.init_lora)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)
                 family.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-        family.set_trainable(cfg.trainable)  # the LoRA, or every transformer weight
-        for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
-                module.requires_grad_(False).eval()
-        if self.weight_dtype == torch.float32:
-            pipe.to(self.device)
-        else:
-            pipe.to(self.device, self.weight_dtype)
+        family.set_trainable(cfg.trainable)  # the LoRA, or every transformer weight; encoders and VAE frozen
+        family.to(self.device, None if self.weight_dtype == torch.float32 else self.weight_dtype)
         transformer = family.transformer
         cast_training_params(transformer, dtype=torch.float32)  # trainable weights train in float32
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        self.pipe = pipe
-        pipe.family = family
         self.family = family
+        self.pipe = family.pipe
         self.model = TrainingForward(family.model)
         self.lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
 
@@ -259,7 +232,7 @@ class MosaicTrainer:
                                         world_size=acc.num_processes)
         collate = functools.partial(
             collate_samples, target_size=cfg.target_size, ref_size=cfg.ref_size, max_refs=cfg.max_refs,
-            vae_scale_factor=self.pipe.vae_scale_factor,
+            vae_scale_factor=self.family.vae_scale_factor,
         )
         self.loader = SkippingLoader(self.dataset, cfg.batch_size, collate_fn=collate, sampler=self.sampler,
                                      num_workers=cfg.num_workers)
@@ -280,7 +253,7 @@ class MosaicTrainer:
             optimizer_cls = torch.optim.AdamW
         if self.fsdp:  # shard before the optimiser sees the parameters (they become DTensor shards)
             shard_linear_units(self.model, self.device.type, self.accelerator.num_processes)
-            self.lora_parameters = [p for p in self._transformer().parameters() if p.requires_grad]
+            self.lora_parameters = [p for p in self.family.transformer.parameters() if p.requires_grad]
         optimizer = optimizer_cls(self.lora_parameters, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay,
                                   eps=opt.eps)
         scheduler = get_scheduler(opt.schedule, optimizer, num_warmup_steps=opt.warmup_steps * self.accelerator.num_processes,
@@ -312,12 +285,9 @@ class MosaicTrainer:
 
     # -- one step ----------------------------------------------------------------------------------
     def encode_batch(self, batch) -> ModelInputs:
-        """Frozen encoders through the model boundary (`MosaicFluxFamily.encode_batch`): prompt
-        embeddings, packed reference tokens and ids, and the clean packed target latents."""
+        """Frozen encoders through the model boundary (``family.encode_batch``): prompt embeddings,
+        reference tokens and the clean packed target latents."""
         return self.family.encode_batch(batch)
-
-    def _max_sequence_length(self) -> int:
-        return 512 if self.config.model.base else 32
 
     def training_step(self, batch, log_step: bool) -> dict:
         """Forward, objective and backward of one micro-batch; returns the logged scalars."""
@@ -521,11 +491,8 @@ class MosaicTrainer:
         verifies the bytes."""
         return list_checkpoints(self.output_dir / "checkpoints")
 
-    def _transformer(self):
-        return self.accelerator.unwrap_model(self.model).model.transformer
-
     def save_checkpoint(self) -> Path:
-        """Writes ``checkpoints/step-N`` so that it cannot lie (`mosaic_kit.training.checkpoints`):
+        """Writes ``checkpoints/step-N`` so that it cannot lie (`mosaic_kit.training.checkpoint_folders`):
         everything goes to a temporary folder, the digest of every file is written last, and the
         folder is renamed when complete; a crash leaves the previous checkpoints intact. Old
         checkpoints beyond ``keep_checkpoints`` are removed by rename-then-delete.
@@ -534,42 +501,15 @@ class MosaicTrainer:
             NonFiniteTrainingError: when a LoRA weight (or its EMA) is NaN or inf: such a state is
                 never saved.
         """
-        return save_training_checkpoint(self)
-
-    def _check_state_finite(self) -> None:
-        check_state_finite(self)
+        return save_training_checkpoint(self.state, self.step, self.history)
 
     def rank_state_dict(self) -> dict:
         """This process's data position and generators (``trainer_rank{r}.pt`` of a checkpoint)."""
-        (generator, dropout), *more = self.slot_generators
-        state = {"generator": generator.get_state(), "dropout_generator": dropout.get_state(),
-                 "loader": self.loader.state_dict()}
-        if more:  # the generators of micro-batches 2.. (gradient accumulation)
-            state["micro_batch_generators"] = [[g.get_state(), d.get_state()] for g, d in more]
-        return state
+        return self.state.rank_state_dict()
 
     def load_rank_state_dict(self, state: dict) -> None:
         """Restores what `rank_state_dict` returned."""
-        (generator, dropout), *more = self.slot_generators
-        generator.set_state(state["generator"])
-        dropout.set_state(state["dropout_generator"])
-        if more:
-            saved = state["micro_batch_generators"]
-            if len(saved) != len(more):
-                raise ValueError(f"expected generators of {len(more) + 1} micro-batches, but got {len(saved) + 1}")
-            for (g, d), (g_state, d_state) in zip(more, saved):
-                g.set_state(g_state.clone())  # its own storage: set_state reads from the storage's start
-                d.set_state(d_state.clone())
-        self.loader.load_state_dict(state["loader"])
-
-    def _save_ema_lora(self, path: Path) -> None:
-        params = self.lora_parameters
-        self.ema.store(params)
-        self.ema.copy_to(params)
-        try:
-            save_reference_lora(self._transformer(), path)
-        finally:
-            self.ema.restore(params)
+        self.state.load_rank_state_dict(state)
 
     def load_checkpoint(self, which: str | os.PathLike) -> Path:
         """Restores LoRA, EMA, optimiser, LR schedule, RNG states, data position and history.
@@ -589,121 +529,20 @@ class MosaicTrainer:
                 checkpoint (or, for ``"latest"``, every checkpoint) is damaged, or a file cannot be loaded.
         """
         self.setup()
-        return load_training_checkpoint(self, which)
+        path, self.step, self.history = load_training_checkpoint(self.state, which)
+        return path
 
     # -- validation and the end --------------------------------------------------------------------
     def validate(self) -> Path | None:
-        """Writes ``samples/step-N.png``: per validation item, references, ground truth and a sample
-        (EMA weights when enabled), then where each reference's annotated points attend in the
-        target (red) beside the true target region (green), as in the paper's Fig. 6
-        (`attention_sheet_rows`)."""
-        acc = self.accelerator
-        if self.config.validation_samples < 1 or not (acc.is_main_process or self.fsdp):
-            acc.wait_for_everyone()  # FSDP: every process runs the forwards (the weights are sharded)
-            return None
-        from ..eval.sheets import SheetRow
-
-        cfg = self.config
-        pipe = self.pipe
-        rows = []
-        if self.ema is not None:
-            self.ema.store(self.lora_parameters)
-            self.ema.copy_to(self.lora_parameters)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for index in self._root_weights_gathered(range(cfg.validation_samples)):
-                sample = self.validation_dataset()[index]
-                refs = [tensor_to_pil(r) for r in sample.references]
-                if cfg.model.family == "flux2":  # the stock FLUX.2 pipeline's own call
-                    image = self.family.sample(sample.caption, refs, cfg.data.target_size, cfg.data.target_size,
-                                               num_inference_steps=cfg.validation_steps,
-                                               generator=torch.Generator().manual_seed(index))
-                else:
-                    image = pipe(
-                        sample.caption, refs, height=cfg.data.target_size, width=cfg.data.target_size,
-                        ref_size=cfg.data.ref_size, num_inference_steps=cfg.validation_steps,
-                        generator=torch.Generator().manual_seed(index), max_sequence_length=self._max_sequence_length(),
-                        progress=False, guidance_scale=3.5,
-                    ).images[0]
-                rows.append(SheetRow(sample.caption, refs, [tensor_to_pil(sample.target), image]))
-                rows.extend(self.attention_sheet_rows(index))
-        finally:
-            if self.ema is not None:
-                self.ema.restore(self.lora_parameters)
-            self.model.train(was_training)
-        path = None
-        if acc.is_main_process:
-            path = validation_sheet(rows, self.output_dir / "samples" / f"step-{self.step:07d}.png",
-                                    title=f"step {self.step}: references | ground truth | sample")
-        acc.wait_for_everyone()
-        return path
-
-    def _root_weights_gathered(self, items):
-        """Yields ``items`` with, under FSDP, the root unit's own weights (norms) gathered on every
-        process, so that the pipeline can call the transformer's submodules (each linear layer
-        gathers its own weights); resharded at the end."""
-        if not self.fsdp:
-            yield from items
-            return
-        root = self.accelerator.unwrap_model(self.model)
-        root.unshard()
-        try:
-            yield from items
-        finally:
-            root.reshard()
-
-    ATTENTION_SIGMA = 0.5
-    """The noise level of the validation attention panels."""
-
-    @torch.no_grad()
-    def attention_sheet_rows(self, index: int) -> list:
-        """The captured attention of validation item ``index`` (paper Fig. 6): one `SheetRow` whose
-        outputs are, per reference with annotated points, the mean attention of those points over the
-        target tokens (red on the dimmed ground truth; `mosaic_kit.reporting.attention_panels`) and
-        the true target region (green), at noise level `ATTENTION_SIGMA` with seeded noise. Uses no
-        training generator, so it never changes the run."""
-        from ..data import collate_samples
-        from ..eval.sheets import SheetRow
-
-        cfg = self.config
-        sample = self.validation_dataset()[index]
-        batch = collate_samples([sample], target_size=cfg.data.target_size, ref_size=cfg.data.ref_size,
-                                vae_scale_factor=self.pipe.vae_scale_factor)
-        if not bool(batch.corr.point_mask.any()):
-            return []
-        inputs = self.encode_batch(batch)
-        latents = inputs.target
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(index)).to(self.device)
-        sigma = torch.full((1,), self.ATTENTION_SIGMA, device=self.device)
-        point_rows = PointAttentionRows(batch.corr.to(self.device))
-        guidance = torch.full((1,), self.config.objective.guidance, device=self.device)
-        model_inputs = self.family.model_kwargs(inputs, self.family.noise(latents, noise, sigma), sigma, guidance=guidance)
-        with self.accelerator.autocast():
-            self.accelerator.unwrap_model(self.model)(model_inputs, None, [point_rows])
-        panels = attention_panels(point_rows.result(), batch.corr, batch.target_grid, batch.targets[0])
-        return [SheetRow(f"attention of each reference's points (red) | true target region (green), "
-                         f"sigma {self.ATTENTION_SIGMA}", [], [image for pair in panels for image in pair])]
+        """Writes ``samples/step-N.png`` (`mosaic_kit.training.validation.Validator`): per validation
+        item, references, ground truth and a sample from the family's pipeline (EMA weights when
+        enabled), then where each reference's annotated points attend in the target."""
+        return self.validator.validate(self.step)
 
     def attention_sheet(self) -> Path | None:
         """Writes ``samples/attention-step-N.png``: the attention rows of every validation item alone
         (no sampling; `train` writes it before the first step, to compare with the last sheet)."""
-        acc = self.accelerator
-        if self.config.validation_samples < 1 or not (acc.is_main_process or self.fsdp):
-            acc.wait_for_everyone()  # FSDP: every process runs the forwards (the weights are sharded)
-            return None
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            rows = [row for index in range(self.config.validation_samples) for row in self.attention_sheet_rows(index)]
-        finally:
-            self.model.train(was_training)
-        path = None
-        if rows and acc.is_main_process:
-            path = validation_sheet(rows, self.output_dir / "samples" / f"attention-step-{self.step:07d}.png",
-                                    title=f"step {self.step}: where each reference's points attend")
-        acc.wait_for_everyone()
-        return path
+        return self.validator.attention_sheet(self.step)
 
     def validation_dataset(self):
         """Held-out samples for the validation sheet (held-out identities for synthetic data)."""
@@ -717,20 +556,16 @@ class MosaicTrainer:
         tallies = acc.gather_for_metrics([self.loader.tally.state_dict()], use_gather_object=True) \
             if acc.num_processes > 1 else [self.loader.tally.state_dict()]
         summary = {}
-        save_lora = lambda f: save_reference_lora(self._transformer(), f)  # noqa: E731
-        if self.fsdp:  # every process gathers the LoRA; the main one writes it
-            gathered = full_state(reference_lora_state_dict(self._transformer(), scaled=True))
-            save_lora = functools.partial(write_lora_file, gathered)
+        raw = self.state.lora_values() if self.fsdp else None  # FSDP: every process gathers the LoRA
         if acc.is_main_process:
             from ..data import BadDataTally
 
             tally = BadDataTally()
             for state in tallies:
                 tally = tally.merge(BadDataTally.from_state_dict(state))  # merge returns a new tally
-            for name, save in ((LORA_FILE, save_lora),
-                               (EMA_LORA_FILE, self._save_ema_lora if self.ema is not None else None)):
-                if save is not None:  # write_lora_file is atomic: never a half-written LoRA file
-                    save(self.output_dir / name)
+            self.state.save_lora(self.output_dir / LORA_FILE, raw)  # the family's one writer, atomic
+            if self.ema is not None:
+                self.state.save_ema_lora(self.output_dir / EMA_LORA_FILE)
             curves = plot_loss_curves(self.history, self.output_dir / "loss_curves.png")
             summary = {
                 "steps": self.step, "seconds": round(seconds, 2), "resumed_from": str(resumed_from) if resumed_from else None,
@@ -746,7 +581,6 @@ class MosaicTrainer:
 
 
 __all__ = [
-    "MosaicTrainer", "NonFiniteTrainingError", "TrainingForward", "build_dataset", "flux_shift_mu",
-    "load_reference_lora_values", "plot_loss_curves", "sample_sigmas",
+    "MosaicTrainer", "NonFiniteTrainingError", "TrainingForward", "build_dataset", "plot_loss_curves",
     "EMA_LORA_FILE", "LORA_FILE", "RAW_LORA_FILE", "TRAINER_STATE_FILE",
 ]

@@ -410,30 +410,33 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
 
 
 def test_the_trainers_lora_files_serve_flux2(tmp_path):
-    """The trainer saves and resumes LoRAs by adapter name (`save_reference_lora`, alpha folded into
-    B, and the raw values for resume): with the FLUX.2 adapter named as FLUX.1's, both files work
-    for FLUX.2, and the stock pipeline loads the inference file exactly."""
-    from mosaic_kit.models import reference_lora_state_dict, save_reference_lora, write_lora_file
-    from mosaic_kit.training.checkpointing import load_reference_lora_values
+    """The trainer writes FLUX.2's inference LoRA with the family's one writer (`save_lora`, what
+    the stock pipeline loads exactly, alpha in its metadata) and resumes from the raw values keyed
+    as `lora_parameters` (`load_lora_values`, in place)."""
+    from safetensors.torch import load_file
+
+    from mosaic_kit.models import write_lora_file
 
     family = Flux2Family.tiny(seed=12)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        family.add_lora(rank=4, alpha=2.0, init=False)  # alpha != rank: the folding matters
+        family.add_lora(rank=4, alpha=2.0, init=False)  # alpha != rank: the scaling matters
     inputs, noisy, sigmas = _inputs(family, k=2, b=1)
     kwargs = {k: v for k, v in family.model_kwargs(inputs, noisy, sigmas).items() if k in _STOCK_KEYS}
     with torch.no_grad():
         expected = family.transformer(**kwargs, return_dict=False)[0]
-    save_reference_lora(family.transformer, tmp_path / "pytorch_lora_weights.safetensors")
+    family.save_lora(tmp_path)
     pipe = Flux2KleinPipeline(**tiny_flux2_components(seed=12))
     pipe.load_lora_weights(str(tmp_path))
     with torch.no_grad():
         assert torch.equal(pipe.transformer(**kwargs, return_dict=False)[0], expected)
 
-    write_lora_file(reference_lora_state_dict(family.transformer), tmp_path / "raw.safetensors")
+    write_lora_file({k: p.detach() for k, p in family.lora_parameters().items()}, tmp_path / "raw.safetensors")
     resumed = Flux2Family.tiny(seed=12)
     resumed.add_lora(rank=4, alpha=2.0)
-    load_reference_lora_values(resumed.transformer, tmp_path / "raw.safetensors")
+    before = resumed.lora_parameters()
+    resumed.load_lora_values(load_file(str(tmp_path / "raw.safetensors")))
+    assert all(resumed.lora_parameters()[k] is before[k] for k in before)  # in place: the optimiser's tensors
     with torch.no_grad():
         assert torch.equal(resumed.transformer(**kwargs, return_dict=False)[0], expected)
 

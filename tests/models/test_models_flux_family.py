@@ -287,7 +287,7 @@ def test_only_one_file_of_models_flux_reaches_into_diffusers():
             elif isinstance(node, ast.Import):
                 modules.update(alias.name for alias in node.names)
         found[path.name] = modules
-    assert len(found) == 7, sorted(found)
+    assert len(found) == 8, sorted(found)  # tiny.py: the tiny random components live with the family
     internals = {name for name, modules in found.items() if any(m.startswith("diffusers.models") for m in modules)}
     assert internals == {"_diffusers.py"}
     for name in ("packing.py", "processor.py"):

@@ -1,4 +1,4 @@
-"""Checkpoints that cannot lie (mosaic_kit.training.checkpoints): digest, verification, fallback,
+"""Checkpoints that cannot lie (mosaic_kit.training.checkpoint_folders): digest, verification, fallback,
 pruning and clean-up, on hand-made folders; the trainer's use of them on a tiny run."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mosaic_kit.training.checkpoints import (
+from mosaic_kit.training.checkpoint_folders import (
     DIGEST_FILE,
     CheckpointError,
     clean_stale_checkpoints,

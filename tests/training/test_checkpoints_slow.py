@@ -35,7 +35,7 @@ import json, os, runpy, shutil, signal, sys
 spec = json.loads(sys.argv[1])
 import mosaic_kit
 assert mosaic_kit.__file__.startswith(spec["repo"]), mosaic_kit.__file__
-import mosaic_kit.training.checkpoints as C
+import mosaic_kit.training.checkpoint_folders as C
 import mosaic_kit.training.trainer as T
 import mosaic_kit.training.checkpointing as S  # the trainer's checkpoint writer
 

@@ -16,13 +16,12 @@ pytest.importorskip("accelerate")
 
 from mosaic_kit.attention import PointAttentionRows, dense_ref_target_attention  # noqa: E402
 from mosaic_kit.correspondence import Correspondences  # noqa: E402
+from mosaic_kit.models import logit_normal_sigmas, resolution_shift_mu  # noqa: E402
 from mosaic_kit.training import (  # noqa: E402
     MosaicTrainer,
     apply_overrides,
     config_from_dict,
-    flux_shift_mu,
     load_config,
-    sample_sigmas,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,7 +117,7 @@ def test_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monke
         raise OSError("disk full")
 
     trainer.step = 3
-    monkeypatch.setattr(module, "save_reference_lora", explode)
+    monkeypatch.setattr(module, "write_lora_file", explode)  # the raw LoRA file of the checkpoint
     with pytest.raises(OSError, match="disk full"):
         trainer.save_checkpoint()
     monkeypatch.undo()
@@ -175,12 +174,14 @@ def test_config_overrides_and_errors(tmp_path):
 
 
 def test_sigmas_are_logit_normal_then_shifted():
+    """The one sigma sampler (`logit_normal_sigmas`, what every family's `sample_sigmas` draws)
+    with the one shift (`resolution_shift_mu`)."""
     g = torch.Generator().manual_seed(0)
-    plain = sample_sigmas(20000, g, None)
+    plain = logit_normal_sigmas(20000, g, None)
     assert abs(plain.mean().item() - 0.5) < 0.01  # sigmoid of a centred normal
     g = torch.Generator().manual_seed(0)
-    shifted = sample_sigmas(20000, g, 4096)
-    mu = flux_shift_mu(4096)
+    mu = resolution_shift_mu(4096)
+    shifted = logit_normal_sigmas(20000, g, mu)
     expected = torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + (1 / plain - 1))
     torch.testing.assert_close(shifted, expected)
     assert shifted.mean() > plain.mean()

@@ -75,7 +75,7 @@ class InjectNonFinite:
 
 
 def lora_values(trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer._transformer().named_parameters() if v.requires_grad}
+    return {k: v.detach().clone() for k, v in trainer.family.transformer.named_parameters() if v.requires_grad}
 
 
 @pytest.mark.parametrize("term,value", [("flow_matching", float("nan")), ("scal", float("inf")), ("mdl", float("nan")),

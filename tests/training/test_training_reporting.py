@@ -79,8 +79,7 @@ def test_moved_names_stay_importable():
     from mosaic_kit.reporting import plot_loss_curves
     from mosaic_kit.training import trainer
 
-    for name in ("MosaicTrainer", "NonFiniteTrainingError", "build_dataset", "flux_shift_mu", "plot_loss_curves",
-                 "sample_sigmas", "load_reference_lora_values"):
+    for name in ("MosaicTrainer", "NonFiniteTrainingError", "build_dataset", "plot_loss_curves"):
         assert getattr(trainer, name) is getattr(training, name)
     assert training.plot_loss_curves is plot_loss_curves
 

@@ -29,6 +29,7 @@ from .lora import (
     read_lora_file,
     reference_lora_state_dict,
     save_reference_lora,
+    scale_lora_state,
     set_reference_lora_scale,
     write_lora_file,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "reference_lora_state_dict",
     "reference_position_ids",
     "save_reference_lora",
+    "scale_lora_state",
     "set_reference_lora_scale",
     "unpack_latents",
     "write_lora_file",

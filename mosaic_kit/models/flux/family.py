@@ -12,13 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..family import ModelFamily, ModelInputs, TokenLayout, check_trainable
+from ..family import ModelFamily, ModelInputs, check_trainable
 from .lora import (
     DEFAULT_ADAPTER,
     _base,
     add_reference_lora,
     load_reference_lora,
     save_reference_lora,
+    scale_lora_state,
+    write_lora_file,
 )
 from .packing import latent_image_ids, pack_latents, reference_position_ids, unpack_latents
 from .transformer import MosaicFluxTransformer
@@ -49,6 +51,8 @@ class MosaicFluxFamily(ModelFamily):
     """
 
     name = "flux1"
+    config_extras = ("reference_attention", "capture_blocks")
+    default_guidance_scale = 3.5  # released inference
 
     def __init__(
         self,
@@ -76,6 +80,39 @@ class MosaicFluxFamily(ModelFamily):
         )
 
     @classmethod
+    def tiny(cls, seed: int = 0, transformer_overrides: dict | None = None, pixel_space: int | None = None,
+             pipeline_class: type | None = None, **settings: Any) -> MosaicFluxFamily:
+        """A family over a tiny random FLUX.1 pipeline (`mosaic_kit.models.flux.tiny`).
+
+        Args:
+            seed: seed of the random components.
+            transformer_overrides: tiny transformer config entries to change.
+            pixel_space: pixel space with this factor instead of the random VAE, or None.
+            pipeline_class: the pipeline class (default diffusers' ``FluxPipeline``; the registry
+                passes `mosaic_kit.pipelines.MosaicFluxPipeline`, which `sample` needs).
+            **settings: the constructor's keyword arguments; ``max_sequence_length`` defaults to 32.
+
+        Returns:
+            The family (progress bars off).
+
+        Example:
+            >>> MosaicFluxFamily.tiny().max_sequence_length, type(MosaicFluxFamily.tiny().pipe).__name__
+            (32, 'FluxPipeline')
+        """
+        from .tiny import tiny_flux_components
+
+        if pipeline_class is None:
+            from diffusers import FluxPipeline
+
+            pipeline_class = FluxPipeline
+        pipe = pipeline_class(**tiny_flux_components(seed=seed, transformer_overrides=transformer_overrides,
+                                                     pixel_space=pixel_space))
+        pipe.set_progress_bar_config(disable=True)
+        settings.setdefault("max_sequence_length", 32)
+        settings.setdefault("reference_adapter", getattr(pipe, "reference_adapter", DEFAULT_ADAPTER))
+        return cls(pipe, **settings)
+
+    @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, pipeline_class: type | None = None,
         **settings: Any,
@@ -92,7 +129,10 @@ class MosaicFluxFamily(ModelFamily):
             from diffusers import FluxPipeline
 
             pipeline_class = FluxPipeline
-        return cls(pipeline_class.from_pretrained(path, torch_dtype=torch_dtype), **settings)
+        pipe = pipeline_class.from_pretrained(path, torch_dtype=torch_dtype)
+        pipe.set_progress_bar_config(disable=True)
+        settings.setdefault("reference_adapter", getattr(pipe, "reference_adapter", DEFAULT_ADAPTER))
+        return cls(pipe, **settings)
 
     # -- what the callers hold ---------------------------------------------------------------------
     @property
@@ -200,24 +240,9 @@ class MosaicFluxFamily(ModelFamily):
         }
 
     @torch.no_grad()
-    def encode_batch(self, batch: Any) -> ModelInputs:
-        """Encodes a training or evaluation batch (see `ModelFamily.encode_batch`).
-
-        Args:
-            batch: ``targets`` ``(B, 3, H, W)``, ``references`` ``(B, K, 3, h, w)`` in ``[0, 1]``,
-                ``captions`` (B strings); e.g. a `mosaic_kit.data.MosaicBatch`.
-
-        Returns:
-            `ModelInputs`: conditioning in the model's dtype, the clean packed target in float32.
-        """
-        for name in ("targets", "references", "captions"):
-            if not hasattr(batch, name):
-                raise ValueError(f"Expected `batch` with `targets`, `references` and `captions`, but it has no `{name}`.")
-        if batch.references.ndim != 5 or batch.targets.ndim != 4:
-            raise ValueError(
-                f"Expected `batch.targets` (B, 3, H, W) and `batch.references` (B, K, 3, h, w), but got "
-                f"{tuple(batch.targets.shape)} and {tuple(batch.references.shape)}."
-            )
+    def _encode_batch(self, batch: Any) -> ModelInputs:
+        """Encodes a checked training or evaluation batch (see `ModelFamily.encode_batch`):
+        conditioning in the model's dtype, the clean packed target in float32."""
         text, pooled, text_ids = self.encode_prompts(batch.captions)
         target = self.encode_images(batch.targets)
         b, k = batch.references.shape[:2]
@@ -271,7 +296,7 @@ class MosaicFluxFamily(ModelFamily):
         }
         if reference_guidance is not None:
             conditioning["reference_guidance"] = reference_guidance
-        return ModelInputs(self._cast(conditioning), layout)
+        return ModelInputs(self._cast(conditioning), layout, batch_size=num_images_per_prompt)
 
     @torch.no_grad()
     def cache_references(self, inputs: ModelInputs, guidance: float | torch.Tensor | None = None) -> ModelInputs:
@@ -293,19 +318,7 @@ class MosaicFluxFamily(ModelFamily):
             reference_guidance=conditioning.get("reference_guidance"),
         )
         conditioning["reference_cache"] = cache
-        return ModelInputs(conditioning, inputs.layout, inputs.target, dict(inputs.extras))
-
-    # -- noising -----------------------------------------------------------------------------------
-    def shift_mu(self, layout: TokenLayout) -> float:
-        """FLUX's resolution shift: diffusers' ``calculate_shift`` over the target's tokens with the
-        scheduler's settings (FLUX.1: 0.5 at 256 tokens, 1.15 at 4096)."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        config = getattr(getattr(self.pipe, "scheduler", None), "config", None) or {}
-        return calculate_shift(
-            layout.target_grid.num_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5), config.get("max_shift", 1.15),
-        )
+        return ModelInputs(conditioning, inputs.layout, inputs.target, dict(inputs.extras), inputs.batch_size)
 
     # -- the forward -------------------------------------------------------------------------------
     def _guidance(self, guidance: float | torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -317,11 +330,12 @@ class MosaicFluxFamily(ModelFamily):
             return guidance
         return torch.full((batch,), float(guidance), device=self.device)
 
-    def model_kwargs(
+    def _model_kwargs(
         self, inputs: ModelInputs, noisy: torch.Tensor, timestep: torch.Tensor,
         guidance: float | torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """Keyword arguments of `MosaicFluxTransformer.forward` (without ``capture``).
+        """Keyword arguments of `MosaicFluxTransformer.forward` (without ``capture``), for inputs
+        checked by `ModelFamily.model_kwargs`.
 
         Args:
             inputs: from `encode_batch` or `encode_prompt_and_references`.
@@ -360,18 +374,93 @@ class MosaicFluxFamily(ModelFamily):
             )
         return chosen
 
-    def save_lora(self, path: str | os.PathLike) -> Path:
-        """`save_reference_lora`: diffusers' LoRA safetensors layout, with a digest, atomically."""
-        return save_reference_lora(self.transformer, path, adapter_name=self.reference_adapter)
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        """The reference LoRA's parameters by their file key (``transformer.<module>.lora_A.weight``).
+
+        Example:
+            >>> family = MosaicFluxFamily.tiny()
+            >>> family.add_lora(rank=2)
+            >>> sorted(family.lora_parameters())[0]
+            'transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight'
+        """
+        adapter = self.reference_adapter
+        found = {}
+        for name, param in self.transformer.named_parameters():
+            for part in ("lora_A", "lora_B"):
+                marker = f".{part}.{adapter}.weight"
+                if name.endswith(marker):
+                    found[f"transformer.{name[: -len(marker)]}.{part}.weight"] = param
+        if not found:
+            raise ValueError(f"Expected a reference LoRA {adapter!r} on the transformer (`add_lora`), but found none.")
+        return found
+
+    def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """The FLUX.1 LoRA file: `save_reference_lora` (diffusers' LoRA safetensors layout,
+        ``alpha / rank`` folded into ``lora_B``, with a digest, atomically), which the released
+        code, `load_reference_lora` and `mosaic_kit.pipelines.MosaicFluxPipeline` load.
+
+        Args:
+            path: the ``.safetensors`` file.
+            state_dict: raw values keyed as `lora_parameters` to write instead of the model's own
+                (folded the same way).
+
+        Returns:
+            The path written.
+        """
+        if state_dict is None:
+            return save_reference_lora(self.transformer, path, adapter_name=self.reference_adapter)
+        return write_lora_file(scale_lora_state(self.transformer, state_dict, self.reference_adapter), path)
 
     def load_lora(self, path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor], partial: bool = False) -> None:
-        """`load_reference_lora` (checked; released checkpoints load unchanged)."""
+        """`load_reference_lora` (checked; released checkpoints load unchanged); a folder means its
+        ``pytorch_lora_weights.safetensors``."""
+        if not isinstance(path_or_state_dict, dict) and Path(path_or_state_dict).is_dir():
+            path_or_state_dict = Path(path_or_state_dict) / "pytorch_lora_weights.safetensors"
         load_reference_lora(self.transformer, path_or_state_dict, adapter_name=self.reference_adapter, partial=partial)
+
+    # -- sampling ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, prompt: str, references: Sequence[Any], height: int, width: int, num_inference_steps: int,
+               generator: torch.Generator | None = None, guidance_scale: float | None = None,
+               use_reference_cache: bool = False) -> Any:
+        """One image from the family's multi-reference pipeline (`mosaic_kit.pipelines.MosaicFluxPipeline`,
+        which the registry builds), with the references as given (``fit_references=False``).
+
+        Args:
+            prompt: the prompt.
+            references: K square PIL images of one size (the reference side).
+            height: image height in pixels.
+            width: image width in pixels.
+            num_inference_steps: denoising steps.
+            generator: the noise generator.
+            guidance_scale: None: `default_guidance_scale` (3.5, released).
+            use_reference_cache: compute the references' keys and values once (see the pipeline).
+
+        Returns:
+            A PIL image.
+
+        Raises:
+            TypeError: the family's pipeline is not a multi-reference pipeline.
+        """
+        if not isinstance(getattr(type(self.pipe), "family", None), property):
+            raise TypeError(f"Expected the family's pipeline to run K references (mosaic_kit.pipelines."
+                            f"MosaicFluxPipeline, as the registry builds it), but got {type(self.pipe).__name__}.")
+        self.pipe.family = self
+        sizes = {getattr(r, "size", None) for r in references}
+        side = next(iter(sizes))[0] if len(sizes) == 1 and None not in sizes else None
+        if side is None or next(iter(sizes))[1] != side:
+            raise ValueError(f"Expected `references` to be square PIL images of one size, but got sizes {sorted(map(str, sizes))}.")
+        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        return self.pipe(prompt, list(references), height=height, width=width, ref_size=side, fit_references=False,
+                         num_inference_steps=num_inference_steps, generator=generator, guidance_scale=guidance,
+                         max_sequence_length=self.max_sequence_length, progress=False,
+                         use_reference_cache=use_reference_cache).images[0]
 
     # -- decoding ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Packed latents → images: unpack, undo FLUX's scale and shift, VAE decode.
+    def _decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Checked packed latents (`ModelFamily.decode`) → images: unpack, undo FLUX's scale and
+        shift, VAE decode.
 
         Args:
             latents: ``(B, N_tgt, C)`` packed latents of a ``height × width`` image.
@@ -381,7 +470,6 @@ class MosaicFluxFamily(ModelFamily):
         Returns:
             ``(B, 3, height, width)`` float32 images in ``[0, 1]``.
         """
-        self.token_layout((height, width), ())  # checks the size
         vae, factor = self.pipe.vae, self.vae_scale_factor
         unpacked = unpack_latents(latents, height // factor, width // factor)
         unpacked = unpacked / vae.config.scaling_factor + vae.config.shift_factor

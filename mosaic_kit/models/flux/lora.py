@@ -209,13 +209,39 @@ def reference_lora_state_dict(
         raise ValueError(f"Expected an adapter named {adapter_name!r} on the transformer, but it has none.")
     state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
     state = {f"transformer.{key}": value.detach() for key, value in state.items()}
-    if scaled:
-        for name, module in transformer.named_modules():
-            if adapter_name in getattr(module, "lora_A", {}):
-                factor = module.lora_alpha[adapter_name] / module.r[adapter_name]
-                key = f"transformer.{name}.lora_B.weight"
-                if factor != 1:
-                    state[key] = state[key] * factor
+    return scale_lora_state(transformer, state, adapter_name) if scaled else state
+
+
+def scale_lora_state(
+    transformer: nn.Module, state: dict[str, torch.Tensor], adapter_name: str = DEFAULT_ADAPTER
+) -> dict[str, torch.Tensor]:
+    """Raw LoRA values (`reference_lora_state_dict` keys) with each module's ``alpha / rank`` of
+    adapter ``adapter_name`` folded into ``lora_B``: what LoRA files hold (they apply with scale 1).
+
+    Args:
+        transformer: the transformer holding the adapter (its alphas and ranks).
+        state: ``transformer.<module>.lora_A/B.weight`` → raw tensor (not modified).
+        adapter_name: which adapter's scales.
+
+    Returns:
+        A new dict (tensors of modules with a scale of 1 are the same objects).
+
+    Example:
+        >>> from mosaic_kit.models.testing import tiny_flux_transformer
+        >>> transformer = tiny_flux_transformer()
+        >>> add_reference_lora(transformer, rank=4, alpha=2)
+        >>> raw = reference_lora_state_dict(transformer)
+        >>> key = "transformer.x_embedder.lora_B.weight"
+        >>> torch.equal(scale_lora_state(transformer, raw)[key], raw[key] * 0.5)
+        True
+    """
+    state = dict(state)
+    for name, module in transformer.named_modules():
+        if adapter_name in getattr(module, "lora_A", {}):
+            factor = module.lora_alpha[adapter_name] / module.r[adapter_name]
+            key = f"transformer.{name}.lora_B.weight"
+            if factor != 1 and key in state:
+                state[key] = state[key] * factor
     return state
 
 

@@ -51,7 +51,7 @@ class Flux2Family(ModelFamily):
         ValueError: on a pipeline without a FLUX.2 transformer or a bad option.
 
     Example:
-        >>> from mosaic_kit.pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_pipeline
+        >>> from mosaic_kit.models.flux2.tiny import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_pipeline
         >>> family = Flux2Family(tiny_flux2_pipeline(), max_sequence_length=16,
         ...     text_encoder_out_layers=TINY_FLUX2_TEXT_OUT_LAYERS)
         >>> inputs = family.encode(torch.rand(2, 3, 32, 32), ["a cat", "a dog"], torch.rand(2, 2, 3, 16, 16))
@@ -64,6 +64,8 @@ class Flux2Family(ModelFamily):
     """
 
     name = "flux2"
+    config_extras = ("capture_blocks",)
+    default_guidance_scale = 4.0
 
     def __init__(
         self,
@@ -91,14 +93,15 @@ class Flux2Family(ModelFamily):
     # -- building ----------------------------------------------------------------------------------
     @classmethod
     def tiny(cls, seed: int = 0, transformer_overrides: dict | None = None, pixel_space: int | None = None,
-             **kwargs: Any) -> Flux2Family:
-        """A family over a tiny random `Flux2KleinPipeline` (`mosaic_kit.pipelines.tiny_flux2`).
+             pipeline_class: type | None = None, **kwargs: Any) -> Flux2Family:
+        """A family over a tiny random `Flux2KleinPipeline` (`mosaic_kit.models.flux2.tiny`).
 
         Args:
             seed: seed of the random components.
             transformer_overrides: tiny transformer config entries to change.
             pixel_space: pixel space with this factor instead of the random autoencoder
-                (`mosaic_kit.pipelines.tiny_flux2.Flux2PixelAutoencoder`), or None.
+                (`mosaic_kit.models.flux2.tiny.Flux2PixelAutoencoder`), or None.
+            pipeline_class: the pipeline class (default the stock `Flux2KleinPipeline`).
             **kwargs: `Flux2Family` options; ``text_encoder_out_layers`` defaults to the tiny
                 encoder's ``(1, 2, 3)`` and ``max_sequence_length`` to 32.
 
@@ -109,11 +112,13 @@ class Flux2Family(ModelFamily):
             >>> Flux2Family.tiny().transformer.config.num_layers
             1
         """
-        from diffusers import Flux2KleinPipeline
+        from .tiny import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_components
 
-        from ...pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_components
+        if pipeline_class is None:
+            from diffusers import Flux2KleinPipeline
 
-        pipe = Flux2KleinPipeline(**tiny_flux2_components(seed=seed, transformer_overrides=transformer_overrides,
+            pipeline_class = Flux2KleinPipeline
+        pipe = pipeline_class(**tiny_flux2_components(seed=seed, transformer_overrides=transformer_overrides,
                                                            pixel_space=pixel_space))
         pipe.set_progress_bar_config(disable=True)
         kwargs.setdefault("text_encoder_out_layers", TINY_FLUX2_TEXT_OUT_LAYERS)
@@ -121,14 +126,15 @@ class Flux2Family(ModelFamily):
         return cls(pipe, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, base: str | os.PathLike, torch_dtype: torch.dtype = torch.bfloat16,
-                        **kwargs: Any) -> Flux2Family:
+    def from_pretrained(cls, base: str | os.PathLike, torch_dtype: torch.dtype | None = torch.bfloat16,
+                        pipeline_class: type | None = None, **kwargs: Any) -> Flux2Family:
         """A family over a FLUX.2 pipeline from the hub or a local folder.
 
         Args:
             base: hub id (``"black-forest-labs/FLUX.2-klein-4B"``) or a local pipeline folder; its
                 ``model_index.json`` picks `Flux2KleinPipeline` or `Flux2Pipeline`.
             torch_dtype: weight dtype of the frozen components.
+            pipeline_class: the pipeline class; None: the one the base's ``model_index.json`` names.
             **kwargs: `Flux2Family` options.
 
         Returns:
@@ -142,9 +148,11 @@ class Flux2Family(ModelFamily):
             >>> type(family.pipe).__name__
             'Flux2KleinPipeline'
         """
-        from diffusers import DiffusionPipeline
+        if pipeline_class is None:
+            from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(base, dtype=torch_dtype)
+            pipeline_class = DiffusionPipeline
+        pipe = pipeline_class.from_pretrained(base, dtype=torch_dtype)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **kwargs)
 
@@ -163,14 +171,6 @@ class Flux2Family(ModelFamily):
     def token_channels(self) -> int:
         """C: channels of a patchified latent token (4 × the autoencoder's latent channels)."""
         return int(self.transformer.config.in_channels)
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Flux2Family:
-        """Moves the pipeline's modules (and casts them to ``dtype`` when given); returns self."""
-        if dtype is None:
-            self.pipe.to(device)
-        else:
-            self.pipe.to(device, dtype)
-        return self
 
     def capture_handle(self) -> CaptureProcessors:
         """The capture processors on the chosen blocks (installed on first use).
@@ -256,23 +256,14 @@ class Flux2Family(ModelFamily):
             (True, (2, 3))
         """
         pipe = self.pipe
+        if targets is None and target_size is None:
+            raise ValueError("Expected `targets` or `target_size`, but got neither.")
+        self.check_encode_inputs(targets, prompts, references)  # the contract every family shares
         if targets is None:
-            if target_size is None:
-                raise ValueError("Expected `targets` or `target_size`, but got neither.")
             b, (height, width) = len(prompts), target_size
         else:
-            if not isinstance(targets, torch.Tensor) or targets.ndim != 4:
-                raise ValueError(f"Expected `targets` of shape (B, 3, H, W), but got {getattr(targets, 'shape', type(targets))}.")
             b, (height, width) = targets.shape[0], tuple(targets.shape[-2:])
-        if isinstance(prompts, str) or len(prompts) != b:
-            raise ValueError(f"Expected {b} prompts (one per target), but got {prompts!r}.")
-        k = 0
-        if references is not None:
-            if not isinstance(references, torch.Tensor) or references.ndim != 5 or references.shape[0] != b:
-                raise ValueError(
-                    f"Expected `references` of shape ({b}, K, 3, h, w), but got {getattr(references, 'shape', type(references))}."
-                )
-            k = references.shape[1]
+        k = 0 if references is None else references.shape[1]
         ref_sizes = [tuple(references.shape[-2:])] * k if k else []
         layout = self.token_layout((int(height), int(width)), [(int(h), int(w)) for h, w in ref_sizes])
         device, dtype = self.device, self.transformer.dtype
@@ -292,10 +283,11 @@ class Flux2Family(ModelFamily):
             reference_tokens = torch.cat([pipe._pack_latents(per_slot[:, j]) for j in range(k)], dim=1).to(device, dtype)
         conditioning = {"encoder_hidden_states": prompt_embeds.to(device, dtype), "txt_ids": text_ids.to(device),
                         "latent_ids": latent_ids, "reference_tokens": reference_tokens, "reference_ids": reference_ids}
-        return ModelInputs(conditioning=conditioning, layout=layout, target=latents)
+        return ModelInputs(conditioning=conditioning, layout=layout, target=latents, batch_size=b)
 
-    def encode_batch(self, batch: Any) -> ModelInputs:
-        """Encodes a `mosaic_kit.data.MosaicBatch` (targets, captions, references).
+    def _encode_batch(self, batch: Any) -> ModelInputs:
+        """Encodes a checked `mosaic_kit.data.MosaicBatch` (targets, captions, references; see
+        `ModelFamily.encode_batch`).
 
         Args:
             batch: anything with ``targets``, ``captions`` and ``references`` (a `MosaicBatch`).
@@ -334,26 +326,10 @@ class Flux2Family(ModelFamily):
         return SequenceLayout.concatenated(layout.target_grid.num_tokens, layout.reference_token_counts)
 
     # -- noising and the forward -------------------------------------------------------------------
-    def shift_mu(self, layout: TokenLayout) -> float:
-        """The resolution shift of the training noise levels: diffusers' ``calculate_shift`` with
-        the scheduler's ``base_shift``/``max_shift`` over ``base_image_seq_len``…``max_image_seq_len``
-        (0.5…1.15 over 256…4096 tokens, as FLUX.1), for the target's token count.
-
-        Example:
-            >>> family = Flux2Family.tiny()
-            >>> round(family.shift_mu(family.token_layout((256, 256), [])), 3)  # 256 tokens
-            0.5
-        """
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        config = self.pipe.scheduler.config
-        return float(calculate_shift(layout.target_grid.num_tokens, config.get("base_image_seq_len", 256),
-                                     config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                     config.get("max_shift", 1.15)))
-
-    def model_kwargs(self, inputs: ModelInputs, noisy: torch.Tensor, timestep: torch.Tensor,
-                     guidance: float | torch.Tensor | None = None) -> dict[str, Any]:
-        """The `Flux2Denoiser`'s keyword arguments, built as the pipelines build the transformer's.
+    def _model_kwargs(self, inputs: ModelInputs, noisy: torch.Tensor, timestep: torch.Tensor,
+                      guidance: float | torch.Tensor | None = None) -> dict[str, Any]:
+        """The `Flux2Denoiser`'s keyword arguments, built as the pipelines build the transformer's
+        (inputs checked by `ModelFamily.model_kwargs`).
 
         Args:
             inputs: the encoded batch.
@@ -375,8 +351,6 @@ class Flux2Family(ModelFamily):
         """
         cond, dtype = inputs.conditioning, self.transformer.dtype
         n_tgt = inputs.layout.target_grid.num_tokens
-        if not isinstance(noisy, torch.Tensor) or noisy.ndim != 3 or noisy.shape[1] != n_tgt:
-            raise ValueError(f"Expected `noisy` of shape (B, {n_tgt}, C), but got {getattr(noisy, 'shape', type(noisy))}.")
         hidden, ids = noisy.to(dtype), cond["latent_ids"]
         if cond["reference_tokens"] is not None:
             hidden = torch.cat([hidden, cond["reference_tokens"].to(dtype)], dim=1)
@@ -422,22 +396,6 @@ class Flux2Family(ModelFamily):
             raise ValueError("Expected trainable parameters, but found none (add a LoRA first with `add_lora`).")
         return params
 
-    def set_trainable(self, trainable: str = "lora") -> list[nn.Parameter]:
-        """Marks exactly `trainable_parameters(trainable)` as requiring gradients; the autoencoder
-        and the text encoder are frozen.
-
-        Example:
-            >>> family = Flux2Family.tiny()
-            >>> _ = family.add_lora(rank=2)
-            >>> params = family.set_trainable("lora")
-            >>> sum(p.requires_grad for p in family.transformer.parameters()) == len(params)
-            True
-        """
-        for module in (self.pipe.vae, self.pipe.text_encoder):
-            if module is not None:
-                module.requires_grad_(False)
-        return super().set_trainable(trainable)
-
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA weights of adapter ``"mosaic"`` (`FLUX2_ADAPTER`) without the ``transformer.`` prefix (peft's
         ``get_peft_model_state_dict``).
@@ -452,8 +410,28 @@ class Flux2Family(ModelFamily):
 
         return get_peft_model_state_dict(self.transformer, adapter_name=FLUX2_ADAPTER)
 
-    def save_lora(self, path: str | os.PathLike) -> Path:
-        """Writes the LoRA in diffusers' layout with its adapter metadata, atomically and durably.
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        """The LoRA's parameters by their file key (``transformer.<module>.lora_A.weight``).
+
+        Example:
+            >>> family = Flux2Family.tiny()
+            >>> _ = family.add_lora(rank=2, targets=["to_q"])
+            >>> sorted(family.lora_parameters())[0]
+            'transformer.transformer_blocks.0.attn.to_q.lora_A.weight'
+        """
+        found = {}
+        for name, param in self.transformer.named_parameters():
+            for part in ("lora_A", "lora_B"):
+                marker = f".{part}.{FLUX2_ADAPTER}.weight"
+                if name.endswith(marker):
+                    found[f"transformer.{name[: -len(marker)]}.{part}.weight"] = param
+        if not found:
+            raise ValueError(f"Expected a LoRA adapter {FLUX2_ADAPTER!r} on the transformer (`add_lora`), but found none.")
+        return found
+
+    def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Writes the LoRA in diffusers' layout with its adapter metadata, atomically and durably:
+        the one writer of FLUX.2 LoRA files (the trainer's final, EMA and checkpoint files too).
 
         Diffusers writes it into a temporary folder beside the destination; the file is fsynced,
         renamed over the destination, and the folder fsynced.
@@ -465,6 +443,8 @@ class Flux2Family(ModelFamily):
         Args:
             path: a ``.safetensors`` file, or a folder (the file is then
                 ``pytorch_lora_weights.safetensors`` in it); parent folders are created.
+            state_dict: raw values keyed as `lora_parameters` (e.g. gathered from FSDP shards)
+                to write instead of the model's own.
 
         Returns:
             The path of the written file.
@@ -486,7 +466,12 @@ class Flux2Family(ModelFamily):
         path = Path(path)
         file = path if path.suffix == ".safetensors" else path / FLUX2_LORA_FILE
         file.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.lora_state_dict().items()}
+        if state_dict is None:
+            state = self.lora_state_dict()
+        else:
+            prefix = "transformer."
+            state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         with tempfile.TemporaryDirectory(dir=file.parent, prefix=".tmp-lora-") as scratch:
             Flux2KleinPipeline.save_lora_weights(scratch, transformer_lora_layers=state, weight_name=file.name,
                                                  transformer_lora_adapter_metadata=peft_config.to_dict())
@@ -575,7 +560,7 @@ class Flux2Family(ModelFamily):
     # -- sampling ----------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompt: str, references: Sequence[Any], height: int, width: int, num_inference_steps: int = 4,
-               generator: torch.Generator | None = None, guidance_scale: float = 4.0) -> Any:
+               generator: torch.Generator | None = None, guidance_scale: float | None = None) -> Any:
         """One image from the stock pipeline's ``__call__`` (the LoRA as loaded), for validation
         sheets and evaluation: what a user of the stock pipeline gets.
 
@@ -587,7 +572,7 @@ class Flux2Family(ModelFamily):
             num_inference_steps: denoising steps ([klein] is distilled to 4).
             generator: the noise generator.
             guidance_scale: classifier-free guidance of [klein] base / embedded guidance of [dev];
-                ignored by distilled [klein].
+                ignored by distilled [klein]; None: `default_guidance_scale` (4.0).
 
         Returns:
             A PIL image.
@@ -600,15 +585,16 @@ class Flux2Family(ModelFamily):
         """
         kwargs = {} if self.text_encoder_out_layers is None else {"text_encoder_out_layers": self.text_encoder_out_layers}
         out = self.pipe(image=list(references) or None, prompt=prompt, height=height, width=width,
-                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
+                        num_inference_steps=num_inference_steps, generator=generator,
+                        guidance_scale=self.default_guidance_scale if guidance_scale is None else guidance_scale,
                         max_sequence_length=self.max_sequence_length, **kwargs)
         return out.images[0]
 
     # -- decoding ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Target tokens to images, as the pipelines decode: unpack, undo the batch-norm
-        normalisation, unpatchify, decode.
+    def _decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Checked target tokens (`ModelFamily.decode`) to images, as the pipelines decode:
+        unpack, undo the batch-norm normalisation, unpatchify, decode.
 
         Args:
             latents: ``(B, N_tgt, C)`` packed tokens.
@@ -627,8 +613,6 @@ class Flux2Family(ModelFamily):
         pipe, vae = self.pipe, self.pipe.vae
         grid = self.token_layout((height, width), []).target_grid
         rows, cols = grid.rows, grid.cols
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 3 or latents.shape[1] != rows * cols:
-            raise ValueError(f"Expected `latents` of shape (B, {rows * cols}, C), but got {getattr(latents, 'shape', type(latents))}.")
         grid = latents.transpose(1, 2).reshape(latents.shape[0], latents.shape[2], rows, cols).to(vae.dtype)
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(grid)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(grid)

@@ -46,7 +46,7 @@ def flux2_lora_target_modules(transformer: torch.nn.Module, targets: Sequence[st
 
     Example:
         >>> from diffusers import Flux2Transformer2DModel
-        >>> from mosaic_kit.pipelines.tiny_flux2 import TINY_FLUX2_TRANSFORMER_CONFIG
+        >>> from mosaic_kit.models.flux2.tiny import TINY_FLUX2_TRANSFORMER_CONFIG
         >>> model = Flux2Transformer2DModel(**TINY_FLUX2_TRANSFORMER_CONFIG)
         >>> flux2_lora_target_modules(model, ["to_out.0", "attn.to_out"])
         ['transformer_blocks.0.attn.to_out.0', 'single_transformer_blocks.0.attn.to_out', 'single_transformer_blocks.1.attn.to_out']
@@ -85,7 +85,7 @@ def add_flux2_lora(transformer: nn.Module, rank: int, alpha: float | None = None
 
     Example:
         >>> from diffusers import Flux2Transformer2DModel
-        >>> from mosaic_kit.pipelines.tiny_flux2 import TINY_FLUX2_TRANSFORMER_CONFIG
+        >>> from mosaic_kit.models.flux2.tiny import TINY_FLUX2_TRANSFORMER_CONFIG
         >>> model = Flux2Transformer2DModel(**TINY_FLUX2_TRANSFORMER_CONFIG)
         >>> add_flux2_lora(model, rank=2, targets=["to_qkv_mlp_proj"])
         ['single_transformer_blocks.0.attn.to_qkv_mlp_proj', 'single_transformer_blocks.1.attn.to_qkv_mlp_proj']

@@ -1,4 +1,5 @@
-"""Checkpoint folders that cannot lie: a digest of every file, written last, verified on resume.
+"""Checkpoint folders that cannot lie: a digest of every file, written last, verified on resume
+(the folders' integrity; what a trainer checkpoint holds is `mosaic_kit.training.checkpointing`).
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNN``. The trainer writes it under a temporary
 name (``.tmp-step-NNNNNNN``), writes `DIGEST_FILE` last (the SHA-256 and size of every other file
@@ -151,7 +152,7 @@ def verify_checkpoint(folder: str | os.PathLike, required: tuple[str, ...] = ())
         >>> verify_checkpoint(folder)
         Traceback (most recent call last):
         ...
-        mosaic_kit.training.checkpoints.CheckpointError: checkpoint ..., file 'a.bin': SHA-256 differs from the digest (damaged bytes)
+        mosaic_kit.training.checkpoint_folders.CheckpointError: checkpoint ..., file 'a.bin': SHA-256 differs from the digest (damaged bytes)
     """
     folder = Path(folder)
     if not folder.is_dir():

@@ -1,0 +1,162 @@
+"""The one plug-in point for model families: a family is chosen by name from this registry.
+
+Each entry (`FamilySpec`) declares the family's name, its class (a `mosaic_kit.models.ModelFamily`:
+the model boundary, with its tiny random builder ``tiny`` and ``from_pretrained``), its config
+extras (the `mosaic_kit.training.ModelConfig` fields it takes as options), the pipeline that runs
+what it trains, its LoRA file format and its inference defaults. Training, inference
+(``recipes/flux_mosaic_infer.py --family NAME``) and evaluation build families only through
+`build_family`; this module is the only place that names families (a test enforces it).
+
+The registry sits in the pipelines layer because a family's runnable pipeline may be a
+mosaic_kit pipeline (FLUX.1's `MosaicFluxPipeline`); a new family adds one `register_family`
+call here (its code lives in ``models/``).
+
+Example:
+    >>> family_names()
+    ('flux1', 'flux2')
+    >>> family = build_family("flux2", seed=0)  # tiny random components (no base)
+    >>> type(family).__name__, family.name
+    ('Flux2Family', 'flux2')
+    >>> get_family("flux3")
+    Traceback (most recent call last):
+    ...
+    ValueError: Expected a model family in ('flux1', 'flux2'), but got 'flux3'.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..models import ModelFamily, MosaicFluxFamily
+from ..models.flux2 import Flux2Family
+from .pipeline import MosaicFluxPipeline
+
+__all__ = ["FamilySpec", "build_family", "family_names", "get_family", "register_family"]
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One registered model family.
+
+    Attributes:
+        family_class: the `ModelFamily` subclass (its ``name`` is the registry name).
+        pipeline: the pipeline that runs what the family trains, as a user loads it.
+        pipeline_class: the class `build_family` builds the family over (None: the family's own
+            default, e.g. the one a base's ``model_index.json`` names).
+        lora_format: what the family's LoRA file is (written by ``family.save_lora``).
+        stock_lora: the file is a plain adapter that the stock pipeline's ``load_lora_weights``
+            loads (the contract suite then checks the forward against the stock transformer).
+        inference_defaults: ``{"height", "width", "ref_size", "steps"}`` for a real base.
+        tiny_inference_defaults: the same for the tiny random components.
+        description: one line for help texts.
+    """
+
+    family_class: type[ModelFamily]
+    pipeline: str
+    lora_format: str
+    pipeline_class: type | None = None
+    stock_lora: bool = False
+    inference_defaults: dict[str, int] = field(default_factory=dict)
+    tiny_inference_defaults: dict[str, int] = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.family_class, type) and issubclass(self.family_class, ModelFamily)
+                and self.family_class.name):
+            raise ValueError(f"Expected `family_class` to be a named ModelFamily subclass, but got {self.family_class!r}.")
+
+    @property
+    def name(self) -> str:
+        """The registry name (the family class's ``name``)."""
+        return self.family_class.name
+
+    @property
+    def config_extras(self) -> tuple[str, ...]:
+        """The `mosaic_kit.training.ModelConfig` fields passed to the family's builders."""
+        return tuple(self.family_class.config_extras)
+
+    def build(self, base: str | os.PathLike | None = None, torch_dtype: torch.dtype | None = None, seed: int = 0,
+              tiny_overrides: dict | None = None, pixel_space: int | None = None, **options: Any) -> ModelFamily:
+        """The family: tiny random components when ``base`` is None, else the pretrained base.
+
+        Args:
+            base: hub id or local folder, or None.
+            torch_dtype: weight dtype of a pretrained base.
+            seed: seed of the tiny components.
+            tiny_overrides: tiny transformer config entries to change (tiny only).
+            pixel_space: tiny pixel-space factor, or None (tiny only).
+            **options: the family's constructor options (its `config_extras`, ...).
+        """
+        kwargs = dict(options)
+        if self.pipeline_class is not None:
+            kwargs["pipeline_class"] = self.pipeline_class
+        if base is None:
+            return self.family_class.tiny(seed=seed, transformer_overrides=tiny_overrides or None,
+                                          pixel_space=pixel_space, **kwargs)
+        if tiny_overrides or pixel_space:
+            raise ValueError("Expected `tiny_overrides` and `pixel_space` only without a `base`.")
+        return self.family_class.from_pretrained(base, torch_dtype=torch_dtype, **kwargs)
+
+
+_REGISTRY: dict[str, FamilySpec] = {}
+
+
+def register_family(spec: FamilySpec) -> FamilySpec:
+    """Adds a family to the registry (by its class's ``name``); returns the spec.
+
+    Raises:
+        ValueError: a family of that name is registered already.
+    """
+    if not isinstance(spec, FamilySpec):
+        raise ValueError(f"Expected a FamilySpec, but got {type(spec).__name__}.")
+    if spec.name in _REGISTRY:
+        raise ValueError(f"Expected a new family name, but {spec.name!r} is registered already.")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def family_names() -> tuple[str, ...]:
+    """The registered family names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_family(name: str) -> FamilySpec:
+    """The registered family ``name``.
+
+    Raises:
+        ValueError: no family of that name, naming the registered ones.
+    """
+    spec = _REGISTRY.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"Expected a model family in {family_names()}, but got {name!r}.")
+    return spec
+
+
+def build_family(name: str, base: str | os.PathLike | None = None, **settings: Any) -> ModelFamily:
+    """`FamilySpec.build` of the registered family ``name``."""
+    return get_family(name).build(base, **settings)
+
+
+register_family(FamilySpec(
+    MosaicFluxFamily,
+    pipeline="mosaic_kit.pipelines.MosaicFluxPipeline (load_mosaic_weights)",
+    pipeline_class=MosaicFluxPipeline,
+    lora_format="diffusers LoRA safetensors of the reference LoRA, alpha/rank folded into lora_B, with a digest "
+                "(the released checkpoint's format)",
+    inference_defaults={"height": 512, "width": 512, "ref_size": 512, "steps": 28},
+    tiny_inference_defaults={"height": 32, "width": 32, "ref_size": 32, "steps": 4},
+    description="FLUX.1, references in their own branch (released MOSAIC)",
+))
+register_family(FamilySpec(
+    Flux2Family,
+    pipeline="diffusers Flux2KleinPipeline / Flux2Pipeline (stock load_lora_weights)",
+    lora_format="diffusers LoRA safetensors of a plain peft adapter, with its adapter metadata (lora_alpha)",
+    stock_lora=True,
+    inference_defaults={"height": 1024, "width": 1024, "ref_size": 1024, "steps": 4},
+    tiny_inference_defaults={"height": 32, "width": 32, "ref_size": 64, "steps": 4},
+    description="FLUX.2 [klein]/[dev], references in the target's sequence (stock pipeline layout)",
+))
