@@ -75,6 +75,7 @@ from mosaic_kit.eval import (
     tiny_dino_scorer,
 )
 from mosaic_kit.eval.paper import dreambench_paper_table
+from mosaic_kit.pipelines import family_names
 from mosaic_kit.utils.cli import (
     RecipeArgumentParser,
     add_output_dir,
@@ -118,8 +119,9 @@ def build_parser() -> RecipeArgumentParser:
     gen.add_argument("--lora", type=Path, default=None, help="MOSAIC LoRA safetensors (diffusers layout)")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="pipeline dtype (tiny: float32)")
-    gen.add_argument("--family", choices=("flux1", "flux2"), default="flux1",
-                     help="XVerseBench generation: flux1 (MosaicFluxPipeline) or flux2 (stock FLUX.2 pipeline + LoRA)")
+    gen.add_argument("--family", choices=family_names(), default=None,
+                     help="XVerseBench generation: a model family of the registry, its own pipeline with the LoRA "
+                          f"(default {family_names()[0]}; DreamBench generation uses MosaicFluxPipeline)")
     gen.add_argument("--height", type=int, default=None, help="default 512 (XVerseBench: 768)")
     gen.add_argument("--width", type=int, default=None, help="default 512 (XVerseBench: 768)")
     gen.add_argument("--ref-size", type=int, default=None,
@@ -183,8 +185,10 @@ def parse_args(argv: list[str] | None = None, parser: RecipeArgumentParser | Non
         if XVERSEBENCH_ENV not in os.environ:
             parser.error(f"--benchmark xversebench needs --xversebench DIR (XVerse's repository) or ${XVERSEBENCH_ENV}")
         args.xversebench = Path(os.environ[XVERSEBENCH_ENV])
-    if not xverse and args.family != "flux1":
-        parser.error("--family flux2 applies to --benchmark xversebench (DreamBench generation uses MosaicFluxPipeline)")
+    if not xverse and args.family is not None:
+        parser.error("--family applies to --benchmark xversebench (DreamBench generation uses MosaicFluxPipeline)")
+    if xverse and args.family is None:
+        args.family = family_names()[0]
     if args.score_only is not None and args.tiny:
         parser.error("--tiny only applies to --generate")
     if args.generate and not args.tiny and args.lora is None:
@@ -260,29 +264,19 @@ def xverse_settings(args: argparse.Namespace) -> dict:
 
 
 def load_xverse_pipeline(args: argparse.Namespace):
-    """(pipeline, XVerseGeneration) for the chosen family (imported only in generation mode)."""
-    from mosaic_kit.eval.xversebench import XVerseGeneration
+    """(pipeline, XVerseGeneration) for the chosen family of the registry (generation mode only):
+    the family's own pipeline with the LoRA loaded through ``family.load_lora``."""
+    from mosaic_kit.eval.xversebench import FamilySampler, XVerseGeneration
+    from mosaic_kit.pipelines import build_family
 
-    common = dict(height=args.height, width=args.width, reference_size=args.ref_size, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, seed=args.seed)
-    if args.family == "flux1":
-        kwargs = {"max_sequence_length": args.max_sequence_length, "progress": False}
-        return load_pipeline(args), XVerseGeneration(**common, pipeline_kwargs=kwargs)
-    from mosaic_kit.pipelines.tiny_flux2 import TINY_FLUX2_TEXT_OUT_LAYERS, tiny_flux2_pipeline
-
-    if args.tiny:
-        pipe = tiny_flux2_pipeline(seed=args.seed)
-        kwargs = {"text_encoder_out_layers": TINY_FLUX2_TEXT_OUT_LAYERS, "max_sequence_length": args.max_sequence_length}
-    else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(args.base, torch_dtype=DTYPES[args.dtype])
-        lora = Path(args.lora)
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name) if lora.is_file() else pipe.load_lora_weights(str(lora))
-        pipe.set_progress_bar_config(disable=True)
-        kwargs = {"max_sequence_length": args.max_sequence_length}
-    generation = XVerseGeneration(**common, reference_argument="image", pass_reference_size=False, pipeline_kwargs=kwargs)
-    return pipe.to(args.device), generation
+    family = build_family(args.family, None if args.tiny else args.base, torch_dtype=DTYPES[args.dtype], seed=args.seed)
+    family.to(args.device)
+    if args.lora is not None:
+        family.load_lora(args.lora)
+    generation = XVerseGeneration(height=args.height, width=args.width, reference_size=args.ref_size,
+                                  num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                                  reference_argument="reference_images", pass_reference_size=False)
+    return FamilySampler(family), generation
 
 
 def load_xverse_scorers(args: argparse.Namespace):

@@ -176,12 +176,18 @@ class ModelFamily(abc.ABC):
             as options beyond the common ones (base, seed, tiny overrides, pixel space).
         default_guidance_scale: the guidance `sample` uses when none is given.
         max_references: the most references a sample may have (None: no limit).
+        min_sample_reference_side: the smallest reference side in pixels that `sample` (the
+            family's pipeline) accepts; training refuses smaller references at config time when
+            it draws validation samples.
+        min_sample_reference_reason: why, for that error (empty when there is no minimum).
     """
 
     name: ClassVar[str] = ""
     config_extras: ClassVar[tuple[str, ...]] = ()
     default_guidance_scale: ClassVar[float] = 3.5
     max_references: ClassVar[int | None] = None
+    min_sample_reference_side: ClassVar[int] = 1
+    min_sample_reference_reason: ClassVar[str] = ""
 
     pipe: Any = None
     """The diffusers pipeline whose encoders, VAE and scheduler a family built on one uses (None

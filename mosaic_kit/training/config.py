@@ -26,12 +26,6 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
     return field(default=default, metadata={"help": text})
 
 
-
-FLUX2_MIN_REFERENCE_SIDE = 64
-"""The smallest reference side the stock FLUX.2 pipelines take (diffusers' ``Flux2ImageProcessor.
-check_image_input``, ``min_side_length=64``): a FLUX.2 validation sheet samples through them."""
-
-
 @dataclass
 class ModelConfig:
     """The FLUX model and its reference LoRA."""
@@ -186,14 +180,17 @@ class TrainConfig:
         if isinstance(self.validation_samples, bool) or not isinstance(self.validation_samples, int) \
                 or self.validation_samples < 0:
             raise ValueError(f"Expected `validation_samples` to be a non-negative int, but got {self.validation_samples!r}.")
-        if self.model.family == "flux2" and self.validation_samples >= 1 and self.data.kind != "manifest" \
-                and self.data.ref_size < FLUX2_MIN_REFERENCE_SIDE:  # (manifest references keep their files' sizes)
+        from ..pipelines.registry import get_family
+
+        family = get_family(self.model.family).family_class
+        side = family.min_sample_reference_side
+        if self.validation_samples >= 1 and self.data.kind != "manifest" and self.data.ref_size < side:
+            # (manifest references keep their files' sizes)
             raise ValueError(
-                f"Expected `data.ref_size` >= {FLUX2_MIN_REFERENCE_SIDE} with `model.family: flux2` and validation "
-                f"samples, but got {self.data.ref_size}: the validation sheet samples through the stock FLUX.2 "
-                f"pipeline, whose image processor refuses references with a side under {FLUX2_MIN_REFERENCE_SIDE} px "
-                "(diffusers' Flux2ImageProcessor.check_image_input), so the run would fail after training. Raise "
-                "`data.ref_size` or set `validation_samples: 0`."
+                f"Expected `data.ref_size` >= {side} with `model.family: {family.name}` and validation samples, but "
+                f"got {self.data.ref_size}: the validation sheet samples through the family's pipeline, and "
+                f"{family.min_sample_reference_reason}, so the run would fail after training. Raise `data.ref_size` "
+                "or set `validation_samples: 0`."
             )
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"Expected `fsdp` to be true or false, but got {self.fsdp!r}.")

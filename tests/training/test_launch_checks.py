@@ -15,7 +15,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
 from mosaic_kit.training import MosaicTrainer, config_from_dict  # noqa: E402
-from mosaic_kit.training.config import FLUX2_MIN_REFERENCE_SIDE  # noqa: E402
+from mosaic_kit.models.flux2 import Flux2Family  # noqa: E402
+
+FLUX2_MIN_REFERENCE_SIDE = Flux2Family.min_sample_reference_side
 from mosaic_kit.training.fsdp import shard_linear_units  # noqa: E402
 
 

@@ -35,7 +35,7 @@ from .faces import (
     similarity_transform,
     tiny_face_models,
 )
-from .generation import REFERENCE_ARGUMENTS, XVerseGeneration, generate_case_images, prepare_reference
+from .generation import REFERENCE_ARGUMENTS, FamilySampler, XVerseGeneration, generate_case_images, prepare_reference
 from .run import IMAGE_SUFFIXES, evaluate_xversebench, find_case_images, judge_task_type, summary_markdown
 from .scoring import METRICS, XVerseScorers, score_case, summarize
 from .subjects import (
@@ -57,6 +57,7 @@ from .subjects import (
 from .tiny import tiny_xverse_scorers
 
 __all__ = [
+    "FamilySampler",
     "ARCFACE_TEMPLATE",
     "DEFAULT_DINO_MODEL",
     "DEFAULT_GROUNDING_MODEL",

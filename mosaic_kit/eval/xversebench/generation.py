@@ -20,7 +20,7 @@ from ...utils.atomic import save_image_atomic
 from .benchmark import XVerseCase
 from .subjects import pad_to_square
 
-__all__ = ["REFERENCE_ARGUMENTS", "XVerseGeneration", "generate_case_images", "prepare_reference"]
+__all__ = ["REFERENCE_ARGUMENTS", "FamilySampler", "XVerseGeneration", "generate_case_images", "prepare_reference"]
 
 REFERENCE_ARGUMENTS = ("reference_images", "image")
 """How a pipeline takes the references: ``reference_images`` (`MosaicFluxPipeline`) or ``image``
@@ -74,6 +74,40 @@ class XVerseGeneration:
                 f"Expected `pipeline_kwargs` to be a dict without the arguments set by the harness {list(_RESERVED)}, "
                 f"but got {self.pipeline_kwargs!r}."
             )
+
+
+class FamilySampler:
+    """A model family (any `mosaic_kit.models.ModelFamily`, e.g. from
+    `mosaic_kit.pipelines.build_family`) as the pipeline `generate_case_images` calls: each call
+    is one ``family.sample``, the family's own pipeline with its LoRA as loaded.
+
+    Use it with ``XVerseGeneration(reference_argument="reference_images", pass_reference_size=False)``
+    (the references arrive prepared at the benchmark's size).
+
+    Args:
+        family: the model family.
+
+    Example:
+        >>> class Grey:  # a stand-in with the family's ``sample`` signature
+        ...     def sample(self, prompt, references, height, width, num_inference_steps, generator=None,
+        ...                guidance_scale=None):
+        ...         return Image.new("RGB", (width, height), "gray")
+        >>> FamilySampler(Grey())(prompt="a cat", reference_images=[], height=8, width=12,
+        ...                       num_inference_steps=1, guidance_scale=3.5, generator=None).images[0].size
+        (12, 8)
+    """
+
+    def __init__(self, family: Any) -> None:
+        if not callable(getattr(family, "sample", None)):
+            raise ValueError(f"Expected a model family with a `sample` method, but got {type(family).__name__}.")
+        self.family = family
+
+    def __call__(self, *, prompt: str, reference_images: list[Image.Image], height: int, width: int,
+                 num_inference_steps: int, guidance_scale: float, generator: torch.Generator | None,
+                 **options: Any) -> Any:
+        image = self.family.sample(prompt, reference_images, height, width, num_inference_steps,
+                                   generator=generator, guidance_scale=guidance_scale, **options)
+        return type("FamilyOutput", (), {"images": [image]})()
 
 
 def prepare_reference(photo: Image.Image, size: int) -> Image.Image:

@@ -66,6 +66,9 @@ class Flux2Family(ModelFamily):
     name = "flux2"
     config_extras = ("capture_blocks",)
     default_guidance_scale = 4.0
+    min_sample_reference_side = 64
+    min_sample_reference_reason = ("the stock FLUX.2 pipeline's image processor refuses references with a side under "
+                                   "64 px (diffusers' Flux2ImageProcessor.check_image_input)")
 
     def __init__(
         self,
