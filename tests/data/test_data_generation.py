@@ -118,6 +118,18 @@ def test_prompts_from_file_json_and_jsonl(tmp_path):
         prompts_from_file(bad)
 
 
+def test_prompts_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"prompt": "a dog", "subjects": ["dog"]}).encode() + b"\n"
+                     + '{"prompt": "a caf\u00e9 dog", "subjects": ["dog"]}'.encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=r"latin1\.jsonl: expected UTF-8 text, but byte 0xe9 at line 2, column 18"):
+        prompts_from_file(path)
+    with_bom = tmp_path / "bom.json"
+    with_bom.write_bytes("\ufeff".encode() + json.dumps([{"prompt": "a caf\u00e9 dog", "subjects": ["dog"]}]).encode())
+    record, = prompts_from_file(with_bom)
+    assert record.prompt == "a caf\u00e9 dog"  # UTF-8 with a byte-order mark, as some editors write
+
+
 def test_subjects_mentioned_counts_repeats():
     assert subjects_mentioned("a dog and a dog", ["dog", "dog"]) == []
     assert subjects_mentioned("a dog on grass", ["dog", "dog"]) == ["dog"]

@@ -28,6 +28,7 @@ from .records import (
     in_shard,
     item_seed,
     parse_shard,
+    read_text_utf8,
     reject_reason_key,
     write_text_atomic,
 )
@@ -142,6 +143,7 @@ __all__ = [
     "overlay_masks",
     "parse_shard",
     "prompts_from_file",
+    "read_text_utf8",
     "reject_reason_key",
     "resolve_path",
     "subject_pairs",

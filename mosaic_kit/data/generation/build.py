@@ -39,7 +39,7 @@ from .correspondences import subject_pairs
 from .filtering import ClipQualityScore, SharpnessScore, decide, subject_scores
 from .images import GeneratedImage, tensor_to_pil
 from .prompts import PromptRecord, PromptTemplates, prompts_from_file
-from .records import STAGES, StageStore, in_shard, reject_reason_key, write_text_atomic
+from .records import STAGES, StageStore, in_shard, read_text_utf8, reject_reason_key, write_text_atomic
 from .references import cutout
 from .subjects import DetectedSubjects
 
@@ -109,7 +109,7 @@ class DatasetBuilder:
         if cfg.source == "file":
             names = cfg.names
             if isinstance(names, str):  # a DreamBench-style prompts.json: subjects[].name → class
-                data = json.loads(resolve_path(names).read_text())
+                data = json.loads(read_text_utf8(resolve_path(names)))
                 names = {s["name"]: s["class"] for s in data["subjects"]}
             return prompts_from_file(resolve_path(cfg.file), names=names)[: cfg.count]
         try:
@@ -365,7 +365,7 @@ class DatasetBuilder:
         editor = self._model("editor", self._build_editor) if cfg.source == "editor" and todo else None
         mapping = None
         if cfg.source == "files":
-            mapping = json.loads(resolve_path(cfg.files).read_text())
+            mapping = json.loads(read_text_utf8(resolve_path(cfg.files)))
         start = time.perf_counter()
         for item_id in self._bar("references", todo):
             try:
