@@ -209,6 +209,35 @@ def test_missing_inputs_are_rejected_with_reasons(photos):
                                                                                      "scene": ["x"]}}))
 
 
+def test_a_decompression_bomb_is_that_items_error_not_the_runs(photos, monkeypatch):
+    """PIL refuses images above 2 × Image.MAX_IMAGE_PIXELS (lowered here instead of writing a huge
+    file): in images.folder and in references.files such an image fails its item only."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20000)  # the 128² canvases and 96² photos stay below 2×
+    folder = photos / "folder"
+    folder.mkdir()
+    for i in range(8):
+        Image.new("RGB", (300, 300) if i == 3 else (64, 64), "grey").save(folder / f"p00000{i}.png")
+    out = photos / "out"
+    _, summary = build(config_for(photos, out, images={"source": "folder", "folder": str(folder)}),
+                       stages=["prompts", "images"])
+    assert summary["stages"]["images"]["rejected"] == {"image_error": 1} and summary["stages"]["images"]["kept"] == 7
+    reason, = json.loads((out / "images" / "p000003.json").read_text())["reasons"]
+    assert "p000003.png" in reason and "MAX_IMAGE_PIXELS" in reason
+    bomb = photos / "bomb.png"
+    Image.new("RGB", (300, 300)).save(bomb)
+    prompts = json.loads((photos / "prompts.json").read_text())
+    files = {f"p00000{i}": [str(bomb if i == 5 and k == 1 else photos / "photos" / name / "01.png")
+                            for k, name in enumerate(p["subjects"])] for i, p in enumerate(prompts)}
+    (photos / "refs.json").write_text(json.dumps(files))
+    out = photos / "out2"
+    _, summary = build(config_for(photos, out, filter={"min_subject_area": None},
+                                  references={"source": "files", "files": str(photos / "refs.json")}))
+    assert summary["stages"]["filter"]["kept"] == 8
+    assert summary["stages"]["references"]["rejected"] == {"reference_error": 1} and summary["accepted"] == 7
+    reason, = json.loads((out / "references" / "p000005.json").read_text())["reasons"]
+    assert "bomb.png" in reason
+
+
 def test_every_stage_runs_with_tiny_models(tmp_path):
     """Templates, a tiny instruction model, tiny FLUX, tiny Grounding DINO + SAM, tiny CLIP, tiny
     Kontext: the plumbing (their outputs are random, so the count criterion is off)."""

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ...correspondence import TokenGrid, draw_matches, is_disjoint
 from ...utils.atomic import save_image_atomic
-from .._images import load_mask, pil_to_tensor, resize_mask
+from .._images import load_mask, open_image, pil_to_tensor, resize_mask, to_rgb
 from .config import DatasetBuildConfig, resolve_path
 from .correspondences import subject_pairs
 from .filtering import ClipQualityScore, SharpnessScore, decide, subject_scores
@@ -45,7 +45,9 @@ from .subjects import DetectedSubjects
 
 __all__ = ["DatasetBuilder", "contact_sheet", "overlay_masks"]
 
-_ITEM_ERRORS = (OSError, UnidentifiedImageError, ValueError)
+_ITEM_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+"""What fails one item (recorded as its error), not the run: missing, unreadable, truncated or too
+large files (a stage object that opens images itself may let PIL's DecompressionBombError through)."""
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -54,8 +56,9 @@ def _save_mask(mask: torch.Tensor, path: Path) -> None:
 
 
 def _open(path: Path) -> Image.Image:
-    with Image.open(path) as opened:
-        return opened.convert("RGB")
+    """An image file as RGB, through the data package's checked reader (missing, corrupt,
+    truncated and decompression-bomb files raise a ValueError naming the file)."""
+    return to_rgb(open_image(path), str(path))
 
 
 class DatasetBuilder:
