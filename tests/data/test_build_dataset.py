@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -236,6 +237,33 @@ def test_a_decompression_bomb_is_that_items_error_not_the_runs(photos, monkeypat
     assert summary["stages"]["references"]["rejected"] == {"reference_error": 1} and summary["accepted"] == 7
     reason, = json.loads((out / "references" / "p000005.json").read_text())["reasons"]
     assert "bomb.png" in reason
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("prompts.count", -1, ">= 1"), ("prompts.count", 0, ">= 1"), ("prompts.count", 2.5, "integer"),
+    ("prompts.count", True, "integer"), ("prompts.count", "8", "integer"), ("seed", 1.5, "integer"),
+    ("sheets", -1, ">= 0"), ("images.height", 0, ">= 1"), ("images.width", -64, ">= 1"), ("images.steps", 0, ">= 1"),
+    ("images.batch_size", 0, ">= 1"), ("images.canvas_size", 100, "multiple of 16"), ("references.size", 0, ">= 1"),
+    ("references.steps", 0, ">= 1"), ("correspondences.grid", 0, ">= 1"), ("correspondences.max_points", -1, ">= 0"),
+    ("correspondences.min_pairs", -2, ">= 0"), ("correspondences.min_pairs", 1.0, "integer"),
+    ("prompts.templates.max_subjects", 0, "max_subjects"),
+])
+def test_config_refuses_counts_that_make_no_sense_naming_the_key(key, value, expected):
+    """Checked when the config is read, not after a run (prompts.count -1 silently dropped the last item)."""
+    base = Path("unused")
+    values = config_for(base, base / "out", images={"source": "diffusers", "model": "tiny"},
+                        prompts={"source": "templates", "templates": {"categories": {"animal": ["dog"], "toy": ["car"]}}})
+    *parents, name = key.split(".")
+    section = values
+    for parent in parents:
+        section = section[parent]
+    section[name] = value
+    named = "prompts.templates" if key.startswith("prompts.templates.") else key
+    with pytest.raises(ValueError, match=re.escape(f"`{named}`") + ".*" + re.escape(expected)):
+        dataset_config_from_dict(values)
+    section[name] = {"correspondences.max_points": 0, "correspondences.min_pairs": 0, "sheets": 0,
+                     "prompts.templates.max_subjects": 2}.get(key, 16)
+    dataset_config_from_dict(values)  # the same config with a sensible value
 
 
 def test_every_stage_runs_with_tiny_models(tmp_path):

@@ -15,7 +15,9 @@ from typing import Any
 
 from ...correspondence import DISJOINT_POLICIES
 from ...correspondence.matching import MATCH_FILTERS
+from ...utils.checks import check_int
 from .filtering import FilterThresholds
+from .prompts import PromptTemplates
 
 __all__ = [
     "IMAGE_SOURCES", "PROMPT_SOURCES", "QUALITY_SCORES", "REFERENCE_SOURCES", "SUBJECT_SOURCES",
@@ -38,6 +40,13 @@ REFERENCE_SOURCES = ("editor", "cutout", "files", "other_views")
 def _allowed(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"Expected `{name}` to be one of {list(allowed)}, but got {value!r}.")
+
+
+def _counts(section: str, config: Any, minimums: dict[str, int | None]) -> None:
+    """Each named field an integer (not a bool, not a float) >= its minimum, the error naming
+    ``<section>.<field>``."""
+    for name, minimum in minimums.items():
+        check_int(f"{section}.{name}" if section else name, getattr(config, name), minimum=minimum)
 
 
 def dreambench_root() -> Path:
@@ -79,7 +88,8 @@ def resolve_path(value: str | None) -> Path | None:
 class PromptStageConfig:
     """Stage 1. ``source``: templates (``templates``: the arguments of `PromptTemplates`) or file
     (``file``, and ``names``: a placeholder → name mapping or a DreamBench-style ``prompts.json``);
-    ``count`` prompts; ``rewriter``: optional ``{model, max_new_tokens, temperature}``.
+    ``count`` prompts (an int >= 1; a file's first ``count``); ``rewriter``: optional
+    ``{model, max_new_tokens, temperature}``. The templates are checked here (`PromptTemplates`).
 
     Examples:
         >>> PromptStageConfig(source="file", file="prompts.json", count=20).count
@@ -99,6 +109,12 @@ class PromptStageConfig:
             raise ValueError("Expected `prompts.file` for prompts.source = 'file', but got none.")
         if self.source == "templates" and not self.templates.get("categories"):
             raise ValueError("Expected `prompts.templates.categories` for prompts.source = 'templates', but got none.")
+        _counts("prompts", self, {"count": 1})
+        if self.source == "templates":
+            try:
+                PromptTemplates(**self.templates)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"Expected `prompts.templates` to hold valid arguments of PromptTemplates, but: {error}") from None
 
 
 @dataclass
@@ -130,6 +146,9 @@ class ImageStageConfig:
         need = {"diffusers": "model", "folder": "folder", "photo_composites": "root"}[self.source]
         if not getattr(self, need):
             raise ValueError(f"Expected `images.{need}` for images.source = {self.source!r}, but got none.")
+        _counts("images", self, {"height": 1, "width": 1, "steps": 1, "batch_size": 1, "canvas_size": 16})
+        if self.canvas_size % 16:
+            raise ValueError(f"Expected `images.canvas_size` to be a multiple of 16, but got {self.canvas_size}.")
 
 
 @dataclass
@@ -215,6 +234,7 @@ class ReferenceStageConfig:
             raise ValueError("Expected `references.editor` for references.source = 'editor', but got none.")
         if self.source == "files" and not self.files:
             raise ValueError("Expected `references.files` for references.source = 'files', but got none.")
+        _counts("references", self, {"size": 16 if self.source == "editor" else 1, "steps": 1})
 
 
 @dataclass
@@ -245,6 +265,7 @@ class CorrespondenceStageConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value % 16:
                 raise ValueError(f"Expected `correspondences.{name}` to be a positive multiple of 16, but got {value!r}.")
+        _counts("correspondences", self, {"grid": 1, "max_points": 0, "min_pairs": 0})
 
 
 @dataclass
@@ -269,6 +290,9 @@ class DatasetBuildConfig:
     references: ReferenceStageConfig = field(default_factory=ReferenceStageConfig)
     correspondences: CorrespondenceStageConfig = field(default_factory=CorrespondenceStageConfig)
     sheets: int = 4
+
+    def __post_init__(self) -> None:
+        _counts("", self, {"seed": None, "sheets": 0})
 
 
 _SECTIONS = {"prompts": PromptStageConfig, "images": ImageStageConfig, "subjects": SubjectStageConfig,
