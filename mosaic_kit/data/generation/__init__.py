@@ -79,6 +79,7 @@ from .config import (
     PROMPT_SOURCES,
     QUALITY_SCORES,
     REFERENCE_SOURCES,
+    RESUME_NEUTRAL_KEYS,
     SUBJECT_SOURCES,
     CorrespondenceStageConfig,
     DatasetBuildConfig,
@@ -90,6 +91,7 @@ from .config import (
     dataset_config_from_dict,
     dreambench_root,
     resolve_path,
+    stage_settings,
 )
 from .build import (
     DatasetBuilder,
@@ -123,6 +125,7 @@ __all__ = [
     "PromptStageConfig",
     "PromptTemplates",
     "REJECT_REASONS",
+    "RESUME_NEUTRAL_KEYS",
     "ReferenceStageConfig",
     "STAGES",
     "SharpnessScore",
@@ -146,6 +149,7 @@ __all__ = [
     "read_text_utf8",
     "reject_reason_key",
     "resolve_path",
+    "stage_settings",
     "subject_pairs",
     "subject_scores",
     "subjects_mentioned",

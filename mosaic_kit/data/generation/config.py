@@ -18,11 +18,13 @@ from ...correspondence.matching import MATCH_FILTERS
 from ...utils.checks import check_int
 from .filtering import FilterThresholds
 from .prompts import PromptTemplates
+from .records import STAGES
 
 __all__ = [
     "IMAGE_SOURCES", "PROMPT_SOURCES", "QUALITY_SCORES", "REFERENCE_SOURCES", "SUBJECT_SOURCES",
     "CorrespondenceStageConfig", "DatasetBuildConfig", "FilterStageConfig", "ImageStageConfig", "PromptStageConfig",
-    "ReferenceStageConfig", "SubjectStageConfig", "dataset_config_from_dict", "dreambench_root", "resolve_path",
+    "RESUME_NEUTRAL_KEYS", "ReferenceStageConfig", "SubjectStageConfig", "dataset_config_from_dict", "dreambench_root",
+    "resolve_path", "stage_settings",
 ]
 
 PROMPT_SOURCES = ("templates", "file")
@@ -35,6 +37,15 @@ QUALITY_SCORES = ("sharpness", "clip_iqa")
 """The values of ``filter.quality``."""
 REFERENCE_SOURCES = ("editor", "cutout", "files", "other_views")
 """The values of ``references.source``."""
+
+
+RESUME_NEUTRAL_KEYS = ("out", "sheets", "prompts.count", "images.batch_size")
+"""The config keys that change no finished record, so a new value never blocks a resume: the
+output folder itself; the contact sheets (redrawn by every `DatasetBuilder.finish`); the number of
+prompts (prompt ``i`` is the same whatever the count: a larger count adds items, a smaller one
+leaves the last ones out of the manifest); the image batch size (each image has its own seed).
+Every other key counts (see `stage_settings`). Progress bars, threads and the shard are not
+config keys: they never count."""
 
 
 def _allowed(name: str, value: Any, allowed: tuple) -> None:
@@ -293,6 +304,59 @@ class DatasetBuildConfig:
 
     def __post_init__(self) -> None:
         _counts("", self, {"seed": None, "sheets": 0})
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def stage_settings(config: DatasetBuildConfig, stage: str) -> dict[str, Any]:
+    """The settings the records of ``stage`` depend on, as dotted keys → values.
+
+    They are ``seed``, ``device``, the stage's own section and the sections of the stages before
+    it (a stage reads their records), without `RESUME_NEUTRAL_KEYS`; nested mappings are spelled
+    out (``prompts.templates.min_subjects``). The filter's thresholds (the fields of
+    `FilterThresholds`) count for the filter stage alone: they decide which items go on, but do
+    not change the later records of an item that does.
+
+    Args:
+        config: the configuration.
+        stage: one of `STAGES`.
+
+    Returns:
+        A JSON-serialisable dict, sorted by key.
+
+    Raises:
+        ValueError: for an unknown stage.
+
+    Examples:
+        >>> config = DatasetBuildConfig(prompts=PromptStageConfig(source="file", file="p.json"),
+        ...                             images=ImageStageConfig(source="folder", folder="images"))
+        >>> settings = stage_settings(config, "references")
+        >>> settings["images.folder"], "filter.quality" in settings, "filter.min_quality" in settings
+        ('images', True, False)
+        >>> "correspondences.grid" in settings, "prompts.count" in settings, "filter.min_quality" in stage_settings(config, "filter")
+        (False, False, True)
+    """
+    _allowed("stage", stage, STAGES)
+    upstream = STAGES[: STAGES.index(stage) + 1]
+    thresholds = {f"filter.{f.name}" for f in dataclasses.fields(FilterThresholds)}
+    settings = {}
+    for key, value in _flatten(dataclasses.asdict(config)).items():
+        section = key.split(".", 1)[0]
+        if key in RESUME_NEUTRAL_KEYS or (section in STAGES and section not in upstream):
+            continue
+        if key in thresholds and stage != "filter":
+            continue
+        settings[key] = value
+    return dict(sorted(settings.items()))
 
 
 _SECTIONS = {"prompts": PromptStageConfig, "images": ImageStageConfig, "subjects": SubjectStageConfig,
