@@ -132,6 +132,7 @@ class DatasetBuilder:
         self.timings: dict[str, dict[str, float]] = {}
         self.settings = {stage: stage_settings(config, stage) for stage in STAGES}
         self.digests = {stage: _digest(settings) for stage, settings in self.settings.items()}
+        self._links: dict[tuple[str, str], tuple[bool, str | None] | None] = {}  # during run(): (kept, digest)
 
     # -- plan -------------------------------------------------------------------------------------
     def plan(self) -> list[PromptRecord]:
@@ -156,6 +157,29 @@ class DatasetBuilder:
         """Whether ``record`` was made under this configuration's settings for ``stage``."""
         return record.get(_DIGEST) == self.digests[stage]
 
+    def _link(self, stage: str, item_id: str) -> tuple[bool, bool] | None:
+        """``(kept, fresh)`` of the item's record in ``stage``, None without one; cached during
+        `run` (which writes this shard's records only: `_write` updates the cache)."""
+        key = (stage, item_id)
+        if key not in self._links:
+            store = self.stores[stage]
+            record = store.read(item_id) if store.done(item_id) else None
+            self._links[key] = None if record is None else (bool(record.get("kept", True)), record.get(_DIGEST))
+        link = self._links[key]
+        return None if link is None else (link[0], link[1] == self.digests[stage])
+
+    def _link_chain(self, item_id: str, depth: int = len(STAGES)) -> list[tuple[str, bool, bool]]:
+        """`_chain` as ``(stage, kept, fresh)`` from `_link`."""
+        chain = []
+        for stage in STAGES[:depth]:
+            link = self._link(stage, item_id)
+            if link is None:
+                break
+            chain.append((stage, *link))
+            if not link[0]:
+                break
+        return chain
+
     def _chain(self, item_id: str) -> list[tuple[str, dict[str, Any]]]:
         """The item's records stage by stage, up to the first missing stage or the first rejection
         (included): the records its outcome rests on. Records after a gap or a rejection (left by
@@ -173,16 +197,15 @@ class DatasetBuilder:
 
     def _todo(self, stage: str, ids: Sequence[str]) -> list[str]:
         """Ids to (re)do: without a record, with a stale one, or every id with ``overwrite``."""
-        store = self.stores[stage]
-        return [i for i in ids if self.overwrite or not store.done(i) or not self._fresh(stage, store.read(i))]
+        return [i for i in ids if self.overwrite or self._link(stage, i) is None or not self._link(stage, i)[1]]
 
     def _kept(self, stage: str, ids: Sequence[str]) -> list[str]:
         """Ids whose records up to ``stage`` all exist, are fresh and are not rejections."""
         depth = STAGES.index(stage) + 1
         out = []
         for item_id in ids:
-            chain = self._chain(item_id)[:depth]
-            if len(chain) == depth and all(r.get("kept", True) and self._fresh(s, r) for s, r in chain):
+            chain = self._link_chain(item_id, depth)
+            if len(chain) == depth and all(kept and fresh for _, kept, fresh in chain):
                 out.append(item_id)
         return out
 
@@ -193,6 +216,8 @@ class DatasetBuilder:
 
     def _write(self, stage: str, item_id: str, record: dict[str, Any]) -> None:
         self.stores[stage].write(item_id, {**record, _DIGEST: self.digests[stage]})
+        if (stage, item_id) in self._links:
+            self._links[(stage, item_id)] = (bool(record.get("kept", True)), self.digests[stage])
 
     def _bar(self, stage: str, ids: Sequence[str]):
         return tqdm(ids, desc=f"{stage} {self.shard[0]}/{self.shard[1]}", unit="item", disable=not self.progress)
@@ -298,14 +323,17 @@ class DatasetBuilder:
         plan = self.plan()
         by_id = {record.id: record for record in plan}
         ids = self._mine(list(by_id))
-        self._check_resume(ids, stages)
-        for stage in STAGES:  # the settings every record's digest stands for
-            path = self.out / "configs" / f"{self.digests[stage]}.json"
-            if not path.is_file():
-                write_text_atomic(path, json.dumps(self.settings[stage], indent=1))
-        for stage in STAGES:
-            if stage in stages:
-                getattr(self, f"_stage_{stage}")(ids, by_id)
+        try:
+            self._check_resume(ids, stages)
+            for stage in STAGES:  # the settings every record's digest stands for
+                path = self.out / "configs" / f"{self.digests[stage]}.json"
+                if not path.is_file():
+                    write_text_atomic(path, json.dumps(self.settings[stage], indent=1))
+            for stage in STAGES:
+                if stage in stages:
+                    getattr(self, f"_stage_{stage}")(ids, by_id)
+        finally:
+            self._links.clear()
 
     @staticmethod
     def _stages(stages: Sequence[str] | None) -> list[str]:
@@ -332,15 +360,18 @@ class DatasetBuilder:
                 the stale records, and how to redo them.
         """
         stages = self._stages(stages)
-        self._check_resume(self._mine([record.id for record in self.plan()]), stages)
+        try:
+            self._check_resume(self._mine([record.id for record in self.plan()]), stages)
+        finally:
+            self._links.clear()
 
     def _check_resume(self, ids: Sequence[str], stages: Sequence[str]) -> None:
         redone = set(stages) if self.overwrite else set()
         stale: dict[str, Counter] = {}
         for item_id in ids:
-            for stage, record in self._chain(item_id):
-                if stage not in redone and not self._fresh(stage, record):
-                    stale.setdefault(stage, Counter())[record.get(_DIGEST)] += 1
+            for stage, _, fresh in self._link_chain(item_id):
+                if stage not in redone and not fresh:
+                    stale.setdefault(stage, Counter())[self._links[(stage, item_id)][1]] += 1
         if not stale:
             return
         changed: dict[str, tuple[Any, Any]] = {}
