@@ -306,6 +306,17 @@ class DatasetBuildConfig:
         _counts("", self, {"seed": None, "sheets": 0})
 
 
+def _canonical(value: Any) -> Any:
+    """The JSON form of a setting, whole floats as ints (``20.0`` and ``20`` are the same setting)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    return value
+
+
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
@@ -322,7 +333,8 @@ def stage_settings(config: DatasetBuildConfig, stage: str) -> dict[str, Any]:
 
     They are ``seed``, ``device``, the stage's own section and the sections of the stages before
     it (a stage reads their records), without `RESUME_NEUTRAL_KEYS`; nested mappings are spelled
-    out (``prompts.templates.min_subjects``). The filter's thresholds (the fields of
+    out (``prompts.templates.min_subjects``), values in their JSON form with whole floats as ints.
+    The filter's thresholds (the fields of
     `FilterThresholds`) count for the filter stage alone: they decide which items go on, but do
     not change the later records of an item that does.
 
@@ -355,7 +367,7 @@ def stage_settings(config: DatasetBuildConfig, stage: str) -> dict[str, Any]:
             continue
         if key in thresholds and stage != "filter":
             continue
-        settings[key] = value
+        settings[key] = _canonical(value)
     return dict(sorted(settings.items()))
 
 
