@@ -6,7 +6,9 @@ prompts → images → subjects → filter → references → correspondences; t
 ``summary.json`` (kept and rejected per reason, seconds per item) and contact sheets
 (``sheets/accepted.png``, ``sheets/rejected.png``).
 
-A killed run resumes without redoing finished items; ``--shard i/n`` runs the items of shard i of
+A killed run resumes without redoing finished items. Resuming with a changed configuration is
+refused, naming the changed keys, unless ``--overwrite`` redoes the stages concerned (see
+``RESUME_NEUTRAL_KEYS`` for the keys that never count); ``--shard i/n`` runs the items of shard i of
 n (a stable hash of each id), so n machines or GPUs cover every item once; run
 ``--stage manifest`` once after all shards to collect them.
 
@@ -31,7 +33,7 @@ import torch
 import yaml
 
 from mosaic_kit.data import dreambench_root
-from mosaic_kit.data.generation import STAGES, DatasetBuilder, dataset_config_from_dict, parse_shard
+from mosaic_kit.data.generation import STAGES, DatasetBuilder, dataset_config_from_dict, parse_shard, write_text_atomic
 from mosaic_kit.training.config import apply_overrides
 from mosaic_kit.utils.cli import RecipeArgumentParser, add_output_dir, add_progress, add_threads, usage_errors
 
@@ -68,16 +70,18 @@ def main(argv: list[str] | None = None) -> dict:
             # the DreamBench photos are here, or the error names the command that fetches them
             dreambench_root()
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"config-{args.shard[0]}of{args.shard[1]}.json").write_text(json.dumps(values, indent=2))
     builder = DatasetBuilder(config, args.shard, progress=not args.no_progress, overwrite=args.overwrite)
     stages = [s for s in (args.stage or STAGES) if s != "manifest"]
+    if stages:  # before anything is written: a resume over records made under other settings is refused
+        with usage_errors(parser):
+            builder.check_resume(stages)
+    write_text_atomic(out / f"config-{args.shard[0]}of{args.shard[1]}.json", json.dumps(values, indent=2))
     if stages:
         builder.run(stages)
     summary = builder.finish()
     log.info("shard %d/%d: %d accepted of %d items; rejected %s; manifest %s", *args.shard, summary["accepted"],
              summary["items"], summary["rejected"], out / "manifest.jsonl")
-    print(json.dumps({k: summary[k] for k in ("items", "accepted", "rejected", "seconds_per_item")}, indent=1),
+    print(json.dumps({k: summary[k] for k in ("items", "accepted", "rejected", "stale", "seconds_per_item")}, indent=1),
           file=sys.stderr)
     return summary
 

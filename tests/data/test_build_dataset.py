@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -17,7 +18,14 @@ from PIL import Image
 from mosaic_kit.correspondence import TokenGrid
 from mosaic_kit.data import ManifestDataset, read_manifest
 from mosaic_kit.data._images import load_mask
-from mosaic_kit.data.generation import STAGES, DatasetBuilder, dataset_config_from_dict, dreambench_root, tensor_to_pil
+from mosaic_kit.data.generation import (
+    STAGES,
+    DatasetBuilder,
+    dataset_config_from_dict,
+    dreambench_root,
+    in_shard,
+    tensor_to_pil,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("build_dataset", ROOT / "recipes" / "build_dataset.py")
@@ -129,6 +137,73 @@ def test_resume_skips_finished_items_and_one_stage_reruns(photos):
     builder, third = build(stricter, stages=["filter"], overwrite=True)
     assert builder.timings["filter"]["items"] == 8
     assert third["stages"]["filter"]["kept"] == 0
+    # the later records of items the filter now rejects no longer count (they made a stale manifest)
+    assert third["stages"]["references"]["done"] == 0 and third["accepted"] == 0 and third["rejected_items"] == 8
+    assert (out / "manifest.jsonl").read_text() == "" and third["sheets"] == ["sheets/rejected.png"]
+    assert not (out / "sheets" / "accepted.png").exists()  # the old sheet showed items no longer accepted
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_a_changed_configuration_is_refused_naming_the_keys(photos):
+    out = photos / "out"
+    values = config_for(photos, out)
+    _, first = build(values)
+    before = snapshot(out)
+    changed = config_for(photos, out, images={"canvas_size": 96}, filter={"min_quality": 5.0})
+    keys = r"\(filter\.min_quality: null -> 5; images\.canvas_size: 128 -> 96\)"
+    with pytest.raises(ValueError, match=keys + r".* in images \(8 items\), subjects \(8 items\), filter \(8 items\), "
+                                          r"references .*--overwrite --stage images --stage subjects --stage filter"):
+        build(changed)
+    assert snapshot(out) == before  # nothing written, nothing lost
+    with pytest.raises(ValueError, match=keys + r".* in subjects \(8 items\), filter .*--overwrite --stage subjects"):
+        build(changed, stages=["images"], overwrite=True)  # overwriting the images alone would keep the later records
+    assert snapshot(out) == before
+    # keys that change no record: the folder's name, the sheets, the prompt count, the batch size
+    moved = photos / "moved"
+    out.rename(moved)
+    neutral = config_for(photos, moved, sheets=1, prompts={"count": 6}, images={"batch_size": 4, "scale_range": (0.3, 0.5)},
+                         correspondences={"cycle_radius": 1})  # the same values spelt 1 for 1.0, a tuple for a list
+    builder, summary = build(neutral)
+    assert all(t["items"] == 0 for t in builder.timings.values()) and summary["items"] == 6
+    moved.rename(out)
+    # a filter threshold: only the filter's records are stale; its rerun alone is enough
+    with pytest.raises(ValueError, match=r"\(filter\.min_subject_area: 0\.1 -> 0\.2\); .* in filter \(8 items\), which"):
+        build(config_for(photos, out, filter={"min_subject_area": 0.2}))
+    builder, summary = build(config_for(photos, out, filter={"min_subject_area": 0.2}), stages=["filter"], overwrite=True)
+    assert builder.timings["filter"]["items"] == 8 and summary["accepted"] <= first["accepted"]
+    # overwrite with every stage concerned redoes them; the next resume redoes nothing
+    builder, summary = build(changed, overwrite=True)
+    assert all(builder.timings[s]["items"] == 8 for s in ("images", "subjects", "filter"))
+    builder, again = build(changed)
+    assert all(t["items"] == 0 for t in builder.timings.values()) and again["accepted"] == summary["accepted"]
+    # a record left over from the old settings (a killed overwrite run) still blocks; deleting
+    # its stage's folder is a rerun of that stage, which also redoes the later stale records
+    (out / "images" / "p000002.json").write_bytes(before["images/p000002.json"])
+    with pytest.raises(ValueError, match=r"canvas_size: 128 -> 96.* in images \(1 items\)"):
+        build(changed)
+    for path in (out / "images").glob("*.json"):
+        path.unlink()
+    builder, summary = build(values)  # back to the first settings: every stage is redone, nothing refused
+    assert all(builder.timings[s]["items"] == 8 for s in ("images", "subjects"))
+    assert (out / "manifest.jsonl").read_text() == before["manifest.jsonl"].decode()
+
+
+def test_other_shards_stale_records_are_left_out_of_the_manifest(photos):
+    out = photos / "out"
+    for shard in range(2):
+        build(config_for(photos, out), shard=(shard, 2))
+    changed = config_for(photos, out, correspondences={"min_pairs": 2})
+    builder, summary = build(changed, shard=(0, 2), overwrite=True, stages=["correspondences"])  # shard 1 not redone
+    theirs = [p.stem for p in (out / "correspondences").glob("*.json") if in_shard(p.stem, 1, 2)]
+    mine = [p.stem for p in (out / "references").glob("*.json")
+            if in_shard(p.stem, 0, 2) and json.loads(p.read_text()).get("kept", True)]
+    assert builder.timings["correspondences"]["items"] == len(mine) > 0
+    assert summary["stale"] == {"correspondences": len(theirs)} and len(theirs) > 0
+    ids = [json.loads(line)["id"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert ids and all(in_shard(i, 0, 2) for i in ids) and summary["accepted"] == len(ids)
 
 
 def test_shards_cover_every_item_once(photos):
@@ -210,6 +285,62 @@ def test_missing_inputs_are_rejected_with_reasons(photos):
                                                                                      "scene": ["x"]}}))
 
 
+def test_a_decompression_bomb_is_that_items_error_not_the_runs(photos, monkeypatch):
+    """PIL refuses images above 2 × Image.MAX_IMAGE_PIXELS (lowered here instead of writing a huge
+    file): in images.folder and in references.files such an image fails its item only."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20000)  # the 128² canvases and 96² photos stay below 2×
+    folder = photos / "folder"
+    folder.mkdir()
+    for i in range(8):
+        Image.new("RGB", (300, 300) if i == 3 else (64, 64), "grey").save(folder / f"p00000{i}.png")
+    out = photos / "out"
+    _, summary = build(config_for(photos, out, images={"source": "folder", "folder": str(folder)}),
+                       stages=["prompts", "images"])
+    assert summary["stages"]["images"]["rejected"] == {"image_error": 1} and summary["stages"]["images"]["kept"] == 7
+    reason, = json.loads((out / "images" / "p000003.json").read_text())["reasons"]
+    assert "p000003.png" in reason and "MAX_IMAGE_PIXELS" in reason
+    bomb = photos / "bomb.png"
+    Image.new("RGB", (300, 300)).save(bomb)
+    prompts = json.loads((photos / "prompts.json").read_text())
+    files = {f"p00000{i}": [str(bomb if i == 5 and k == 1 else photos / "photos" / name / "01.png")
+                            for k, name in enumerate(p["subjects"])] for i, p in enumerate(prompts)}
+    (photos / "refs.json").write_text(json.dumps(files))
+    out = photos / "out2"
+    _, summary = build(config_for(photos, out, filter={"min_subject_area": None},
+                                  references={"source": "files", "files": str(photos / "refs.json")}))
+    assert summary["stages"]["filter"]["kept"] == 8
+    assert summary["stages"]["references"]["rejected"] == {"reference_error": 1} and summary["accepted"] == 7
+    reason, = json.loads((out / "references" / "p000005.json").read_text())["reasons"]
+    assert "bomb.png" in reason
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("prompts.count", -1, ">= 1"), ("prompts.count", 0, ">= 1"), ("prompts.count", 2.5, "integer"),
+    ("prompts.count", True, "integer"), ("prompts.count", "8", "integer"), ("seed", 1.5, "integer"),
+    ("sheets", -1, ">= 0"), ("images.height", 0, ">= 1"), ("images.width", -64, ">= 1"), ("images.steps", 0, ">= 1"),
+    ("images.batch_size", 0, ">= 1"), ("images.canvas_size", 100, "multiple of 16"), ("references.size", 0, ">= 1"),
+    ("references.steps", 0, ">= 1"), ("correspondences.grid", 0, ">= 1"), ("correspondences.max_points", -1, ">= 0"),
+    ("correspondences.min_pairs", -2, ">= 0"), ("correspondences.min_pairs", 1.0, "integer"),
+    ("prompts.templates.max_subjects", 0, "max_subjects"),
+])
+def test_config_refuses_counts_that_make_no_sense_naming_the_key(key, value, expected):
+    """Checked when the config is read, not after a run (prompts.count -1 silently dropped the last item)."""
+    base = Path("unused")
+    values = config_for(base, base / "out", images={"source": "diffusers", "model": "tiny"},
+                        prompts={"source": "templates", "templates": {"categories": {"animal": ["dog"], "toy": ["car"]}}})
+    *parents, name = key.split(".")
+    section = values
+    for parent in parents:
+        section = section[parent]
+    section[name] = value
+    named = "prompts.templates" if key.startswith("prompts.templates.") else key
+    with pytest.raises(ValueError, match=re.escape(f"`{named}`") + ".*" + re.escape(expected)):
+        dataset_config_from_dict(values)
+    section[name] = {"correspondences.max_points": 0, "correspondences.min_pairs": 0, "sheets": 0,
+                     "prompts.templates.max_subjects": 2}.get(key, 16)
+    dataset_config_from_dict(values)  # the same config with a sensible value
+
+
 def test_every_stage_runs_with_tiny_models(tmp_path):
     """Templates, a tiny instruction model, tiny FLUX, tiny Grounding DINO + SAM, tiny CLIP, tiny
     Kontext: the plumbing (their outputs are random, so the count criterion is off)."""
@@ -281,3 +412,26 @@ def test_recipe_command_line_shards_then_manifest(photos, capsys):
     with pytest.raises(SystemExit):
         recipe.main(["--config", str(config), "--shard", "2/2"])
     assert "0 <= i < n" in capsys.readouterr().err
+
+
+def test_recipe_refuses_a_changed_resume_before_writing_its_config(photos, capsys):
+    import yaml
+
+    out = photos / "cli"
+    config = photos / "config.yaml"
+    config.write_text(yaml.safe_dump(config_for(photos, out)))
+    recipe.main(["--config", str(config), "--no-progress"])
+    saved = (out / "config-0of1.json").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:  # one line naming the changed key and the rerun, exit code 2
+        recipe.main(["--config", str(config), "--no-progress", "correspondences.grid=32"])
+    error = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and len(error.splitlines()) == 1
+    assert re.search(r"correspondences\.grid: 16 -> 32.*--overwrite --stage correspondences\)", error)
+    assert (out / "config-0of1.json").read_bytes() == saved  # the record of what the data was made with
+    summary = recipe.main(["--config", str(config), "--threads", "2", "sheets=1"])  # neither changes a record
+    assert summary["seconds_per_item"] == {} and summary["stale"] == {}
+    summary = recipe.main(["--config", str(config), "--no-progress", "--overwrite", "--stage", "correspondences",
+                           "correspondences.grid=32"])
+    assert list(summary["seconds_per_item"]) == ["correspondences"] and summary["stale"] == {}
+    assert json.loads((out / "config-0of1.json").read_text())["correspondences"]["grid"] == 32

@@ -118,6 +118,18 @@ def test_prompts_from_file_json_and_jsonl(tmp_path):
         prompts_from_file(bad)
 
 
+def test_prompts_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"prompt": "a dog", "subjects": ["dog"]}).encode() + b"\n"
+                     + '{"prompt": "a caf\u00e9 dog", "subjects": ["dog"]}'.encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=r"latin1\.jsonl: expected UTF-8 text, but byte 0xe9 at line 2, column 18"):
+        prompts_from_file(path)
+    with_bom = tmp_path / "bom.json"
+    with_bom.write_bytes("\ufeff".encode() + json.dumps([{"prompt": "a caf\u00e9 dog", "subjects": ["dog"]}]).encode())
+    record, = prompts_from_file(with_bom)
+    assert record.prompt == "a caf\u00e9 dog"  # UTF-8 with a byte-order mark, as some editors write
+
+
 def test_subjects_mentioned_counts_repeats():
     assert subjects_mentioned("a dog and a dog", ["dog", "dog"]) == []
     assert subjects_mentioned("a dog on grass", ["dog", "dog"]) == ["dog"]
@@ -176,6 +188,16 @@ def test_images_from_folder(tmp_path):
         ImagesFromFolder(tmp_path / "none")
 
 
+def test_images_from_folder_records_a_decompression_bomb_as_an_error_naming_the_file(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "bomb.png")
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "fine.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # 64² > 2 × 1500: PIL refuses it; 40² only warns
+    with pytest.raises(ValueError, match=r"bomb\.png: expected at most"):
+        ImagesFromFolder(tmp_path)([PromptRecord("bomb", "a dog", ["dog"])])
+    image, = ImagesFromFolder(tmp_path)([PromptRecord("fine", "a dog", ["dog"])])
+    assert image.image.size == (40, 40)
+
+
 @pytest.fixture
 def photo_root(tmp_path):
     root = tmp_path / "photos"
@@ -198,6 +220,17 @@ def test_photo_composites_masks_are_exact_and_seeded(photo_root):
     assert all(view not in first.provenance["photos"] for views in first.other_views for view in views)
     with pytest.raises(ValueError, match="identity 'owl'"):
         composites([PromptRecord("p1", "an owl", ["owl"])])
+
+
+def test_photo_composites_refuse_a_decompression_bomb_naming_the_photo(photo_root, monkeypatch):
+    for path in (photo_root / "dog").glob("*.jpg"):
+        Image.new("RGB", (200, 200)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 48)  # the other photos (64×48) stay below it
+    composites = PhotoComposites(photo_root, canvas_size=128, scale_range=(0.3, 0.4))
+    with pytest.raises(ValueError, match=r"dog/0[01]\.jpg: expected at most"):
+        composites([PromptRecord("p0", "a dog and a cat", ["dog", "cat"])])
+    image, = composites([PromptRecord("p1", "a teapot and a cat", ["teapot", "cat"])])
+    assert image.image.size == (128, 128)
 
 
 # -- subjects --------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from .records import (
     in_shard,
     item_seed,
     parse_shard,
+    read_text_utf8,
     reject_reason_key,
     write_text_atomic,
 )
@@ -78,6 +79,7 @@ from .config import (
     PROMPT_SOURCES,
     QUALITY_SCORES,
     REFERENCE_SOURCES,
+    RESUME_NEUTRAL_KEYS,
     SUBJECT_SOURCES,
     CorrespondenceStageConfig,
     DatasetBuildConfig,
@@ -89,6 +91,7 @@ from .config import (
     dataset_config_from_dict,
     dreambench_root,
     resolve_path,
+    stage_settings,
 )
 from .build import (
     DatasetBuilder,
@@ -122,6 +125,7 @@ __all__ = [
     "PromptStageConfig",
     "PromptTemplates",
     "REJECT_REASONS",
+    "RESUME_NEUTRAL_KEYS",
     "ReferenceStageConfig",
     "STAGES",
     "SharpnessScore",
@@ -142,8 +146,10 @@ __all__ = [
     "overlay_masks",
     "parse_shard",
     "prompts_from_file",
+    "read_text_utf8",
     "reject_reason_key",
     "resolve_path",
+    "stage_settings",
     "subject_pairs",
     "subject_scores",
     "subjects_mentioned",

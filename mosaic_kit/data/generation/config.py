@@ -17,12 +17,16 @@ from typing import Any
 from ...correspondence import DISJOINT_POLICIES
 from ...correspondence.matching import MATCH_FILTERS
 from ..dreambench import dreambench_root
+from ...utils.checks import check_int
 from .filtering import FilterThresholds
+from .prompts import PromptTemplates
+from .records import STAGES
 
 __all__ = [
     "IMAGE_SOURCES", "PROMPT_SOURCES", "QUALITY_SCORES", "REFERENCE_SOURCES", "SUBJECT_SOURCES",
     "CorrespondenceStageConfig", "DatasetBuildConfig", "FilterStageConfig", "ImageStageConfig", "PromptStageConfig",
-    "ReferenceStageConfig", "SubjectStageConfig", "dataset_config_from_dict", "dreambench_root", "resolve_path",
+    "RESUME_NEUTRAL_KEYS", "ReferenceStageConfig", "SubjectStageConfig", "dataset_config_from_dict", "dreambench_root",
+    "resolve_path", "stage_settings",
 ]
 
 PROMPT_SOURCES = ("templates", "file")
@@ -37,9 +41,25 @@ REFERENCE_SOURCES = ("editor", "cutout", "files", "other_views")
 """The values of ``references.source``."""
 
 
+RESUME_NEUTRAL_KEYS = ("output_dir", "sheets", "prompts.count", "images.batch_size")
+"""The config keys that change no finished record, so a new value never blocks a resume: the
+output folder itself; the contact sheets (redrawn by every `DatasetBuilder.finish`); the number of
+prompts (prompt ``i`` is the same whatever the count: a larger count adds items, a smaller one
+leaves the last ones out of the manifest); the image batch size (each image has its own seed).
+Every other key counts (see `stage_settings`). Progress bars, threads and the shard are not
+config keys: they never count."""
+
+
 def _allowed(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"Expected `{name}` to be one of {list(allowed)}, but got {value!r}.")
+
+
+def _counts(section: str, config: Any, minimums: dict[str, int | None]) -> None:
+    """Each named field an integer (not a bool, not a float) >= its minimum, the error naming
+    ``<section>.<field>``."""
+    for name, minimum in minimums.items():
+        check_int(f"{section}.{name}" if section else name, getattr(config, name), minimum=minimum)
 
 
 def resolve_path(value: str | None) -> Path | None:
@@ -60,7 +80,8 @@ def resolve_path(value: str | None) -> Path | None:
 class PromptStageConfig:
     """Stage 1. ``source``: templates (``templates``: the arguments of `PromptTemplates`) or file
     (``file``, and ``names``: a placeholder → name mapping or a DreamBench-style ``prompts.json``);
-    ``count`` prompts; ``rewriter``: optional ``{model, max_new_tokens, temperature}``.
+    ``count`` prompts (an int >= 1; a file's first ``count``); ``rewriter``: optional
+    ``{model, max_new_tokens, temperature}``. The templates are checked here (`PromptTemplates`).
 
     Examples:
         >>> PromptStageConfig(source="file", file="prompts.json", count=20).count
@@ -80,6 +101,12 @@ class PromptStageConfig:
             raise ValueError("Expected `prompts.file` for prompts.source = 'file', but got none.")
         if self.source == "templates" and not self.templates.get("categories"):
             raise ValueError("Expected `prompts.templates.categories` for prompts.source = 'templates', but got none.")
+        _counts("prompts", self, {"count": 1})
+        if self.source == "templates":
+            try:
+                PromptTemplates(**self.templates)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"Expected `prompts.templates` to hold valid arguments of PromptTemplates, but: {error}") from None
 
 
 @dataclass
@@ -111,6 +138,9 @@ class ImageStageConfig:
         need = {"diffusers": "model", "folder": "folder", "photo_composites": "root"}[self.source]
         if not getattr(self, need):
             raise ValueError(f"Expected `images.{need}` for images.source = {self.source!r}, but got none.")
+        _counts("images", self, {"height": 1, "width": 1, "steps": 1, "batch_size": 1, "canvas_size": 16})
+        if self.canvas_size % 16:
+            raise ValueError(f"Expected `images.canvas_size` to be a multiple of 16, but got {self.canvas_size}.")
 
 
 @dataclass
@@ -196,6 +226,7 @@ class ReferenceStageConfig:
             raise ValueError("Expected `references.editor` for references.source = 'editor', but got none.")
         if self.source == "files" and not self.files:
             raise ValueError("Expected `references.files` for references.source = 'files', but got none.")
+        _counts("references", self, {"size": 16 if self.source == "editor" else 1, "steps": 1})
 
 
 @dataclass
@@ -226,6 +257,7 @@ class CorrespondenceStageConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value % 16:
                 raise ValueError(f"Expected `correspondences.{name}` to be a positive multiple of 16, but got {value!r}.")
+        _counts("correspondences", self, {"grid": 1, "max_points": 0, "min_pairs": 0})
 
 
 @dataclass
@@ -250,6 +282,74 @@ class DatasetBuildConfig:
     references: ReferenceStageConfig = field(default_factory=ReferenceStageConfig)
     correspondences: CorrespondenceStageConfig = field(default_factory=CorrespondenceStageConfig)
     sheets: int = 4
+
+    def __post_init__(self) -> None:
+        _counts("", self, {"seed": None, "sheets": 0})
+
+
+def _canonical(value: Any) -> Any:
+    """The JSON form of a setting, whole floats as ints (``20.0`` and ``20`` are the same setting)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    return value
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def stage_settings(config: DatasetBuildConfig, stage: str) -> dict[str, Any]:
+    """The settings the records of ``stage`` depend on, as dotted keys → values.
+
+    They are ``seed``, ``device``, the stage's own section and the sections of the stages before
+    it (a stage reads their records), without `RESUME_NEUTRAL_KEYS`; nested mappings are spelled
+    out (``prompts.templates.min_subjects``), values in their JSON form with whole floats as ints.
+    The filter's thresholds (the fields of
+    `FilterThresholds`) count for the filter stage alone: they decide which items go on, but do
+    not change the later records of an item that does.
+
+    Args:
+        config: the configuration.
+        stage: one of `STAGES`.
+
+    Returns:
+        A JSON-serialisable dict, sorted by key.
+
+    Raises:
+        ValueError: for an unknown stage.
+
+    Examples:
+        >>> config = DatasetBuildConfig(prompts=PromptStageConfig(source="file", file="p.json"),
+        ...                             images=ImageStageConfig(source="folder", folder="images"))
+        >>> settings = stage_settings(config, "references")
+        >>> settings["images.folder"], "filter.quality" in settings, "filter.min_quality" in settings
+        ('images', True, False)
+        >>> "correspondences.grid" in settings, "prompts.count" in settings, "filter.min_quality" in stage_settings(config, "filter")
+        (False, False, True)
+    """
+    _allowed("stage", stage, STAGES)
+    upstream = STAGES[: STAGES.index(stage) + 1]
+    thresholds = {f"filter.{f.name}" for f in dataclasses.fields(FilterThresholds)}
+    settings = {}
+    for key, value in _flatten(dataclasses.asdict(config)).items():
+        section = key.split(".", 1)[0]
+        if key in RESUME_NEUTRAL_KEYS or (section in STAGES and section not in upstream):
+            continue
+        if key in thresholds and stage != "filter":
+            continue
+        settings[key] = _canonical(value)
+    return dict(sorted(settings.items()))
 
 
 _SECTIONS = {"prompts": PromptStageConfig, "images": ImageStageConfig, "subjects": SubjectStageConfig,

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from ...utils.images import tensor_to_pil  # re-exported: the one converter
-from .._images import pil_to_tensor
+from .._images import open_image, pil_to_tensor, to_rgb
 from .prompts import PromptRecord
 from .records import item_seed
 
@@ -146,14 +146,20 @@ class ImagesFromFolder:
             raise ValueError(f"Expected `folder` to be a folder of images, but {self.folder} is not a folder.")
 
     def __call__(self, records: Sequence[PromptRecord]) -> list[GeneratedImage]:
-        """One image per record; raises FileNotFoundError naming the id when its file is missing."""
+        """One image per record (any mode `mosaic_kit.data` reads, as RGB).
+
+        Raises:
+            FileNotFoundError: naming the id, when it has no file.
+            ValueError: naming the file, when it is not a readable image, is truncated or declares
+                more pixels than allowed (a decompression bomb; see `mosaic_kit.data.open_image`).
+        """
         out = []
         for record in records:
             path = next((self.folder / f"{record.id}{s}" for s in _SUFFIXES if (self.folder / f"{record.id}{s}").is_file()), None)
             if path is None:
                 raise FileNotFoundError(f"no image for item {record.id!r} in {self.folder} (expected {record.id}.png/.jpg)")
-            with Image.open(path) as opened:
-                out.append(GeneratedImage(opened.convert("RGB"), None, {"source": "folder", "file": str(path)}))
+            image = to_rgb(open_image(path), str(path))
+            out.append(GeneratedImage(image, None, {"source": "folder", "file": str(path)}))
         return out
 
 
@@ -219,8 +225,7 @@ class PhotoComposites:
                 pick = rng.randrange(len(photos))
                 chosen.append(str(photos[pick]))
                 others.append([str(p) for i, p in enumerate(photos) if i != pick])
-                with Image.open(photos[pick]) as opened:
-                    photo = pil_to_tensor(opened.convert("RGB"))
+                photo = pil_to_tensor(to_rgb(open_image(photos[pick]), str(photos[pick])))
                 parts.append(MultiSubjectSample(f"{record.id}-{k}", photo, [photo[:, :16, :16]], record.subjects[k],
                                                 [torch.zeros(0, 4)], meta={"subjects": [record.subjects[k]]}))
             composite = compose_samples(

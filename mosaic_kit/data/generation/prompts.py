@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .records import item_seed
+from .records import item_seed, read_text_utf8
 
 __all__ = ["DEFAULT_TEMPLATES", "InstructionRewriter", "PromptRecord", "PromptTemplates", "prompts_from_file",
            "subjects_mentioned", "tiny_instruction_model"]
@@ -251,7 +251,8 @@ def prompts_from_file(path: str | Path, names: Mapping[str, str] | None = None, 
         One `PromptRecord` per object.
 
     Raises:
-        ValueError: naming the file and the entry, for a missing file, bad JSON or a bad entry.
+        ValueError: naming the file and the entry, for a missing file, text that is not UTF-8 (the
+            line and column of the bad byte), bad JSON or a bad entry.
 
     Examples:
         >>> import tempfile
@@ -264,7 +265,7 @@ def prompts_from_file(path: str | Path, names: Mapping[str, str] | None = None, 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Expected `path` to be a prompt file (.json or .jsonl), but {path} is not a file.")
-    text = path.read_text()
+    text = read_text_utf8(path)
     try:
         rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
     except json.JSONDecodeError as error:

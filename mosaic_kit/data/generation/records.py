@@ -16,10 +16,49 @@ from typing import Any
 
 from ...utils.atomic import write_text_atomic  # re-exported: the one atomic writer
 
-__all__ = ["STAGES", "StageStore", "in_shard", "item_seed", "parse_shard", "reject_reason_key", "write_text_atomic"]
+__all__ = ["STAGES", "StageStore", "in_shard", "item_seed", "parse_shard", "read_text_utf8", "reject_reason_key",
+           "write_text_atomic"]
 
 STAGES = ("prompts", "images", "subjects", "filter", "references", "correspondences")
 """The stages in the order they run (the filter needs the subjects' detections)."""
+
+
+def read_text_utf8(path: str | Path) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped), whatever the machine's locale.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its text.
+
+    Raises:
+        ValueError: naming the file, and the line, column and byte offset of the first byte that
+            is not valid UTF-8; or naming the file when it cannot be read.
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "prompts.jsonl"
+        >>> _ = path.write_bytes(b'{"prompt": "a dog"}\\n{"prompt": "caf\\xe9"}\\n')
+        >>> read_text_utf8(path)
+        Traceback (most recent call last):
+        ...
+        ValueError: ...prompts.jsonl: expected UTF-8 text, but byte 0xe9 at line 2, column 16 (byte offset 35) is not valid UTF-8; re-save the file as UTF-8.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"{path}: expected a readable text file, but {type(error).__name__}: {error}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        line = data.count(b"\n", 0, error.start) + 1
+        column = len(data[line_start:error.start].decode("utf-8", errors="replace")) + 1
+        raise ValueError(f"{path}: expected UTF-8 text, but byte 0x{data[error.start]:02x} at line {line}, column "
+                         f"{column} (byte offset {error.start}) is not valid UTF-8; re-save the file as UTF-8.") from None
+    return text.removeprefix("\ufeff")
 
 
 def in_shard(item_id: str, shard: int, num_shards: int) -> bool:
@@ -129,7 +168,7 @@ class StageStore:
         path = self.path(item_id)
         if not path.is_file():
             raise FileNotFoundError(f"no {self.stage} record for item {item_id!r} ({path}); run that stage first")
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
 
     def ids(self) -> Iterator[str]:
         """The ids with a record, sorted."""

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from .._images import load_mask, resize_mask
+from .records import read_text_utf8
 
 __all__ = ["DetectedSubjects", "GroundingDinoSam", "SubjectsFromFiles", "box_iou", "box_mask", "nms",
            "tiny_grounding_dino", "tiny_sam"]
@@ -267,7 +268,7 @@ class SubjectsFromFiles:
         if not path.is_file():
             raise ValueError(f"Expected a box file {path} for item {item_id!r}, but there is none.")
         try:
-            entries = json.loads(path.read_text())["subjects"]
+            entries = json.loads(read_text_utf8(path))["subjects"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(f"{path}: expected {{\"subjects\": [{{\"name\", \"box\", ...}}]}}, but got an error: {error}") from None
         detections: dict[str, list[tuple[list[float], float]]] = {}
