@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from mosaic_kit.data import dreambench_root
-from mosaic_kit.data.generation import STAGES, DatasetBuilder, dataset_config_from_dict, parse_shard, write_text_atomic
+from mosaic_kit.dataset_builder import STAGES, DatasetBuilder, dataset_config_from_dict, parse_shard, write_text_atomic
 from mosaic_kit.training.config import apply_overrides
 from mosaic_kit.utils.cli import RecipeArgumentParser, add_output_dir, add_progress, add_threads, usage_errors
 

@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mosaic_kit"
 
 # What each unit may import from mosaic_kit (itself included). A unit is a package, or a
-# sub-package named on its own (``data.generation``, the dataset builder, sits on top: it drives
-# the pipelines, the evaluation scorers and the feature extractors). The order is the layering
-# of docs/architecture.md; a unit never imports one above it.
+# sub-package named on its own in this table (none today). The order is the layering of
+# docs/architecture.md; a unit never imports one above it. ``dataset_builder`` sits on top: it
+# drives the pipelines, the evaluation scorers and the feature extractors.
 BASE = {"utils"}
 CORE = BASE | {"correspondence", "attention", "losses"}
 ALLOWED_INTERNAL = {
@@ -30,7 +30,7 @@ ALLOWED_INTERNAL = {
     "eval": CORE | {"models", "data", "pipelines", "eval"},
     "reporting": CORE | {"data", "eval", "reporting"},
     "training": CORE | {"models", "features", "data", "pipelines", "eval", "reporting", "training"},
-    "data.generation": CORE | {"models", "features", "data", "pipelines", "eval", "data.generation"},
+    "dataset_builder": CORE | {"models", "features", "data", "pipelines", "eval", "dataset_builder"},
 }
 MODEL_LIBRARIES = {"diffusers", "peft", "transformers", "accelerate"}
 FORBIDDEN_EXTERNAL = {
@@ -52,7 +52,7 @@ KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def unit_of(module: str) -> str | None:
-    """``mosaic_kit.data.generation.build`` → ``data.generation``; ``mosaic_kit`` → None."""
+    """``mosaic_kit.dataset_builder.build`` → ``dataset_builder``; ``mosaic_kit`` → None."""
     parts = module.split(".")
     if parts[0] != "mosaic_kit" or len(parts) < 2:
         return None
@@ -67,7 +67,12 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path, root: Path = ROOT) -> list[tuple[str, list[str]]]:
-    """``(module, imported names)`` of every import in ``path`` (relative ones resolved)."""
+    """``(module, imported names)`` of every import in ``path`` (relative ones resolved).
+
+    ``from package import name`` where ``name`` is a module or sub-package of ``package`` (a file
+    or folder under ``root``) is also an import of ``package.name``: ``from . import generation``
+    in ``data/__init__.py`` imports ``mosaic_kit.data.generation``, not only ``mosaic_kit.data``.
+    """
     tree = ast.parse(path.read_text())
     package = path.relative_to(root).with_suffix("").parts[:-1]  # the file's package
     found = []
@@ -81,6 +86,9 @@ def imports_of(path: Path, root: Path = ROOT) -> list[tuple[str, list[str]]]:
             else:
                 module = node.module or ""
             found.append((module, [alias.name for alias in node.names]))
+            folder = root.joinpath(*module.split("."))
+            found.extend((f"{module}.{alias.name}", []) for alias in node.names
+                         if (folder / f"{alias.name}.py").is_file() or (folder / alias.name / "__init__.py").is_file())
     return found
 
 
@@ -96,7 +104,7 @@ def test_every_package_has_a_layer():
 
 
 def test_unit_of_and_relative_imports_resolve():
-    assert unit_of("mosaic_kit.data.generation.build") == "data.generation"
+    assert unit_of("mosaic_kit.dataset_builder.build") == "dataset_builder"
     assert unit_of("mosaic_kit.data.collate") == "data"
     assert unit_of("mosaic_kit") is None and unit_of("torch.nn") is None
     imports = dict(imports_of(PACKAGE / "eval" / "synthetic" / "runner.py"))
@@ -152,6 +160,25 @@ def test_recipes_and_benchmarks_use_only_public_modules():
 def test_known_exceptions_still_exist():
     for name, module in KNOWN_UPWARD:
         assert module in dict(imports_of(PACKAGE / name)), f"{name} no longer imports {module}: drop the exception"
+
+
+def test_a_planted_from_dot_import_of_a_subpackage_is_resolved_and_caught(tmp_path):
+    # `from . import builder` in data/__init__.py reads as an import of `mosaic_kit.data` (its own
+    # package) unless the name is resolved to the sub-package it is
+    package = tmp_path / "mosaic_kit" / "data"
+    (package / "builder").mkdir(parents=True)
+    (package / "builder" / "__init__.py").write_text("")
+    (package / "loader.py").write_text("")
+    planted = package / "__init__.py"
+    planted.write_text("from . import builder, loader\nfrom .. import training\n")
+    (tmp_path / "mosaic_kit" / "training").mkdir()
+    (tmp_path / "mosaic_kit" / "training" / "__init__.py").write_text("")
+    found = [module for module, _ in imports_of(planted, tmp_path)]
+    assert "mosaic_kit.data.builder" in found and "mosaic_kit.data.loader" in found
+    assert "mosaic_kit.training" in found and unit_of("mosaic_kit.training") not in ALLOWED_INTERNAL["data"]
+    # a name that is not a module (a function, a class) adds nothing
+    planted.write_text("from .loader import collate\n")
+    assert [module for module, _ in imports_of(planted, tmp_path)] == ["mosaic_kit.data.loader"]
 
 
 def test_a_planted_upward_or_private_import_is_caught(tmp_path):

@@ -17,16 +17,17 @@ composition carry them exactly); `collate_samples` turns a list of them into a `
   ``$MOSAIC_DREAMBENCH``, else a cache folder) and `fetch_dreambench`, which puts them there
   (``python recipes/fetch_dreambench.py``).
 - `mosaic_kit.data.fixtures`: tiny data sets written on the fly (tests, examples).
-- Image files: `open_image` (refuses more than `MAX_IMAGE_PIXELS` pixels from the header) and
-  `to_rgb` (16-bit, palette, CMYK and alpha images to RGB, alpha on `ALPHA_BACKGROUND`).
+- Image files: `open_image` (refuses more than `MAX_IMAGE_PIXELS` pixels from the header),
+  `to_rgb` (16-bit, palette, CMYK and alpha images to RGB, alpha on `ALPHA_BACKGROUND`), masks
+  (`load_mask`, `resize_mask`).
 - `mosaic_kit.data.synthetic_world`: a procedural multi-subject world with exact correspondences
   (`SyntheticWorld`, `SyntheticDataset`), for CPU training and the ablation.
-- `mosaic_kit.data.generation`: the SemAlign-MS data-building pipeline (paper §3): prompts →
-  images → subjects → filter → references → correspondences → manifest (`DatasetBuilder`,
-  ``recipes/build_dataset.py``).
+
+The SemAlign-MS data-building pipeline, which generates, scores and annotates images with models,
+sits above this package, in `mosaic_kit.dataset_builder`.
 """
 
-from ._images import ALPHA_BACKGROUND, MAX_IMAGE_PIXELS, open_image, to_rgb
+from ._images import ALPHA_BACKGROUND, MAX_IMAGE_PIXELS, load_mask, open_image, resize_mask, to_rgb
 from .bad import BAD_SAMPLE_KINDS, BadDataTally, BadSample, skip_bad
 from .collate import (
     COLLATE_DISJOINT_POLICIES,
@@ -105,9 +106,10 @@ from .synthetic_world import (
     save_example_sheet,
     subject_descriptor,
 )
-from . import generation  # noqa: E402  (the data-building pipeline, a subpackage)
 
 __all__ = [
+    "resize_mask",
+    "load_mask",
     "BAD_SAMPLE_KINDS",
     "COLLATE_DISJOINT_POLICIES",
     "COMPOSE_DISJOINT_POLICIES",
@@ -160,7 +162,6 @@ __all__ = [
     "dreambench_root",
     "fetch_dreambench",
     "find_dreambench",
-    "generation",
     "iter_released_rows",
     "is_dreambench_copy",
     "iter_released_samples",

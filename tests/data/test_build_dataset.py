@@ -18,7 +18,7 @@ from PIL import Image
 from mosaic_kit.correspondence import TokenGrid
 from mosaic_kit.data import ManifestDataset, read_manifest
 from mosaic_kit.data._images import load_mask
-from mosaic_kit.data.generation import (
+from mosaic_kit.dataset_builder import (
     STAGES,
     DatasetBuilder,
     dataset_config_from_dict,

@@ -1,4 +1,4 @@
-"""The data-building stages one by one (mosaic_kit.data.generation), with tiny random models."""
+"""The data-building stages one by one (mosaic_kit.dataset_builder), with tiny random models."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFilter
 
 from mosaic_kit.correspondence import TokenGrid
-from mosaic_kit.data.generation import (
+from mosaic_kit.dataset_builder import (
     DetectedSubjects,
     FilterThresholds,
     ImagesFromFolder,
@@ -159,7 +159,7 @@ def test_rewriter_is_deterministic_and_falls_back_when_a_subject_is_lost():
 def test_diffusers_generator_seeds_per_item_not_per_batch():
     from diffusers import FluxPipeline
 
-    from mosaic_kit.data.generation import DiffusersImageGenerator
+    from mosaic_kit.dataset_builder import DiffusersImageGenerator
     from mosaic_kit.pipelines.tiny import tiny_flux_components
 
     pipe = FluxPipeline(**tiny_flux_components(seed=0))
@@ -256,7 +256,7 @@ def test_nms_keeps_the_best_of_each_overlapping_group():
 
 
 def test_grounding_dino_sam_tiny_shapes_and_counts():
-    from mosaic_kit.data.generation import GroundingDinoSam, tiny_grounding_dino, tiny_sam
+    from mosaic_kit.dataset_builder import GroundingDinoSam, tiny_grounding_dino, tiny_sam
 
     detector, processor = tiny_grounding_dino(seed=0)
     sam, sam_processor = tiny_sam(seed=0)
@@ -338,7 +338,7 @@ def test_filter_keeps_every_failed_reason_and_checks_its_inputs():
 
 
 def test_the_filter_stage_config_is_the_thresholds_plus_its_scorers():
-    from mosaic_kit.data.generation import FilterStageConfig
+    from mosaic_kit.dataset_builder import FilterStageConfig
 
     config = FilterStageConfig(clip="openai/clip-vit-base-patch32", min_clip=20.0, max_box_iou=0.4)
     assert config.thresholds == FilterThresholds(min_clip=20.0, max_box_iou=0.4)
@@ -366,7 +366,7 @@ def test_sharpness_ranks_blurred_images_lower():
 
 
 def test_clip_scores_run_with_a_tiny_clip():
-    from mosaic_kit.data.generation import ClipQualityScore
+    from mosaic_kit.dataset_builder import ClipQualityScore
     from mosaic_kit.eval import tiny_clip_scorer
 
     values = ClipQualityScore(tiny_clip_scorer())([Image.new("RGB", (32, 32), "red"), Image.new("RGB", (40, 32))])
@@ -394,7 +394,7 @@ def test_cutout_keeps_only_the_subject():
 def test_editor_tiny_kontext_is_seeded():
     from diffusers import FluxKontextPipeline
 
-    from mosaic_kit.data.generation import DiffusersEditor
+    from mosaic_kit.dataset_builder import DiffusersEditor
     from mosaic_kit.pipelines.tiny import tiny_flux_components
 
     editor = DiffusersEditor(FluxKontextPipeline(**tiny_flux_components(seed=1)), size=32, num_inference_steps=2,
@@ -456,7 +456,7 @@ def test_subject_pairs_checks_inputs():
 
 
 def test_sam_segments_several_boxes_as_one_by_one():
-    from mosaic_kit.data.generation import GroundingDinoSam, tiny_grounding_dino, tiny_sam
+    from mosaic_kit.dataset_builder import GroundingDinoSam, tiny_grounding_dino, tiny_sam
 
     finder = GroundingDinoSam(*tiny_grounding_dino(seed=0), *tiny_sam(seed=1))
     image = tensor_to_pil(textured(2, 64)).resize((64, 48))
@@ -472,7 +472,7 @@ def test_diffusers_generator_drives_a_tiny_sd3_pipeline():
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from mosaic_kit.data.generation import DiffusersImageGenerator
+    from mosaic_kit.dataset_builder import DiffusersImageGenerator
     from mosaic_kit.pipelines.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
 
     tokenizer, tokenizer_3 = tiny_clip_tokenizer(), tiny_t5_tokenizer()

@@ -23,7 +23,7 @@ from mosaic_kit.data import (
     find_dreambench,
 )
 from mosaic_kit.data.dreambench import parse_prompts_and_classes
-from mosaic_kit.data.generation import STAGES
+from mosaic_kit.dataset_builder import STAGES
 from mosaic_kit.eval import DreamBench
 
 SUBJECTS = ["dog", "cat", "backpack"]

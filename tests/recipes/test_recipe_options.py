@@ -77,7 +77,7 @@ def test_dataset_recipe_bad_overrides(recipes, capsys, tmp_path):
 
 
 def test_dataset_config_reads_the_old_out_key_with_a_warning():
-    from mosaic_kit.data.generation import dataset_config_from_dict
+    from mosaic_kit.dataset_builder import dataset_config_from_dict
 
     base = {"prompts": {"source": "file", "file": "p.json"}, "images": {"source": "folder", "folder": "i"}}
     with pytest.warns(FutureWarning, match="`out` is deprecated.*use `output_dir`"):

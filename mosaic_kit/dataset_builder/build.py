@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import textwrap
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -37,27 +36,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ...correspondence import TokenGrid, draw_matches, is_disjoint
-from ...utils.atomic import save_image_atomic
-from .._images import load_mask, open_image, pil_to_tensor, resize_mask, to_rgb
+from ..correspondence import TokenGrid, draw_matches, is_disjoint
+from ..utils.atomic import save_image_atomic
+from ..data import load_mask, open_image, resize_mask, to_rgb
+from ..utils.images import pil_to_tensor
 from .config import RESUME_NEUTRAL_KEYS, DatasetBuildConfig, resolve_path, stage_settings
 from .correspondences import subject_pairs
 from .filtering import ClipQualityScore, SharpnessScore, decide, subject_scores
 from .images import GeneratedImage, tensor_to_pil
+from .sheets import overlay_masks, panel_sheet
+from .stage_models import build_clip, build_editor, build_extractors, build_images, build_rewriter, build_segmenter
 from .prompts import PromptRecord, PromptTemplates, prompts_from_file
 from .records import STAGES, StageStore, in_shard, read_text_utf8, reject_reason_key, write_text_atomic
 from .references import cutout
 from .subjects import DetectedSubjects
 
-__all__ = ["DatasetBuilder", "contact_sheet", "overlay_masks"]
+__all__ = ["DatasetBuilder"]
 
 _ITEM_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 """What fails one item (recorded as its error), not the run: missing, unreadable, truncated or too
 large files (a stage object that opens images itself may let PIL's DecompressionBombError through)."""
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DIGEST = "settings_digest"
 """The record key holding the digest of the settings (`stage_settings`) the record was made under."""
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class DatasetBuilder:
 
     Examples:
         >>> import tempfile
-        >>> from mosaic_kit.data.generation import dataset_config_from_dict
+        >>> from mosaic_kit.dataset_builder import dataset_config_from_dict
         >>> root = Path(tempfile.mkdtemp())
         >>> for name in ("dog", "cat"):
         ...     (root / "photos" / name).mkdir(parents=True)
@@ -236,80 +237,6 @@ class DatasetBuilder:
             self.models[key] = build()
         return self.models[key]
 
-    def _build_rewriter(self):
-        from .prompts import InstructionRewriter, tiny_instruction_model
-
-        spec = dict(self.config.prompts.rewriter or {})
-        name = spec.pop("model", None)
-        if not name:
-            raise ValueError("Expected `prompts.rewriter.model` (a hub id, folder or 'tiny'), but got none.")
-        if name == "tiny":
-            model, tokenizer = tiny_instruction_model(self.config.seed)
-            return InstructionRewriter(model, tokenizer, seed=self.config.seed, name="tiny", **spec)
-        return InstructionRewriter.from_pretrained(name, device=self.config.device, seed=self.config.seed, **spec)
-
-    def _build_images(self):
-        from .images import DiffusersImageGenerator, ImagesFromFolder, PhotoComposites
-
-        cfg = self.config.images
-        if cfg.source == "folder":
-            return ImagesFromFolder(resolve_path(cfg.folder))
-        if cfg.source == "photo_composites":
-            return PhotoComposites(resolve_path(cfg.root), canvas_size=cfg.canvas_size, scale_range=tuple(cfg.scale_range),
-                                   seed=self.config.seed)
-        kwargs = dict(height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                      batch_size=cfg.batch_size, seed=self.config.seed, extra=cfg.extra)
-        if cfg.model == "tiny":
-            from diffusers import FluxPipeline
-
-            from ...pipelines.tiny import tiny_flux_components
-
-            return DiffusersImageGenerator(FluxPipeline(**tiny_flux_components(self.config.seed)), name="tiny", **kwargs)
-        return DiffusersImageGenerator.from_pretrained(cfg.model, device=self.config.device, dtype=_DTYPES[cfg.dtype], **kwargs)
-
-    def _build_segmenter(self):
-        from .subjects import GroundingDinoSam, tiny_grounding_dino, tiny_sam
-
-        cfg = self.config.subjects
-        if cfg.detector == "tiny" or cfg.segmenter == "tiny":
-            detector, processor = tiny_grounding_dino(self.config.seed)
-            sam, sam_processor = tiny_sam(self.config.seed) if cfg.segmenter else (None, None)
-            return GroundingDinoSam(detector, processor, sam, sam_processor, box_threshold=cfg.box_threshold,
-                                    text_threshold=cfg.text_threshold, name="tiny")
-        return GroundingDinoSam.from_pretrained(cfg.detector, cfg.segmenter, device=self.config.device,
-                                                box_threshold=cfg.box_threshold, text_threshold=cfg.text_threshold)
-
-    def _build_clip(self):
-        from ...eval import CLIPScorer, tiny_clip_scorer
-
-        name = self.config.filter.clip
-        return tiny_clip_scorer(self.config.seed) if name == "tiny" else CLIPScorer.from_pretrained(name, device=self.config.device)
-
-    def _build_editor(self):
-        from .references import DiffusersEditor
-
-        cfg = self.config.references
-        kwargs = dict(prompt=cfg.prompt, size=cfg.size, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                      seed=self.config.seed, extra=cfg.extra)
-        if cfg.editor == "tiny":
-            from diffusers import FluxKontextPipeline
-
-            from ...pipelines.tiny import tiny_flux_components
-
-            kwargs["extra"] = {"max_sequence_length": 16, "_auto_resize": False, **kwargs["extra"]}
-            return DiffusersEditor(FluxKontextPipeline(**tiny_flux_components(self.config.seed + 1)), name="tiny", **kwargs)
-        return DiffusersEditor.from_pretrained(cfg.editor, device=self.config.device, dtype=_DTYPES[cfg.dtype], **kwargs)
-
-    def _build_extractors(self):
-        from ...features import build_extractor, parse_extractor_spec
-
-        cfg = self.config.correspondences
-        out = []
-        for spec in cfg.extractors:
-            name, kwargs = parse_extractor_spec(spec)
-            out.append(build_extractor(name, **{"grid_size": cfg.grid, **kwargs}).to(self.config.device).eval())
-        return out
-
     # -- stages -----------------------------------------------------------------------------------
     def run(self, stages: Sequence[str] | None = None) -> None:
         """Runs ``stages`` (default: all, in order) for this shard's items, after `check_resume`.
@@ -402,7 +329,7 @@ class DatasetBuilder:
         )
 
     def _stage_prompts(self, ids: list[str], by_id: dict[str, PromptRecord]) -> None:
-        rewriter = self._model("rewriter", self._build_rewriter) if self.config.prompts.rewriter else None
+        rewriter = self._model("rewriter", lambda: build_rewriter(self.config)) if self.config.prompts.rewriter else None
         start, todo = time.perf_counter(), self._todo("prompts", ids)
         for item_id in self._bar("prompts", todo):
             record = by_id[item_id]
@@ -414,7 +341,7 @@ class DatasetBuilder:
     def _stage_images(self, ids: list[str], by_id: dict[str, PromptRecord]) -> None:
         store = self.stores["images"]
         todo = self._todo("images", self._kept("prompts", ids))
-        source = self._model("images", self._build_images)
+        source = self._model("images", lambda: build_images(self.config))
         batch = max(1, getattr(source, "batch_size", 1))
         start = time.perf_counter()
         bar = self._bar("images", todo)
@@ -462,10 +389,10 @@ class DatasetBuilder:
         finder = segmenter = None
         if todo and cfg.source == "files":  # boxes without masks are segmented when a segmenter is named
             folder = resolve_path(cfg.folder) if cfg.folder else self.out / "images" / "boxes"
-            sam = self._model("subjects", self._build_segmenter) if cfg.segmenter else None
+            sam = self._model("subjects", lambda: build_segmenter(self.config)) if cfg.segmenter else None
             finder = SubjectsFromFiles(folder, sam)
         elif todo:
-            segmenter = self._model("subjects", self._build_segmenter)
+            segmenter = self._model("subjects", lambda: build_segmenter(self.config))
         start = time.perf_counter()
         for item_id in self._bar("subjects", todo):
             prompt = self._prompt(item_id)
@@ -502,7 +429,7 @@ class DatasetBuilder:
         cfg = self.config.filter
         thresholds = cfg.thresholds
         todo = self._todo("filter", self._kept("subjects", ids))
-        clip = self._model("clip", self._build_clip) if cfg.clip and todo else None
+        clip = self._model("clip", lambda: build_clip(self.config)) if cfg.clip and todo else None
         quality = None
         if cfg.quality == "sharpness":
             quality = SharpnessScore()
@@ -527,7 +454,7 @@ class DatasetBuilder:
     def _stage_references(self, ids: list[str], by_id: dict[str, PromptRecord]) -> None:
         cfg = self.config.references
         todo = self._todo("references", self._kept("filter", ids))
-        editor = self._model("editor", self._build_editor) if cfg.source == "editor" and todo else None
+        editor = self._model("editor", lambda: build_editor(self.config)) if cfg.source == "editor" and todo else None
         mapping = None
         if cfg.source == "files":
             mapping = json.loads(read_text_utf8(resolve_path(cfg.files)))
@@ -574,7 +501,7 @@ class DatasetBuilder:
 
     def _stage_correspondences(self, ids: list[str], by_id: dict[str, PromptRecord]) -> None:
         todo = self._todo("correspondences", self._kept("references", ids))
-        extractors = self._model("extractors", self._build_extractors) if todo else None
+        extractors = self._model("extractors", lambda: build_extractors(self.config)) if todo else None
         start = time.perf_counter()
         for item_id in self._bar("correspondences", todo):
             try:
@@ -710,7 +637,7 @@ class DatasetBuilder:
                            ("rejected", [self._rejected_row(*r) for r in rejected[: self.config.sheets]])):
             path = self.out / "sheets" / f"{name}.png"
             if rows:
-                save_image_atomic(contact_sheet(rows, min_width=480), path)
+                save_image_atomic(panel_sheet(rows, min_width=480), path)
                 written.append(str(path.relative_to(self.out)))
             else:  # an older sheet would show items that are no longer accepted (or rejected)
                 path.unlink(missing_ok=True)
@@ -739,77 +666,3 @@ class DatasetBuilder:
             masks = [m for m in found.masks if m is not None]
             boxes = [b for b in found.boxes if b is not None]
         return [overlay_masks(image, masks, boxes)], f"{item_id} rejected at {stage}: {'; '.join(reasons)[:90]}"
-
-
-_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
-
-
-def overlay_masks(image: Image.Image, masks: Sequence[torch.Tensor], boxes: Sequence[Sequence[float]] = ()) -> Image.Image:
-    """``image`` with each mask tinted in its colour (and each box outlined).
-
-    Args:
-        image: the image.
-        masks: ``(h, w)`` bool masks (any size; read at the image's pixel centres).
-        boxes: optional ``[x0, y0, x1, y1]`` boxes in the image's pixels.
-
-    Returns:
-        A new RGB image.
-
-    Examples:
-        >>> mask = torch.zeros(4, 4, dtype=torch.bool); mask[0, 0] = True
-        >>> out = overlay_masks(Image.new("RGB", (4, 4), "black"), [mask])
-        >>> out.getpixel((0, 0)) != (0, 0, 0), out.getpixel((3, 3))
-        (True, (0, 0, 0))
-    """
-    pixels = pil_to_tensor(image)
-    for k, mask in enumerate(masks):
-        mask = resize_mask(mask, (image.height, image.width))
-        colour = torch.tensor(_COLOURS[k % len(_COLOURS)], dtype=torch.float32).view(3, 1) / 255
-        pixels[:, mask] = 0.5 * pixels[:, mask] + 0.5 * colour
-    out = tensor_to_pil(pixels)
-    draw = ImageDraw.Draw(out)
-    for k, box in enumerate(boxes):
-        draw.rectangle([float(v) for v in box], outline=_COLOURS[k % len(_COLOURS)], width=2)
-    return out
-
-
-def contact_sheet(rows: Sequence[tuple[Sequence[Image.Image], str]], height: int = 160, min_width: int = 0) -> Image.Image:
-    """One row per sample: its panels scaled to ``height`` side by side, its caption above (at
-    most two lines, wrapped).
-
-    Args:
-        rows: per sample, its panels and a caption.
-        height: panel height in pixels.
-        min_width: the sheet's least width in pixels.
-
-    Returns:
-        The sheet.
-
-    Examples:
-        >>> sheet = contact_sheet([([Image.new("RGB", (32, 16)), Image.new("RGB", (16, 16))], "a")], height=16)
-        >>> sheet.size
-        (48, 32)
-        >>> contact_sheet([([Image.new("RGB", (16, 16))], "a long caption " * 9)], height=16, min_width=120).size
-        (120, 44)
-    """
-    if not rows:
-        raise ValueError("Expected at least one row in `rows`, but got none.")
-    scaled = [[p.resize((max(1, round(p.width * height / p.height)), height)) for p in panels] for panels, _ in rows]
-    width = max(max(sum(p.width for p in panels) for panels in scaled), min_width)
-    chars = max(8, width // 6)  # PIL's default bitmap font is about 6 pixels per character
-    captions = [textwrap.wrap(caption, chars)[:2] or [""] for _, caption in rows]
-    line = 12
-    tops, top = [], 0
-    for lines in captions:
-        tops.append(top)
-        top += len(lines) * line + 4 + height
-    sheet = Image.new("RGB", (width, top), "white")
-    draw = ImageDraw.Draw(sheet)
-    for panels, lines, top in zip(scaled, captions, tops):
-        for i, text in enumerate(lines):
-            draw.text((2, top + 2 + i * line), text, fill=(0, 0, 0))
-        x, y = 0, top + len(lines) * line + 4
-        for panel in panels:
-            sheet.paste(panel, (x, y))
-            x += panel.width
-    return sheet

@@ -4,7 +4,7 @@ One small interface per stage, each with model-backed implementations (a hub id 
 tiny random models built in code for tests) and from-files ones, and per-item JSON records with
 the provenance of every stage:
 
-1. prompts (`mosaic_kit.data.generation.prompts`): `PromptTemplates`, `prompts_from_file`,
+1. prompts (`mosaic_kit.dataset_builder.prompts`): `PromptTemplates`, `prompts_from_file`,
    `InstructionRewriter` (a local instruction model; a rewrite that loses a subject is refused);
 2. images (`...images`): `DiffusersImageGenerator` (any diffusers text-to-image pipeline),
    `ImagesFromFolder`, `PhotoComposites` (real photos composed into multi-subject images);
@@ -93,11 +93,8 @@ from .config import (
     resolve_path,
     stage_settings,
 )
-from .build import (
-    DatasetBuilder,
-    contact_sheet,
-    overlay_masks,
-)
+from .build import DatasetBuilder
+from .sheets import overlay_masks, panel_sheet
 
 __all__ = [
     "SUBJECT_SOURCES",
@@ -135,7 +132,7 @@ __all__ = [
     "SubjectsFromFiles",
     "box_iou",
     "box_mask",
-    "contact_sheet",
+    "panel_sheet",
     "cutout",
     "dataset_config_from_dict",
     "decide",

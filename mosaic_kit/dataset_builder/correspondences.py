@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...correspondence import (
+from ..correspondence import (
     Correspondences,
     TokenGrid,
     consensus,
@@ -27,8 +27,8 @@ from ...correspondence import (
     matches_to_correspondences,
     subsample,
 )
-from ...utils.checks import check_option
-from ...correspondence.matching import MATCH_FILTERS
+from ..utils.checks import check_option
+from ..correspondence.matching import MATCH_FILTERS
 
 __all__ = ["SubjectPairs", "subject_pairs"]
 

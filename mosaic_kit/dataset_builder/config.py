@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...correspondence import DISJOINT_POLICIES
-from ...correspondence.matching import MATCH_FILTERS
-from ..dreambench import dreambench_root
-from ...utils.checks import check_int
+from ..correspondence import DISJOINT_POLICIES
+from ..correspondence.matching import MATCH_FILTERS
+from ..data import dreambench_root
+from ..utils.checks import check_int
 from .filtering import FilterThresholds
 from .prompts import PromptTemplates
 from .records import STAGES

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ...utils.images import tensor_to_pil  # re-exported: the one converter
-from .._images import open_image, pil_to_tensor, to_rgb
+from ..utils.images import tensor_to_pil  # re-exported: the one converter
+from ..data import open_image, to_rgb
+from ..utils.images import pil_to_tensor
 from .prompts import PromptRecord
 from .records import item_seed
 
@@ -211,8 +212,8 @@ class PhotoComposites:
 
     def __call__(self, records: Sequence[PromptRecord]) -> list[GeneratedImage]:
         """One composite per record."""
-        from ..composer import compose_samples
-        from ..sample import MultiSubjectSample
+        from ..data.composer import compose_samples
+        from ..data.sample import MultiSubjectSample
 
         out = []
         for record in records:

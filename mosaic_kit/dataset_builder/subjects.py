@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .._images import load_mask, resize_mask
+from ..data import load_mask, resize_mask
 from .records import read_text_utf8
 
 __all__ = ["DetectedSubjects", "GroundingDinoSam", "SubjectsFromFiles", "box_iou", "box_mask", "nms",

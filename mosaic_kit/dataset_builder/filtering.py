@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .._images import pil_to_tensor
+from ..utils.images import pil_to_tensor
 from .subjects import DetectedSubjects, box_iou
 
 __all__ = ["REJECT_REASONS", "ClipQualityScore", "FilterThresholds", "SharpnessScore", "decide", "subject_scores"]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .._images import pil_to_tensor
+from ..utils.images import pil_to_tensor
 from .images import tensor_to_pil
 from .records import item_seed
 

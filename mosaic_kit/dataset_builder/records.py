@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ...utils.atomic import write_text_atomic  # re-exported: the one atomic writer
+from ..utils.atomic import write_text_atomic  # re-exported: the one atomic writer
 
 __all__ = ["STAGES", "StageStore", "in_shard", "item_seed", "parse_shard", "read_text_utf8", "reject_reason_key",
            "write_text_atomic"]
