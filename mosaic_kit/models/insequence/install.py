@@ -103,8 +103,18 @@ class CaptureProcessors:
                 "forward; call `capture.reset()` (or build a new one) before the next."
             )
         layout.check(capture.corr)
+        if "_prepared" in vars(capture):  # a RefTargetCapture (not a fan-out or diagnostic): build its indices
+            self._prepare(capture)  # now, so that an `add` inside a compiled block has nothing to build
         state = self._state
         state.capture, state.layout, state.replay, state.fed = capture, layout, None, set()
+
+    def _prepare(self, capture: RefTargetCapture) -> None:
+        """``capture.prepare`` for the device, dtype and head count of the first chosen attention
+        (re-prepared by the first `add` if the model runs elsewhere, e.g. with CPU offloading)."""
+        attn = self._attentions[self.block_names[0]]
+        weight = next(attn.parameters(), None)
+        if weight is not None and weight.device.type != "meta" and weight.is_floating_point():
+            capture.prepare(weight.device, weight.dtype, attn.heads)
 
     def clear(self) -> None:
         """Stops feeding: every forward runs the stock processors again (bit-identical outputs).
