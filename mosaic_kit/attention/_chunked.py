@@ -48,11 +48,10 @@ class Plan:
     Args:
         rows: ``(B, R)`` long query rows, or None for all query rows in order.
         weights: ``(B, K, R)`` row weights of the aggregated rows (compute dtype), or None.
-        pair_batch: ``(n,)`` long sample of each pair, pairs sorted by ``pair_pos``.
+        pair_batch: ``(n,)`` long sample of each pair.
         pair_pos: ``(n,)`` long position of each pair's row in the row list.
         pair_target: ``(n,)`` long target token of each pair.
         chunk_rows: rows per chunk.
-        pair_bounds: per chunk, the ``[lo, hi)`` slice of the sorted pairs whose rows it holds.
     """
 
     rows: torch.Tensor | None
@@ -61,13 +60,19 @@ class Plan:
     pair_pos: torch.Tensor
     pair_target: torch.Tensor
     chunk_rows: int
-    pair_bounds: tuple[tuple[int, int], ...]
 
     def chunks(self, num_rows: int):
-        """``(start, stop, lo, hi)`` for every chunk of rows and its pairs."""
-        for index, start in enumerate(range(0, num_rows, self.chunk_rows)):
-            lo, hi = self.pair_bounds[index]
-            yield start, min(num_rows, start + self.chunk_rows), lo, hi
+        """``(start, stop)`` for every chunk of rows. Each chunk handles the pairs whose row it
+        holds through a mask over all pairs (not a slice of them), so that nothing here depends on
+        the data: dynamo traces the loop with static bounds whatever the correspondences."""
+        for start in range(0, num_rows, self.chunk_rows):
+            yield start, min(num_rows, start + self.chunk_rows)
+
+    def chunk_pairs(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(in_chunk (n,) bool, row (n,) long)``: which pairs have their row in ``[start, stop)``,
+        and that row's position in the chunk (clamped into it for the others, which are masked)."""
+        in_chunk = (self.pair_pos >= start) & (self.pair_pos < stop)
+        return in_chunk, (self.pair_pos - start).clamp(0, stop - start - 1)
 
 
 def _rows_of(query: torch.Tensor, rows: torch.Tensor | None, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
@@ -108,14 +113,16 @@ class TargetSoftmaxStats(torch.autograd.Function):
         num_rows = num_q if plan.rows is None else plan.rows.shape[1]
         key_c = key.to(dtype)
         lse = query.new_empty(batch, heads, num_rows, dtype=dtype)
-        pair = query.new_empty(plan.pair_pos.shape[0], dtype=dtype)
+        pair = query.new_zeros(plan.pair_pos.shape[0], dtype=dtype)
         agg = query.new_zeros(batch, 0 if plan.weights is None else plan.weights.shape[1], num_t, dtype=dtype)
-        for start, stop, lo, hi in plan.chunks(num_rows):
+        has_pairs = plan.pair_pos.shape[0] > 0
+        for start, stop in plan.chunks(num_rows):
             q = _rows_of(query, plan.rows, start, stop, dtype)
             logits = torch.matmul(q, key_c.transpose(-1, -2)).mul_(scale)  # (B, H, c, N_tgt)
-            if hi > lo:
-                b, r, v = plan.pair_batch[lo:hi], plan.pair_pos[lo:hi] - start, plan.pair_target[lo:hi]
-                pair_logits = logits[b, :, r, v]  # (n_c, H), read before the buffer is reused
+            if has_pairs:
+                in_chunk, r = plan.chunk_pairs(start, stop)
+                b, v = plan.pair_batch, plan.pair_target
+                pair_logits = logits[b, :, r, v]  # (n, H), read before the buffer is reused
             if plan.weights is None:
                 chunk_lse = torch.logsumexp(logits, dim=-1)
             else:
@@ -127,8 +134,8 @@ class TargetSoftmaxStats(torch.autograd.Function):
                 probs = exps.div_(total).mean(1)  # (B, c, N_tgt)
                 agg.add_(torch.matmul(plan.weights[:, :, start:stop], probs))
             lse[:, :, start:stop] = chunk_lse
-            if hi > lo:
-                pair[lo:hi] = torch.logsumexp(pair_logits - chunk_lse[b, :, r], dim=1)
+            if has_pairs:
+                pair = torch.where(in_chunk, torch.logsumexp(pair_logits - chunk_lse[b, :, r], dim=1), pair)
         return lse, pair, agg
 
     @staticmethod
@@ -165,15 +172,17 @@ class TargetSoftmaxStats(torch.autograd.Function):
             grad_agg = grad_agg.to(dtype) / heads
         if use_pair:
             grad_pair = grad_pair.to(dtype)
-        for start, stop, lo, hi in plan.chunks(num_rows):
+        has_pairs = use_pair and plan.pair_pos.shape[0] > 0
+        for start, stop in plan.chunks(num_rows):
             q = _rows_of(query, plan.rows, start, stop, dtype)
             logits = torch.matmul(q, key_c.transpose(-1, -2)).mul_(scale)
             chunk_lse = lse[:, :, start:stop]
-            has_pairs = use_pair and hi > lo
             if has_pairs:
-                b, r, v = plan.pair_batch[lo:hi], plan.pair_pos[lo:hi] - start, plan.pair_target[lo:hi]
-                log_p = logits[b, :, r, v] - chunk_lse[b, :, r]  # (n_c, H)
-                coef = grad_pair[lo:hi, None] * torch.exp(log_p - pair[lo:hi, None])  # (n_c, H)
+                in_chunk, r = plan.chunk_pairs(start, stop)
+                b, v = plan.pair_batch, plan.pair_target
+                log_p = logits[b, :, r, v] - chunk_lse[b, :, r]  # (n, H)
+                coef = grad_pair[:, None] * torch.exp(log_p - pair[:, None])  # (n, H)
+                coef = torch.where(in_chunk[:, None], coef, 0.0)  # pairs of other chunks add nothing
                 # Sum of the coefficients of the pairs on each row: (B, c, H) → (B, H, c).
                 row_coef = logits.new_zeros(batch, stop - start, heads).index_put_((b, r), coef, accumulate=True)
                 row_coef = row_coef.transpose(1, 2)

@@ -25,6 +25,7 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.autograd.function import FunctionCtx
@@ -141,6 +142,23 @@ def _all_weights(corr: Correspondences, dtype: torch.dtype) -> torch.Tensor:
     return corr.ref_present.to(dtype)[..., None] * layout
 
 
+class _LogAddExp(torch.autograd.Function):
+    """``logaddexp(total, block)`` whose backward reads its two small weights from ``ctx``, not
+    through ``save_for_backward``: nothing for a non-reentrant checkpoint to free and recompute, so
+    a replayed `add` (which skips the sum) saves the same tensors as the forward did."""
+
+    @staticmethod
+    def forward(ctx: Any, total: torch.Tensor, block: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = torch.logaddexp(total, block)
+        ctx.weights = (torch.exp(total - out).detach(), torch.exp(block - out).detach())
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        total_weight, block_weight = ctx.weights
+        return grad * total_weight, grad * block_weight
+
+
 class RefTargetCapture:
     """Captures, block by block, the reference → target attention statistics of eq. 8.
 
@@ -238,17 +256,36 @@ class RefTargetCapture:
     def reset(self) -> None:
         """Forgets every fed block and the taken result (call between training steps, or between
         micro-batches, when reusing the object)."""
-        self._pair_blocks: list[torch.Tensor] = []
-        self._rows_sum: torch.Tensor | None = None
         self._num_heads: int | None = None
         self._head_dim: int | None = None
         self._result_taken = False
         self._warned_no_grad = False
+        self._zero_sums()
+
+    def _zero_sums(self) -> None:
+        """The running sums over blocks: pairs as a log-sum-exp (of each block's head mean), rows
+        as a sum, and the block count as a CPU tensor. Tensors, not lists or ints, so that a
+        compiled block reads no Python value that changes from block to block (dynamo would
+        guard on it and compile again for every block)."""
+        self._blocks = torch.zeros((), dtype=torch.long)
+        self._pair_sum: torch.Tensor | None = None
+        self._rows_sum: torch.Tensor | None = None
+        if self._prepared is not None:
+            device, dtype = self._prepared_for
+            # requiring grad (when grad is on) as the sums do after the first block: a compiled block
+            # then sees the same kind of tensor for every block (dynamo guards on requires_grad)
+            grad = torch.is_grad_enabled()
+            self._pair_sum = torch.full(self._prepared["pair_flat"].shape, -math.inf, dtype=dtype, device=device)
+            self._pair_sum.requires_grad_(grad)
+            if self.aggregate is not None:
+                corr = self.corr
+                self._rows_sum = torch.zeros(corr.batch_size, corr.num_refs, corr.tgt_tokens, dtype=dtype, device=device)
+                self._rows_sum.requires_grad_(grad)
 
     @property
     def num_blocks(self) -> int:
         """How many blocks have been fed since construction or `reset`."""
-        return len(self._pair_blocks)
+        return int(self._blocks)
 
     def _prepare(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Index and weight tensors on the blocks' device, built once.
@@ -257,6 +294,15 @@ class RefTargetCapture:
         the row list that the kernel walks: the pairs' own rows for ``"points"`` and None, all
         reference rows for ``"all"``.
         """
+        if self._prepared is not None and (device, dtype) != self._prepared_for:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"RefTargetCapture was prepared for {self._prepared_for[0]} with loss math in "
+                    f"{self._prepared_for[1]}, but a compiled region feeds {device} needing {dtype}: call "
+                    "`capture.prepare(...)` for the device and dtype of the fed blocks."
+                )
+            if self.num_blocks == 0:  # prepared ahead for another device (e.g. CPU offloading): nothing fed yet
+                self._prepared, self._plans = None, {}
         if self._prepared is not None:
             if (device, dtype) != self._prepared_for:
                 raise ValueError(
@@ -278,7 +324,6 @@ class RefTargetCapture:
             "pair_batch": pair_batch[order].to(device),
             "pair_pos": pair_pos[order].to(device),
             "pair_target": corr.tgt_index.flatten()[flat][order].to(device),
-            "pair_pos_cpu": pair_pos[order],
         }
         if self.aggregate == "all":
             prepared["weights"] = _all_weights(corr, dtype).to(device)
@@ -288,7 +333,43 @@ class RefTargetCapture:
             if self.aggregate == "points":
                 prepared["weights"] = _points_weights(corr, dtype).to(device)
         self._prepared, self._prepared_for = prepared, (device, dtype)
+        self._zero_sums()
         return prepared
+
+    def prepare(self, device: torch.device | str, dtype: torch.dtype = torch.float32, heads: int | None = None) -> None:
+        """Builds, ahead of the first `add`, the index tensors (and with ``heads`` the chunk plan)
+        that `add` otherwise builds on its first call.
+
+        Optional in eager mode. Required before an `add` that runs inside a compiled region
+        (``torch.compile``, e.g. diffusers' ``compile_repeated_blocks``): building them needs
+        data-dependent host work that dynamo cannot trace. `CaptureProcessors.set_capture` calls
+        it for the model's device, dtype and head count.
+
+        Args:
+            device: the device of the queries and keys that will be fed.
+            dtype: their dtype (the loss math then runs in float64 for float64, else float32).
+            heads: H, the head count of the fed blocks; None leaves the plan to the first `add`.
+
+        Raises:
+            ValueError: ``heads`` is not a positive int, or the capture was prepared (or fed) for
+                another device or compute dtype.
+
+        Example:
+            >>> corr = Correspondences.from_dicts([[{0: 1}]], ref_tokens=[2], tgt_tokens=3)
+            >>> capture = RefTargetCapture(corr)
+            >>> capture.prepare("cpu", torch.bfloat16, heads=2)  # loss math in float32
+            >>> capture.add(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 3, 4))
+            >>> capture.num_blocks
+            1
+        """
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"Expected `dtype` to be a floating torch.dtype, but got {dtype!r}.")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # as the tensors' own device reads
+            device = torch.device("cuda", torch.cuda.current_device())
+        prepared = self._prepare(device, compute_dtype(dtype))
+        if heads is not None:
+            self._plan(prepared, check_int("heads", heads, minimum=1))
 
     def _plan(self, prepared: dict[str, torch.Tensor], heads: int) -> Plan:
         """The chunking of one block (cached: it depends only on the head count)."""
@@ -298,10 +379,6 @@ class RefTargetCapture:
         budget = self.max_chunk_elements or min(2**24, max(2**16, per_row * num_rows // 16))
         chunk_rows = max(1, budget // per_row)
         if chunk_rows not in self._plans:
-            starts = torch.arange(0, max(num_rows, 1), chunk_rows)
-            stops = (starts + chunk_rows).clamp_max(num_rows)
-            lo = torch.searchsorted(prepared["pair_pos_cpu"], starts).tolist()
-            hi = torch.searchsorted(prepared["pair_pos_cpu"], stops).tolist()
             self._plans[chunk_rows] = Plan(
                 rows=rows,
                 weights=prepared.get("weights"),
@@ -309,7 +386,6 @@ class RefTargetCapture:
                 pair_pos=prepared["pair_pos"],
                 pair_target=prepared["pair_target"],
                 chunk_rows=chunk_rows,
-                pair_bounds=tuple(zip(lo, hi)),
             )
         return self._plans[chunk_rows]
 
@@ -361,14 +437,24 @@ class RefTargetCapture:
             raise ValueError(f"Expected `query` and `key` on one device, but got {query.device} and {key.device}.")
         if query.dtype != key.dtype:
             raise ValueError(f"Expected `key` with the dtype of `query` ({query.dtype}), but got {key.dtype}.")
-        if self._num_heads is not None and (heads, dim) != (self._num_heads, self._head_dim):
+        compiling = torch.compiler.is_compiling()
+        # (checked by `result` too: a compiled block does not read what earlier blocks recorded,
+        # which would make dynamo guard on it and recompile for the next block)
+        if not compiling and self._num_heads is not None and (heads, dim) != (self._num_heads, self._head_dim):
             raise ValueError(
                 f"Expected every block with (H, D) = ({self._num_heads}, {self._head_dim}), but got ({heads}, {dim})."
             )
-        replay = _in_backward_pass()  # a checkpoint recomputing a block fed in the forward
+        # a checkpoint recomputing a block fed in the forward (never while dynamo traces: a compiled
+        # region is recomputed by its own backward graph, or by an eager replay with dynamo off)
+        replay = False if compiling else _in_backward_pass()
         if not replay:
-            self._check_feeding(query, key)
+            self._check_feeding(query, key, compiling)
         dtype = compute_dtype(query.dtype)
+        if compiling and self._prepared is None:
+            raise RuntimeError(
+                "RefTargetCapture.add inside a compiled region needs `capture.prepare(device, dtype, heads)` first (its "
+                "index tensors are data-dependent); `CaptureProcessors.set_capture` calls it for the model."
+            )
         prepared = self._prepare(query.device, dtype)
         scale = self.scale if self.scale is not None else dim**-0.5
         self._num_heads, self._head_dim = heads, dim
@@ -389,18 +475,24 @@ class RefTargetCapture:
             pair, rows = TargetSoftmaxStats.apply(query, key, self._plan(prepared, heads), scale, replay)
         if replay:
             return
-        self._pair_blocks.append(pair)
+        # the head mean of each block's probabilities, summed over blocks as a log-sum-exp
+        self._pair_sum = _LogAddExp.apply(self._pair_sum, pair - math.log(heads))
         if self.aggregate is not None:
-            self._rows_sum = rows if self._rows_sum is None else self._rows_sum + rows
+            self._rows_sum = self._rows_sum + rows
+        self._blocks = self._blocks + 1
 
-    def _check_feeding(self, query: torch.Tensor, key: torch.Tensor) -> None:
-        """The checks of a forward-pass `add` (not of a checkpoint's replay)."""
+    def _check_feeding(self, query: torch.Tensor, key: torch.Tensor, compiling: bool) -> None:
+        """The checks of a forward-pass `add` (not of a checkpoint's replay). While dynamo traces,
+        the checks that need Python frames or a device sync are left out: the non-finite checks
+        of `result` (outside the compiled region) still see a NaN or inf fed here."""
         if self._result_taken:
             raise ValueError(
                 f"Expected a fresh capture, but got one whose `result()` was already taken after {self.num_blocks} "
                 "block(s): call `reset()` before feeding the next forward pass (or micro-batch), so that two steps "
                 "never mix."
             )
+        if compiling:
+            return
         if not torch.is_grad_enabled():
             if _inside_function_forward():
                 raise RuntimeError(_REENTRANT_MESSAGE)
@@ -421,13 +513,13 @@ class RefTargetCapture:
         After this, `add` raises until `reset` (a capture serves one forward pass). While
         `mosaic_kit.finite_checks` is on, raises `ValueError` for non-finite statistics.
         """
-        if not self._pair_blocks:
+        blocks = self.num_blocks
+        if blocks == 0:
             raise ValueError("Expected at least one block fed with `add(query, key)` before `result()`, but got none.")
         self._result_taken = True
         prepared = self._prepared
-        assert prepared is not None and self._num_heads is not None
-        blocks = len(self._pair_blocks)
-        log_mean = torch.logsumexp(torch.stack(self._pair_blocks), dim=0) - math.log(blocks * self._num_heads)
+        assert prepared is not None and self._num_heads is not None and self._pair_sum is not None
+        log_mean = self._pair_sum - math.log(blocks)
         corr = self.corr
         pair_log_probs = log_mean.new_zeros(corr.point_mask.numel()).scatter(0, prepared["pair_flat"], log_mean)
         pair_log_probs = pair_log_probs.view(corr.point_mask.shape)

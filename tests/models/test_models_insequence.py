@@ -18,6 +18,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from diffusers import (  # noqa: E402
+    ChromaTransformer2DModel,
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     QwenImageTransformer2DModel,
@@ -84,6 +85,18 @@ def _flux_case(batch):
         img_ids=torch.cat(ids).double(), txt_ids=torch.zeros(TEXT, 3, dtype=torch.float64),
     )
     return model, inputs, TGT + 2 * REF, _flux_rope, 1
+
+
+def _chroma_case(batch):
+    """Chroma: FLUX.1's blocks and `FluxAttnProcessor`, a modulation approximator instead of the
+    pooled text and guidance embeddings; the capture processors work on it unchanged."""
+    model = _seeded(lambda: ChromaTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4),
+        approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1))
+    _, inputs, *rest = _flux_case(batch)
+    del inputs["pooled_projections"]
+    return (model, inputs, *rest)
 
 
 def _flux2_case(batch):
@@ -168,6 +181,7 @@ def _layout(layout_name, batch):
 
 CASES = {
     "flux": (_flux_case, "concatenated"),
+    "chroma": (_chroma_case, "concatenated"),
     "flux2": (_flux2_case, "swapped"),
     "sd3": (_sd3_case, "canvas"),
     "qwen": (_qwen_case, "concatenated"),

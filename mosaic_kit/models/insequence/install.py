@@ -10,7 +10,7 @@ import torch
 
 from ...attention import RefTargetCapture
 from .layout import SequenceLayout
-from .processors import _CAPTURE_PROCESSORS, _State
+from .processors import _CAPTURE_PROCESSORS, _CaptureMixin, _State
 
 __all__ = ["CaptureProcessors", "install_capture_processors"]
 
@@ -22,8 +22,15 @@ class CaptureProcessors:
     """The capture processors installed on one transformer (returned by `install_capture_processors`).
 
     Life cycle per training step: build a `RefTargetCapture` for the batch's correspondences, run
-    the forward inside ``with handle.capture(capture, layout):``, then read ``capture.result()``
+    one forward inside ``with handle.capture(capture, layout):``, then read ``capture.result()``
     (the capture stays fed after the ``with``; build a new one, or ``capture.reset()``, per step).
+    One capture is active at a time and serves one forward: a nested ``handle.capture(...)``, a
+    capture already fed, or a second forward inside the ``with`` raise `ValueError`.
+
+    If something else replaces the processors after the installation (diffusers' IP-adapter
+    loading rebuilds them with ``type(processor)()``, which gives detached, stock processors),
+    ``installed`` turns False and `set_capture` refuses, naming the blocks: nothing is fed by
+    half the blocks silently.
 
     Attributes:
         transformer: the model.
@@ -39,6 +46,7 @@ class CaptureProcessors:
         self.processors = processors
         self.block_names = tuple(processors)
         self._originals = originals
+        self._attentions = {block: transformer.get_submodule(block).attn for block in processors}
         self._state = state
         self._removed = False
 
@@ -47,21 +55,66 @@ class CaptureProcessors:
         """True while a capture is set."""
         return self._state.capture is not None
 
+    @property
+    def installed(self) -> bool:
+        """True while every processor of this handle is on its block (False after `remove`, or
+        when something replaced one, e.g. an IP-adapter loaded after the installation)."""
+        return not self._removed and not self._replaced()
+
+    def _replaced(self) -> list[str]:
+        return [block for block, attn in self._attentions.items() if attn.processor is not self.processors[block]]
+
     def set_capture(self, capture: RefTargetCapture, layout: SequenceLayout) -> None:
         """Makes every chosen block feed ``capture`` with the tokens that ``layout`` names.
 
         Args:
-            capture: the capture to feed (one per step; its correspondences fix K, N^(k), N_tgt).
+            capture: the capture to feed (one per forward, not fed yet; its correspondences fix K,
+                N^(k), N_tgt).
             layout: where those tokens sit in the image stream; checked against ``capture.corr``.
+
+        Raises:
+            ValueError: a capture is already active (nested ``handle.capture``; call `clear`
+                first), ``capture`` was already fed (``reset()`` it), a processor of this handle
+                was replaced or removed, or ``layout`` does not fit ``capture.corr``.
         """
         if self._removed:
             raise ValueError("Expected installed processors, but `remove()` was called on this handle.")
+        replaced = self._replaced()
+        if replaced:
+            found = sorted({type(self._attentions[b].processor).__name__ for b in replaced})
+            raise ValueError(
+                f"Expected this handle's capture processors on every chosen block, but blocks {replaced} now hold "
+                f"{found} (replaced after the installation, e.g. by loading an IP-adapter): call `remove()` and "
+                "`install_capture_processors` again."
+            )
         if not isinstance(capture, RefTargetCapture):
             raise ValueError(f"Expected `capture` to be a RefTargetCapture, but got {type(capture).__name__}.")
         if not isinstance(layout, SequenceLayout):
             raise ValueError(f"Expected `layout` to be a SequenceLayout, but got {type(layout).__name__}.")
+        if self._state.capture is not None:
+            raise ValueError(
+                "Expected no active capture, but one is set: nested `handle.capture(...)` (or `set_capture` twice) is "
+                "not supported, since one capture serves one forward; leave the outer `with` (or call `clear()`) first."
+            )
+        fed = getattr(capture, "num_blocks", 0)
+        if fed:
+            raise ValueError(
+                f"Expected a fresh capture, but `capture` was already fed by {fed} block(s): one capture serves one "
+                "forward; call `capture.reset()` (or build a new one) before the next."
+            )
         layout.check(capture.corr)
-        self._state.capture, self._state.layout, self._state.replay = capture, layout, None
+        if "_prepared" in vars(capture):  # a RefTargetCapture (not a fan-out or diagnostic): build its indices
+            self._prepare(capture)  # now, so that an `add` inside a compiled block has nothing to build
+        state = self._state
+        state.capture, state.layout, state.replay, state.fed = capture, layout, None, set()
+
+    def _prepare(self, capture: RefTargetCapture) -> None:
+        """``capture.prepare`` for the device, dtype and head count of the first chosen attention
+        (re-prepared by the first `add` if the model runs elsewhere, e.g. with CPU offloading)."""
+        attn = self._attentions[self.block_names[0]]
+        weight = next(attn.parameters(), None)
+        if weight is not None and weight.device.type != "meta" and weight.is_floating_point():
+            capture.prepare(weight.device, weight.dtype, attn.heads)
 
     def clear(self) -> None:
         """Stops feeding: every forward runs the stock processors again (bit-identical outputs).
@@ -70,8 +123,8 @@ class CaptureProcessors:
         checkpointed blocks feeds the last cleared capture again (the capture recognises the
         recomputation and counts each block once), so the backward may come after the ``with``.
         Call it before the next forward that builds a graph (forwards under ``no_grad``, e.g.
-        validation or sampling, may come between); that forward, `set_capture` and `remove`
-        forget the cleared capture.
+        validation or sampling, may come between; they run the stock processors, compiled or
+        not); that forward, `set_capture` and `remove` forget the cleared capture.
         """
         state = self._state
         if state.capture is not None:
@@ -91,12 +144,20 @@ class CaptureProcessors:
             self.clear()
 
     def remove(self) -> None:
-        """Restores the processors the model had before the installation (the same objects)."""
-        if not self._removed:
-            self.clear()
-            self._state.replay = None
-            self.transformer.set_attn_processor(dict(self._originals))
-            self._removed = True
+        """Restores the processors the model had before the installation (the same objects) on the
+        blocks that still hold this handle's processors, or detached ones that diffusers rebuilt
+        from them; a processor installed since by something else (an IP-adapter's) stays."""
+        if self._removed:
+            return
+        self.clear()
+        self._state.replay = None
+        current = dict(self.transformer.attn_processors)
+        for block, attn in self._attentions.items():
+            processor = attn.processor
+            if processor is self.processors[block] or (isinstance(processor, _CaptureMixin) and processor.detached):
+                current[f"{block}.attn.processor"] = self._originals[f"{block}.attn.processor"]
+        self.transformer.set_attn_processor(current)
+        self._removed = True
 
 
 def install_capture_processors(
@@ -112,7 +173,8 @@ def install_capture_processors(
 
     Args:
         transformer: the diffusers transformer, with its stock attention processors on the chosen
-            blocks (fused or IP-adapter processors are refused).
+            blocks (fused or IP-adapter processors, or those of another installation, are refused;
+            detached capture processors, which are the stock ones, are accepted).
         blocks: ``"all"``, a list of block names (see ``handle.block_names`` after installing with
             ``"all"``, e.g. ``"transformer_blocks.3"``, ``"single_transformer_blocks.0"``), or a
             predicate on the block name.
@@ -170,6 +232,8 @@ def install_capture_processors(
     for block in chosen:
         stock = originals[main[block]]
         capture_class = _CAPTURE_PROCESSORS.get(type(stock))
+        if isinstance(stock, _CaptureMixin) and stock.detached:  # diffusers' `type(processor)()`: the stock one
+            capture_class = type(stock)
         if capture_class is None:
             raise ValueError(
                 f"Expected a stock processor ({', '.join(c.__name__ for c in _CAPTURE_PROCESSORS)}) on "

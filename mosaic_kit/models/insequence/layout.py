@@ -103,7 +103,15 @@ class SequenceLayout:
             )
         if bool((both.sort(dim=1).values.diff(dim=1) == 0).any()):
             raise ValueError("Expected every image position used once per sample (target and references disjoint), but got repeats.")
-        object.__setattr__(self, "_runs", {})
+        # where a shared index is one contiguous run, its start (the gather is then a view); decided
+        # here, once, so that the gather has no data-dependent branch (dynamo traces it as is)
+        starts = {}
+        for which, index in (("target", target), ("ref", refs)):
+            first = int(index[0, 0])
+            contiguous = index.shape[0] == 1 and torch.equal(index[0], torch.arange(first, first + index.shape[1]))
+            starts[which] = first if contiguous else None
+        object.__setattr__(self, "_starts", starts)
+        object.__setattr__(self, "_on_device", {})
 
     # -- constructors -------------------------------------------------------------------------------
     @classmethod
@@ -236,29 +244,29 @@ class SequenceLayout:
             )
 
     # -- the gather ---------------------------------------------------------------------------------
-    def _take(self, x: torch.Tensor, index: torch.Tensor, offset: int, seq_dim: int) -> torch.Tensor:
-        """``x``'s tokens at ``index + offset`` on ``seq_dim``: a view for a shared contiguous run,
-        ``index_select`` for a shared layout, ``gather`` per sample otherwise (indices cached per
-        device, so a training step moves nothing to the device after the first)."""
+    def _take(self, x: torch.Tensor, which: str, offset: int, seq_dim: int) -> torch.Tensor:
+        """``x``'s tokens of the target (``which="target"``) or the references (``"ref"``) on
+        ``seq_dim``, shifted by ``offset``: a view for a shared contiguous run, ``index_select`` for
+        a shared layout, ``gather`` per sample otherwise (indices cached per device, so a training
+        step moves nothing to the device after the first)."""
+        index = self.target_index if which == "target" else self.ref_index
         count = index.shape[1]
-        key = (id(index), offset, x.device)
-        if key not in self._runs:
-            positions = index + offset
-            start = int(positions[0, 0])
-            contiguous = self.shared and torch.equal(positions[0], torch.arange(start, start + count))
-            self._runs[key] = start if contiguous else positions.to(x.device)
-        run = self._runs[key]
-        if isinstance(run, int):
-            return x.narrow(seq_dim, run, count)
+        start = self._starts[which]
+        if start is not None:
+            return x.narrow(seq_dim, start + offset, count)
+        key = (which, x.device)
+        if key not in self._on_device:
+            self._on_device[key] = index.to(x.device)
+        positions = self._on_device[key] + offset
         if self.shared:
-            return x.index_select(seq_dim, run[0])
-        if x.shape[0] != run.shape[0]:
-            raise ValueError(f"Expected a batch of {run.shape[0]} samples (the layout's B), but got {x.shape[0]}.")
-        view = [run.shape[0], 1, 1, 1]
+            return x.index_select(seq_dim, positions[0])
+        if x.shape[0] != positions.shape[0]:
+            raise ValueError(f"Expected a batch of {positions.shape[0]} samples (the layout's B), but got {x.shape[0]}.")
+        view = [positions.shape[0], 1, 1, 1]
         view[seq_dim] = count
         expanded = list(x.shape)
         expanded[seq_dim] = count
-        return x.gather(seq_dim, run.view(view).expand(expanded))
+        return x.gather(seq_dim, positions.view(view).expand(expanded))
 
     def split(
         self, query: torch.Tensor, key: torch.Tensor, image_offset: int, seq_dim: int
@@ -283,8 +291,8 @@ class SequenceLayout:
                     f"Expected `{name}` 4-D with at least image_offset + image_tokens = "
                     f"{image_offset + self.image_tokens} tokens on dim {seq_dim}, but got shape {tuple(x.shape)}."
                 )
-        ref_query = self._take(query, self.ref_index, image_offset, seq_dim)
-        tgt_key = self._take(key, self.target_index, image_offset, seq_dim)
+        ref_query = self._take(query, "ref", image_offset, seq_dim)
+        tgt_key = self._take(key, "target", image_offset, seq_dim)
         if seq_dim == 1:
             ref_query, tgt_key = ref_query.transpose(1, 2), tgt_key.transpose(1, 2)
         return ref_query, tgt_key

@@ -25,37 +25,71 @@ __all__ = [
 ]
 
 
+def _in_backward_pass() -> bool:
+    """True while autograd's engine runs a backward pass on this thread (a non-reentrant
+    checkpoint recomputing a block, torch's signal as in `torch.utils.module_tracker`). Never
+    called while dynamo traces: a compiled region is recomputed by its own backward graph, not by
+    running the processor again, and dynamo cannot trace this call."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class _State:
-    """What the processors of one installation share: the active capture and layout, and the last
-    ones cleared (a checkpoint's recomputation during the backward feeds them again)."""
+    """What the processors of one installation share: the active capture and layout, the blocks
+    that fed it, and the last ones cleared (a checkpoint's recomputation during the backward
+    feeds them again)."""
 
     def __init__(self) -> None:
         self.capture: RefTargetCapture | None = None
         self.layout: SequenceLayout | None = None
         self.replay: tuple[RefTargetCapture, SequenceLayout] | None = None
+        self.fed: set[str] = set()
 
     def target(self) -> tuple[RefTargetCapture, SequenceLayout] | None:
         """The capture to feed now: the active one, or during a backward pass (a non-reentrant
-        checkpoint recomputing a block, torch's signal as in `torch.utils.module_tracker`) the
-        last one cleared; None: run the stock processor. A forward outside any backward that
-        builds a graph starts another step: the last capture is forgotten then."""
+        checkpoint recomputing a block) the last one cleared; None: run the stock processor. A
+        forward outside any backward that builds a graph starts another step: the last capture is
+        forgotten then.
+
+        Idle, this reads only Python attributes and the grad mode (what dynamo traces without a
+        graph break): a forward under ``no_grad`` (validation, sampling) never asks autograd's
+        engine anything, since a checkpoint's recomputation always runs with grad enabled; nor
+        does a compiled forward (dynamo does not trace that query, and a compiled region's
+        backward never calls the processor again).
+        """
         if self.capture is not None:
             return self.capture, self.layout
-        if self.replay is not None:
-            if torch._C._current_graph_task_id() != -1:
+        if self.replay is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if _in_backward_pass():
                 return self.replay
-            if torch.is_grad_enabled():
-                self.replay = None
+            self.replay = None
         return None
 
 
 class _CaptureMixin:
     """The feeding half of every capture processor (the attention half is the stock class)."""
 
-    def __init__(self, state: _State, block: str) -> None:
+    def __init__(self, state: _State | None = None, block: str | None = None) -> None:
         super().__init__()
-        self._state = state
+        if (state is None) != (block is None):
+            raise TypeError(
+                f"Expected both `state` and `block` (as install_capture_processors passes them) or neither (a "
+                f"processor that is the stock one, as diffusers builds with `type(processor)()`), but got "
+                f"state={type(state).__name__} and block={block!r}."
+            )
+        if state is not None and not isinstance(state, _State):
+            raise TypeError(f"Expected `state` to be the installation's shared state, but got {type(state).__name__}.")
+        if block is not None and not isinstance(block, str):
+            raise TypeError(f"Expected `block` to be a block name (str), but got {type(block).__name__}.")
+        # detached (built with no arguments): a state of its own that nothing ever activates
+        self._state = _State() if state is None else state
         self.block = block
+
+    @property
+    def detached(self) -> bool:
+        """True for a processor built with no arguments: it belongs to no installation and is the
+        stock processor (diffusers rebuilds processors with ``type(processor)()`` when it loads or
+        unloads an IP-adapter)."""
+        return self.block is None
 
     @property
     def active(self) -> bool:
@@ -72,6 +106,14 @@ class _CaptureMixin:
         image_tokens: int | None,
     ) -> None:
         capture, layout = target
+        if not torch.compiler.is_compiling() and not _in_backward_pass():  # a checkpoint's recomputation feeds again
+            if self.block in self._state.fed:
+                raise ValueError(
+                    f"Expected one forward per capture, but block {self.block!r} fed the active capture a second "
+                    "time: run one forward inside `handle.capture(...)` and build a new capture (or `reset()` it) "
+                    "for the next one."
+                )
+            self._state.fed.add(self.block)
         if image_tokens is not None and image_tokens != layout.image_tokens:
             raise ValueError(
                 f"Expected an image stream of layout.image_tokens = {layout.image_tokens} tokens in block "
@@ -132,8 +174,9 @@ class FluxCaptureProcessor(_CaptureMixin, _flux.FluxAttnProcessor):
     ``layout.image_tokens`` tokens). Built by `install_capture_processors`.
 
     Args:
-        state: the installation's shared state.
-        block: the block's name, e.g. ``"single_transformer_blocks.0"``.
+        state: the installation's shared state; omitted (with ``block``), the processor is detached
+            and always the stock one (what diffusers' ``type(processor)()`` builds).
+        block: the block's name, e.g. ``"single_transformer_blocks.0"``; omitted with ``state``.
 
     Example:
         >>> from mosaic_kit.models.insequence import install_capture_processors
@@ -171,8 +214,9 @@ class Flux2CaptureProcessor(_CaptureMixin, _flux2.Flux2AttnProcessor):
     the joint ``[text | image]`` sequence. Built by `install_capture_processors`.
 
     Args:
-        state: the installation's shared state.
-        block: the block's name, e.g. ``"transformer_blocks.0"``.
+        state: the installation's shared state; omitted (with ``block``), the processor is detached
+            and always the stock one (what diffusers' ``type(processor)()`` builds).
+        block: the block's name, e.g. ``"transformer_blocks.0"``; omitted with ``state``.
 
     Example:
         >>> from mosaic_kit.models.insequence import install_capture_processors
@@ -212,8 +256,9 @@ class Flux2ParallelCaptureProcessor(_CaptureMixin, _flux2.Flux2ParallelSelfAttnP
     `install_capture_processors` (see `Flux2CaptureProcessor` for an example).
 
     Args:
-        state: the installation's shared state.
-        block: the block's name, e.g. ``"single_transformer_blocks.0"``.
+        state: the installation's shared state; omitted (with ``block``), the processor is detached
+            and always the stock one (what diffusers' ``type(processor)()`` builds).
+        block: the block's name, e.g. ``"single_transformer_blocks.0"``; omitted with ``state``.
     """
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
@@ -258,8 +303,9 @@ class SD3CaptureProcessor(_CaptureMixin, JointAttnProcessor2_0):
     torch's ``scaled_dot_product_attention`` directly. Built by `install_capture_processors`.
 
     Args:
-        state: the installation's shared state.
-        block: the block's name, e.g. ``"transformer_blocks.0"``.
+        state: the installation's shared state; omitted (with ``block``), the processor is detached
+            and always the stock one (what diffusers' ``type(processor)()`` builds).
+        block: the block's name, e.g. ``"transformer_blocks.0"``; omitted with ``state``.
 
     Example:
         >>> from mosaic_kit.models.insequence import install_capture_processors
@@ -338,8 +384,9 @@ class QwenCaptureProcessor(_CaptureMixin, _qwen.QwenDoubleStreamAttnProcessor2_0
     query and key. Idle, it is the stock processor. Built by `install_capture_processors`.
 
     Args:
-        state: the installation's shared state.
-        block: the block's name, e.g. ``"transformer_blocks.0"``.
+        state: the installation's shared state; omitted (with ``block``), the processor is detached
+            and always the stock one (what diffusers' ``type(processor)()`` builds).
+        block: the block's name, e.g. ``"transformer_blocks.0"``; omitted with ``state``.
 
     Example:
         >>> from mosaic_kit.models.insequence import install_capture_processors
