@@ -29,10 +29,11 @@ CONFIG = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "tiny_flu
 
 
 def _flux2_file(folder: Path, **overrides) -> tuple[Flux2Family, Path]:
-    """A FLUX.2 LoRA file as the trainer writes it (`save_reference_lora`: digest recorded)."""
+    """A FLUX.2 LoRA file as the trainer writes it (`Flux2Family.save_lora`, the one writer:
+    diffusers' layout and adapter metadata, digest recorded)."""
     family = Flux2Family.tiny(transformer_overrides=overrides or None)
     family.add_lora(rank=2, init=False)
-    return family, save_reference_lora(family.transformer, folder / "pytorch_lora_weights.safetensors")
+    return family, family.save_lora(folder / "pytorch_lora_weights.safetensors")
 
 
 def _flux1_file(folder: Path) -> Path:

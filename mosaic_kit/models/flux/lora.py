@@ -305,7 +305,8 @@ def lora_state_digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def write_lora_file(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+def write_lora_file(state: dict[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: dict[str, str] | None = None) -> Path:
     """Writes a LoRA state dict as safetensors, atomically (`mosaic_kit.utils.atomic_write`:
     temporary file in the same folder, fsync, rename, fsync of the folder), with
     the digest of its tensors (`lora_state_digest`) in the metadata under `LORA_DIGEST_KEY`.
@@ -313,6 +314,8 @@ def write_lora_file(state: dict[str, torch.Tensor], path: str | os.PathLike) -> 
     Args:
         state: ``transformer.<module>.lora_A/B.weight`` → tensor.
         path: destination file.
+        metadata: further string metadata to keep in the file (e.g. diffusers' adapter
+            metadata); the digest is added to it.
 
     Returns:
         The path written.
@@ -327,7 +330,7 @@ def write_lora_file(state: dict[str, torch.Tensor], path: str | os.PathLike) -> 
     from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    metadata = {"format": "pt", LORA_DIGEST_KEY: lora_state_digest(state)}
+    metadata = {"format": "pt", **(metadata or {}), LORA_DIGEST_KEY: lora_state_digest(state)}
     return write_bytes_atomic(path, save(state, metadata=metadata))
 
 

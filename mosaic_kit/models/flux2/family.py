@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...utils.atomic import fsync_dir
+from ..flux.lora import write_lora_file
 from ..family import ModelFamily, ModelInputs, TokenLayout, check_trainable
 from ..insequence import CaptureProcessors, SequenceLayout
 from .denoiser import Flux2Denoiser
@@ -433,11 +433,13 @@ class Flux2Family(ModelFamily):
         return found
 
     def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Writes the LoRA in diffusers' layout with its adapter metadata, atomically and durably:
-        the one writer of FLUX.2 LoRA files (the trainer's final, EMA and checkpoint files too).
+        """Writes the LoRA in diffusers' layout with its adapter metadata and mosaic_kit's digest
+        (`LORA_DIGEST_KEY`), atomically and durably: the one writer of FLUX.2 LoRA files (the
+        trainer's final, EMA and checkpoint files too).
 
-        Diffusers writes it into a temporary folder beside the destination; the file is fsynced,
-        renamed over the destination, and the folder fsynced.
+        Diffusers lays the file out in a temporary folder beside the destination; its tensors and
+        metadata are then written with `write_lora_file` (the digest added; temporary file, fsync,
+        rename, fsync of the folder).
 
         The keys are ``transformer.<module>.lora_A.weight``; the metadata carries ``lora_alpha``
         (without it a reload would use alpha = rank). ``Flux2KleinPipeline.load_lora_weights``
@@ -462,6 +464,7 @@ class Flux2Family(ModelFamily):
         import tempfile
 
         from diffusers import Flux2KleinPipeline
+        from safetensors import safe_open
 
         peft_config = getattr(self.transformer, "peft_config", {}).get(FLUX2_ADAPTER)
         if peft_config is None:
@@ -476,13 +479,14 @@ class Flux2Family(ModelFamily):
             state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
         state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         with tempfile.TemporaryDirectory(dir=file.parent, prefix=".tmp-lora-") as scratch:
+            # diffusers lays out the keys and its adapter metadata; the file is then rewritten with
+            # mosaic_kit's digest added (`read_lora_file` and `load_lora` verify it)
             Flux2KleinPipeline.save_lora_weights(scratch, transformer_lora_layers=state, weight_name=file.name,
                                                  transformer_lora_adapter_metadata=peft_config.to_dict())
-            written = Path(scratch) / file.name
-            with open(written, "rb") as handle:  # durable before it replaces the old file
-                os.fsync(handle.fileno())
-            os.replace(written, file)
-        fsync_dir(file.parent)
+            with safe_open(Path(scratch) / file.name, framework="pt") as written:
+                tensors = {key: written.get_tensor(key) for key in written.keys()}
+                metadata = written.metadata() or {}
+        write_lora_file(tensors, file, metadata=metadata)
         return file
 
     def load_lora(self, path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor], partial: bool = False) -> None:
