@@ -16,6 +16,9 @@
 - `Flux2Family` (`flux2/`: `lora`, `denoiser`, `family`): FLUX.2 [klein]/[dev] behind the same boundary, laid out exactly as the
   stock `Flux2KleinPipeline`/`Flux2Pipeline` (in-sequence references, a plain peft LoRA that the stock
   pipelines load with `load_lora_weights`).
+- `QwenEditPlusFamily` (`qwen/`: `denoiser`, `family`, `tiny`): Qwen-Image-Edit-Plus 2509/2511 behind the same
+  boundary, laid out exactly as the stock `QwenImageEditPlusPipeline` (each reference a "Picture k" of the
+  vision-language prompt and VAE tokens after the target's; a plain peft LoRA the stock pipeline loads).
 - `PixelAutoencoder`: pixel space behind the VAE interface, for CPU-sized experiments.
 - `mosaic_kit.models.testing`: tiny random transformers and inputs.
 
@@ -78,6 +81,7 @@ from .flux2 import (
     flux2_lora_target_modules,
 )
 from .pixel import PixelAutoencoder
+from .qwen import QWEN_LORA_TARGETS, QwenEditPlusDenoiser, QwenEditPlusFamily
 
 __all__ = [
     "FLUX2_ADAPTER",
@@ -103,7 +107,10 @@ __all__ = [
     "MosaicFluxFamily",
     "MosaicFluxTransformer",
     "PixelAutoencoder",
+    "QWEN_LORA_TARGETS",
     "QwenCaptureProcessor",
+    "QwenEditPlusDenoiser",
+    "QwenEditPlusFamily",
     "ReferenceKVCache",
     "SD3CaptureProcessor",
     "SequenceLayout",
