@@ -15,6 +15,7 @@ from ...utils.atomic import fsync_dir
 from ..family import ModelFamily, ModelInputs, TokenLayout, check_trainable
 from ..insequence import CaptureProcessors, SequenceLayout
 from .denoiser import Flux2Denoiser
+from .comfyui import FLUX2_COMFYUI_KEYS
 from .lora import FLUX2_ADAPTER, FLUX2_LORA_TARGETS, add_flux2_lora
 
 __all__ = ["FLUX2_LORA_FILE", "FLUX2_REFERENCE_TIME_SCALE", "Flux2Family"]
@@ -65,6 +66,7 @@ class Flux2Family(ModelFamily):
 
     name = "flux2"
     config_extras = ("capture_blocks",)
+    comfyui_lora_keys = FLUX2_COMFYUI_KEYS
     default_guidance_scale = 4.0
     min_sample_reference_side = 64
     min_sample_reference_reason = ("the stock FLUX.2 pipeline's image processor refuses references with a side under "
@@ -432,9 +434,14 @@ class Flux2Family(ModelFamily):
             raise ValueError(f"Expected a LoRA adapter {FLUX2_ADAPTER!r} on the transformer (`add_lora`), but found none.")
         return found
 
-    def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
+                  format: str = "diffusers") -> Path:
         """Writes the LoRA in diffusers' layout with its adapter metadata, atomically and durably:
-        the one writer of FLUX.2 LoRA files (the trainer's final, EMA and checkpoint files too).
+        the one writer of FLUX.2 LoRA files (the trainer's final, EMA and checkpoint files too);
+        or, with ``format="comfyui"``, the same LoRA in ComfyUI's format (`FLUX2_COMFYUI_KEYS`:
+        ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, ..., q/k/v fused,
+        ``alpha / rank`` folded into ``lora_up``), which ComfyUI's LoRA loader and diffusers'
+        ``Flux2KleinPipeline.load_lora_weights`` (its kohya converter) read.
 
         Diffusers writes it into a temporary folder beside the destination; the file is fsynced,
         renamed over the destination, and the folder fsynced.
@@ -448,9 +455,13 @@ class Flux2Family(ModelFamily):
                 ``pytorch_lora_weights.safetensors`` in it); parent folders are created.
             state_dict: raw values keyed as `lora_parameters` (e.g. gathered from FSDP shards)
                 to write instead of the model's own.
+            format: ``"diffusers"`` or ``"comfyui"`` (a ``.safetensors`` file name is then required).
 
         Returns:
             The path of the written file.
+
+        Raises:
+            ValueError: an unknown ``format``, or a ComfyUI path that is not a ``.safetensors`` file.
 
         Example:
             >>> import tempfile
@@ -463,9 +474,17 @@ class Flux2Family(ModelFamily):
 
         from diffusers import Flux2KleinPipeline
 
+        from ..comfyui import check_lora_format
+        from ..flux.lora import scale_lora_state
+
+        check_lora_format(format)
         peft_config = getattr(self.transformer, "peft_config", {}).get(FLUX2_ADAPTER)
         if peft_config is None:
             raise ValueError(f"Expected a LoRA adapter {FLUX2_ADAPTER!r} on the transformer (`add_lora`), but found none.")
+        if format == "comfyui":
+            raw = self.lora_parameters() if state_dict is None else state_dict
+            raw = {k if k.startswith("transformer.") else f"transformer.{k}": v.detach().to("cpu") for k, v in raw.items()}
+            return self.write_comfyui_lora(scale_lora_state(self.transformer, raw, FLUX2_ADAPTER), path)
         path = Path(path)
         file = path if path.suffix == ".safetensors" else path / FLUX2_LORA_FILE
         file.parent.mkdir(parents=True, exist_ok=True)
