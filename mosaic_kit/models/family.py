@@ -259,13 +259,33 @@ class ModelFamily(abc.ABC):
         return self.vae_scale_factor * self.patch_size
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelFamily:
-        """Moves the pipeline's modules (and casts them to ``dtype`` when given); returns self."""
+        """Moves the pipeline's modules (and casts them to ``dtype`` when given); returns self.
+
+        A quantized module (`mosaic_kit.models.quantize`) keeps the dtypes it was loaded with
+        (diffusers refuses to cast it) and is only moved; bitsandbytes places its modules itself
+        when they load and is left where it is."""
+        from .quantize import is_quantized
+
         if self.pipe is None:
             raise NotImplementedError(f"{type(self).__name__} holds no pipeline: override `to`.")
-        if dtype is None:
-            self.pipe.to(device)
-        else:
-            self.pipe.to(device, dtype)
+        components = getattr(self.pipe, "components", {})
+        quantized = [m for m in components.values() if isinstance(m, nn.Module) and is_quantized(m)]
+        if not quantized:
+            if dtype is None:
+                self.pipe.to(device)
+            else:
+                self.pipe.to(device, dtype)
+            return self
+        for module in components.values():
+            if not isinstance(module, nn.Module):
+                continue
+            if module in quantized:
+                if getattr(module, "quantization_method", None) != "bitsandbytes":
+                    module.to(device)
+            elif dtype is None:
+                module.to(device)
+            else:
+                module.to(device, dtype)
         return self
 
     def frozen_modules(self) -> list[nn.Module]:

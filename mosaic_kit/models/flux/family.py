@@ -53,7 +53,7 @@ class MosaicFluxFamily(ModelFamily):
     """
 
     name = "flux1"
-    config_extras = ("reference_attention", "capture_blocks")
+    config_extras = ("reference_attention", "capture_blocks", "quantize")
     default_guidance_scale = 3.5  # released inference
     comfyui_lora_keys = FLUX1_COMFYUI_KEYS
 
@@ -93,7 +93,9 @@ class MosaicFluxFamily(ModelFamily):
             pixel_space: pixel space with this factor instead of the random VAE, or None.
             pipeline_class: the pipeline class (default diffusers' ``FluxPipeline``; the registry
                 passes `mosaic_kit.pipelines.MosaicFluxPipeline`, which `sample` needs).
-            **settings: the constructor's keyword arguments; ``max_sequence_length`` defaults to 32.
+            **settings: the constructor's keyword arguments; ``max_sequence_length`` defaults to 32;
+                ``quantize`` (a `mosaic_kit.models.quantize.QUANTIZE` setting, default ``"none"``)
+                quantizes the frozen transformer (`mosaic_kit.models.quantize.quantize_transformer`).
 
         Returns:
             The family (progress bars off).
@@ -108,8 +110,12 @@ class MosaicFluxFamily(ModelFamily):
             from diffusers import FluxPipeline
 
             pipeline_class = FluxPipeline
+        from ..quantize import quantize_transformer
+
+        quantize = settings.pop("quantize", "none")
         pipe = pipeline_class(**tiny_flux_components(seed=seed, transformer_overrides=transformer_overrides,
                                                      pixel_space=pixel_space))
+        pipe.register_modules(transformer=quantize_transformer(pipe.transformer, quantize))
         pipe.set_progress_bar_config(disable=True)
         settings.setdefault("max_sequence_length", 32)
         settings.setdefault("reference_adapter", getattr(pipe, "reference_adapter", DEFAULT_ADAPTER))
@@ -126,13 +132,19 @@ class MosaicFluxFamily(ModelFamily):
             path: passed to ``pipeline_class.from_pretrained``.
             torch_dtype: the weights' dtype.
             pipeline_class: default diffusers' ``FluxPipeline``.
-            **settings: the constructor's keyword arguments.
+            **settings: the constructor's keyword arguments; ``quantize`` (default ``"none"``)
+                quantizes the transformer while it loads
+                (`mosaic_kit.models.quantize.pipeline_quantization_config`).
         """
         if pipeline_class is None:
             from diffusers import FluxPipeline
 
             pipeline_class = FluxPipeline
-        pipe = pipeline_class.from_pretrained(path, torch_dtype=torch_dtype)
+        from ..quantize import pipeline_quantization_config
+
+        quantization = pipeline_quantization_config(settings.pop("quantize", "none"), torch_dtype)
+        extra = {} if quantization is None else {"quantization_config": quantization}
+        pipe = pipeline_class.from_pretrained(path, torch_dtype=torch_dtype, **extra)
         pipe.set_progress_bar_config(disable=True)
         settings.setdefault("reference_adapter", getattr(pipe, "reference_adapter", DEFAULT_ADAPTER))
         return cls(pipe, **settings)
