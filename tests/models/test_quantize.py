@@ -113,3 +113,14 @@ def test_quantization_configs():
     assert quantize_transformer(model, "none") is model
     with pytest.raises(ValueError, match=r"`quantize` to be one of .* but got 'int4'"):
         quantize_transformer(model, "int4")
+
+
+def test_moving_a_family_with_a_quantized_base_casts_only_the_other_modules():
+    """diffusers refuses to cast a quantized model; ``family.to(device, dtype)`` (what the trainer
+    does for bf16 runs) casts the encoders and the VAE and only moves the quantized transformer."""
+    family = Flux2Family.tiny(quantize="int8")
+    norm = family.transformer.transformer_blocks[0].attn.norm_q.weight
+    family.to("cpu", torch.bfloat16)
+    assert family.pipe.vae.dtype == torch.bfloat16 and family.pipe.text_encoder.dtype == torch.bfloat16
+    assert norm.dtype == torch.float32  # the quantized model keeps the dtypes it was loaded with
+    assert type(family.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
