@@ -19,7 +19,7 @@ from mosaic_kit.models.comfyui import (  # noqa: E402
     comfyui_to_diffusers,
     diffusers_to_comfyui,
 )
-from mosaic_kit.models.flux.comfyui import FLUX1_COMFYUI_KEYS  # noqa: E402
+from mosaic_kit.models.flux import FLUX1_COMFYUI_KEYS  # noqa: E402
 from mosaic_kit.models.flux.lora import REFERENCE_LORA_TARGETS  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from ..family import ModelFamily, ModelInputs, check_trainable
-from .comfyui import FLUX1_COMFYUI_KEYS
 from .lora import (
     DEFAULT_ADAPTER,
+    FLUX1_COMFYUI_KEYS,
     _base,
     add_reference_lora,
     load_reference_lora,

@@ -15,8 +15,7 @@ from ...utils.atomic import fsync_dir
 from ..family import ModelFamily, ModelInputs, TokenLayout, check_trainable
 from ..insequence import CaptureProcessors, SequenceLayout
 from .denoiser import Flux2Denoiser
-from .comfyui import FLUX2_COMFYUI_KEYS
-from .lora import FLUX2_ADAPTER, FLUX2_LORA_TARGETS, add_flux2_lora
+from .lora import FLUX2_ADAPTER, FLUX2_COMFYUI_KEYS, FLUX2_LORA_TARGETS, add_flux2_lora
 
 __all__ = ["FLUX2_LORA_FILE", "FLUX2_REFERENCE_TIME_SCALE", "Flux2Family"]
 
