@@ -4,8 +4,10 @@ With no arguments it trains a tiny random FLUX-architecture model on generated m
 data on the CPU in a few minutes (``recipes/configs/tiny_cpu.yaml``) and writes, in
 ``outputs/train/tiny``: ``config.yaml`` (the resolved config), ``checkpoints/step-N/``,
 ``metrics.jsonl`` and ``logs/`` (tensorboard), ``samples/step-N.png`` (validation contact
-sheets), ``loss_curves.png``, ``pytorch_lora_weights.safetensors`` (+ the EMA version) and
-``summary.json``.
+sheets), ``loss_curves.png``, ``pytorch_lora_weights.safetensors`` (+ the EMA version; with
+``model.lora_format=comfyui`` also ``comfyui_lora_weights.safetensors``, the same LoRA in ComfyUI's
+key names) and ``summary.json``. ``model.quantize=int8`` (or fp8, nf4, int8-bnb on a GPU) trains
+the LoRA on a quantized frozen base.
 
 Real runs (see docs/guide/training.md)::
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv (if needed) and installs mosaic_kit with its test extras.
-#   bash scripts/setup.sh            # core + dev (tests) + flux (transformers, diffusers, peft, ...) + data (pyarrow)
+#   bash scripts/setup.sh            # core + dev (tests) + flux (transformers, diffusers, peft, ...) + data (pyarrow) + train + quant (torchao)
 #   bash scripts/setup.sh docs       # add more extras
 # On a machine without an NVIDIA GPU the CPU build of torch is installed first, so that pip
 # never pulls a multi-GB CUDA build.
@@ -25,7 +25,7 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     fi
 fi
 
-extras="dev,flux,data,train"
+extras="dev,flux,data,train,quant"
 for extra in "$@"; do extras="$extras,$extra"; done
 "${PIP[@]}" -e ".[$extras]"
 echo "mosaic_kit installed in $VENV with extras [$extras]"

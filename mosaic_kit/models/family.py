@@ -180,6 +180,9 @@ class ModelFamily(abc.ABC):
             family's pipeline) accepts; training refuses smaller references at config time when
             it draws validation samples.
         min_sample_reference_reason: why, for that error (empty when there is no minimum).
+        comfyui_lora_keys: the family's ComfyUI key map (`mosaic_kit.models.comfyui.ComfyLoraKey`
+            entries, declared next to the family), what ``save_lora(..., format="comfyui")``
+            writes through `write_comfyui_lora`; None: the family writes no ComfyUI file.
     """
 
     name: ClassVar[str] = ""
@@ -188,6 +191,7 @@ class ModelFamily(abc.ABC):
     max_references: ClassVar[int | None] = None
     min_sample_reference_side: ClassVar[int] = 1
     min_sample_reference_reason: ClassVar[str] = ""
+    comfyui_lora_keys: ClassVar[tuple | None] = None
 
     pipe: Any = None
     """The diffusers pipeline whose encoders, VAE and scheduler a family built on one uses (None
@@ -255,13 +259,33 @@ class ModelFamily(abc.ABC):
         return self.vae_scale_factor * self.patch_size
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelFamily:
-        """Moves the pipeline's modules (and casts them to ``dtype`` when given); returns self."""
+        """Moves the pipeline's modules (and casts them to ``dtype`` when given); returns self.
+
+        A quantized module (`mosaic_kit.models.quantize`) keeps the dtypes it was loaded with
+        (diffusers refuses to cast it) and is only moved; bitsandbytes places its modules itself
+        when they load and is left where it is."""
+        from .quantize import is_quantized
+
         if self.pipe is None:
             raise NotImplementedError(f"{type(self).__name__} holds no pipeline: override `to`.")
-        if dtype is None:
-            self.pipe.to(device)
-        else:
-            self.pipe.to(device, dtype)
+        components = getattr(self.pipe, "components", {})
+        quantized = [m for m in components.values() if isinstance(m, nn.Module) and is_quantized(m)]
+        if not quantized:
+            if dtype is None:
+                self.pipe.to(device)
+            else:
+                self.pipe.to(device, dtype)
+            return self
+        for module in components.values():
+            if not isinstance(module, nn.Module):
+                continue
+            if module in quantized:
+                if getattr(module, "quantization_method", None) != "bitsandbytes":
+                    module.to(device)
+            elif dtype is None:
+                module.to(device)
+            else:
+                module.to(device, dtype)
         return self
 
     def frozen_modules(self) -> list[nn.Module]:
@@ -566,15 +590,51 @@ class ModelFamily(abc.ABC):
                     copy(params[key], value)
 
     @abc.abstractmethod
-    def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
+                  format: str = "diffusers") -> Path:
         """Writes the family's LoRA file (atomically; the one writer of the family's format), the
-        file its pipeline loads; returns the path.
+        file its pipeline loads, or the same LoRA in ComfyUI's format; returns the path.
 
         Args:
             path: the file (or a folder, where the family names the file).
             state_dict: raw LoRA values keyed as `lora_parameters` (e.g. gathered from FSDP
                 shards) to write instead of the model's own.
+            format: ``"diffusers"`` (the family's own file) or ``"comfyui"`` (the key names
+                ComfyUI's LoRA loader reads, `write_comfyui_lora`); see
+                `mosaic_kit.models.comfyui.LORA_FORMATS`.
+
+        Raises:
+            ValueError: an unknown ``format``.
         """
+
+    def write_comfyui_lora(self, state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+        """Writes a LoRA in ComfyUI's format (`mosaic_kit.models.comfyui.diffusers_to_comfyui`
+        with the family's `comfyui_lora_keys`), atomically and with a digest (`write_lora_file`):
+        what a family's ``save_lora(..., format="comfyui")`` calls.
+
+        Args:
+            state: the LoRA in diffusers' layout, applied with scale 1 (``alpha / rank`` folded
+                into ``lora_B``): ``transformer.<module>.lora_A.weight`` / ``.lora_B.weight``.
+            path: the ``.safetensors`` file.
+
+        Returns:
+            The path written.
+
+        Raises:
+            NotImplementedError: the family declares no ComfyUI key map.
+            ValueError: ``path`` is not a ``.safetensors`` file name, or the LoRA does not convert
+                (`diffusers_to_comfyui`).
+        """
+        from .comfyui import diffusers_to_comfyui
+        from .flux.lora import write_lora_file
+
+        if self.comfyui_lora_keys is None:
+            raise NotImplementedError(f"{type(self).__name__} declares no ComfyUI key map (`comfyui_lora_keys`): it "
+                                      "writes no ComfyUI-format LoRA.")
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"Expected `path` of the ComfyUI LoRA to be a .safetensors file, but got {str(path)!r}.")
+        return write_lora_file(diffusers_to_comfyui(state, self.comfyui_lora_keys), path)
 
     @abc.abstractmethod
     def load_lora(self, path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor], partial: bool = False) -> None:

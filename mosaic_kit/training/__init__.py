@@ -34,6 +34,8 @@ from .checkpoint_folders import (
     write_checkpoint_digest,
 )
 from .checkpointing import (
+    COMFYUI_LORA_FILE,
+    EMA_COMFYUI_LORA_FILE,
     EMA_LORA_FILE,
     LORA_FILE,
     RAW_LORA_FILE,
@@ -72,6 +74,8 @@ __all__ = [
     "DIGEST_FILE",
     "CheckpointError",
     "final_barrier",
+    "COMFYUI_LORA_FILE",
+    "EMA_COMFYUI_LORA_FILE",
     "EMA_LORA_FILE",
     "FSDP_OPTIMIZER_FILE",
     "check_fsdp_config",

@@ -48,6 +48,10 @@ log = logging.getLogger("mosaic_kit.training")
 TRAINER_STATE_FILE = "trainer_state.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMA_LORA_FILE = "ema_lora_weights.safetensors"
+COMFYUI_LORA_FILE = "comfyui_lora_weights.safetensors"
+"""With ``model.lora_format: comfyui``: the final LoRA in ComfyUI's format, beside `LORA_FILE`."""
+EMA_COMFYUI_LORA_FILE = "ema_comfyui_lora_weights.safetensors"
+"""With ``model.lora_format: comfyui`` and an EMA: the EMA LoRA in ComfyUI's format."""
 RAW_LORA_FILE = "lora_parameters.safetensors"
 TRAINABLE_FILE = "trainable_parameters.safetensors"
 """With ``model.trainable: all``: every trainable transformer weight, by parameter name."""
@@ -113,18 +117,19 @@ class TrainingState:
         values = {key: param.detach() for key, param in self.family.lora_parameters().items()}
         return full_state(values) if self.fsdp else values
 
-    def save_lora(self, path: Path, values: dict[str, torch.Tensor] | None = None) -> None:
+    def save_lora(self, path: Path, values: dict[str, torch.Tensor] | None = None, format: str = "diffusers") -> None:
         """The family's LoRA file (its one writer) of the current weights (FSDP: of ``values``,
-        gathered by every process before the main one writes)."""
-        self.family.save_lora(path, state_dict=values if self.fsdp else None)
+        gathered by every process before the main one writes), in ``format`` (``"diffusers"``
+        or ``"comfyui"``)."""
+        self.family.save_lora(path, state_dict=values if self.fsdp else None, format=format)
 
-    def save_ema_lora(self, path: Path) -> None:
+    def save_ema_lora(self, path: Path, format: str = "diffusers") -> None:
         """The family's LoRA file of the EMA weights (the live weights are restored after)."""
         params = self.trainable_parameters
         self.ema.store(params)
         self.ema.copy_to(params)
         try:
-            self.family.save_lora(path)
+            self.family.save_lora(path, format=format)
         finally:
             self.ema.restore(params)
 

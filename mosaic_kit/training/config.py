@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..models.comfyui import LORA_FORMATS
 from ..models.family import TRAINABLE
+from ..models.quantize import QUANTIZE
 from ..utils.checks import check_option
 
 DATA_KINDS = ("synthetic", "released", "manifest")
@@ -47,12 +49,37 @@ class ModelConfig:
     trainable: str = _help(
         "what trains: lora (the reference LoRA; the base stays frozen) or all (every transformer weight "
         "too, e.g. a tiny random model whose base cannot denoise)", "lora")
+    quantize: str = _help(
+        "frozen base of the transformer through diffusers' quantization configs, LoRA trained on top: none, int8 "
+        "(torchao int8 weight-only; also on the CPU), fp8 (torchao float8 weight-only; GPU), nf4 (bitsandbytes "
+        "NF4; GPU) or int8-bnb (bitsandbytes LLM.int8; GPU); needs trainable: lora (docs/guide/training.md)", "none")
+    lora_format: str = _help(
+        "LoRA files written at the end: diffusers (the family's own file, pytorch_lora_weights.safetensors) or "
+        "comfyui (that file and the same LoRA in ComfyUI's key names beside it, comfyui_lora_weights.safetensors; "
+        "docs/guide/training.md)", "diffusers")
 
     def __post_init__(self) -> None:
         from ..pipelines.registry import family_names
 
         check_option("model.family", self.family, family_names())
         check_option("model.trainable", self.trainable, TRAINABLE)
+        check_option("model.lora_format", self.lora_format, LORA_FORMATS)
+        check_option("model.quantize", self.quantize, QUANTIZE)
+        if self.quantize != "none":
+            from ..pipelines.registry import get_family
+
+            if self.trainable != "lora":
+                raise ValueError(f"Expected `model.trainable: lora` with `model.quantize: {self.quantize}` (quantized "
+                                 f"weights do not train), but got {self.trainable!r}.")
+            if "quantize" not in get_family(self.family).config_extras:
+                raise ValueError(f"Expected `model.quantize: none` with `model.family: {self.family}`, but got "
+                                 f"{self.quantize!r}: the family takes no `quantize` option.")
+        if self.lora_format == "comfyui":
+            from ..pipelines.registry import get_family
+
+            if get_family(self.family).family_class.comfyui_lora_keys is None:
+                raise ValueError(f"Expected `model.lora_format: diffusers` with `model.family: {self.family}`, but got "
+                                 "'comfyui': the family declares no ComfyUI key map (comfyui_lora_keys).")
         check_option("model.reference_attention", self.reference_attention, ("isolated", "full"))
         check_option("model.capture_blocks", self.capture_blocks, ("double", "all"))
         if self.base is not None and (self.tiny_overrides or self.pixel_space):

@@ -47,6 +47,8 @@ from ..losses import MosaicObjective
 from ..models import ModelInputs
 from ..pipelines.registry import get_family
 from .checkpointing import (
+    COMFYUI_LORA_FILE,
+    EMA_COMFYUI_LORA_FILE,
     EMA_LORA_FILE,
     LORA_FILE,
     RAW_LORA_FILE,
@@ -564,13 +566,19 @@ class MosaicTrainer:
             for state in tallies:
                 tally = tally.merge(BadDataTally.from_state_dict(state))  # merge returns a new tally
             self.state.save_lora(self.output_dir / LORA_FILE, raw)  # the family's one writer, atomic
+            comfyui = self.config.model.lora_format == "comfyui"
+            if comfyui:  # the same LoRA in ComfyUI's key names, beside the diffusers file
+                self.state.save_lora(self.output_dir / COMFYUI_LORA_FILE, raw, format="comfyui")
             if self.ema is not None:
                 self.state.save_ema_lora(self.output_dir / EMA_LORA_FILE)
+                if comfyui:
+                    self.state.save_ema_lora(self.output_dir / EMA_COMFYUI_LORA_FILE, format="comfyui")
             curves = plot_loss_curves(self.history, self.output_dir / "loss_curves.png")
             summary = {
                 "steps": self.step, "seconds": round(seconds, 2), "resumed_from": str(resumed_from) if resumed_from else None,
                 "final": self.history[-1] if self.history else None, "bad_samples": tally.state_dict(),
-                "lora": str(self.output_dir / LORA_FILE), "loss_curves": str(curves) if curves else None,
+                "lora": str(self.output_dir / LORA_FILE),
+                "comfyui_lora": str(self.output_dir / COMFYUI_LORA_FILE) if comfyui else None, "loss_curves": str(curves) if curves else None,
                 "processes": acc.num_processes,
             }
             write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2))
@@ -582,5 +590,5 @@ class MosaicTrainer:
 
 __all__ = [
     "MosaicTrainer", "NonFiniteTrainingError", "TrainingForward", "build_dataset", "plot_loss_curves",
-    "EMA_LORA_FILE", "LORA_FILE", "RAW_LORA_FILE", "TRAINER_STATE_FILE",
+    "COMFYUI_LORA_FILE", "EMA_COMFYUI_LORA_FILE", "EMA_LORA_FILE", "LORA_FILE", "RAW_LORA_FILE", "TRAINER_STATE_FILE",
 ]

@@ -6,7 +6,8 @@ Split by job:
   (pure torch);
 - ``lora.py``: the reference LoRA through peft and its file (`add_reference_lora`,
   `load_reference_lora`, `save_reference_lora`, `set_reference_lora_scale`,
-  `reference_lora_state_dict`, `write_lora_file`, `read_lora_file`, `lora_state_digest`);
+  `reference_lora_state_dict`, `write_lora_file`, `read_lora_file`, `lora_state_digest`) and
+  `FLUX1_COMFYUI_KEYS` (its ComfyUI key map);
 - ``processor.py``: the stream attention of eq. 7 (pure torch) and `ReferenceKVCache`;
 - ``_diffusers.py``: **everything that touches diffusers internals**: `MosaicFluxAttnProcessor`
   (the stock processor extended with the reference stream) and the block forwards;
@@ -21,6 +22,7 @@ from ._diffusers import FluxTransformer2DModel, MosaicFluxAttnProcessor
 from .family import MosaicFluxFamily
 from .lora import (
     DEFAULT_ADAPTER,
+    FLUX1_COMFYUI_KEYS,
     LORA_DIGEST_KEY,
     REFERENCE_LORA_TARGETS,
     add_reference_lora,
@@ -38,6 +40,7 @@ from .processor import ReferenceKVCache
 from .transformer import CAPTURE_BLOCKS, REFERENCE_ATTENTION, MosaicFluxTransformer
 
 __all__ = [
+    "FLUX1_COMFYUI_KEYS",
     "CAPTURE_BLOCKS",
     "DEFAULT_ADAPTER",
     "LORA_DIGEST_KEY",

@@ -15,10 +15,12 @@ from torch import nn
 from ..family import ModelFamily, ModelInputs, check_trainable
 from .lora import (
     DEFAULT_ADAPTER,
+    FLUX1_COMFYUI_KEYS,
     _base,
     add_reference_lora,
     load_reference_lora,
-    save_reference_lora,
+    read_lora_file,  # noqa: F401  (the save_lora example)
+    reference_lora_state_dict,
     scale_lora_state,
     write_lora_file,
 )
@@ -51,8 +53,9 @@ class MosaicFluxFamily(ModelFamily):
     """
 
     name = "flux1"
-    config_extras = ("reference_attention", "capture_blocks")
+    config_extras = ("reference_attention", "capture_blocks", "quantize")
     default_guidance_scale = 3.5  # released inference
+    comfyui_lora_keys = FLUX1_COMFYUI_KEYS
 
     def __init__(
         self,
@@ -90,7 +93,9 @@ class MosaicFluxFamily(ModelFamily):
             pixel_space: pixel space with this factor instead of the random VAE, or None.
             pipeline_class: the pipeline class (default diffusers' ``FluxPipeline``; the registry
                 passes `mosaic_kit.pipelines.MosaicFluxPipeline`, which `sample` needs).
-            **settings: the constructor's keyword arguments; ``max_sequence_length`` defaults to 32.
+            **settings: the constructor's keyword arguments; ``max_sequence_length`` defaults to 32;
+                ``quantize`` (a `mosaic_kit.models.quantize.QUANTIZE` setting, default ``"none"``)
+                quantizes the frozen transformer (`mosaic_kit.models.quantize.quantize_transformer`).
 
         Returns:
             The family (progress bars off).
@@ -105,8 +110,12 @@ class MosaicFluxFamily(ModelFamily):
             from diffusers import FluxPipeline
 
             pipeline_class = FluxPipeline
+        from ..quantize import quantize_transformer
+
+        quantize = settings.pop("quantize", "none")
         pipe = pipeline_class(**tiny_flux_components(seed=seed, transformer_overrides=transformer_overrides,
                                                      pixel_space=pixel_space))
+        pipe.register_modules(transformer=quantize_transformer(pipe.transformer, quantize))
         pipe.set_progress_bar_config(disable=True)
         settings.setdefault("max_sequence_length", 32)
         settings.setdefault("reference_adapter", getattr(pipe, "reference_adapter", DEFAULT_ADAPTER))
@@ -123,13 +132,19 @@ class MosaicFluxFamily(ModelFamily):
             path: passed to ``pipeline_class.from_pretrained``.
             torch_dtype: the weights' dtype.
             pipeline_class: default diffusers' ``FluxPipeline``.
-            **settings: the constructor's keyword arguments.
+            **settings: the constructor's keyword arguments; ``quantize`` (default ``"none"``)
+                quantizes the transformer while it loads
+                (`mosaic_kit.models.quantize.pipeline_quantization_config`).
         """
         if pipeline_class is None:
             from diffusers import FluxPipeline
 
             pipeline_class = FluxPipeline
-        pipe = pipeline_class.from_pretrained(path, torch_dtype=torch_dtype)
+        from ..quantize import pipeline_quantization_config
+
+        quantization = pipeline_quantization_config(settings.pop("quantize", "none"), torch_dtype)
+        extra = {} if quantization is None else {"quantization_config": quantization}
+        pipe = pipeline_class.from_pretrained(path, torch_dtype=torch_dtype, **extra)
         pipe.set_progress_bar_config(disable=True)
         settings.setdefault("reference_adapter", getattr(pipe, "reference_adapter", DEFAULT_ADAPTER))
         return cls(pipe, **settings)
@@ -394,22 +409,52 @@ class MosaicFluxFamily(ModelFamily):
             raise ValueError(f"Expected a reference LoRA {adapter!r} on the transformer (`add_lora`), but found none.")
         return found
 
-    def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
+                  format: str = "diffusers") -> Path:
         """The FLUX.1 LoRA file: `save_reference_lora` (diffusers' LoRA safetensors layout,
         ``alpha / rank`` folded into ``lora_B``, with a digest, atomically), which the released
-        code, `load_reference_lora` and `mosaic_kit.pipelines.MosaicFluxPipeline` load.
+        code, `load_reference_lora` and `mosaic_kit.pipelines.MosaicFluxPipeline` load; or the same
+        LoRA in ComfyUI's format (``format="comfyui"``: `FLUX1_COMFYUI_KEYS`, fused
+        ``img_attn.qkv`` and ``linear1``, see `mosaic_kit.models.comfyui`).
+
+        ComfyUI has no reference branch: it applies a LoRA to every token of its FLUX model, so
+        there the reference LoRA acts on text and target tokens too (as a plain LoRA would),
+        unlike mosaic_kit's multi-branch forward, which applies it to reference tokens only. The
+        LoRA on the top-level ``proj_out`` that released checkpoints carry, which neither
+        mosaic_kit's nor the released forward ever applies, is left out of the ComfyUI file.
 
         Args:
             path: the ``.safetensors`` file.
             state_dict: raw values keyed as `lora_parameters` to write instead of the model's own
                 (folded the same way).
+            format: ``"diffusers"`` or ``"comfyui"``.
 
         Returns:
             The path written.
+
+        Raises:
+            ValueError: an unknown ``format``; for ComfyUI, a path that is not a ``.safetensors``
+                file or a partial fused module (`mosaic_kit.models.comfyui.diffusers_to_comfyui`).
+
+        Example:
+            >>> import tempfile
+            >>> family = MosaicFluxFamily.tiny()
+            >>> family.add_lora(rank=2)
+            >>> file = family.save_lora(tempfile.mkdtemp() + "/lora_comfyui.safetensors", format="comfyui")
+            >>> sorted(read_lora_file(file))[:2]
+            ['lora_unet_double_blocks_0_img_attn_proj.alpha', 'lora_unet_double_blocks_0_img_attn_proj.lora_down.weight']
         """
+        from ..comfyui import check_lora_format
+
+        check_lora_format(format)
         if state_dict is None:
-            return save_reference_lora(self.transformer, path, adapter_name=self.reference_adapter)
-        return write_lora_file(scale_lora_state(self.transformer, state_dict, self.reference_adapter), path)
+            state = reference_lora_state_dict(self.transformer, self.reference_adapter, scaled=True)
+        else:
+            state = scale_lora_state(self.transformer, state_dict, self.reference_adapter)
+        if format == "comfyui":
+            inert = ("transformer.proj_out.lora_A.weight", "transformer.proj_out.lora_B.weight")
+            return self.write_comfyui_lora({k: v for k, v in state.items() if k not in inert}, path)
+        return write_lora_file(state, path)
 
     def load_lora(self, path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor], partial: bool = False) -> None:
         """`load_reference_lora` (checked; released checkpoints load unchanged); a folder means its

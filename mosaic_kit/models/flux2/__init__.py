@@ -21,10 +21,11 @@ transformer with the capture processors) and ``family`` (`Flux2Family`).
 
 from .denoiser import Flux2Denoiser
 from .family import FLUX2_LORA_FILE, FLUX2_REFERENCE_TIME_SCALE, Flux2Family
-from .lora import FLUX2_ADAPTER, FLUX2_LORA_TARGETS, add_flux2_lora, flux2_lora_target_modules
+from .lora import FLUX2_ADAPTER, FLUX2_COMFYUI_KEYS, FLUX2_LORA_TARGETS, add_flux2_lora, flux2_lora_target_modules
 
 __all__ = [
     "FLUX2_ADAPTER",
+    "FLUX2_COMFYUI_KEYS",
     "FLUX2_LORA_FILE",
     "FLUX2_LORA_TARGETS",
     "FLUX2_REFERENCE_TIME_SCALE",

@@ -15,7 +15,7 @@ from ..flux.lora import write_lora_file
 from ..family import ModelFamily, ModelInputs, TokenLayout, check_trainable
 from ..insequence import CaptureProcessors, SequenceLayout
 from .denoiser import Flux2Denoiser
-from .lora import FLUX2_ADAPTER, FLUX2_LORA_TARGETS, add_flux2_lora
+from .lora import FLUX2_ADAPTER, FLUX2_COMFYUI_KEYS, FLUX2_LORA_TARGETS, add_flux2_lora
 
 __all__ = ["FLUX2_LORA_FILE", "FLUX2_REFERENCE_TIME_SCALE", "Flux2Family"]
 
@@ -64,7 +64,8 @@ class Flux2Family(ModelFamily):
     """
 
     name = "flux2"
-    config_extras = ("capture_blocks",)
+    config_extras = ("capture_blocks", "quantize")
+    comfyui_lora_keys = FLUX2_COMFYUI_KEYS
     default_guidance_scale = 4.0
     min_sample_reference_side = 64
     min_sample_reference_reason = ("the stock FLUX.2 pipeline's image processor refuses references with a side under "
@@ -106,7 +107,9 @@ class Flux2Family(ModelFamily):
                 (`mosaic_kit.models.flux2.tiny.Flux2PixelAutoencoder`), or None.
             pipeline_class: the pipeline class (default the stock `Flux2KleinPipeline`).
             **kwargs: `Flux2Family` options; ``text_encoder_out_layers`` defaults to the tiny
-                encoder's ``(1, 2, 3)`` and ``max_sequence_length`` to 32.
+                encoder's ``(1, 2, 3)`` and ``max_sequence_length`` to 32; ``quantize`` (a
+                `mosaic_kit.models.quantize.QUANTIZE` setting, default ``"none"``) quantizes the
+                frozen transformer (`mosaic_kit.models.quantize.quantize_transformer`).
 
         Returns:
             The family.
@@ -121,8 +124,12 @@ class Flux2Family(ModelFamily):
             from diffusers import Flux2KleinPipeline
 
             pipeline_class = Flux2KleinPipeline
+        from ..quantize import quantize_transformer
+
+        quantize = kwargs.pop("quantize", "none")
         pipe = pipeline_class(**tiny_flux2_components(seed=seed, transformer_overrides=transformer_overrides,
                                                            pixel_space=pixel_space))
+        pipe.register_modules(transformer=quantize_transformer(pipe.transformer, quantize))
         pipe.set_progress_bar_config(disable=True)
         kwargs.setdefault("text_encoder_out_layers", TINY_FLUX2_TEXT_OUT_LAYERS)
         kwargs.setdefault("max_sequence_length", 32)
@@ -138,7 +145,8 @@ class Flux2Family(ModelFamily):
                 ``model_index.json`` picks `Flux2KleinPipeline` or `Flux2Pipeline`.
             torch_dtype: weight dtype of the frozen components.
             pipeline_class: the pipeline class; None: the one the base's ``model_index.json`` names.
-            **kwargs: `Flux2Family` options.
+            **kwargs: `Flux2Family` options; ``quantize`` (default ``"none"``) quantizes the
+                transformer while it loads (`mosaic_kit.models.quantize.pipeline_quantization_config`).
 
         Returns:
             The family.
@@ -155,7 +163,11 @@ class Flux2Family(ModelFamily):
             from diffusers import DiffusionPipeline
 
             pipeline_class = DiffusionPipeline
-        pipe = pipeline_class.from_pretrained(base, dtype=torch_dtype)
+        from ..quantize import pipeline_quantization_config
+
+        quantization = pipeline_quantization_config(kwargs.pop("quantize", "none"), torch_dtype)
+        extra = {} if quantization is None else {"quantization_config": quantization}
+        pipe = pipeline_class.from_pretrained(base, dtype=torch_dtype, **extra)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **kwargs)
 
@@ -432,10 +444,15 @@ class Flux2Family(ModelFamily):
             raise ValueError(f"Expected a LoRA adapter {FLUX2_ADAPTER!r} on the transformer (`add_lora`), but found none.")
         return found
 
-    def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
+                  format: str = "diffusers") -> Path:
         """Writes the LoRA in diffusers' layout with its adapter metadata and mosaic_kit's digest
         (`LORA_DIGEST_KEY`), atomically and durably: the one writer of FLUX.2 LoRA files (the
-        trainer's final, EMA and checkpoint files too).
+        trainer's final, EMA and checkpoint files too); or, with ``format="comfyui"``, the same
+        LoRA in ComfyUI's format (`FLUX2_COMFYUI_KEYS`:
+        ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, ..., q/k/v fused,
+        ``alpha / rank`` folded into ``lora_up``), which ComfyUI's LoRA loader and diffusers'
+        ``Flux2KleinPipeline.load_lora_weights`` (its kohya converter) read.
 
         Diffusers lays the file out in a temporary folder beside the destination; its tensors and
         metadata are then written with `write_lora_file` (the digest added; temporary file, fsync,
@@ -450,9 +467,13 @@ class Flux2Family(ModelFamily):
                 ``pytorch_lora_weights.safetensors`` in it); parent folders are created.
             state_dict: raw values keyed as `lora_parameters` (e.g. gathered from FSDP shards)
                 to write instead of the model's own.
+            format: ``"diffusers"`` or ``"comfyui"`` (a ``.safetensors`` file name is then required).
 
         Returns:
             The path of the written file.
+
+        Raises:
+            ValueError: an unknown ``format``, or a ComfyUI path that is not a ``.safetensors`` file.
 
         Example:
             >>> import tempfile
@@ -466,9 +487,17 @@ class Flux2Family(ModelFamily):
         from diffusers import Flux2KleinPipeline
         from safetensors import safe_open
 
+        from ..comfyui import check_lora_format
+        from ..flux.lora import scale_lora_state
+
+        check_lora_format(format)
         peft_config = getattr(self.transformer, "peft_config", {}).get(FLUX2_ADAPTER)
         if peft_config is None:
             raise ValueError(f"Expected a LoRA adapter {FLUX2_ADAPTER!r} on the transformer (`add_lora`), but found none.")
+        if format == "comfyui":
+            raw = self.lora_parameters() if state_dict is None else state_dict
+            raw = {k if k.startswith("transformer.") else f"transformer.{k}": v.detach().to("cpu") for k, v in raw.items()}
+            return self.write_comfyui_lora(scale_lora_state(self.transformer, raw, FLUX2_ADAPTER), path)
         path = Path(path)
         file = path if path.suffix == ".safetensors" else path / FLUX2_LORA_FILE
         file.parent.mkdir(parents=True, exist_ok=True)
