@@ -288,12 +288,8 @@ class Flux2Family(InSequenceFamily):
             ((1, 5, 16), (1, 5, 4), None)
         """
         cond, dtype = inputs.conditioning, self.transformer.dtype
-        embedded = None
-        if self.transformer.config.guidance_embeds:
-            value = self.guidance if guidance is None else guidance
-            embedded = torch.as_tensor(value, dtype=torch.float32, device=noisy.device).expand(noisy.shape[0])
         return {"encoder_hidden_states": cond["encoder_hidden_states"].to(dtype), "txt_ids": cond["txt_ids"],
-                "timestep": timestep.to(dtype), "guidance": embedded}
+                "timestep": timestep.to(dtype), "guidance": self.embedded_guidance(guidance, self.guidance, noisy)}
 
     # -- sampling ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -81,10 +81,17 @@ class InSequenceFamily(ModelFamily):
         pipe: the stock pipeline (its ``transformer`` is what trains).
         capture_blocks: ``"all"``, ``"double"`` or a list of block names (`InSequenceDenoiser`).
 
+    Raises:
+        ValueError: a pipeline without a `transformer_class_name` transformer, or bad ``capture_blocks``.
+
     Attributes:
         lora_targets: default LoRA targets, as suffixes of linear module names.
         architecture: the model's name in LoRA errors (``"FLUX.2"``).
         denoiser_class: the `InSequenceDenoiser` (sub)class that `model` is.
+        pipeline_class_name: the stock diffusers pipeline `tiny` and `from_pretrained` build.
+        transformer_class_name: the diffusers transformer class the pipeline must hold (checked
+            by the constructor when set).
+        tiny_defaults: constructor options that `tiny` defaults (e.g. a short ``max_sequence_length``).
 
     Example:
         >>> from mosaic_kit.models.flux2 import Flux2Family
@@ -97,10 +104,50 @@ class InSequenceFamily(ModelFamily):
     lora_targets: ClassVar[tuple[str, ...]] = ()
     architecture: ClassVar[str] = ""
     denoiser_class: ClassVar[type[InSequenceDenoiser]] = InSequenceDenoiser
+    pipeline_class_name: ClassVar[str] = ""
+    transformer_class_name: ClassVar[str] = ""
+    tiny_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, pipe: Any, capture_blocks: str | Sequence[str] = "all") -> None:
+        if self.transformer_class_name:
+            import diffusers
+
+            if not isinstance(getattr(pipe, "transformer", None), getattr(diffusers, self.transformer_class_name)):
+                raise ValueError(f"Expected `pipe` with a {self.transformer_class_name} ({self.pipeline_class_name}), "
+                                 f"but got {type(pipe).__name__}.")
         self.pipe = pipe
         self._model = self.denoiser_class(pipe.transformer, capture_blocks)
+
+    # -- building ----------------------------------------------------------------------------------
+    @classmethod
+    def _pipeline_class(cls, pipeline_class: type | None) -> type:
+        if pipeline_class is not None:
+            return pipeline_class
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_class_name)
+
+    @classmethod
+    def tiny_components(cls, seed: int, transformer_overrides: dict | None, pixel_space: int | None) -> dict[str, Any]:
+        """The keyword arguments of the stock pipeline for tiny random components built in code."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny components: override `tiny_components`.")
+
+    @classmethod
+    def tiny(cls, seed: int = 0, transformer_overrides: dict | None = None, pixel_space: int | None = None,
+             pipeline_class: type | None = None, **options: Any) -> InSequenceFamily:
+        """The family over the stock pipeline (`pipeline_class_name`, or ``pipeline_class``) of
+        `tiny_components`, progress bars off; ``options`` over `tiny_defaults` go to the constructor."""
+        pipe = cls._pipeline_class(pipeline_class)(**cls.tiny_components(seed, transformer_overrides, pixel_space))
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, **{**cls.tiny_defaults, **options})
+
+    @classmethod
+    def from_pretrained(cls, base: str | os.PathLike, torch_dtype: torch.dtype | None = torch.bfloat16,
+                        pipeline_class: type | None = None, **options: Any) -> InSequenceFamily:
+        """The family over the stock pipeline loaded from ``base`` (a hub id or a local folder)."""
+        pipe = cls._pipeline_class(pipeline_class).from_pretrained(base, torch_dtype=torch_dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, **options)
 
     # -- what the callers hold ---------------------------------------------------------------------
     @property
@@ -128,6 +175,24 @@ class InSequenceFamily(ModelFamily):
                target_size: tuple[int, int] | None = None) -> ModelInputs:
         """Encodes targets ``(B, 3, H, W)`` (or None with ``target_size``), B prompts and references
         ``(B, K, 3, h, w)`` (or None) through the stock pipeline's steps; returns `encoded`'s inputs."""
+
+    def encoding_layout(self, targets: torch.Tensor | None, prompts: Sequence[str], references: torch.Tensor | None,
+                        target_size: tuple[int, int] | None) -> tuple[int, TokenLayout]:
+        """Checks what `encode` gets (`check_encode_inputs`; ``target_size`` needed without
+        targets) and returns B and the token layout.
+
+        Example:
+            >>> from mosaic_kit.models.flux2 import Flux2Family
+            >>> b, layout = Flux2Family.tiny().encoding_layout(None, ["a", "b"], None, (32, 48))
+            >>> b, layout.target_grid.num_tokens
+            (2, 6)
+        """
+        if targets is None and target_size is None:
+            raise ValueError("Expected `targets` or `target_size`, but got neither.")
+        self.check_encode_inputs(targets, prompts, references)
+        b, size = (len(prompts), target_size) if targets is None else (targets.shape[0], tuple(targets.shape[-2:]))
+        sizes = [] if references is None else [tuple(references.shape[-2:])] * references.shape[1]
+        return b, self.token_layout(size, sizes)
 
     def _encode_batch(self, batch: Any) -> ModelInputs:
         """`encode` of a checked `mosaic_kit.data.MosaicBatch` (targets, captions, references)."""
@@ -161,6 +226,15 @@ class InSequenceFamily(ModelFamily):
                            batch_size=batch_size)
 
     # -- the forward -------------------------------------------------------------------------------
+    def embedded_guidance(self, guidance: float | torch.Tensor | None, default: float,
+                          noisy: torch.Tensor) -> torch.Tensor | None:
+        """``(B,)`` float32 guidance for a transformer with a guidance embedding (``guidance``, or
+        ``default`` when None), as the stock pipelines pass it; None for one without."""
+        if not self.transformer.config.get("guidance_embeds", False):
+            return None
+        value = default if guidance is None else guidance
+        return torch.as_tensor(value, dtype=torch.float32, device=noisy.device).expand(noisy.shape[0])
+
     @abc.abstractmethod
     def _transformer_kwargs(self, inputs: ModelInputs, noisy: torch.Tensor, timestep: torch.Tensor,
                             guidance: float | torch.Tensor | None) -> dict[str, Any]:
