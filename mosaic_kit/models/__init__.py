@@ -16,6 +16,11 @@
 - `Flux2Family` (`flux2/`: `lora`, `denoiser`, `family`): FLUX.2 [klein]/[dev] behind the same boundary, laid out exactly as the
   stock `Flux2KleinPipeline`/`Flux2Pipeline` (in-sequence references, a plain peft LoRA that the stock
   pipelines load with `load_lora_weights`).
+- `InSequenceFamily`, `InSequenceDenoiser` (`insequence/family.py`, `denoiser.py`): the base of the
+  families whose references sit in the target's sequence (one `SequenceLayout` from encoding to the
+  capture, one plain peft LoRA that the stock pipeline loads).
+- `KontextFamily`, `kontext_reference_ids` (`kontext/`): FLUX.1-Kontext with K references placed by
+  ComfyUI's ``offset``/``index``/``uxo`` methods, on the stock `FluxKontextPipeline` layout.
 - `PixelAutoencoder`: pixel space behind the VAE interface, for CPU-sized experiments.
 - `mosaic_kit.models.testing`: tiny random transformers and inputs.
 
@@ -59,6 +64,8 @@ from .flux import (
 )
 from .insequence import (
     CaptureProcessors,
+    InSequenceDenoiser,
+    InSequenceFamily,
     Flux2CaptureProcessor,
     Flux2ParallelCaptureProcessor,
     FluxCaptureProcessor,
@@ -77,6 +84,7 @@ from .flux2 import (
     add_flux2_lora,
     flux2_lora_target_modules,
 )
+from .kontext import KontextFamily, kontext_reference_ids
 from .pixel import PixelAutoencoder
 
 __all__ = [
@@ -94,6 +102,9 @@ __all__ = [
     "Flux2CaptureProcessor",
     "Flux2ParallelCaptureProcessor",
     "FluxCaptureProcessor",
+    "InSequenceDenoiser",
+    "InSequenceFamily",
+    "KontextFamily",
     "LORA_DIGEST_KEY",
     "REFERENCE_ATTENTION",
     "REFERENCE_LORA_TARGETS",
@@ -112,6 +123,7 @@ __all__ = [
     "add_reference_lora",
     "check_trainable",
     "install_capture_processors",
+    "kontext_reference_ids",
     "latent_image_ids",
     "load_reference_lora",
     "logit_normal_sigmas",

@@ -204,6 +204,12 @@ class InSequenceFamily(ModelFamily):
 
         Raises:
             ValueError: a layout without references.
+
+        Example:
+            >>> from mosaic_kit.models.flux2 import Flux2Family
+            >>> family = Flux2Family.tiny()
+            >>> family.sequence_layout(family.token_layout((32, 32), [(16, 16), (16, 16)])).ref_index.tolist()
+            [[4, 5]]
         """
         if not layout.reference_grids:
             raise ValueError("Expected a `layout` with references, but got none.")
@@ -266,6 +272,11 @@ class InSequenceFamily(ModelFamily):
 
         Returns:
             The full names of the wrapped modules.
+
+        Example:
+            >>> from mosaic_kit.models.flux2 import Flux2Family
+            >>> len(Flux2Family.tiny().add_lora(rank=4))  # 12 in the double block, 2 in each single block
+            16
         """
         from peft import LoraConfig
 
@@ -278,7 +289,15 @@ class InSequenceFamily(ModelFamily):
         return names
 
     def trainable_parameters(self, trainable: str = "lora") -> list[nn.Parameter]:
-        """The transformer's parameters that train for ``trainable`` (``"lora"`` or ``"all"``), in module order."""
+        """The transformer's parameters that train for ``trainable`` (``"lora"`` or ``"all"``), in module order.
+
+        Example:
+            >>> from mosaic_kit.models.flux2 import Flux2Family
+            >>> family = Flux2Family.tiny()
+            >>> _ = family.add_lora(rank=2)
+            >>> len(family.trainable_parameters("lora")), len(family.trainable_parameters("all")) > 32
+            (32, True)
+        """
         check_trainable(trainable)
         params = [p for name, p in self.transformer.named_parameters() if trainable == "all" or ".lora_" in name]
         if not params:
@@ -293,7 +312,15 @@ class InSequenceFamily(ModelFamily):
         return get_peft_model_state_dict(self.transformer, adapter_name=IN_SEQUENCE_ADAPTER)
 
     def lora_parameters(self) -> dict[str, nn.Parameter]:
-        """The LoRA's parameters by their file key (``transformer.<module>.lora_A.weight``)."""
+        """The LoRA's parameters by their file key (``transformer.<module>.lora_A.weight``).
+
+        Example:
+            >>> from mosaic_kit.models.flux2 import Flux2Family
+            >>> family = Flux2Family.tiny()
+            >>> _ = family.add_lora(rank=2, targets=["to_q"])
+            >>> sorted(family.lora_parameters())[0]
+            'transformer.transformer_blocks.0.attn.to_q.lora_A.weight'
+        """
         found = {}
         for name, param in self.transformer.named_parameters():
             for part in ("lora_A", "lora_B"):
@@ -316,6 +343,14 @@ class InSequenceFamily(ModelFamily):
 
         Returns:
             The path of the written file.
+
+        Example:
+            >>> import tempfile
+            >>> from mosaic_kit.models.flux2 import Flux2Family
+            >>> family = Flux2Family.tiny()
+            >>> _ = family.add_lora(rank=2)
+            >>> family.save_lora(tempfile.mkdtemp()).name
+            'pytorch_lora_weights.safetensors'
         """
         peft_config = getattr(self.transformer, "peft_config", {}).get(IN_SEQUENCE_ADAPTER)
         if peft_config is None:
@@ -353,6 +388,17 @@ class InSequenceFamily(ModelFamily):
         Raises:
             ValueError: naming the file: damaged, non-finite, made for another model, or weights
                 missing (unless ``partial``), unexpected or of another shape.
+
+        Example:
+            >>> import tempfile
+            >>> from mosaic_kit.models.kontext import KontextFamily
+            >>> family = KontextFamily.tiny()
+            >>> _ = family.add_lora(rank=2, init=False)
+            >>> file = family.save_lora(tempfile.mkdtemp())
+            >>> other = KontextFamily.tiny()
+            >>> other.load_lora(file)
+            >>> other.transformer.active_adapters()
+            ['mosaic']
         """
         from .._lora_origin import check_lora_fits
         from ..flux.lora import read_lora_file
