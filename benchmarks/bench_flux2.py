@@ -98,6 +98,7 @@ def run(cfg: dict, device_name: str, ks: list[int], repeats: int) -> list[dict]:
     from mosaic_kit.attention import RefTargetCapture
     from mosaic_kit.losses import MosaicObjective
     from mosaic_kit.models.flux2 import Flux2Denoiser, add_flux2_lora
+    from mosaic_kit.models.insequence import SequenceLayout
     from mosaic_kit.reporting import PeakMemory
 
     device = torch.device(device_name)
@@ -134,7 +135,7 @@ def run(cfg: dict, device_name: str, ks: list[int], repeats: int) -> list[dict]:
                                             torch.zeros(1, dtype=torch.long),
                                             torch.arange(cfg["text_tokens"]))[None].to(device),
             "timestep": torch.full((1,), 0.5, device=device, dtype=dtype),
-            "tgt_tokens": n_tgt, "ref_tokens": (n_ref,) * refs,
+            "sequence_layout": SequenceLayout.concatenated(n_tgt, (n_ref,) * refs),
         }
         velocity = torch.randn(1, n_tgt, channels, generator=g).to(device)
         corr = _correspondences(refs, n_tgt, n_ref, cfg["points"]).to(device)

@@ -19,6 +19,11 @@
 - `QwenEditPlusFamily` (`qwen/`: `denoiser`, `family`, `tiny`): Qwen-Image-Edit-Plus 2509/2511 behind the same
   boundary, laid out exactly as the stock `QwenImageEditPlusPipeline` (each reference a "Picture k" of the
   vision-language prompt and VAE tokens after the target's; a plain peft LoRA the stock pipeline loads).
+- `InSequenceFamily`, `InSequenceDenoiser` (`insequence/family.py`, `denoiser.py`): the base of the
+  families whose references sit in the target's sequence (one `SequenceLayout` from encoding to the
+  capture, one plain peft LoRA that the stock pipeline loads).
+- `KontextFamily`, `kontext_reference_ids` (`kontext/`): FLUX.1-Kontext with K references placed by
+  ComfyUI's ``offset``/``index``/``uxo`` methods, on the stock `FluxKontextPipeline` layout.
 - `PixelAutoencoder`: pixel space behind the VAE interface, for CPU-sized experiments.
 - `mosaic_kit.models.testing`: tiny random transformers and inputs.
 
@@ -62,6 +67,8 @@ from .flux import (
 )
 from .insequence import (
     CaptureProcessors,
+    InSequenceDenoiser,
+    InSequenceFamily,
     Flux2CaptureProcessor,
     Flux2ParallelCaptureProcessor,
     FluxCaptureProcessor,
@@ -80,6 +87,7 @@ from .flux2 import (
     add_flux2_lora,
     flux2_lora_target_modules,
 )
+from .kontext import KontextFamily, kontext_reference_ids
 from .pixel import PixelAutoencoder
 from .qwen import QWEN_LORA_TARGETS, QwenEditPlusDenoiser, QwenEditPlusFamily
 
@@ -98,6 +106,9 @@ __all__ = [
     "Flux2CaptureProcessor",
     "Flux2ParallelCaptureProcessor",
     "FluxCaptureProcessor",
+    "InSequenceDenoiser",
+    "InSequenceFamily",
+    "KontextFamily",
     "LORA_DIGEST_KEY",
     "REFERENCE_ATTENTION",
     "REFERENCE_LORA_TARGETS",
@@ -119,6 +130,7 @@ __all__ = [
     "add_reference_lora",
     "check_trainable",
     "install_capture_processors",
+    "kontext_reference_ids",
     "latent_image_ids",
     "load_reference_lora",
     "logit_normal_sigmas",

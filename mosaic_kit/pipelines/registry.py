@@ -13,14 +13,14 @@ call here (its code lives in ``models/``).
 
 Example:
     >>> family_names()
-    ('flux1', 'flux2', 'qwen_edit_plus')
+    ('flux1', 'flux2', 'qwen_edit_plus', 'kontext')
     >>> family = build_family("flux2", seed=0)  # tiny random components (no base)
     >>> type(family).__name__, family.name
     ('Flux2Family', 'flux2')
     >>> get_family("flux3")
     Traceback (most recent call last):
     ...
-    ValueError: Expected a model family in ('flux1', 'flux2', 'qwen_edit_plus'), but got 'flux3'.
+    ValueError: Expected a model family in ('flux1', 'flux2', 'qwen_edit_plus', 'kontext'), but got 'flux3'.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 
 from ..models import ModelFamily, MosaicFluxFamily
 from ..models.flux2 import Flux2Family
+from ..models.kontext import KontextFamily
 from ..models.qwen import QwenEditPlusFamily
 from .pipeline import MosaicFluxPipeline
 
@@ -169,4 +170,13 @@ register_family(FamilySpec(
     inference_defaults={"height": 1024, "width": 1024, "ref_size": 1024, "steps": 40},
     tiny_inference_defaults={"height": 32, "width": 32, "ref_size": 64, "steps": 4},
     description="Qwen-Image-Edit-Plus 2509/2511, references in the target's sequence (stock pipeline layout)",
+))
+register_family(FamilySpec(
+    KontextFamily,
+    pipeline="diffusers FluxKontextPipeline (stock load_lora_weights; one reference) / KontextFamily.sample (K references)",
+    lora_format="diffusers LoRA safetensors of a plain peft adapter, with its adapter metadata (lora_alpha)",
+    stock_lora=True,
+    inference_defaults={"height": 1024, "width": 1024, "ref_size": 512, "steps": 28},
+    tiny_inference_defaults={"height": 32, "width": 32, "ref_size": 32, "steps": 4},
+    description="FLUX.1-Kontext, references in the target's sequence placed by ComfyUI's offset/index/uxo methods",
 ))

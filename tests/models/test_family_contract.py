@@ -191,8 +191,26 @@ def _qwen_edit_plus_stock_encoding(family, batch):
             "reference_tokens": torch.cat([torch.cat([latents(r[j]) for j in range(k)], dim=1) for r in batch.references])}
 
 
+
+def _kontext_stock_encoding(family, batch):
+    from diffusers import FluxKontextPipeline
+
+    pipe = family.pipe
+    text, pooled, _ = FluxKontextPipeline.encode_prompt(pipe, prompt=list(batch.captions), prompt_2=None,
+                                                        max_sequence_length=family.max_sequence_length)
+
+    def latents(images):  # prepare_latents: the VAE mode with FLUX's shift and scale, packed 2x2
+        grid = pipe._encode_vae_image(image=images * 2 - 1, generator=None)
+        return pipe._pack_latents(grid, *grid.shape)
+
+    b, k = batch.references.shape[:2]
+    references = latents(batch.references.flatten(0, 1)).reshape(b, -1, family.token_channels)
+    return {"target": latents(batch.targets), "encoder_hidden_states": text, "pooled_projections": pooled,
+            "reference_tokens": references}
+
+
 STOCK_ENCODING = {"flux1": _flux1_stock_encoding, "flux2": _flux2_stock_encoding,
-                  "qwen_edit_plus": _qwen_edit_plus_stock_encoding}
+                  "qwen_edit_plus": _qwen_edit_plus_stock_encoding, "kontext": _kontext_stock_encoding}
 """Per family: the stock pipeline's own encoding steps, what `encode_batch` must equal bit for bit."""
 
 

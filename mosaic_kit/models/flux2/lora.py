@@ -10,6 +10,7 @@ from torch import nn
 
 from ..comfyui import ComfyLoraKey
 from ..flux.lora import DEFAULT_ADAPTER
+from ..insequence import linear_modules_matching
 
 __all__ = ["FLUX2_ADAPTER", "FLUX2_COMFYUI_KEYS", "FLUX2_LORA_TARGETS", "add_flux2_lora", "flux2_lora_target_modules"]
 
@@ -52,15 +53,7 @@ def flux2_lora_target_modules(transformer: torch.nn.Module, targets: Sequence[st
         >>> flux2_lora_target_modules(model, ["to_out.0", "attn.to_out"])
         ['transformer_blocks.0.attn.to_out.0', 'single_transformer_blocks.0.attn.to_out', 'single_transformer_blocks.1.attn.to_out']
     """
-    if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"Expected `targets` to be a non-empty list of module-name suffixes, but got {targets!r}.")
-    names = [
-        name for name, module in transformer.named_modules()
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
-    ]
-    if not names:
-        raise ValueError(f"Expected `targets` {list(targets)} to match linear modules of the transformer, but none matched.")
-    return names
+    return linear_modules_matching(transformer, targets)
 
 
 def add_flux2_lora(transformer: nn.Module, rank: int, alpha: float | None = None,

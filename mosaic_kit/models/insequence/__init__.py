@@ -12,6 +12,10 @@ sees them. The only place where they exist is the attention processor, so this p
 - `install_capture_processors`: installs, through diffusers' ``set_attn_processor``, one capture
   processor per chosen block, picked by the attention's stock processor class, and returns a
   `CaptureProcessors` handle (``with handle.capture(capture, layout): ...``; ``handle.remove()``).
+- `InSequenceFamily` (``family``): the base of the model families whose references sit in the
+  target's sequence (FLUX.2, FLUX.1-Kontext): the layout from the stock pipeline's steps as one
+  `SequenceLayout` from encoding to the capture, the `InSequenceDenoiser` (``denoiser``), and one
+  plain peft LoRA that the stock pipeline loads.
 - The processors: `FluxCaptureProcessor` (`FluxTransformer2DModel`, double and single blocks),
   `Flux2CaptureProcessor` and `Flux2ParallelCaptureProcessor` (`Flux2Transformer2DModel`),
   `SD3CaptureProcessor` (`SD3Transformer2DModel`, joint attention) and `QwenCaptureProcessor`
@@ -25,9 +29,11 @@ reads ``attn.scale``), which is also `RefTargetCapture`'s default; a capture bui
 its stock processor and never feeds, so every chosen block feeds exactly once per forward.
 
 The package is split by job: ``layout`` (pure torch), ``processors`` (the one file that touches
-diffusers' attention internals) and ``install``.
+diffusers' attention internals), ``install``, ``denoiser`` and ``family``.
 """
 
+from .denoiser import InSequenceDenoiser
+from .family import IN_SEQUENCE_ADAPTER, IN_SEQUENCE_LORA_FILE, InSequenceFamily, linear_modules_matching
 from .install import CaptureProcessors, install_capture_processors
 from .layout import SequenceLayout
 from .processors import (
@@ -39,7 +45,12 @@ from .processors import (
 )
 
 __all__ = [
+    "IN_SEQUENCE_ADAPTER",
+    "IN_SEQUENCE_LORA_FILE",
     "CaptureProcessors",
+    "InSequenceDenoiser",
+    "InSequenceFamily",
+    "linear_modules_matching",
     "Flux2CaptureProcessor",
     "Flux2ParallelCaptureProcessor",
     "FluxCaptureProcessor",
