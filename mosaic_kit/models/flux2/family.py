@@ -107,7 +107,9 @@ class Flux2Family(InSequenceFamily):
                 (`mosaic_kit.models.flux2.tiny.Flux2PixelAutoencoder`), or None.
             pipeline_class: the pipeline class (default the stock `Flux2KleinPipeline`).
             **kwargs: `Flux2Family` options; ``text_encoder_out_layers`` defaults to the tiny
-                encoder's ``(1, 2, 3)`` and ``max_sequence_length`` to 32.
+                encoder's ``(1, 2, 3)`` and ``max_sequence_length`` to 32; ``quantize`` (a
+                `mosaic_kit.models.quantize.QUANTIZE` setting, default ``"none"``) quantizes the
+                frozen transformer (`mosaic_kit.models.quantize.quantize_transformer`).
 
         Returns:
             The family.
@@ -122,8 +124,12 @@ class Flux2Family(InSequenceFamily):
             from diffusers import Flux2KleinPipeline
 
             pipeline_class = Flux2KleinPipeline
+        from ..quantize import quantize_transformer
+
+        quantize = kwargs.pop("quantize", "none")
         pipe = pipeline_class(**tiny_flux2_components(seed=seed, transformer_overrides=transformer_overrides,
                                                            pixel_space=pixel_space))
+        pipe.register_modules(transformer=quantize_transformer(pipe.transformer, quantize))
         pipe.set_progress_bar_config(disable=True)
         kwargs.setdefault("text_encoder_out_layers", TINY_FLUX2_TEXT_OUT_LAYERS)
         kwargs.setdefault("max_sequence_length", 32)
@@ -139,7 +145,8 @@ class Flux2Family(InSequenceFamily):
                 ``model_index.json`` picks `Flux2KleinPipeline` or `Flux2Pipeline`.
             torch_dtype: weight dtype of the frozen components.
             pipeline_class: the pipeline class; None: the one the base's ``model_index.json`` names.
-            **kwargs: `Flux2Family` options.
+            **kwargs: `Flux2Family` options; ``quantize`` (default ``"none"``) quantizes the
+                transformer while it loads (`mosaic_kit.models.quantize.pipeline_quantization_config`).
 
         Returns:
             The family.
@@ -156,7 +163,11 @@ class Flux2Family(InSequenceFamily):
             from diffusers import DiffusionPipeline
 
             pipeline_class = DiffusionPipeline
-        pipe = pipeline_class.from_pretrained(base, dtype=torch_dtype)
+        from ..quantize import pipeline_quantization_config
+
+        quantization = pipeline_quantization_config(kwargs.pop("quantize", "none"), torch_dtype)
+        extra = {} if quantization is None else {"quantization_config": quantization}
+        pipe = pipeline_class.from_pretrained(base, dtype=torch_dtype, **extra)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **kwargs)
 
