@@ -139,7 +139,11 @@ class MosaicFluxTransformer(_FluxInternals, nn.Module):
                 (released inference uses 1.0).
             capture: a `RefTargetCapture` (or anything with its ``add(query, key)``, or a list of
                 them) fed with post-RoPE reference queries and target keys of the blocks chosen by
-                ``capture_blocks``.
+                ``capture_blocks``. It is fed inside each block's function, so with gradient
+                checkpointing the queries and keys are freed with the block and recomputed in
+                backward; the recomputation calls ``add`` again during the backward pass
+                (`RefTargetCapture` and `PointAttentionRows` recognise it and count each block once;
+                a capture of your own must do the same, see ``RefTargetCapture.add``).
             reference_cache: reference keys/values from `build_reference_cache` (then
                 ``reference_tokens`` must be None; references attend only to themselves).
 
