@@ -54,6 +54,25 @@ class Flux2Denoiser(nn.Module):
         self.transformer = transformer
         self.capture_blocks = capture_blocks if isinstance(capture_blocks, str) else list(capture_blocks)
         self._handle: CaptureProcessors | None = None
+        self._layouts: dict[tuple[int, tuple[int, ...]], SequenceLayout] = {}
+
+    def layout(self, tgt_tokens: int, ref_tokens: Sequence[int]) -> SequenceLayout:
+        """The `SequenceLayout` of ``[target | ref 1 | … | ref K]``, built once per token counts (its
+        small index tensors are reused by every step of that size).
+
+        Args:
+            tgt_tokens: N_tgt.
+            ref_tokens: N^(k) per reference slot.
+
+        Example:
+            >>> from mosaic_kit.models.flux2 import Flux2Family
+            >>> Flux2Family.tiny().model.layout(4, [2, 2]).ref_index
+            tensor([[4, 5, 6, 7]])
+        """
+        key = (int(tgt_tokens), tuple(int(n) for n in ref_tokens))
+        if key not in self._layouts:
+            self._layouts[key] = SequenceLayout.concatenated(tgt_tokens, ref_tokens)
+        return self._layouts[key]
 
     def capture_handle(self) -> CaptureProcessors:
         """The capture processors on the chosen blocks (installed on first use, idle until a
@@ -87,7 +106,7 @@ class Flux2Denoiser(nn.Module):
         if captures:
             if not ref_tokens:
                 raise ValueError("Expected references (`ref_tokens`) for a capture, but got none.")
-            layout = SequenceLayout.concatenated(tgt_tokens, ref_tokens)
+            layout = self.layout(tgt_tokens, ref_tokens)
             fed = captures[0] if len(captures) == 1 and isinstance(captures[0], RefTargetCapture) else _FanOut(captures)
             context = self.capture_handle().capture(fed, layout)
         with context:
