@@ -848,6 +848,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="print the docs table (markdown) of a report written by this program, and exit")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default: benchmarks/results/memory-<device>.json)")
+    parser.add_argument("--same-process", action="store_true",
+                        help="measure in this process instead of one fresh process per row (fake tensors "
+                             "only: MemTracker sees only the step's own tensors, so nothing else pollutes the peak)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -877,12 +880,19 @@ def main(argv: list[str] | None = None) -> dict:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device")
+        if args.same_process:
+            parser.error("--same-process: fake tensors only (--device cpu); a GPU peak needs a fresh process per row")
     fake_rows = {}
     if args.fake_report is not None:
         for row in json.loads(args.fake_report.read_text())["results"]:
             fake_rows[(row["config"], row["mode"])] = row
 
     from mosaic_kit.reporting import hardware_info, run_in_fresh_process, write_report
+
+    def measure(worker_args: list[str]) -> dict:
+        if not args.same_process:
+            return run_in_fresh_process(__file__, worker_args)
+        return _worker(parser.parse_args(worker_args))
 
     began = time.perf_counter()
     report = {"device": args.device, "method": "fake tensors + MemTracker" if args.device == "cpu" else
@@ -893,12 +903,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         cfg = CONFIGS[name]
         if not args.no_encoders and cfg["encoders"] and cfg["encoders"] not in report["encoders"]:
-            report["encoders"][cfg["encoders"]] = run_in_fresh_process(
-                __file__, ["--worker", "encoders", "--config", name])["encoders"]
+            report["encoders"][cfg["encoders"]] = measure(["--worker", "encoders", "--config", name])["encoders"]
         for mode in modes:
             worker = ["--worker", "fake" if args.device == "cpu" else "real", "--config", name, "--mode", mode,
                       "--device", args.device] + (["--no-flops"] if args.no_flops else [])
-            row = {"config": name, **run_in_fresh_process(__file__, worker)}
+            row = {"config": name, **measure(worker)}
             fake = fake_rows.get((name, mode))
             if fake is not None:
                 row["fake_peak_bytes"] = fake["peak_bytes"]

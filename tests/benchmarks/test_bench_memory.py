@@ -102,8 +102,12 @@ def test_gpu_autocast_policy_runs_cudas_float32_ops_in_float32():
 
 def test_command_line_writes_its_table_and_report(tmp_path, capsys):
     out = tmp_path / "memory.json"
-    report = load_bench().main(["--configs", "tiny-flux2", "--modes", "plain,mosaic", "--no-encoders",
-                                "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        report = load_bench().main(["--configs", "tiny-flux2", "--modes", "plain,mosaic", "--no-encoders",
+                                    "--same-process", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(report))
     assert [(r["config"], r["mode"]) for r in saved["results"]] == [("tiny-flux2", "plain"), ("tiny-flux2", "mosaic")]
@@ -116,6 +120,8 @@ def test_command_line_writes_its_table_and_report(tmp_path, capsys):
     assert saved["device"] == "cpu" and saved["hardware"]["device"] == "cpu"
     table = capsys.readouterr().out
     assert "tiny-flux2" in table and "+ MOSAIC" in table
+    markdown = load_bench().format_markdown(saved)
+    assert markdown.count("\n") == 2 and "flux2 (small), 64² target, 2 × 32² refs" in markdown
 
 
 def test_command_line_refuses_unknown_configurations():
