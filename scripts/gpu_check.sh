@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the project in one command, one JSON report (for docs/benchmarks.md).
 #
-#   bash scripts/gpu_check.sh                 # on one H100/H200: under 8 minutes, random weights, bf16
+#   bash scripts/gpu_check.sh                 # on one H100/H200: under 12 minutes, random weights, bf16
 #   bash scripts/gpu_check.sh --dry-run       # the same stages at tiny sizes on the CPU (seconds)
 #   bash scripts/gpu_check.sh --out DIR       # where the report and the per-stage files go
 #                                             # (default: benchmarks/results/gpu-check)
@@ -14,7 +14,11 @@
 #                 without capture + SCAL + MDL, K = 1..4; target: the overhead is <= 5 %)
 #   4. flux1      benchmarks/bench_forward.py --preset flux-512 at K = 2 (the FLUX.1 multi-reference
 #                 training step vs the released layout; each measurement builds the 12B model in a
-#                 fresh process, so this stage is kept to one K and runs last)
+#                 fresh process, so this stage is kept to one K)
+#   5. memory     benchmarks/bench_memory.py --device cuda on FLUX.2 [klein] 4B (1024², 4 x 512²
+#                 references) and FLUX.1-dev (512², K = 2), plain / MOSAIC / dense maps: the training
+#                 step's measured peak (torch.cuda.max_memory_allocated) next to the fake-tensor peak
+#                 of benchmarks/results/memory-cpu.json, as the ratio measured / fake per row
 # Report: DIR/gpu-check.json = {"hardware", "dry_run", "stages": {name: {"rc", "seconds",
 # "report" (the stage's own JSON) | "log_tail"}}, "total_seconds"}.
 set -uo pipefail
@@ -60,6 +64,8 @@ if [ "$DRY_RUN" = 1 ]; then
     --refs 1,2 --repeats 1 --threads 1 --out "$OUT_DIR/flux2.json"
   run_stage flux1 180 "$OUT_DIR/flux1.json" "$PYTHON" benchmarks/bench_forward.py --preset tiny --device cpu \
     --refs 2 --modes train,train+losses --repeats 1 --out "$OUT_DIR/flux1.json"
+  run_stage memory 240 "$OUT_DIR/memory.json" "$PYTHON" benchmarks/bench_memory.py --configs tiny-flux2 \
+    --modes plain,mosaic --no-encoders --device cpu --out "$OUT_DIR/memory.json"
 else
   DEVICE=cuda
   "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device (use --dry-run on a CPU)')" || exit 1
@@ -70,6 +76,9 @@ else
     --refs 1,2,3,4 --repeats 3 --out "$OUT_DIR/flux2.json"
   run_stage flux1 170 "$OUT_DIR/flux1.json" "$PYTHON" benchmarks/bench_forward.py --preset flux-512 --device cuda \
     --refs 2 --modes train,train+losses --repeats 2 --out "$OUT_DIR/flux1.json"
+  run_stage memory 240 "$OUT_DIR/memory.json" "$PYTHON" benchmarks/bench_memory.py --device cuda \
+    --configs klein-4b-512,flux1-dev-k2 --no-encoders --no-flops --fake-report benchmarks/results/memory-cpu.json \
+    --out "$OUT_DIR/memory.json"
 fi
 
 "$PYTHON" - "$OUT_DIR" "$STAGES" "$DRY_RUN" "$DEVICE" "$START" <<'PY'
@@ -96,6 +105,9 @@ flux2 = stages.get("flux2", {}).get("report", {})
 for row in flux2.get("overhead", []):
     print(f"FLUX.2 K={row['refs']}: train {row['train_ms']:.1f} ms, + MOSAIC {row['train_losses_ms']:.1f} ms "
           f"({row['overhead_pct']:+.1f} %)")
+for row in stages.get("memory", {}).get("report", {}).get("results", []):
+    ratio = f", measured / fake {row['ratio_to_fake']:.3f}" if "ratio_to_fake" in row else ""
+    print(f"memory {row['config']} {row['mode']}: {row['peak_bytes'] / 2**30:.2f} GiB{ratio}")
 summary = ", ".join(f"{name}={entry['rc']}" for name, entry in stages.items())
 print(f"stages: {summary}; total {report['total_seconds']} s")
 sys.exit(0 if report["ok"] else 1)

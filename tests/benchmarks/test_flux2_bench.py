@@ -67,5 +67,6 @@ def test_gpu_check_dry_run_writes_one_report(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     assert report["dry_run"] and report["ok"]
-    assert set(report["stages"]) == {"tests", "capture", "flux2", "flux1"}
+    assert set(report["stages"]) == {"tests", "capture", "flux2", "flux1", "memory"}
+    assert [r["mode"] for r in report["stages"]["memory"]["report"]["results"]] == ["plain", "mosaic"]
     assert report["stages"]["flux2"]["report"]["overhead"][0]["refs"] == 1

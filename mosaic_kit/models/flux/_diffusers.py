@@ -100,7 +100,7 @@ class MosaicFluxAttnProcessor(_StreamAttention, FluxAttnProcessor):
 
         main_out, ref_out = self.attend_streams(attend, q_main, k_main, v_main, q_ref, k_ref, v_ref, mosaic)
         capture_query = capture_key = None
-        if mosaic.capture:
+        if mosaic.captures:
             capture_query = q_ref.transpose(1, 2)
             capture_key = k_main[:, mosaic.text_tokens :].transpose(1, 2)
 
@@ -128,6 +128,17 @@ def _feed_forward(ff: nn.Module, x: torch.Tensor, skip: str | None) -> torch.Ten
     for module in ff.net:
         x = _apply(module, x, skip)
     return x
+
+
+def _feed_captures(streams: _Streams, out: _AttentionOutputs) -> None:
+    """Feeds the block's post-RoPE reference queries ``(B, H, N_ref, D)`` and target keys
+    ``(B, H, N_tgt, D)`` to its captures, inside the block's function: under gradient checkpointing
+    they are then freed with the block's other intermediates and recomputed in backward (the
+    recomputation calls ``add`` again, which `RefTargetCapture` and `PointAttentionRows` replay
+    without counting the block twice), instead of staying alive as the block's outputs until the
+    loss."""
+    for capture in streams.captures:
+        capture.add(out.capture_query, out.capture_key)
 
 
 def _clip_fp16(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -194,7 +205,8 @@ class _FluxInternals:
             refs = refs + r_gate_msa.unsqueeze(1) * out.references
             normed = block.norm2(refs) * (1 + r_scale_mlp[:, None]) + r_shift_mlp[:, None]
             refs = refs + r_gate_mlp.unsqueeze(1) * _feed_forward(block.ff, normed, None)
-        return text, target, refs, out.capture_query, out.capture_key
+        _feed_captures(streams, out)
+        return text, target, refs
 
     def _single_block(self, block, text, target, refs, temb, temb_ref, streams: _Streams, rotary):
         def mlp_and_out(attn_out, normed, gate, residual, skip):
@@ -216,7 +228,8 @@ class _FluxInternals:
             text, target = main[:, : streams.text_tokens], main[:, streams.text_tokens :]
         if refs is not None:
             refs = mlp_and_out(out.references, normed_refs, r_gate, refs, None)
-        return text, target, refs, out.capture_query, out.capture_key
+        _feed_captures(streams, out)
+        return text, target, refs
 
     def _run_block(self, kind, block, *args):
         fn = self._double_block if kind == "double" else self._single_block
@@ -251,14 +264,9 @@ class _FluxInternals:
                 if cached is not None and cached[0].shape[0] != batch:
                     cached = tuple(c.expand(batch, *c.shape[1:]) for c in cached)
                 feed = capture is not None and (kind == "double" or self.capture_blocks == "all")
-                streams = _Streams(None, ref_rotary, counts, text.shape[1], self.reference_attention, feed, cached,
-                                   reference_adapter=self.reference_adapter)
-                text, target, refs, q_cap, k_cap = self._run_block(
-                    kind, block, text, target, refs, temb, temb_ref, streams, rotary
-                )
-                if feed:
-                    for each in captures:
-                        each.add(q_cap, k_cap)
+                streams = _Streams(None, ref_rotary, counts, text.shape[1], self.reference_attention,
+                                   tuple(captures) if feed else (), cached, reference_adapter=self.reference_adapter)
+                text, target, refs = self._run_block(kind, block, text, target, refs, temb, temb_ref, streams, rotary)
         return _apply(t.proj_out, t.norm_out(target, temb), self.reference_adapter)
 
     def _run_reference_stack(self, reference_tokens, reference_ids, pooled_embeddings, counts, guidance,
@@ -274,7 +282,7 @@ class _FluxInternals:
         for kind, blocks in (("double", t.transformer_blocks), ("single", t.single_transformer_blocks)):
             fn = self._double_block if kind == "double" else self._single_block
             for block in blocks:
-                streams = _Streams(None, ref_rotary, counts, 0, "isolated", False, None, store, main_present=False,
+                streams = _Streams(None, ref_rotary, counts, 0, "isolated", (), None, store, main_present=False,
                                    reference_adapter=self.reference_adapter)
-                _, _, refs, _, _ = fn(block, None, None, refs, None, temb_ref, streams, None)
+                _, _, refs = fn(block, None, None, refs, None, temb_ref, streams, None)
         return cache

@@ -49,7 +49,9 @@ class _Streams:
     reference_token_counts: tuple[int, ...]
     text_tokens: int
     reference_attention: str
-    capture: bool
+    # the captures this block feeds, inside the block's function (so that a checkpointed block
+    # recomputes its reference queries and target keys in backward instead of keeping them)
+    captures: tuple = ()
     cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys, values) of the references
     store: tuple[list, list] | None = None  # where a cache build appends (keys, values)
     main_present: bool = True  # False while building a reference cache
