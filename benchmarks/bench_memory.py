@@ -649,13 +649,12 @@ class Step:
         if mode == "plain":
             return []
         if mode == "mosaic":
-            capture = RefTargetCapture(self.corr, aggregate="points")
-            with _real():  # its index tensors: real constants, built before the step
-                heads = self.transformer.config.num_attention_heads
-                prepared = capture._prepare(torch.device(self.device), torch.float32)
-                capture._plan(prepared, heads)
+            with _real():  # its block counter and index tensors: real constants, built before the step
+                capture = RefTargetCapture(self.corr, aggregate="points")
+                capture.prepare(torch.device(self.device), torch.float32, self.transformer.config.num_attention_heads)
             return [capture]
-        return [_released_capture_class()(self.corr)]
+        with _real():  # its block counter: a real constant
+            return [_released_capture_class()(self.corr)]
 
     def loss(self, mode: str, prediction, captures):
         import torch

@@ -268,6 +268,10 @@ class RefTargetCapture:
         compiled block reads no Python value that changes from block to block (dynamo would
         guard on it and compile again for every block)."""
         self._blocks = torch.zeros((), dtype=torch.long)
+        # the same count as a Python int for eager feeding, so that `num_blocks` reads no tensor
+        # value (a value read is impossible under fake tensors, e.g. benchmarks/bench_memory.py);
+        # a compiled `add` only counts in the tensor, and `num_blocks` then reads it
+        self._eager_blocks, self._compiled_add = 0, False
         self._pair_sum: torch.Tensor | None = None
         self._rows_sum: torch.Tensor | None = None
         if self._prepared is not None:
@@ -285,7 +289,7 @@ class RefTargetCapture:
     @property
     def num_blocks(self) -> int:
         """How many blocks have been fed since construction or `reset`."""
-        return int(self._blocks)
+        return int(self._blocks) if self._compiled_add else self._eager_blocks
 
     def _prepare(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Index and weight tensors on the blocks' device, built once.
@@ -480,6 +484,10 @@ class RefTargetCapture:
         if self.aggregate is not None:
             self._rows_sum = self._rows_sum + rows
         self._blocks = self._blocks + 1
+        if torch.compiler.is_compiling():
+            self._compiled_add = True
+        else:
+            self._eager_blocks += 1
 
     def _check_feeding(self, query: torch.Tensor, key: torch.Tensor, compiling: bool) -> None:
         """The checks of a forward-pass `add` (not of a checkpoint's replay). While dynamo traces,

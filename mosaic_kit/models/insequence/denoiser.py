@@ -100,8 +100,8 @@ class InSequenceDenoiser(nn.Module):
         if sequence_layout is None:
             return out
         index = sequence_layout.target_index
-        if sequence_layout.shared and torch.equal(index[0], torch.arange(index.shape[1])):
-            return out[:, : index.shape[1]]  # the stock pipelines' cut: the target comes first
+        if sequence_layout.target_start is not None:  # e.g. the stock pipelines' cut: the target comes first
+            return out.narrow(1, sequence_layout.target_start, index.shape[1])
         index = index.to(out.device)
         if sequence_layout.shared:
             return out.index_select(1, index[0])

@@ -226,6 +226,18 @@ class SequenceLayout:
         """True when one layout serves every sample of the batch."""
         return self.target_index.shape[0] == 1
 
+    @property
+    def target_start(self) -> int | None:
+        """Where the target's tokens start when they are one contiguous run of a shared layout
+        (their gather is then a slice), else None; decided at construction, so reading it needs
+        no tensor value (compiled and fake-tensor runs read it too).
+
+        Example:
+            >>> SequenceLayout.concatenated(4, [2, 3]).target_start
+            0
+        """
+        return self._starts["target"]
+
     def check(self, corr: Correspondences) -> None:
         """Raises `ValueError` unless the layout has the token counts (and batch) of ``corr``.
 
