@@ -147,3 +147,28 @@ def test_bad_uses_are_refused():
         family.encode(None, ["a cat"])
     with pytest.raises(ValueError, match="add a LoRA first"):
         family.trainable_parameters("lora")
+
+
+def test_lora_writer_takes_the_trainers_format_records_a_digest_and_load_refuses_a_changed_file(tmp_path):
+    # the trainer's checkpoints call save_lora(path, state_dict=..., format=...): the Qwen family's
+    # writer is the in-sequence base's (digest added, ComfyUI refused without a key map)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mosaic_kit.models import LORA_DIGEST_KEY
+
+    family = QwenEditPlusFamily.tiny()
+    family.add_lora(rank=2, init=False)
+    file = family.save_lora(tmp_path / "lora.safetensors", format="diffusers")
+    with safe_open(file, framework="pt") as written:
+        metadata, tensors = written.metadata(), {key: written.get_tensor(key) for key in written.keys()}
+    assert LORA_DIGEST_KEY in metadata and "lora_adapter_metadata" in metadata
+    fresh = QwenEditPlusFamily.tiny()
+    fresh.load_lora(file)
+    assert all(torch.equal(fresh.lora_parameters()[k], v) for k, v in family.lora_parameters().items())
+    key = sorted(tensors)[0]
+    save_file({**tensors, key: tensors[key] + 1}, str(tmp_path / "changed.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match="is damaged"):
+        QwenEditPlusFamily.tiny().load_lora(tmp_path / "changed.safetensors")
+    with pytest.raises(NotImplementedError, match="ComfyUI key map"):
+        family.save_lora(tmp_path / "comfy.safetensors", format="comfyui")

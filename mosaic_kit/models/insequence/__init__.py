@@ -13,7 +13,7 @@ sees them. The only place where they exist is the attention processor, so this p
   processor per chosen block, picked by the attention's stock processor class, and returns a
   `CaptureProcessors` handle (``with handle.capture(capture, layout): ...``; ``handle.remove()``).
 - `InSequenceFamily` (``family``): the base of the model families whose references sit in the
-  target's sequence (FLUX.2, FLUX.1-Kontext): the layout from the stock pipeline's steps as one
+  target's sequence (FLUX.2, FLUX.1-Kontext, Qwen-Image-Edit-Plus): the layout from the stock pipeline's steps as one
   `SequenceLayout` from encoding to the capture, the `InSequenceDenoiser` (``denoiser``), and one
   plain peft LoRA that the stock pipeline loads.
 - The processors: `FluxCaptureProcessor` (`FluxTransformer2DModel`, double and single blocks),

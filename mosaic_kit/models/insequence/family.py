@@ -233,7 +233,8 @@ class InSequenceFamily(ModelFamily):
 
         Args:
             conditioning: at least ``latent_ids``, ``reference_tokens`` and ``reference_ids`` (the
-                last two None without references), plus the family's own entries.
+                last two None without references; both ids None for a transformer that takes no
+                ``img_ids``, e.g. Qwen-Image's ``img_shapes``), plus the family's own entries.
             layout: the token layout.
             target: ``(B, N_tgt, C)`` float32 clean target tokens, or None.
             batch_size: B.
@@ -261,13 +262,15 @@ class InSequenceFamily(ModelFamily):
                       guidance: float | torch.Tensor | None = None) -> dict[str, Any]:
         """The `InSequenceDenoiser`'s keyword arguments (inputs checked by `ModelFamily.model_kwargs`):
         ``hidden_states`` ``[target | refs]`` in the model's dtype, ``img_ids`` (target ids, then
-        the references'), the ``sequence_layout`` and the family's `_transformer_kwargs`."""
+        the references'; left out when ``latent_ids`` is None), the ``sequence_layout`` and the
+        family's `_transformer_kwargs`."""
         cond, dtype = inputs.conditioning, self.transformer.dtype
         hidden, ids = noisy.to(dtype), cond["latent_ids"]
         if cond["reference_tokens"] is not None:
             hidden = torch.cat([hidden, cond["reference_tokens"].to(dtype)], dim=1)
-            ids = torch.cat([ids, cond["reference_ids"]], dim=-2)
-        return {"hidden_states": hidden, "img_ids": ids, **self._transformer_kwargs(inputs, noisy, timestep, guidance),
+            ids = None if ids is None else torch.cat([ids, cond["reference_ids"]], dim=-2)
+        positions = {} if ids is None else {"img_ids": ids}
+        return {"hidden_states": hidden, **positions, **self._transformer_kwargs(inputs, noisy, timestep, guidance),
                 "sequence_layout": cond["sequence_layout"]}
 
     # -- the LoRA: one plain peft adapter ----------------------------------------------------------

@@ -1,37 +1,32 @@
-"""`QwenEditPlusFamily`: Qwen-Image-Edit-Plus (2509, 2511) behind the model boundary, its inputs
-built by the stock `QwenImageEditPlusPipeline`'s own encoding steps."""
+"""`QwenEditPlusFamily`: Qwen-Image-Edit-Plus (2509, 2511) behind the model boundary, on the
+in-sequence base, its inputs built by the stock `QwenImageEditPlusPipeline`'s own encoding steps."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ...utils.atomic import fsync_dir
 from ...utils.images import tensor_to_pil
-from ..family import ModelFamily, ModelInputs, check_trainable
-from ..insequence import CaptureProcessors
+from ..family import ModelInputs
+from ..insequence import IN_SEQUENCE_ADAPTER, IN_SEQUENCE_LORA_FILE, InSequenceFamily
 from .denoiser import QwenEditPlusDenoiser
 
 __all__ = ["QWEN_ADAPTER", "QWEN_LORA_FILE", "QWEN_LORA_TARGETS", "TINY_IMAGE_SIZES", "QwenEditPlusFamily"]
 
-QWEN_ADAPTER = "mosaic"
-"""The LoRA's peft adapter name."""
+QWEN_ADAPTER = IN_SEQUENCE_ADAPTER
+"""The LoRA's peft adapter name (the in-sequence base's, ``"mosaic"``)."""
 
-QWEN_LORA_FILE = "pytorch_lora_weights.safetensors"
+QWEN_LORA_FILE = IN_SEQUENCE_LORA_FILE
 """The file name `QwenEditPlusFamily.save_lora` writes in a folder (diffusers' default)."""
 
 QWEN_LORA_TARGETS: tuple[str, ...] = (
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
     "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
 )
-"""Default LoRA targets (peft module-name suffixes): every block's attention projections of the
+"""Default LoRA targets (linear-module name suffixes): every block's attention projections of the
 image and text streams and both feed-forward layers of each stream. References and target share
 these weights (in-sequence references): one plain adapter, as the stock LoRA loader expects."""
 
@@ -40,9 +35,11 @@ TINY_IMAGE_SIZES = {"condition_image_size": 64 * 64, "vae_image_size": 64 * 64}
 (the stock 384² and 1024² would feed a tiny model thousands of tokens)."""
 
 
-class QwenEditPlusFamily(ModelFamily):
-    """Qwen-Image-Edit-Plus (2509 and 2511) behind the model boundary (`ModelFamily`), over a stock
-    `diffusers.QwenImageEditPlusPipeline`, laid out as that pipeline lays out its references.
+class QwenEditPlusFamily(InSequenceFamily):
+    """Qwen-Image-Edit-Plus (2509 and 2511) behind the model boundary, on the in-sequence base
+    (`mosaic_kit.models.insequence.InSequenceFamily`: the forward with MOSAIC's capture, the one
+    `SequenceLayout`, building, and the plain peft LoRA that the stock ``load_lora_weights``
+    loads), over a stock `diffusers.QwenImageEditPlusPipeline`, laid out as it lays out its references.
 
     Every reference is used twice, as the pipeline uses it: resized to about
     ``condition_image_size`` pixels of area for the Qwen2.5-VL text encoder, which sees reference
@@ -76,100 +73,49 @@ class QwenEditPlusFamily(ModelFamily):
         [(1, 2, 2), (1, 1, 2), (1, 1, 2)]
         >>> tuple(family.forward(inputs, torch.randn(2, 4, 16), torch.tensor([0.5, 0.5])).shape)
         (2, 4, 16)
+        >>> len(family.add_lora(rank=2))  # 12 linears × 2 blocks
+        24
     """
 
     name = "qwen_edit_plus"
     config_extras = ("capture_blocks",)
     default_guidance_scale = 4.0
+    lora_targets = QWEN_LORA_TARGETS
+    architecture = "Qwen-Image"
+    denoiser_class = QwenEditPlusDenoiser
+    pipeline_class_name = "QwenImageEditPlusPipeline"
+    transformer_class_name = "QwenImageTransformer2DModel"
+    tiny_defaults = TINY_IMAGE_SIZES
 
     def __init__(self, pipe: Any, capture_blocks: str | Sequence[str] = "all", condition_image_size: int | None = None,
                  vae_image_size: int | None = None, negative_prompt: str = " ") -> None:
-        from diffusers import QwenImageTransformer2DModel
-
-        if not isinstance(getattr(pipe, "transformer", None), QwenImageTransformer2DModel):
-            raise ValueError(f"Expected `pipe` with a QwenImageTransformer2DModel (QwenImageEditPlusPipeline), but got "
-                             f"{type(pipe).__name__}.")
+        super().__init__(pipe, capture_blocks)
         for key, value in (("condition_image_size", condition_image_size), ("vae_image_size", vae_image_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"Expected `{key}` to be a positive int (pixels of area) or None, but got {value!r}.")
         if not isinstance(negative_prompt, str):
             raise ValueError(f"Expected `negative_prompt` to be a string, but got {negative_prompt!r}.")
-        self.pipe = pipe
-        self._model = QwenEditPlusDenoiser(pipe.transformer, capture_blocks)
         self.condition_image_size, self.vae_image_size = condition_image_size, vae_image_size
         self.negative_prompt = negative_prompt
 
-    # -- building ----------------------------------------------------------------------------------
-    @classmethod
-    def tiny(cls, seed: int = 0, transformer_overrides: dict | None = None, pixel_space: int | None = None,
-             pipeline_class: type | None = None, **kwargs: Any) -> QwenEditPlusFamily:
-        """A family over a tiny random `QwenImageEditPlusPipeline` (`mosaic_kit.models.qwen.tiny`);
-        the image areas default to `TINY_IMAGE_SIZES`.
-
-        Args:
-            seed: seed of the random components.
-            transformer_overrides: tiny transformer config entries to change
-                (``{"zero_cond_t": False}``: the 2509 transformer).
-            pixel_space: not offered for this family (must be None).
-            pipeline_class: the pipeline class (default the stock `QwenImageEditPlusPipeline`).
-            **kwargs: `QwenEditPlusFamily` options.
+    @staticmethod
+    def tiny_components(seed: int, transformer_overrides: dict | None, pixel_space: int | None) -> dict[str, Any]:
+        """Tiny random `QwenImageEditPlusPipeline` components (`mosaic_kit.models.qwen.tiny`) for
+        `tiny` (``transformer_overrides={"zero_cond_t": False}``: the 2509 transformer).
 
         Raises:
-            ValueError: a ``pixel_space``.
+            ValueError: a ``pixel_space`` (this family has a VAE only).
 
         Example:
             >>> QwenEditPlusFamily.tiny(transformer_overrides={"zero_cond_t": False}).transformer.zero_cond_t
             False
         """
-        from diffusers import QwenImageEditPlusPipeline
-
         from .tiny import tiny_qwen_edit_plus_components
 
         if pixel_space is not None:
             raise ValueError(f"Expected `pixel_space` None (the Qwen-Image-Edit-Plus family has a VAE only), but got "
                              f"{pixel_space!r}.")
-        pipe = (pipeline_class or QwenImageEditPlusPipeline)(
-            **tiny_qwen_edit_plus_components(seed=seed, transformer_overrides=transformer_overrides))
-        pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, **{**TINY_IMAGE_SIZES, **kwargs})
-
-    @classmethod
-    def from_pretrained(cls, base: str | os.PathLike, torch_dtype: torch.dtype | None = torch.bfloat16,
-                        pipeline_class: type | None = None, **kwargs: Any) -> QwenEditPlusFamily:
-        """A family over ``Qwen/Qwen-Image-Edit-2509`` or ``Qwen/Qwen-Image-Edit-2511`` (a hub id or a
-        local pipeline folder).
-
-        Args:
-            base: hub id or local folder in the `QwenImageEditPlusPipeline` layout.
-            torch_dtype: weight dtype.
-            pipeline_class: the pipeline class (default `QwenImageEditPlusPipeline`).
-            **kwargs: `QwenEditPlusFamily` options.
-        """
-        from diffusers import QwenImageEditPlusPipeline
-
-        pipe = (pipeline_class or QwenImageEditPlusPipeline).from_pretrained(base, dtype=torch_dtype)
-        pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, **kwargs)
-
-    # -- what the callers hold ---------------------------------------------------------------------
-    @property
-    def model(self) -> QwenEditPlusDenoiser:
-        """The `QwenEditPlusDenoiser` (what an accelerator wraps)."""
-        return self._model
-
-    @property
-    def transformer(self) -> nn.Module:
-        """The stock `QwenImageTransformer2DModel` (with the LoRA once added)."""
-        return self.pipe.transformer
-
-    @property
-    def token_channels(self) -> int:
-        """C: channels of a packed latent token (4 × the VAE's ``z_dim``)."""
-        return int(self.transformer.config.in_channels)
-
-    def capture_handle(self) -> CaptureProcessors:
-        """The capture processors on the chosen blocks (installed on first use)."""
-        return self._model.capture_handle()
+        return tiny_qwen_edit_plus_components(seed=seed, transformer_overrides=transformer_overrides)
 
     @contextlib.contextmanager
     def image_sizes(self) -> Iterator[None]:
@@ -272,18 +218,14 @@ class QwenEditPlusFamily(ModelFamily):
             target_size: ``(H, W)`` in pixels when ``targets`` is None.
 
         Returns:
-            `ModelInputs`: ``target`` ``(B, N_tgt, C)`` float32 (None without targets), the layout,
-            and ``conditioning`` (``encoder_hidden_states``, ``encoder_hidden_states_mask``,
-            ``reference_tokens`` (None without references), ``img_shapes``).
+            `ModelInputs` (`InSequenceFamily.encoded`): ``target`` ``(B, N_tgt, C)`` float32 (None
+            without targets), the layout, and ``conditioning`` (``encoder_hidden_states``,
+            ``encoder_hidden_states_mask``, ``img_shapes``, ``reference_tokens`` (None without
+            references), ``sequence_layout``; ``latent_ids`` and ``reference_ids`` None: Qwen-Image
+            takes no position ids).
         """
-        if targets is None and target_size is None:
-            raise ValueError("Expected `targets` or `target_size`, but got neither.")
-        self.check_encode_inputs(targets, prompts, references)  # the contract every family shares
-        b, (height, width) = (len(prompts), target_size) if targets is None else (targets.shape[0], targets.shape[-2:])
-        k = 0 if references is None else references.shape[1]
-        reference_size = tuple(int(v) for v in references.shape[-2:]) if k else None
-        layout = self.token_layout((int(height), int(width)), [reference_size] * k)
-        device, dtype = self.device, self.transformer.dtype
+        b, layout = self.encoding_layout(targets, prompts, references, target_size)
+        k, device, dtype = len(layout.reference_grids), self.device, self.transformer.dtype
         target = None if targets is None else self.encode_images(targets).to(device, torch.float32)
         reference_tokens = None
         if k:
@@ -291,152 +233,20 @@ class QwenEditPlusFamily(ModelFamily):
         embeds, mask = self.encode_prompts(prompts, references)
         shapes = [(1, g.rows, g.cols) for g in (layout.target_grid, *layout.reference_grids)]
         conditioning = {"encoder_hidden_states": embeds.to(device, dtype), "encoder_hidden_states_mask": mask,
-                        "reference_tokens": reference_tokens, "img_shapes": [list(shapes) for _ in range(b)]}
-        return ModelInputs(conditioning=conditioning, layout=layout, target=target, batch_size=b)
-
-    def _encode_batch(self, batch: Any) -> ModelInputs:
-        """Encodes a checked `mosaic_kit.data.MosaicBatch` (see `ModelFamily.encode_batch`)."""
-        return self.encode(batch.targets, list(batch.captions), batch.references)
+                        "img_shapes": [list(shapes) for _ in range(b)], "reference_tokens": reference_tokens,
+                        "latent_ids": None, "reference_ids": None}  # positions: ``img_shapes`` (the per-image RoPE)
+        return self.encoded(conditioning, layout, target, b)
 
     # -- the forward -------------------------------------------------------------------------------
-    def _model_kwargs(self, inputs: ModelInputs, noisy: torch.Tensor, timestep: torch.Tensor,
-                      guidance: float | torch.Tensor | None = None) -> dict[str, Any]:
-        """``[target | references]`` tokens, the prompt, ``img_shapes`` and the time in the model's
-        dtype; ``guidance`` only for a transformer with a guidance embedding (the edit models have none)."""
-        cond, dtype = inputs.conditioning, self.transformer.dtype
-        hidden = noisy.to(dtype)
-        if cond["reference_tokens"] is not None:
-            hidden = torch.cat([hidden, cond["reference_tokens"]], dim=1)
-        embedded = None
-        if self.transformer.config.guidance_embeds:
-            value = 1.0 if guidance is None else guidance
-            embedded = torch.as_tensor(value, dtype=torch.float32, device=noisy.device).expand(noisy.shape[0])
-        return {"hidden_states": hidden, "encoder_hidden_states": cond["encoder_hidden_states"],
-                "encoder_hidden_states_mask": cond["encoder_hidden_states_mask"], "timestep": timestep.to(dtype),
-                "img_shapes": cond["img_shapes"], "guidance": embedded, "tgt_tokens": inputs.layout.target_grid.num_tokens,
-                "ref_tokens": inputs.layout.reference_token_counts}
-
-    # -- LoRA --------------------------------------------------------------------------------------
-    def add_lora(self, rank: int, alpha: float | None = None, targets: Sequence[str] = QWEN_LORA_TARGETS,
-                 init: str | bool = True) -> None:
-        """Adds a peft LoRA (adapter `QWEN_ADAPTER`) on the transformer's ``targets``.
-
-        Args:
-            rank: LoRA rank.
-            alpha: LoRA alpha (None: ``rank``).
-            targets: peft module-name suffixes (`QWEN_LORA_TARGETS`).
-            init: peft's ``init_lora_weights`` (True: B = 0, the output unchanged at first).
-
-        Example:
-            >>> family = QwenEditPlusFamily.tiny()
-            >>> family.add_lora(rank=2)
-            >>> len(family.lora_parameters())  # 12 linears × 2 blocks × (A, B)
-            48
-        """
-        from peft import LoraConfig
-
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"Expected `rank` to be a positive int, but got {rank!r}.")
-        config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=list(targets),
-                            init_lora_weights=init)
-        self.transformer.add_adapter(config, adapter_name=QWEN_ADAPTER)
-
-    def trainable_parameters(self, trainable: str = "lora") -> list[nn.Parameter]:
-        """The transformer's LoRA parameters (``"lora"``) or every weight (``"all"``), in module order."""
-        check_trainable(trainable)
-        params = [p for name, p in self.transformer.named_parameters() if trainable == "all" or ".lora_" in name]
-        if not params:
-            raise ValueError("Expected trainable parameters, but found none (add a LoRA first with `add_lora`).")
-        return params
-
-    def lora_parameters(self) -> dict[str, nn.Parameter]:
-        """The LoRA's parameters by their file key (``transformer.<module>.lora_A.weight``)."""
-        found = {}
-        for name, param in self.transformer.named_parameters():
-            for part in ("lora_A", "lora_B"):
-                marker = f".{part}.{QWEN_ADAPTER}.weight"
-                if name.endswith(marker):
-                    found[f"transformer.{name[: -len(marker)]}.{part}.weight"] = param
-        if not found:
-            raise ValueError(f"Expected a LoRA adapter {QWEN_ADAPTER!r} on the transformer (`add_lora`), but found none.")
-        return found
-
-    def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Writes the LoRA through the stock ``save_lora_weights`` (keys
-        ``transformer.<module>.lora_A.weight``, the adapter metadata with ``lora_alpha``),
-        atomically: a temporary folder beside the file, fsynced, renamed over it.
-        ``QwenImageEditPlusPipeline.load_lora_weights`` loads it unchanged.
-
-        Args:
-            path: a ``.safetensors`` file, or a folder (the file is then `QWEN_LORA_FILE`).
-            state_dict: raw values keyed as `lora_parameters` to write instead of the model's own.
-
-        Returns:
-            The written file.
-        """
-        from diffusers import QwenImageEditPlusPipeline
-
-        config = getattr(self.transformer, "peft_config", {}).get(QWEN_ADAPTER)
-        values = self.lora_parameters() if state_dict is None else state_dict
-        if config is None:
-            raise ValueError(f"Expected a LoRA adapter {QWEN_ADAPTER!r} on the transformer (`add_lora`), but found none.")
-        path = Path(path)
-        file = path if path.suffix == ".safetensors" else path / QWEN_LORA_FILE
-        file.parent.mkdir(parents=True, exist_ok=True)
-        state = {key.removeprefix("transformer."): v.detach().to("cpu").contiguous() for key, v in values.items()}
-        with tempfile.TemporaryDirectory(dir=file.parent, prefix=".tmp-lora-") as scratch:
-            QwenImageEditPlusPipeline.save_lora_weights(scratch, transformer_lora_layers=state, weight_name=file.name,
-                                                        transformer_lora_adapter_metadata=config.to_dict())
-            written = Path(scratch) / file.name
-            with open(written, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(written, file)
-        fsync_dir(file.parent)
-        return file
-
-    def load_lora(self, path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor], partial: bool = False) -> None:
-        """Loads a LoRA file (or its state dict): through the stock loader (rank and alpha from
-        its metadata) when the transformer has none, else into the current one's values (resume).
-
-        Args:
-            path_or_state_dict: a ``.safetensors`` file, a folder holding `QWEN_LORA_FILE`, or a
-                state dict in diffusers' layout.
-            partial: allow a file with only some of the current LoRA's weights.
-
-        Raises:
-            ValueError: naming the source: keys that are not LoRA keys or do not fit this
-                transformer, or weights missing (unless ``partial``) or unexpected.
-        """
-        from diffusers import QwenImageEditPlusPipeline
-
-        from .._lora_origin import check_lora_fits
-
-        source, kwargs = path_or_state_dict, {}
-        if isinstance(source, dict):
-            source, label = dict(source), "LoRA state dict"  # a copy: the loaders change it in place
-        else:
-            path = Path(source)
-            label = f"LoRA file {str(path)!r}"
-            if path.is_dir():
-                path = path / QWEN_LORA_FILE
-            source, kwargs = str(path.parent), {"weight_name": path.name}
-        state, metadata = QwenImageEditPlusPipeline.lora_state_dict(source, return_lora_metadata=True, **kwargs)
-        stray = sorted(key for key in state if "lora" not in key)
-        if stray:
-            raise ValueError(f"{label}: expected LoRA keys only, but got {stray[:3]}.")
-        check_lora_fits(state, self.transformer, label, "Qwen-Image")
-        if getattr(self.transformer, "peft_config", {}).get(QWEN_ADAPTER) is None:
-            type(self.pipe).load_lora_into_transformer(state, transformer=self.transformer, adapter_name=QWEN_ADAPTER,
-                                                      metadata=metadata, _pipeline=self.pipe)
-            return
-        current = self.lora_parameters()
-        state = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in state.items()}
-        unexpected, missing = sorted(set(state) - set(current)), [] if partial else sorted(set(current) - set(state))
-        if unexpected or missing:
-            raise ValueError(f"{label}: expected the {len(current)} weights of adapter {QWEN_ADAPTER!r}, but got "
-                             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}) and {len(missing)} missing "
-                             f"(e.g. {missing[:2]}).")
-        self.load_lora_values({k: state.get(k, v) for k, v in current.items()})
+    def _transformer_kwargs(self, inputs: ModelInputs, noisy: torch.Tensor, timestep: torch.Tensor,
+                            guidance: float | torch.Tensor | None = None) -> dict[str, Any]:
+        """The prompt, its mask, ``img_shapes`` and the time in the model's dtype; ``guidance`` only
+        for a transformer with a guidance embedding (the edit models have none; default 1.0)."""
+        cond = inputs.conditioning
+        return {"encoder_hidden_states": cond["encoder_hidden_states"],
+                "encoder_hidden_states_mask": cond["encoder_hidden_states_mask"],
+                "timestep": timestep.to(self.transformer.dtype), "img_shapes": cond["img_shapes"],
+                "guidance": self.embedded_guidance(guidance, 1.0, noisy)}
 
     # -- sampling ----------------------------------------------------------------------------------
     @torch.no_grad()
