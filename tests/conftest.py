@@ -34,3 +34,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each test ends with accelerate's process-wide state unset: an in-process training run fixes
+    its mixed precision for the whole process, and the next test's run with another precision
+    would be refused ("AcceleratorState has already been initialized")."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
