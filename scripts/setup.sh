@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv (if needed) and installs mosaic_kit with its test extras.
-#   bash scripts/setup.sh            # core + dev (tests) + flux (transformers, diffusers, peft, ...) + data (pyarrow) + train + quant (torchao)
+#   bash scripts/setup.sh            # core + dev (tests) + flux (transformers, diffusers, peft, ...) + data (pyarrow) + train
+#   bash scripts/setup.sh quant      # add torchao (a quantized frozen base; not by default: once installed,
+#                                    # diffusers imports it on every run and torchao's CPU build logs warnings)
 #   bash scripts/setup.sh docs       # add more extras
 # On a machine without an NVIDIA GPU the CPU build of torch is installed first, so that pip
 # never pulls a multi-GB CUDA build.
@@ -25,7 +27,7 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     fi
 fi
 
-extras="dev,flux,data,train,quant"
+extras="dev,flux,data,train"
 for extra in "$@"; do extras="$extras,$extra"; done
 "${PIP[@]}" -e ".[$extras]"
 echo "mosaic_kit installed in $VENV with extras [$extras]"
