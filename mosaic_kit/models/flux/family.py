@@ -110,12 +110,12 @@ class MosaicFluxFamily(ModelFamily):
             from diffusers import FluxPipeline
 
             pipeline_class = FluxPipeline
-        from ..quantize import quantize_transformer
+        from ..quantize import quantize_pipeline_transformer
 
         quantize = settings.pop("quantize", "none")
-        pipe = pipeline_class(**tiny_flux_components(seed=seed, transformer_overrides=transformer_overrides,
-                                                     pixel_space=pixel_space))
-        pipe.register_modules(transformer=quantize_transformer(pipe.transformer, quantize))
+        pipe = quantize_pipeline_transformer(
+            pipeline_class(**tiny_flux_components(seed=seed, transformer_overrides=transformer_overrides,
+                                                  pixel_space=pixel_space)), quantize)
         pipe.set_progress_bar_config(disable=True)
         settings.setdefault("max_sequence_length", 32)
         settings.setdefault("reference_adapter", getattr(pipe, "reference_adapter", DEFAULT_ADAPTER))
@@ -140,10 +140,9 @@ class MosaicFluxFamily(ModelFamily):
             from diffusers import FluxPipeline
 
             pipeline_class = FluxPipeline
-        from ..quantize import pipeline_quantization_config
+        from ..quantize import quantized_loading_kwargs
 
-        quantization = pipeline_quantization_config(settings.pop("quantize", "none"), torch_dtype)
-        extra = {} if quantization is None else {"quantization_config": quantization}
+        extra = quantized_loading_kwargs(settings.pop("quantize", "none"), torch_dtype)
         pipe = pipeline_class.from_pretrained(path, torch_dtype=torch_dtype, **extra)
         pipe.set_progress_bar_config(disable=True)
         settings.setdefault("reference_adapter", getattr(pipe, "reference_adapter", DEFAULT_ADAPTER))

@@ -138,11 +138,11 @@ class InSequenceFamily(ModelFamily):
         `tiny_components`, progress bars off; ``options`` over `tiny_defaults` go to the constructor,
         except ``quantize`` (a `mosaic_kit.models.quantize.QUANTIZE` setting, default ``"none"``),
         which quantizes the frozen transformer (`mosaic_kit.models.quantize.quantize_transformer`)."""
-        from ..quantize import quantize_transformer
+        from ..quantize import quantize_pipeline_transformer
 
         quantize = options.pop("quantize", "none")
-        pipe = cls._pipeline_class(pipeline_class)(**cls.tiny_components(seed, transformer_overrides, pixel_space))
-        pipe.register_modules(transformer=quantize_transformer(pipe.transformer, quantize))
+        components = cls.tiny_components(seed, transformer_overrides, pixel_space)
+        pipe = quantize_pipeline_transformer(cls._pipeline_class(pipeline_class)(**components), quantize)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **{**cls.tiny_defaults, **options})
 
@@ -152,10 +152,9 @@ class InSequenceFamily(ModelFamily):
         """The family over the stock pipeline loaded from ``base`` (a hub id or a local folder);
         ``quantize`` in ``options`` (default ``"none"``) quantizes the transformer while it loads
         (`mosaic_kit.models.quantize.pipeline_quantization_config`)."""
-        from ..quantize import pipeline_quantization_config
+        from ..quantize import quantized_loading_kwargs
 
-        quantization = pipeline_quantization_config(options.pop("quantize", "none"), torch_dtype)
-        extra = {} if quantization is None else {"quantization_config": quantization}
+        extra = quantized_loading_kwargs(options.pop("quantize", "none"), torch_dtype)
         pipe = cls._pipeline_class(pipeline_class).from_pretrained(base, torch_dtype=torch_dtype, **extra)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **options)
