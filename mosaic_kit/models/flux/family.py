@@ -397,16 +397,7 @@ class MosaicFluxFamily(ModelFamily):
             >>> sorted(family.lora_parameters())[0]
             'transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight'
         """
-        adapter = self.reference_adapter
-        found = {}
-        for name, param in self.transformer.named_parameters():
-            for part in ("lora_A", "lora_B"):
-                marker = f".{part}.{adapter}.weight"
-                if name.endswith(marker):
-                    found[f"transformer.{name[: -len(marker)]}.{part}.weight"] = param
-        if not found:
-            raise ValueError(f"Expected a reference LoRA {adapter!r} on the transformer (`add_lora`), but found none.")
-        return found
+        return self._adapter_lora_parameters(self.reference_adapter, "reference LoRA")
 
     def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
                   format: str = "diffusers") -> Path:

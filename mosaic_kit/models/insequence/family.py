@@ -334,16 +334,7 @@ class InSequenceFamily(ModelFamily):
             >>> sorted(family.lora_parameters())[0]
             'transformer.transformer_blocks.0.attn.to_q.lora_A.weight'
         """
-        found = {}
-        for name, param in self.transformer.named_parameters():
-            for part in ("lora_A", "lora_B"):
-                marker = f".{part}.{IN_SEQUENCE_ADAPTER}.weight"
-                if name.endswith(marker):
-                    found[f"transformer.{name[: -len(marker)]}.{part}.weight"] = param
-        if not found:
-            raise ValueError(f"Expected a LoRA adapter {IN_SEQUENCE_ADAPTER!r} on the transformer (`add_lora`), "
-                             f"but found none.")
-        return found
+        return self._adapter_lora_parameters(IN_SEQUENCE_ADAPTER, "LoRA adapter")
 
     def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
                   format: str = "diffusers") -> Path:
