@@ -414,37 +414,20 @@ def build_model(cfg: dict, device: str = "cpu", fake_mode=None):
             return model(**inputs, capture=captures)
     elif family == "flux2":
         from mosaic_kit.models.flux2 import Flux2Denoiser
-        from mosaic_kit.models.insequence import SequenceLayout
 
         model = Flux2Denoiser(transformer, capture_blocks="all")
-        layouts = {}
-
-        def layout(n_tgt, ref_tokens):  # as the family's encoding builds it, once per token counts
-            key = (n_tgt, tuple(ref_tokens))
-            if key not in layouts:
-                layouts[key] = SequenceLayout.concatenated(n_tgt, ref_tokens)
-            return layouts[key]
-
-        model.layout = layout
+        layout = model.layout = _layout_cache()
 
         def forward(inputs, captures):
             inputs = dict(inputs)
             sequence_layout = layout(inputs.pop("tgt_tokens"), inputs.pop("ref_tokens"))
             return model(**inputs, sequence_layout=sequence_layout, capture=captures)
     else:
-        from mosaic_kit.models.insequence import SequenceLayout, install_capture_processors
+        from mosaic_kit.models.insequence import install_capture_processors
 
         model = transformer
         handle = install_capture_processors(transformer)
-        layouts = {}
-
-        def layout(n_tgt, ref_tokens):
-            key = (n_tgt, tuple(ref_tokens))
-            if key not in layouts:
-                layouts[key] = SequenceLayout.concatenated(n_tgt, ref_tokens)
-            return layouts[key]
-
-        model.layout = layout
+        layout = model.layout = _layout_cache()
 
         def forward(inputs, captures):
             inputs = dict(inputs)
@@ -457,6 +440,23 @@ def build_model(cfg: dict, device: str = "cpu", fake_mode=None):
                 out = transformer(**inputs, return_dict=False)[0]
             return out[:, :n_tgt]
     return model, transformer, forward
+
+
+def _layout_cache():
+    """A ``layout(n_tgt, ref_tokens)`` function that builds the concatenated ``SequenceLayout`` as
+    the in-sequence family's encoding does, once per token counts, and returns the same object
+    for the same counts afterwards."""
+    from mosaic_kit.models.insequence import SequenceLayout
+
+    layouts = {}
+
+    def layout(n_tgt, ref_tokens):
+        key = (n_tgt, tuple(ref_tokens))
+        if key not in layouts:
+            layouts[key] = SequenceLayout.concatenated(n_tgt, ref_tokens)
+        return layouts[key]
+
+    return layout
 
 
 def _is_capture(obj) -> bool:

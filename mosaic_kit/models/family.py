@@ -562,6 +562,31 @@ class ModelFamily(abc.ABC):
         (``transformer.<module>.lora_A.weight``, ``….lora_B.weight``): raw values, what a training
         checkpoint saves and restores exactly (`load_lora_values`)."""
 
+    def _adapter_lora_parameters(self, adapter: str, description: str) -> dict[str, nn.Parameter]:
+        """The parameters of the peft adapter ``adapter`` on `transformer`, keyed as
+        `lora_parameters` (``transformer.<module>.lora_A.weight`` / ``.lora_B.weight``): what a
+        family's `lora_parameters` returns for its adapter.
+
+        Args:
+            adapter: the peft adapter name.
+            description: what the error calls the adapter (e.g. ``"reference LoRA"``).
+
+        Returns:
+            Key → parameter.
+
+        Raises:
+            ValueError: the transformer has no parameters of ``adapter``.
+        """
+        found = {}
+        for name, param in self.transformer.named_parameters():
+            for part in ("lora_A", "lora_B"):
+                marker = f".{part}.{adapter}.weight"
+                if name.endswith(marker):
+                    found[f"transformer.{name[: -len(marker)]}.{part}.weight"] = param
+        if not found:
+            raise ValueError(f"Expected a {description} {adapter!r} on the transformer (`add_lora`), but found none.")
+        return found
+
     def load_lora_values(self, state: dict[str, torch.Tensor], copy: Any = None) -> None:
         """Copies raw LoRA values (keys of `lora_parameters`) into the current LoRA, in place (the
         optimiser keeps its references): what resuming a training run does.

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 __all__ = ["QUANTIZE", "check_quantize", "is_quantized", "pipeline_quantization_config", "quantization_config",
-           "quantize_transformer"]
+           "quantize_pipeline_transformer", "quantize_transformer", "quantized_loading_kwargs"]
 
 QUANTIZE = ("none", "int8", "fp8", "nf4", "int8-bnb")
 """Allowed ``quantize`` values (see the module docstring)."""
@@ -106,6 +106,56 @@ def pipeline_quantization_config(quantize: str, compute_dtype: torch.dtype | Non
     from diffusers.quantizers import PipelineQuantizationConfig
 
     return PipelineQuantizationConfig(quant_mapping={"transformer": config})
+
+
+def quantized_loading_kwargs(quantize: str, compute_dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Any]:
+    """The extra keyword arguments of a pipeline's ``from_pretrained`` that quantize its
+    ``transformer`` while it loads: ``{"quantization_config": pipeline_quantization_config(...)}``,
+    or ``{}`` for ``"none"``.
+
+    Args:
+        quantize: a `QUANTIZE` setting.
+        compute_dtype: the dtype bitsandbytes 4-bit layers compute in (None: bf16).
+
+    Returns:
+        The keyword arguments (empty for ``"none"``).
+
+    Raises:
+        ValueError: an unknown setting.
+        ImportError: the backend is not installed (naming the extra).
+
+    Example:
+        >>> quantized_loading_kwargs("none"), list(quantized_loading_kwargs("int8"))
+        ({}, ['quantization_config'])
+    """
+    quantization = pipeline_quantization_config(quantize, compute_dtype)
+    return {} if quantization is None else {"quantization_config": quantization}
+
+
+def quantize_pipeline_transformer(pipe: Any, quantize: str) -> Any:
+    """Replaces the ``transformer`` of a pipeline built in code by its quantized copy
+    (`quantize_transformer`, registered with the pipeline's ``register_modules``); ``"none"``
+    registers the transformer itself.
+
+    Args:
+        pipe: a diffusers ``DiffusionPipeline`` with a ``transformer`` component.
+        quantize: a `QUANTIZE` setting.
+
+    Returns:
+        ``pipe`` itself.
+
+    Raises:
+        ValueError: an unknown setting.
+        ImportError: the backend is not installed (naming the extra).
+
+    Example:
+        >>> from mosaic_kit.models.flux2 import Flux2Family
+        >>> pipe = quantize_pipeline_transformer(Flux2Family.tiny().pipe, "int8")
+        >>> is_quantized(pipe.transformer)
+        True
+    """
+    pipe.register_modules(transformer=quantize_transformer(pipe.transformer, quantize))
+    return pipe
 
 
 def quantize_transformer(transformer: nn.Module, quantize: str, torch_dtype: torch.dtype | None = None) -> nn.Module:

@@ -110,12 +110,12 @@ class MosaicFluxFamily(ModelFamily):
             from diffusers import FluxPipeline
 
             pipeline_class = FluxPipeline
-        from ..quantize import quantize_transformer
+        from ..quantize import quantize_pipeline_transformer
 
         quantize = settings.pop("quantize", "none")
-        pipe = pipeline_class(**tiny_flux_components(seed=seed, transformer_overrides=transformer_overrides,
-                                                     pixel_space=pixel_space))
-        pipe.register_modules(transformer=quantize_transformer(pipe.transformer, quantize))
+        pipe = quantize_pipeline_transformer(
+            pipeline_class(**tiny_flux_components(seed=seed, transformer_overrides=transformer_overrides,
+                                                  pixel_space=pixel_space)), quantize)
         pipe.set_progress_bar_config(disable=True)
         settings.setdefault("max_sequence_length", 32)
         settings.setdefault("reference_adapter", getattr(pipe, "reference_adapter", DEFAULT_ADAPTER))
@@ -140,10 +140,9 @@ class MosaicFluxFamily(ModelFamily):
             from diffusers import FluxPipeline
 
             pipeline_class = FluxPipeline
-        from ..quantize import pipeline_quantization_config
+        from ..quantize import quantized_loading_kwargs
 
-        quantization = pipeline_quantization_config(settings.pop("quantize", "none"), torch_dtype)
-        extra = {} if quantization is None else {"quantization_config": quantization}
+        extra = quantized_loading_kwargs(settings.pop("quantize", "none"), torch_dtype)
         pipe = pipeline_class.from_pretrained(path, torch_dtype=torch_dtype, **extra)
         pipe.set_progress_bar_config(disable=True)
         settings.setdefault("reference_adapter", getattr(pipe, "reference_adapter", DEFAULT_ADAPTER))
@@ -398,16 +397,7 @@ class MosaicFluxFamily(ModelFamily):
             >>> sorted(family.lora_parameters())[0]
             'transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight'
         """
-        adapter = self.reference_adapter
-        found = {}
-        for name, param in self.transformer.named_parameters():
-            for part in ("lora_A", "lora_B"):
-                marker = f".{part}.{adapter}.weight"
-                if name.endswith(marker):
-                    found[f"transformer.{name[: -len(marker)]}.{part}.weight"] = param
-        if not found:
-            raise ValueError(f"Expected a reference LoRA {adapter!r} on the transformer (`add_lora`), but found none.")
-        return found
+        return self._adapter_lora_parameters(self.reference_adapter, "reference LoRA")
 
     def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
                   format: str = "diffusers") -> Path:

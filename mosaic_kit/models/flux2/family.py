@@ -124,12 +124,12 @@ class Flux2Family(InSequenceFamily):
             from diffusers import Flux2KleinPipeline
 
             pipeline_class = Flux2KleinPipeline
-        from ..quantize import quantize_transformer
+        from ..quantize import quantize_pipeline_transformer
 
         quantize = kwargs.pop("quantize", "none")
-        pipe = pipeline_class(**tiny_flux2_components(seed=seed, transformer_overrides=transformer_overrides,
-                                                           pixel_space=pixel_space))
-        pipe.register_modules(transformer=quantize_transformer(pipe.transformer, quantize))
+        pipe = quantize_pipeline_transformer(
+            pipeline_class(**tiny_flux2_components(seed=seed, transformer_overrides=transformer_overrides,
+                                                   pixel_space=pixel_space)), quantize)
         pipe.set_progress_bar_config(disable=True)
         kwargs.setdefault("text_encoder_out_layers", TINY_FLUX2_TEXT_OUT_LAYERS)
         kwargs.setdefault("max_sequence_length", 32)
@@ -163,10 +163,9 @@ class Flux2Family(InSequenceFamily):
             from diffusers import DiffusionPipeline
 
             pipeline_class = DiffusionPipeline
-        from ..quantize import pipeline_quantization_config
+        from ..quantize import quantized_loading_kwargs
 
-        quantization = pipeline_quantization_config(kwargs.pop("quantize", "none"), torch_dtype)
-        extra = {} if quantization is None else {"quantization_config": quantization}
+        extra = quantized_loading_kwargs(kwargs.pop("quantize", "none"), torch_dtype)
         pipe = pipeline_class.from_pretrained(base, dtype=torch_dtype, **extra)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **kwargs)

@@ -138,11 +138,11 @@ class InSequenceFamily(ModelFamily):
         `tiny_components`, progress bars off; ``options`` over `tiny_defaults` go to the constructor,
         except ``quantize`` (a `mosaic_kit.models.quantize.QUANTIZE` setting, default ``"none"``),
         which quantizes the frozen transformer (`mosaic_kit.models.quantize.quantize_transformer`)."""
-        from ..quantize import quantize_transformer
+        from ..quantize import quantize_pipeline_transformer
 
         quantize = options.pop("quantize", "none")
-        pipe = cls._pipeline_class(pipeline_class)(**cls.tiny_components(seed, transformer_overrides, pixel_space))
-        pipe.register_modules(transformer=quantize_transformer(pipe.transformer, quantize))
+        components = cls.tiny_components(seed, transformer_overrides, pixel_space)
+        pipe = quantize_pipeline_transformer(cls._pipeline_class(pipeline_class)(**components), quantize)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **{**cls.tiny_defaults, **options})
 
@@ -152,10 +152,9 @@ class InSequenceFamily(ModelFamily):
         """The family over the stock pipeline loaded from ``base`` (a hub id or a local folder);
         ``quantize`` in ``options`` (default ``"none"``) quantizes the transformer while it loads
         (`mosaic_kit.models.quantize.pipeline_quantization_config`)."""
-        from ..quantize import pipeline_quantization_config
+        from ..quantize import quantized_loading_kwargs
 
-        quantization = pipeline_quantization_config(options.pop("quantize", "none"), torch_dtype)
-        extra = {} if quantization is None else {"quantization_config": quantization}
+        extra = quantized_loading_kwargs(options.pop("quantize", "none"), torch_dtype)
         pipe = cls._pipeline_class(pipeline_class).from_pretrained(base, torch_dtype=torch_dtype, **extra)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **options)
@@ -335,16 +334,7 @@ class InSequenceFamily(ModelFamily):
             >>> sorted(family.lora_parameters())[0]
             'transformer.transformer_blocks.0.attn.to_q.lora_A.weight'
         """
-        found = {}
-        for name, param in self.transformer.named_parameters():
-            for part in ("lora_A", "lora_B"):
-                marker = f".{part}.{IN_SEQUENCE_ADAPTER}.weight"
-                if name.endswith(marker):
-                    found[f"transformer.{name[: -len(marker)]}.{part}.weight"] = param
-        if not found:
-            raise ValueError(f"Expected a LoRA adapter {IN_SEQUENCE_ADAPTER!r} on the transformer (`add_lora`), "
-                             f"but found none.")
-        return found
+        return self._adapter_lora_parameters(IN_SEQUENCE_ADAPTER, "LoRA adapter")
 
     def save_lora(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
                   format: str = "diffusers") -> Path:
