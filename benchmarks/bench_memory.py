@@ -601,7 +601,7 @@ class Step:
 
         self.cfg, self.device = cfg, device
         self.fake_mode = _fake_mode() if fake else None
-        self.model, self.transformer, self.forward = build_model(cfg, device, self.fake_mode)
+        self.model, self.transformer, self.model_forward = build_model(cfg, device, self.fake_mode)
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
         with self.fake_mode if fake else contextlib.nullcontext():
             torch.manual_seed(0)
@@ -684,7 +684,7 @@ class Step:
 
         captures = self.captures(mode)
         with torch.autocast(self.device, dtype=torch.bfloat16):
-            prediction = self.forward(self.inputs, captures or None)
+            prediction = self.model_forward(self.inputs, captures or None)
         loss = self.loss(mode, prediction, captures)
         del prediction
         loss.backward()

@@ -51,7 +51,6 @@ import abc
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -60,96 +59,12 @@ from torch import nn
 
 from ..correspondence.grid import TokenGrid
 from ..utils.checks import check_images
+from .encoded import ModelInputs, TokenLayout  # re-exported: importable from here as before
+from .noise import logit_normal_sigmas, resolution_shift_mu  # re-exported, likewise
 
 TRAINABLE = ("lora", "all")
 """Allowed values of ``trainable``: the reference LoRA only, or every weight of the denoiser (the
 LoRA too, when there is one)."""
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where the target's and each reference's tokens are, for correspondences and the capture.
-
-    Attributes:
-        target_grid: the target's packed token grid (``N_tgt = target_grid.num_tokens``).
-        reference_grids: one grid per reference, in slot order.
-
-    Properties give each reference's token count and its range inside the concatenated
-    reference tokens (the order a `mosaic_kit.attention.RefTargetCapture` sees them).
-
-    Example:
-        >>> layout = TokenLayout(TokenGrid(32, 48), (TokenGrid(32, 32), TokenGrid(16, 32)))
-        >>> layout.reference_token_counts, layout.reference_ranges
-        ((4, 2), (range(0, 4), range(4, 6)))
-        >>> layout.num_reference_tokens, layout.target_grid.num_tokens
-        (6, 6)
-    """
-
-    target_grid: TokenGrid
-    reference_grids: tuple[TokenGrid, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.target_grid, TokenGrid):
-            raise ValueError(f"Expected `target_grid` to be a TokenGrid, but got {type(self.target_grid).__name__}.")
-        grids = tuple(self.reference_grids)
-        bad = [k for k, g in enumerate(grids) if not isinstance(g, TokenGrid)]
-        if bad:
-            raise ValueError(
-                f"Expected `reference_grids` to hold TokenGrids, but item {bad[0]} is "
-                f"{type(grids[bad[0]]).__name__}."
-            )
-        object.__setattr__(self, "reference_grids", grids)
-
-    @property
-    def reference_token_counts(self) -> tuple[int, ...]:
-        """Tokens of each reference (``N^(k)``)."""
-        return tuple(g.num_tokens for g in self.reference_grids)
-
-    @property
-    def num_reference_tokens(self) -> int:
-        """``N_ref = Σ N^(k)``."""
-        return sum(self.reference_token_counts)
-
-    @property
-    def reference_ranges(self) -> tuple[range, ...]:
-        """Each reference's token indices inside the concatenated reference tokens."""
-        ranges, start = [], 0
-        for count in self.reference_token_counts:
-            ranges.append(range(start, start + count))
-            start += count
-        return tuple(ranges)
-
-
-@dataclass
-class ModelInputs:
-    """What `ModelFamily.encode_batch` returns: the encoded batch, ready for the forward.
-
-    Attributes:
-        conditioning: the family's keyword arguments of the forward other than the noisy target,
-            the timestep, the guidance and the capture (text embeddings, position ids, reference
-            tokens, ...), already in the model's dtype and on its device. Opaque to the callers.
-        layout: the token layout of target and references.
-        target: ``(B, N_tgt, C)`` the clean packed target latents in float32 (the flow-matching
-            target), or None when encoding for inference (no target image).
-        extras: anything else a family wants to carry (not read by the callers).
-        batch_size: ``B``, the samples encoded (what the forward's noisy latents and timesteps
-            must have); None: the target's batch (or unknown without a target).
-
-    Example:
-        >>> inputs = ModelInputs({"text_ids": torch.zeros(4, 3)}, TokenLayout(TokenGrid(32, 32)))
-        >>> inputs.target is None, inputs.layout.target_grid.num_tokens, inputs.batch_size
-        (True, 4, None)
-    """
-
-    conditioning: dict[str, Any]
-    layout: TokenLayout
-    target: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    batch_size: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.batch_size is None and isinstance(self.target, torch.Tensor):
-            self.batch_size = int(self.target.shape[0])
 
 
 class ModelFamily(abc.ABC):
@@ -708,65 +623,6 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def _decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The model-specific decoding of checked latents (see `decode`)."""
-
-
-def resolution_shift_mu(image_seq_len: int, scheduler_config: Any = None) -> float:
-    """The resolution shift ``μ`` of FLUX-style flow matching, linear in the target's token count:
-    diffusers' ``calculate_shift`` with the scheduler's ``base_image_seq_len``,
-    ``max_image_seq_len``, ``base_shift`` and ``max_shift`` (defaults 256, 4096, 0.5, 1.15: FLUX's).
-    The one place the shift is computed (training noise levels and the samplers).
-
-    Args:
-        image_seq_len: target tokens.
-        scheduler_config: a scheduler's config (a mapping), or None for the defaults.
-
-    Returns:
-        ``μ``.
-
-    Example:
-        >>> round(resolution_shift_mu(256), 3), round(resolution_shift_mu(4096), 3)
-        (0.5, 1.15)
-    """
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    config = scheduler_config or {}
-    return float(calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
-                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                 config.get("max_shift", 1.15)))
-
-
-def logit_normal_sigmas(
-    batch: int, generator: torch.Generator, mu: float | None = None, mean: float = 0.0, std: float = 1.0
-) -> torch.Tensor:
-    """Flow-matching noise levels: ``u = sigmoid(N(mean, std))`` drawn with diffusers'
-    ``compute_density_for_timestep_sampling("logit_normal", ...)``, then the exponential time
-    shift ``σ = e^μ / (e^μ + 1/u - 1)`` (FLUX's resolution shift; ``mu=None``: no shift).
-
-    Args:
-        batch: how many.
-        generator: a CPU generator (advanced by ``batch`` normal draws).
-        mu: the shift (diffusers' ``calculate_shift`` for FLUX.1), or None.
-        mean: logit-normal mean.
-        std: logit-normal std.
-
-    Returns:
-        ``(batch,)`` float32 sigmas in ``(0, 1)``.
-
-    Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> s = logit_normal_sigmas(1000, g, mu=0.7)
-        >>> bool(((s > 0) & (s < 1)).all()), s.mean().item() > 0.5  # shifted towards noise
-        (True, True)
-    """
-    import math
-
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
-    u = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=mean, logit_std=std,
-                                              generator=generator)
-    if mu is None:
-        return u
-    return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
 
 
 def check_trainable(trainable: Any) -> str:
