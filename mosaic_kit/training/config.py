@@ -73,7 +73,14 @@ class ModelConfig:
         if not isinstance(self.offload_encoders, bool):
             raise ValueError(f"Expected `model.offload_encoders` to be true or false, but got {self.offload_encoders!r}.")
         if self.group_offload is not None:
+            from ..pipelines.registry import get_family
+
+            family = get_family(self.family).family_class
             check_option("model.group_offload", self.group_offload, ("block_level", "leaf_level"))
+            if self.group_offload not in family.group_offload_types:
+                raise ValueError(f"Expected `model.group_offload` in {family.group_offload_types} or null for "
+                                 f"`model.family: {self.family}`, but got {self.group_offload!r}: "
+                                 f"{family.group_offload_reason}.")
         if isinstance(self.group_offload_blocks, bool) or not isinstance(self.group_offload_blocks, int) \
                 or self.group_offload_blocks < 1:
             raise ValueError(f"Expected `model.group_offload_blocks` to be a positive int, but got "
