@@ -203,20 +203,24 @@ def _verified(folder: Path, name: str) -> dict | None:
     return meta
 
 
-def _build_family(config: TrainConfig, encoders: bool) -> tuple[ModelFamily, torch.device]:
+def _encoding_family(config: TrainConfig) -> ModelFamily:
+    """The run's family with its encoders, in the run's dtype; only the encoders go onto the device
+    (the transformer, unused here, stays on the CPU): `mosaic_kit.models.encoders` offload, entered
+    once around the whole build."""
+    from ..models.encoders import enable_encoder_offload
     from ..pipelines.registry import get_family
 
     m = config.model
     dtype = getattr(torch, _DTYPES[config.mixed_precision])
     spec = get_family(m.family)
     family = spec.build(m.base, torch_dtype=dtype, seed=m.tiny_seed, tiny_overrides=m.tiny_overrides,
-                        pixel_space=m.pixel_space, encoders=encoders,
-                        **{name: getattr(m, name) for name in spec.config_extras})
+                        pixel_space=m.pixel_space, **{name: getattr(m, name) for name in spec.config_extras})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.cpu_threads is not None and device.type == "cpu":  # as the trainer: kernels pick their sums by threads
         torch.set_num_threads(config.cpu_threads)
-    family.to(device, None if dtype == torch.float32 else dtype)
-    return family, device
+    family.to("cpu", None if dtype == torch.float32 else dtype)  # the weights the trainer's `family.to` gives
+    enable_encoder_offload(family, device)
+    return family
 
 
 def _prompt_tensors(prefix: str, item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -245,9 +249,6 @@ def build_conditioning_cache(config: TrainConfig, cache_dir: str | os.PathLike |
         ValueError: no folder, a bad ``shard``, or settings the cache cannot reproduce
             (`check_cache_config`).
     """
-    from tqdm.auto import tqdm
-
-    from ..data import BadSample, collate_samples
     from .datasets import build_dataset
 
     folder = cache_dir if cache_dir is not None else config.data.cache_dir
@@ -286,7 +287,21 @@ def build_conditioning_cache(config: TrainConfig, cache_dir: str | os.PathLike |
                "skipped": [n for n in mine if n not in todo]}
     if not todo and not need_common:
         return summary
-    family, _ = _build_family(config, encoders=True)
+    from ..models.encoders import encoders_in_use
+
+    family = _encoding_family(config)
+    with encoders_in_use(family):  # the encoders on the device for the whole build
+        _write_shards(family, config, folder, todo, need_common, dataset, items_per_shard, progress)
+    return summary
+
+
+def _write_shards(family: ModelFamily, config: TrainConfig, folder: Path, todo: list[int], need_common: bool,
+                  dataset: Any, items_per_shard: int, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    from ..data import BadSample, collate_samples
+
+    total = len(dataset)
     d = config.data
     collate = dict(target_size=d.target_size, ref_size=d.ref_size, max_refs=d.max_refs,
                    vae_scale_factor=family.vae_scale_factor)
@@ -323,7 +338,6 @@ def build_conditioning_cache(config: TrainConfig, cache_dir: str | os.PathLike |
         write_text_atomic(folder / f"{name}.json", json.dumps({"sha256": digest, "bytes": size, "items": items,
                                                                "bad": bad}))
     bar.close()
-    return summary
 
 
 class ConditioningCache:
