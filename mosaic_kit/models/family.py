@@ -115,6 +115,7 @@ class ModelFamily(abc.ABC):
     group_offload_types: ClassVar[tuple[str, ...]] = ("block_level", "leaf_level")
     """diffusers' group-offloading types the family's forward works with (`mosaic_kit.models.encoders`)."""
     group_offload_reason: ClassVar[str] = ""
+    """Why a group-offloading type is missing from `group_offload_types` (for the error)."""
 
     pipe: Any = None
     """The diffusers pipeline whose encoders, VAE and scheduler a family built on one uses (None
