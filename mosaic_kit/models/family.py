@@ -107,6 +107,15 @@ class ModelFamily(abc.ABC):
     min_sample_reference_side: ClassVar[int] = 1
     min_sample_reference_reason: ClassVar[str] = ""
     comfyui_lora_keys: ClassVar[tuple | None] = None
+    encoder_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer", "vae")
+    """The pipeline components that only encode or decode (text encoders, tokenizers, VAE): what
+    a family built with ``encoders=False`` (cached conditioning) leaves out."""
+    prompt_uses_references: ClassVar[bool] = False
+    """Whether `encode_prompt_items` reads the references (a vision-language prompt)."""
+    group_offload_types: ClassVar[tuple[str, ...]] = ("block_level", "leaf_level")
+    """diffusers' group-offloading types the family's forward works with (`mosaic_kit.models.encoders`)."""
+    group_offload_reason: ClassVar[str] = ""
+    """Why a group-offloading type is missing from `group_offload_types` (for the error)."""
 
     pipe: Any = None
     """The diffusers pipeline whose encoders, VAE and scheduler a family built on one uses (None
@@ -154,6 +163,8 @@ class ModelFamily(abc.ABC):
     @property
     def device(self) -> torch.device:
         """Where inputs go: the pipeline's execution device (offloading included)."""
+        if getattr(self, "_offload_device", None) is not None:  # encoders offloaded (`mosaic_kit.models.encoders`)
+            return self._offload_device
         if self.pipe is None:
             raise NotImplementedError(f"{type(self).__name__} holds no pipeline: override `device`.")
         return self.pipe._execution_device
@@ -303,11 +314,52 @@ class ModelFamily(abc.ABC):
                              f"got {type(batch).__name__} without {missing}.")
         self.check_encode_inputs(batch.targets, batch.captions, batch.references,
                           ("batch.targets", "batch.captions", "batch.references"))
-        return self._encode_batch(batch)
+        from .encoders import encoders_in_use
+
+        with encoders_in_use(self):  # offloaded encoders on the device meanwhile
+            return self._encode_batch(batch)
 
     @abc.abstractmethod
     def _encode_batch(self, batch: Any) -> ModelInputs:
         """The model-specific encoding of a checked batch (see `encode_batch`)."""
+
+    # -- the frozen encoders' outputs (what a conditioning cache stores) ------------------------------
+    @property
+    def has_encoders(self) -> bool:
+        """False when the family was built without its `encoder_components` (cached conditioning)."""
+        return self.pipe is None or all(getattr(self.pipe, name, None) is not None for name in self.encoder_components)
+
+    def encode_prompt_items(self, prompts: Sequence[str], references: torch.Tensor | None = None
+                            ) -> list[dict[str, torch.Tensor]]:
+        """The text encoders' outputs, one dict of tensors (no batch dimension) per prompt: what
+        `encoded_inputs` takes and `mosaic_kit.training.cache` stores.
+
+        Args:
+            prompts: B prompts.
+            references: ``(B, K, 3, h, w)`` in ``[0, 1]`` or None (read only when
+                `prompt_uses_references`).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not split its encoding (`encode_prompt_items`).")
+
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The VAE's packed tokens of images, one autoencoder call per image (so an image encodes
+        the same alone or in any batch): ``(N, 3, H, W)`` in ``[0, 1]`` → ``(N, H·W / p², C)`` in
+        the VAE's dtype (``p`` = `pixels_per_token`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its encoding (`encode_image_tokens`).")
+
+    def encoded_inputs(self, prompt_items: Sequence[dict[str, torch.Tensor]], target_tokens: torch.Tensor | None,
+                       reference_tokens: torch.Tensor | None, layout: TokenLayout) -> ModelInputs:
+        """`ModelInputs` from the frozen encoders' outputs, running no encoder: what `encode_batch`
+        returns for them (``encode_batch(batch)`` is this of `encode_prompt_items` and
+        `encode_image_tokens` of the batch).
+
+        Args:
+            prompt_items: B dicts from `encode_prompt_items`.
+            target_tokens: ``(B, N_tgt, C)`` from `encode_image_tokens`, or None (inference).
+            reference_tokens: ``(B, K, N_ref_k, C)`` from `encode_image_tokens` (slot order), or None.
+            layout: the token layout of target and references.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not split its encoding (`encoded_inputs`).")
 
     # -- noising -----------------------------------------------------------------------------------
     def shift_mu(self, layout: TokenLayout) -> float | None:
@@ -618,7 +670,10 @@ class ModelFamily(abc.ABC):
             got = f"{tuple(latents.shape)} {latents.dtype}" if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"Expected floating `latents` of shape (B, {n_tgt}, {channels}) for a {height}×{width} "
                              f"image, but got {got}.")
-        return self._decode(latents, height, width)
+        from .encoders import encoders_in_use
+
+        with encoders_in_use(self):
+            return self._decode(latents, height, width)
 
     @abc.abstractmethod
     def _decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -82,7 +82,8 @@ class FamilySpec:
         return tuple(self.family_class.config_extras)
 
     def build(self, base: str | os.PathLike | None = None, torch_dtype: torch.dtype | None = None, seed: int = 0,
-              tiny_overrides: dict | None = None, pixel_space: int | None = None, **options: Any) -> ModelFamily:
+              tiny_overrides: dict | None = None, pixel_space: int | None = None, encoders: bool = True,
+              **options: Any) -> ModelFamily:
         """The family: tiny random components when ``base`` is None, else the pretrained base.
 
         Args:
@@ -91,17 +92,26 @@ class FamilySpec:
             seed: seed of the tiny components.
             tiny_overrides: tiny transformer config entries to change (tiny only).
             pixel_space: tiny pixel-space factor, or None (tiny only).
+            encoders: False: without the text encoders, tokenizers and VAE (cached conditioning,
+                `mosaic_kit.training.cache`): a pretrained base never loads them; tiny random
+                components are built whole (one random stream) and then dropped
+                (`mosaic_kit.models.encoders.drop_encoders`).
             **options: the family's constructor options (its `config_extras`, ...).
         """
+        from ..models.encoders import drop_encoders, encoder_loading_kwargs
+
         kwargs = dict(options)
         if self.pipeline_class is not None:
             kwargs["pipeline_class"] = self.pipeline_class
+        encoder_loading_kwargs(self.family_class, encoders)  # checks the setting
         if base is None:
-            return self.family_class.tiny(seed=seed, transformer_overrides=tiny_overrides or None,
-                                          pixel_space=pixel_space, **kwargs)
+            family = self.family_class.tiny(seed=seed, transformer_overrides=tiny_overrides or None,
+                                            pixel_space=pixel_space, **kwargs)
+            return family if encoders else drop_encoders(family)
         if tiny_overrides or pixel_space:
             raise ValueError("Expected `tiny_overrides` and `pixel_space` only without a `base`.")
-        return self.family_class.from_pretrained(base, torch_dtype=torch_dtype, **kwargs)
+        return self.family_class.from_pretrained(base, torch_dtype=torch_dtype, **kwargs,
+                                                 **({} if encoders else {"encoders": False}))
 
 
 _REGISTRY: dict[str, FamilySpec] = {}

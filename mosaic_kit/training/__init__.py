@@ -13,6 +13,11 @@
   or ``recipes/accelerate/fsdp.yaml``), LoRA-only checkpoints that resume exactly.
 - ``distributed``: `final_barrier` (ends a run so that torch's gloo teardown cannot deadlock).
 - ``datasets``: `build_dataset`, the data set a config names (the trainer builds its loader around it).
+- ``cache``: cached conditioning (``data.cache_dir``, ``recipes/cache_conditioning.py``):
+  `build_conditioning_cache` writes the frozen encoders' outputs of a data set once,
+  `ConditioningCache` reads them in training (`cache_identity`, `CacheMismatchError`).
+- ``offload``: `apply_offload`, the encoders on the CPU between uses (``model.offload_encoders``) and
+  diffusers' group offloading of the transformer (``model.group_offload``).
 - Checkpoints that cannot lie (``checkpoint_folders``): `write_checkpoint_digest`, `verify_checkpoint`,
   `latest_intact_checkpoint`, `list_checkpoints`, `publish_checkpoint`, `remove_checkpoint`,
   `clean_stale_checkpoints`, `CheckpointError` (see ``docs/reliability.md``).
@@ -63,13 +68,20 @@ from .config import (
     load_config,
 )
 from ..reporting.training import plot_loss_curves
+from .cache import CacheMismatchError, ConditioningCache, build_conditioning_cache, cache_identity
 from .datasets import build_dataset
 from .distributed import final_barrier
 from .fsdp import FSDP_OPTIMIZER_FILE, shard_linear_units
 from .trainer import MosaicTrainer, TrainingForward
+from .offload import apply_offload
 from .validation import Validator
 
 __all__ = [
+    "CacheMismatchError",
+    "ConditioningCache",
+    "apply_offload",
+    "build_conditioning_cache",
+    "cache_identity",
     "CHECKPOINT_PREFIX",
     "DIGEST_FILE",
     "CheckpointError",

@@ -58,10 +58,33 @@ class ModelConfig:
         "comfyui (that file and the same LoRA in ComfyUI's key names beside it, comfyui_lora_weights.safetensors; "
         "docs/guide/training.md)", "diffusers")
 
+    offload_encoders: bool = _help(
+        "keep the text encoders and the VAE on the CPU, moved onto the training device only while encoding "
+        "(less GPU memory, a host-device copy per step; docs/guide/training.md)", False)
+    group_offload: str | None = _help(
+        "diffusers' group offloading of the transformer: null, block_level (groups of blocks) or leaf_level (every "
+        "leaf module) on the CPU, moved onto the device for their forward (docs/guide/training.md)", None)
+    group_offload_blocks: int = _help("blocks per group of group_offload: block_level", 1)
+
     def __post_init__(self) -> None:
         from ..pipelines.registry import family_names
 
         check_option("model.family", self.family, family_names())
+        if not isinstance(self.offload_encoders, bool):
+            raise ValueError(f"Expected `model.offload_encoders` to be true or false, but got {self.offload_encoders!r}.")
+        if self.group_offload is not None:
+            from ..pipelines.registry import get_family
+
+            family = get_family(self.family).family_class
+            check_option("model.group_offload", self.group_offload, ("block_level", "leaf_level"))
+            if self.group_offload not in family.group_offload_types:
+                raise ValueError(f"Expected `model.group_offload` in {family.group_offload_types} or null for "
+                                 f"`model.family: {self.family}`, but got {self.group_offload!r}: "
+                                 f"{family.group_offload_reason}.")
+        if isinstance(self.group_offload_blocks, bool) or not isinstance(self.group_offload_blocks, int) \
+                or self.group_offload_blocks < 1:
+            raise ValueError(f"Expected `model.group_offload_blocks` to be a positive int, but got "
+                             f"{self.group_offload_blocks!r}.")
         check_option("model.trainable", self.trainable, TRAINABLE)
         check_option("model.lora_format", self.lora_format, LORA_FORMATS)
         check_option("model.quantize", self.quantize, QUANTIZE)
@@ -106,6 +129,10 @@ class DataConfig:
     caption_dropout: float = _help("probability of an empty caption (guidance-free training)", 0.0)
     image_dropout: float = _help("probability of dropping all references of a sample", 0.0)
     seed: int = _help("data order and composition seed", 0)
+    cache_dir: str | None = _help(
+        "conditioning cache of this data set (recipes/cache_conditioning.py): training then reads the text "
+        "embeddings and VAE latents from it and never loads the text encoders or the VAE (docs/guide/training.md)",
+        None)
 
     def __post_init__(self) -> None:
         check_option("data.kind", self.kind, DATA_KINDS)
@@ -121,6 +148,8 @@ class DataConfig:
                 raise ValueError(f"Expected `data.{name}` in [0, 1], but got {value!r}.")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"Expected `data.batch_size` to be a positive int, but got {self.batch_size!r}.")
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
+            raise ValueError(f"Expected `data.cache_dir` to be a folder or null, but got {self.cache_dir!r}.")
 
 
 @dataclass
@@ -219,6 +248,9 @@ class TrainConfig:
                 f"{family.min_sample_reference_reason}, so the run would fail after training. Raise `data.ref_size` "
                 "or set `validation_samples: 0`."
             )
+        if self.data.cache_dir and self.model.offload_encoders:
+            raise ValueError("Expected `model.offload_encoders: false` with `data.cache_dir`: a cached run never loads "
+                             "the text encoders or the VAE, so there is nothing to offload.")
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"Expected `fsdp` to be true or false, but got {self.fsdp!r}.")
         if self.fsdp:

@@ -60,6 +60,8 @@ from .checkpointing import (
 )
 from .checkpoint_folders import CheckpointError, clean_stale_checkpoints, list_checkpoints, verify_checkpoint
 from .config import TrainConfig, check_fsdp_config, config_to_dict
+from .cache import open_training_cache
+from .offload import apply_offload
 from .datasets import build_dataset
 from .distributed import final_barrier
 from .fsdp import is_sharded, shard_linear_units
@@ -172,6 +174,7 @@ class MosaicTrainer:
         self._build_models()
         self._build_data()
         self._build_optimisation()
+        apply_offload(self.family, cfg.model, self.device, acc.num_processes)  # model.offload_encoders, group_offload
         # one noise and one dropout generator per micro-batch slot of the global batch (slot = process +
         # processes x micro-batch): P processes x A micro-batches draw what P*A processes would draw
         slots = [acc.process_index + acc.num_processes * micro for micro in range(cfg.gradient_accumulation)]
@@ -207,7 +210,8 @@ class MosaicTrainer:
         cfg = self.config.model
         spec = get_family(cfg.family)  # the registry: everything model-specific is behind the family
         family = spec.build(cfg.base, torch_dtype=self.weight_dtype, seed=cfg.tiny_seed, tiny_overrides=cfg.tiny_overrides,
-                            pixel_space=cfg.pixel_space, **{name: getattr(cfg, name) for name in spec.config_extras})
+                            pixel_space=cfg.pixel_space, encoders=not self.config.data.cache_dir,  # cached: none
+                            **{name: getattr(cfg, name) for name in spec.config_extras})
         if cfg.init_lora:
             family.load_lora(cfg.init_lora)
         else:
@@ -220,7 +224,7 @@ class MosaicTrainer:
         cast_training_params(transformer, dtype=torch.float32)  # trainable weights train in float32
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        self.family = family
+        self.family, self.cache = family, open_training_cache(self.config)  # data.cache_dir: encodings read from it
         self.pipe = family.pipe
         self.model = TrainingForward(family.model)
         self.lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
@@ -288,8 +292,8 @@ class MosaicTrainer:
     # -- one step ----------------------------------------------------------------------------------
     def encode_batch(self, batch) -> ModelInputs:
         """Frozen encoders through the model boundary (``family.encode_batch``): prompt embeddings,
-        reference tokens and the clean packed target latents."""
-        return self.family.encode_batch(batch)
+        reference tokens and the clean packed target latents (from the conditioning cache with ``data.cache_dir``)."""
+        return self.family.encode_batch(batch) if self.cache is None else self.cache.encode_batch(self.family, batch)
 
     def training_step(self, batch, log_step: bool) -> dict:
         """Forward, objective and backward of one micro-batch; returns the logged scalars."""

@@ -8,6 +8,7 @@ where each reference's annotated points attend in the target (red) beside the tr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from ..attention import PointAttentionRows
 from ..models import ModelFamily
 from ..reporting.training import attention_panels, validation_sheet
 from ..utils.images import tensor_to_pil
+
+log = logging.getLogger("mosaic_kit.training")
 
 __all__ = ["ATTENTION_SIGMA", "Validator"]
 
@@ -62,6 +65,13 @@ class Validator:
 
     def _active(self) -> bool:
         acc = self.accelerator
+        if not self.family.has_encoders:  # cached conditioning: no prompt encoder or VAE to sample with
+            if self.samples >= 1 and acc.is_main_process and not getattr(self, "_skip_logged", False):
+                log.warning("validation sheets skipped: the run reads cached conditioning (data.cache_dir) and never "
+                            "loads the text encoders or the VAE they need; sample the saved LoRA with "
+                            "recipes/flux_mosaic_infer.py instead")
+                self._skip_logged = True
+            return False
         if self.samples < 1 or not (acc.is_main_process or self.fsdp):
             acc.wait_for_everyone()  # FSDP: every process runs the forwards (the weights are sharded)
             return False

@@ -133,10 +133,13 @@ def _flux1_stock_encoding(family, batch):
     text, pooled, _ = FluxPipeline.encode_prompt(pipe, prompt=list(batch.captions), prompt_2=None,
                                                  max_sequence_length=family.max_sequence_length)
 
-    def latents(images):
-        grid = vae.encode(images * 2 - 1).latent_dist.mode()
+    def latent(image):  # one image per VAE call: an image encodes the same alone or in any batch (cached conditioning)
+        grid = vae.encode(image * 2 - 1).latent_dist.mode()
         grid = (grid - vae.config.shift_factor) * vae.config.scaling_factor
         return FluxPipeline._pack_latents(grid, grid.shape[0], grid.shape[1], grid.shape[2], grid.shape[3])
+
+    def latents(images):
+        return torch.cat([latent(images[i : i + 1]) for i in range(len(images))])
 
     b, k = batch.references.shape[:2]
     references = latents(batch.references.flatten(0, 1)).reshape(b, -1, family.token_channels)
@@ -199,9 +202,12 @@ def _kontext_stock_encoding(family, batch):
     text, pooled, _ = FluxKontextPipeline.encode_prompt(pipe, prompt=list(batch.captions), prompt_2=None,
                                                         max_sequence_length=family.max_sequence_length)
 
-    def latents(images):  # prepare_latents: the VAE mode with FLUX's shift and scale, packed 2x2
-        grid = pipe._encode_vae_image(image=images * 2 - 1, generator=None)
+    def latent(image):  # prepare_latents: the VAE mode with FLUX's shift and scale, packed 2x2, one image per call
+        grid = pipe._encode_vae_image(image=image * 2 - 1, generator=None)
         return pipe._pack_latents(grid, *grid.shape)
+
+    def latents(images):
+        return torch.cat([latent(images[i : i + 1]) for i in range(len(images))])
 
     b, k = batch.references.shape[:2]
     references = latents(batch.references.flatten(0, 1)).reshape(b, -1, family.token_channels)

@@ -53,9 +53,11 @@ def batch():
 
 @torch.no_grad()
 def _latents_twin(pipe, images):
-    """The trainer's former encode: pixels in [-1, 1], latent mode, FLUX shift and scale."""
+    """The trainer's former encode: pixels in [-1, 1], latent mode, FLUX shift and scale; one VAE
+    call per image (an image encodes the same alone or in any batch: cached conditioning)."""
     vae = pipe.vae
-    latents = vae.encode(images.to(vae.dtype) * 2 - 1).latent_dist.mode()
+    latents = torch.cat([vae.encode(images[i : i + 1].to(vae.dtype) * 2 - 1).latent_dist.mode()
+                         for i in range(images.shape[0])])
     return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
 

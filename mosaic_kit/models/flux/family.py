@@ -54,6 +54,10 @@ class MosaicFluxFamily(ModelFamily):
 
     name = "flux1"
     config_extras = ("reference_attention", "capture_blocks", "quantize")
+    encoder_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
+    group_offload_types = ("leaf_level",)
+    group_offload_reason = ("MosaicFluxTransformer calls the transformer's modules itself, never its forward, which "
+                            "onloads what block-level groups leave outside the blocks; use leaf_level")
     default_guidance_scale = 3.5  # released inference
     comfyui_lora_keys = FLUX1_COMFYUI_KEYS
 
@@ -142,7 +146,10 @@ class MosaicFluxFamily(ModelFamily):
             pipeline_class = FluxPipeline
         from ..quantize import quantized_loading_kwargs
 
+        from ..encoders import encoder_loading_kwargs
+
         extra = quantized_loading_kwargs(settings.pop("quantize", "none"), torch_dtype)
+        extra.update(encoder_loading_kwargs(cls, settings.pop("encoders", True)))
         pipe = pipeline_class.from_pretrained(path, torch_dtype=torch_dtype, **extra)
         pipe.set_progress_bar_config(disable=True)
         settings.setdefault("reference_adapter", getattr(pipe, "reference_adapter", DEFAULT_ADAPTER))
@@ -256,22 +263,57 @@ class MosaicFluxFamily(ModelFamily):
     @torch.no_grad()
     def _encode_batch(self, batch: Any) -> ModelInputs:
         """Encodes a checked training or evaluation batch (see `ModelFamily.encode_batch`):
-        conditioning in the model's dtype, the clean packed target in float32."""
-        text, pooled, text_ids = self.encode_prompts(batch.captions)
-        target = self.encode_images(batch.targets)
+        conditioning in the model's dtype, the clean packed target in float32; one VAE call per
+        image (`encode_image_tokens`)."""
         b, k = batch.references.shape[:2]
-        height, width = target.shape[-2:]
+        prompts = self.encode_prompt_items(batch.captions)
+        target = self.encode_image_tokens(batch.targets)
+        references = self.encode_image_tokens(batch.references.flatten(0, 1)).unflatten(0, (b, k)) if k else None
+        layout = self.token_layout(tuple(batch.targets.shape[-2:]), [tuple(batch.references.shape[-2:])] * k)
+        return self.encoded_inputs(prompts, target, references, layout)
+
+    @torch.no_grad()
+    def encode_prompt_items(self, prompts: Sequence[str], references: torch.Tensor | None = None
+                            ) -> list[dict[str, torch.Tensor]]:
+        """`encode_prompts` per prompt: ``text_embeddings`` ``(N_txt, D_joint)`` and
+        ``pooled_embeddings`` ``(D_pooled,)`` (``references`` unused).
+
+        Example:
+            >>> family = MosaicFluxFamily.tiny(max_sequence_length=8)
+            >>> {k: tuple(v.shape) for k, v in family.encode_prompt_items(["a cat"])[0].items()}
+            {'text_embeddings': (8, 32), 'pooled_embeddings': (32,)}
+        """
+        text, pooled, _ = self.encode_prompts(list(prompts))
+        return [{"text_embeddings": text[b], "pooled_embeddings": pooled[b]} for b in range(len(prompts))]
+
+    @torch.no_grad()
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Packed latents of images in ``[0, 1]``, one VAE call per image: ``(N, 3, H, W)`` →
+        ``(N, H·W / 256, 4·C_vae)`` in the VAE's dtype."""
+        return torch.cat([pack_latents(self.encode_images(images[i : i + 1])) for i in range(images.shape[0])])
+
+    def encoded_inputs(self, prompt_items: Sequence[dict[str, torch.Tensor]], target_tokens: torch.Tensor | None,
+                       reference_tokens: torch.Tensor | None, layout: Any) -> ModelInputs:
+        """`ModelInputs` of the encoders' outputs (`ModelFamily.encoded_inputs`): text ids as the
+        pipeline's ``encode_prompt`` makes them, target and reference ids from the layout."""
+        device = self.device
+        text = torch.stack([item["text_embeddings"] for item in prompt_items]).to(device)
+        grid = layout.target_grid
         conditioning = {
             "text_embeddings": text,
-            "pooled_embeddings": pooled,
-            "text_ids": text_ids,
-            "target_ids": latent_image_ids(height // 2, width // 2, device=self.device),
+            "pooled_embeddings": torch.stack([item["pooled_embeddings"] for item in prompt_items]).to(device),
+            "text_ids": torch.zeros(text.shape[1], 3, device=device, dtype=text.dtype),
+            "target_ids": latent_image_ids(grid.rows, grid.cols, device=device),
         }
-        ref_size = tuple(batch.references.shape[-2:])
-        if k:
-            conditioning.update(self._reference_conditioning(self.encode_images(batch.references.flatten(0, 1)), b, k))
-        layout = self.token_layout(tuple(batch.targets.shape[-2:]), [ref_size] * k)
-        return ModelInputs(self._cast(conditioning), layout, target=pack_latents(target).float())
+        sizes = [(g.height, g.width) for g in layout.reference_grids]
+        if sizes:
+            conditioning.update({
+                "reference_tokens": reference_tokens.flatten(1, 2).to(device),
+                "reference_ids": reference_position_ids(sizes, device=device, pixels_per_token=self.pixels_per_token),
+                "reference_token_counts": layout.reference_token_counts,
+            })
+        target = None if target_tokens is None else target_tokens.to(device).float()
+        return ModelInputs(self._cast(conditioning), layout, target=target, batch_size=len(prompt_items))
 
     @torch.no_grad()
     def encode_prompt_and_references(

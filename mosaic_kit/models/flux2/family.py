@@ -165,7 +165,10 @@ class Flux2Family(InSequenceFamily):
             pipeline_class = DiffusionPipeline
         from ..quantize import quantized_loading_kwargs
 
+        from ..encoders import encoder_loading_kwargs
+
         extra = quantized_loading_kwargs(kwargs.pop("quantize", "none"), torch_dtype)
+        extra.update(encoder_loading_kwargs(cls, kwargs.pop("encoders", True)))  # False: cached conditioning
         pipe = pipeline_class.from_pretrained(base, dtype=torch_dtype, **extra)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **kwargs)
@@ -244,35 +247,50 @@ class Flux2Family(InSequenceFamily):
             >>> inputs.conditioning["reference_tokens"] is None, (grid.rows, grid.cols)
             (True, (2, 3))
         """
-        pipe = self.pipe
-        if targets is None and target_size is None:
-            raise ValueError("Expected `targets` or `target_size`, but got neither.")
-        self.check_encode_inputs(targets, prompts, references)  # the contract every family shares
-        if targets is None:
-            b, (height, width) = len(prompts), target_size
-        else:
-            b, (height, width) = targets.shape[0], tuple(targets.shape[-2:])
-        k = 0 if references is None else references.shape[1]
-        ref_sizes = [tuple(references.shape[-2:])] * k if k else []
-        layout = self.token_layout((int(height), int(width)), [(int(h), int(w)) for h, w in ref_sizes])
-        device, dtype = self.device, self.transformer.dtype
-        rows, cols = layout.target_grid.rows, layout.target_grid.cols
-        grid = torch.zeros(b, self.token_channels, rows, cols)  # the ids only read its shape
-        latents = None
-        if targets is not None:
-            grid = self.encode_images(targets)
-            latents = pipe._pack_latents(grid).to(device, torch.float32)
-        latent_ids = pipe._prepare_latent_ids(grid).to(device)
-        prompt_embeds, text_ids = self.encode_prompts(prompts)
-        reference_tokens = reference_ids = None
-        if k:
-            per_slot = self.encode_images(references.flatten(0, 1)).unflatten(0, (b, k))
-            ids = pipe._prepare_image_ids([per_slot[0, j : j + 1] for j in range(k)])  # (1, N_ref, 4)
-            reference_ids = ids.expand(b, -1, -1).to(device)
-            reference_tokens = torch.cat([pipe._pack_latents(per_slot[:, j]) for j in range(k)], dim=1).to(device, dtype)
-        conditioning = {"encoder_hidden_states": prompt_embeds.to(device, dtype), "txt_ids": text_ids.to(device),
-                        "latent_ids": latent_ids, "reference_tokens": reference_tokens, "reference_ids": reference_ids}
-        return self.encoded(conditioning, layout, latents, b)
+        b, layout = self.encoding_layout(targets, prompts, references, target_size)  # the contract every family shares
+        k = len(layout.reference_grids)
+        items = self.encode_prompt_items(prompts)
+        target = None if targets is None else self.encode_image_tokens(targets)
+        refs = self.encode_image_tokens(references.flatten(0, 1)).unflatten(0, (b, k)) if k else None
+        return self.encoded_inputs(items, target, refs, layout)
+
+    @torch.no_grad()
+    def encode_prompt_items(self, prompts: Sequence[str], references: torch.Tensor | None = None
+                            ) -> list[dict[str, torch.Tensor]]:
+        """`encode_prompts` per prompt: ``encoder_hidden_states`` ``(L, D)`` and ``txt_ids``
+        ``(L, 4)`` (``references`` unused).
+
+        Example:
+            >>> item = Flux2Family.tiny(max_sequence_length=8).encode_prompt_items(["a cat"])[0]
+            >>> {name: tuple(value.shape) for name, value in item.items()}
+            {'encoder_hidden_states': (8, 96), 'txt_ids': (8, 4)}
+        """
+        embeds, ids = self.encode_prompts(prompts)
+        return [{"encoder_hidden_states": embeds[b], "txt_ids": ids[b]} for b in range(len(prompts))]
+
+    @torch.no_grad()
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """`encode_images` packed as the pipelines pack them: ``(N, 3, H, W)`` → ``(N, H·W / 256, C)``."""
+        return self.pipe._pack_latents(self.encode_images(images))
+
+    def encoded_inputs(self, prompt_items: Sequence[dict[str, torch.Tensor]], target_tokens: torch.Tensor | None,
+                       reference_tokens: torch.Tensor | None, layout: Any) -> ModelInputs:
+        """`ModelInputs` of the encoders' outputs (`ModelFamily.encoded_inputs`), ids through the
+        pipeline's ``_prepare_latent_ids`` / ``_prepare_image_ids`` (they read only shapes)."""
+        pipe, device, dtype, b = self.pipe, self.device, self.transformer.dtype, len(prompt_items)
+        grid = layout.target_grid
+        latent_ids = pipe._prepare_latent_ids(torch.zeros(b, 1, grid.rows, grid.cols)).to(device)
+        reference_ids = None
+        if layout.reference_grids:
+            shapes = [torch.zeros(1, 1, g.rows, g.cols) for g in layout.reference_grids]
+            reference_ids = pipe._prepare_image_ids(shapes).expand(b, -1, -1).to(device)
+            reference_tokens = reference_tokens.flatten(1, 2).to(device, dtype)
+        conditioning = {
+            "encoder_hidden_states": torch.stack([item["encoder_hidden_states"] for item in prompt_items]).to(device, dtype),
+            "txt_ids": torch.stack([item["txt_ids"] for item in prompt_items]).to(device), "latent_ids": latent_ids,
+            "reference_tokens": reference_tokens if layout.reference_grids else None, "reference_ids": reference_ids}
+        target = None if target_tokens is None else target_tokens.to(device, torch.float32)
+        return self.encoded(conditioning, layout, target, b)
 
     # -- noising and the forward -------------------------------------------------------------------
     def _transformer_kwargs(self, inputs: ModelInputs, noisy: torch.Tensor, timestep: torch.Tensor,

@@ -154,7 +154,10 @@ class InSequenceFamily(ModelFamily):
         (`mosaic_kit.models.quantize.pipeline_quantization_config`)."""
         from ..quantize import quantized_loading_kwargs
 
+        from ..encoders import encoder_loading_kwargs
+
         extra = quantized_loading_kwargs(options.pop("quantize", "none"), torch_dtype)
+        extra.update(encoder_loading_kwargs(cls, options.pop("encoders", True)))  # False: cached conditioning
         pipe = cls._pipeline_class(pipeline_class).from_pretrained(base, torch_dtype=torch_dtype, **extra)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **options)

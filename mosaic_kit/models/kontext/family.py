@@ -49,6 +49,7 @@ class KontextFamily(InSequenceFamily):
     pipeline_class_name = "FluxKontextPipeline"
     transformer_class_name = "FluxTransformer2DModel"
     tiny_defaults = {"max_sequence_length": 32}
+    encoder_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 
     def __init__(self, pipe: Any, capture_blocks: str | Sequence[str] = "all", reference_method: str = "offset",
                  max_sequence_length: int = 512) -> None:
@@ -68,10 +69,24 @@ class KontextFamily(InSequenceFamily):
     # -- encoding: the stock pipeline's steps ------------------------------------------------------------
     @torch.no_grad()
     def _latents(self, images: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` in [0, 1] → ``(N, H·W / 256, C)``: ``_encode_vae_image`` (mode), ``_pack_latents``."""
-        vae = self.pipe.vae
-        grid = self.pipe._encode_vae_image(image=(images * 2 - 1).to(vae.device, vae.dtype), generator=None)
-        return self.pipe._pack_latents(grid, *grid.shape)
+        """``(N, 3, H, W)`` in [0, 1] → ``(N, H·W / 256, C)``: ``_encode_vae_image`` (mode), ``_pack_latents``,
+        one image per call (as the stock pipeline encodes its one image; a batch may differ in the last bits)."""
+        vae, tokens = self.pipe.vae, []
+        for i in range(images.shape[0]):
+            grid = self.pipe._encode_vae_image(image=(images[i : i + 1] * 2 - 1).to(vae.device, vae.dtype), generator=None)
+            tokens.append(self.pipe._pack_latents(grid, *grid.shape))
+        return torch.cat(tokens)
+
+    encode_image_tokens = _latents
+
+    @torch.no_grad()
+    def encode_prompt_items(self, prompts: Sequence[str], references: torch.Tensor | None = None
+                            ) -> list[dict[str, torch.Tensor]]:
+        """The pipeline's ``encode_prompt`` per prompt: ``encoder_hidden_states`` ``(L, D)`` and
+        ``pooled_projections`` ``(D_pooled,)`` (``references`` unused)."""
+        text, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device,
+                                                  max_sequence_length=self.max_sequence_length)
+        return [{"encoder_hidden_states": text[b], "pooled_projections": pooled[b]} for b in range(len(prompts))]
 
     @staticmethod
     def _reference_ids(layout: TokenLayout, method: str) -> torch.Tensor:
@@ -95,18 +110,26 @@ class KontextFamily(InSequenceFamily):
         """
         b, layout = self.encoding_layout(targets, prompts, references, target_size)
         k = len(layout.reference_grids)
-        text, pooled, text_ids = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device,
-                                                         max_sequence_length=self.max_sequence_length)
-        grid, dtype = layout.target_grid, self.transformer.dtype
-        cond = {"encoder_hidden_states": text.to(dtype), "pooled_projections": pooled.to(dtype), "txt_ids": text_ids,
-                "latent_ids": self.pipe._prepare_latent_image_ids(None, grid.rows, grid.cols, self.device, text.dtype),
+        items = self.encode_prompt_items(prompts)
+        refs = self._latents(references.flatten(0, 1)).unflatten(0, (b, k)) if k else None
+        return self.encoded_inputs(items, None if targets is None else self._latents(targets), refs, layout)
+
+    def encoded_inputs(self, prompt_items: Sequence[dict[str, torch.Tensor]], target_tokens: torch.Tensor | None,
+                       reference_tokens: torch.Tensor | None, layout: TokenLayout) -> ModelInputs:
+        """`ModelInputs` of the encoders' outputs (`ModelFamily.encoded_inputs`), with the ids the
+        pipeline makes (text ids of zeros, latent ids, reference ids by ``reference_method``)."""
+        device, dtype, grid = self.device, self.transformer.dtype, layout.target_grid
+        text = torch.stack([item["encoder_hidden_states"] for item in prompt_items]).to(device)
+        pooled = torch.stack([item["pooled_projections"] for item in prompt_items]).to(device)
+        cond = {"encoder_hidden_states": text.to(dtype), "pooled_projections": pooled.to(dtype),
+                "txt_ids": torch.zeros(text.shape[1], 3, device=device, dtype=text.dtype),
+                "latent_ids": self.pipe._prepare_latent_image_ids(None, grid.rows, grid.cols, device, text.dtype),
                 "reference_tokens": None, "reference_ids": None}
-        if k:
-            tokens = self._latents(references.flatten(0, 1)).unflatten(0, (b, k))
-            cond["reference_tokens"] = tokens.flatten(1, 2).to(dtype)
-            cond["reference_ids"] = self._reference_ids(layout, self.reference_method).to(self.device, text.dtype)
-        target = None if targets is None else self._latents(targets).float()
-        return self.encoded(cond, layout, target, b)
+        if layout.reference_grids:
+            cond["reference_tokens"] = reference_tokens.to(device).flatten(1, 2).to(dtype)
+            cond["reference_ids"] = self._reference_ids(layout, self.reference_method).to(device, text.dtype)
+        target = None if target_tokens is None else target_tokens.to(device).float()
+        return self.encoded(cond, layout, target, len(prompt_items))
 
     def _transformer_kwargs(self, inputs: ModelInputs, noisy: torch.Tensor, timestep: torch.Tensor,
                             guidance: float | torch.Tensor | None = None) -> dict[str, Any]:

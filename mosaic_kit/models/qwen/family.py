@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ...utils.images import tensor_to_pil
-from ..family import ModelInputs
+from ..family import ModelInputs, TokenLayout
 from ..insequence import IN_SEQUENCE_ADAPTER, IN_SEQUENCE_LORA_FILE, InSequenceFamily
 from .denoiser import QwenEditPlusDenoiser
 
@@ -79,6 +79,8 @@ class QwenEditPlusFamily(InSequenceFamily):
 
     name = "qwen_edit_plus"
     config_extras = ("capture_blocks",)
+    encoder_components = ("text_encoder", "tokenizer", "processor", "vae")
+    prompt_uses_references = True  # the prompt shows the references to Qwen2.5-VL ("Picture k")
     default_guidance_scale = 4.0
     lora_targets = QWEN_LORA_TARGETS
     architecture = "Qwen-Image"
@@ -171,10 +173,21 @@ class QwenEditPlusFamily(InSequenceFamily):
             >>> embeds.shape[0], mask[:, -1].tolist()
             (2, [0, 1])
         """
-        embeds = []
+        return self._pad_prompts([item["encoder_hidden_states"] for item in self.encode_prompt_items(prompts, references)])
+
+    @torch.no_grad()
+    def encode_prompt_items(self, prompts: Sequence[str], references: torch.Tensor | None = None
+                            ) -> list[dict[str, torch.Tensor]]:
+        """The pipeline's ``encode_prompt`` per prompt with its sample's references:
+        ``encoder_hidden_states`` ``(L_b, D)`` (unpadded; `encoded_inputs` pads and masks)."""
+        items = []
         for b, prompt in enumerate(prompts):
             images = None if references is None or references.shape[1] == 0 else self.condition_images(references[b])
-            embeds.append(self.pipe.encode_prompt(prompt, image=images, device=self.device)[0][0])
+            items.append({"encoder_hidden_states": self.pipe.encode_prompt(prompt, image=images, device=self.device)[0][0]})
+        return items
+
+    def _pad_prompts(self, embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        embeds = [e.to(self.device) for e in embeds]
         length = max(e.shape[0] for e in embeds)
         mask = torch.stack([torch.arange(length, device=self.device) < e.shape[0] for e in embeds]).long()
         padded = torch.stack([torch.cat([e, e.new_zeros(length - e.shape[0], e.shape[1])]) for e in embeds])
@@ -225,16 +238,25 @@ class QwenEditPlusFamily(InSequenceFamily):
             takes no position ids).
         """
         b, layout = self.encoding_layout(targets, prompts, references, target_size)
-        k, device, dtype = len(layout.reference_grids), self.device, self.transformer.dtype
-        target = None if targets is None else self.encode_images(targets).to(device, torch.float32)
-        reference_tokens = None
-        if k:
-            reference_tokens = torch.cat([self.encode_images(references[:, j]) for j in range(k)], dim=1).to(device, dtype)
-        embeds, mask = self.encode_prompts(prompts, references)
+        k = len(layout.reference_grids)
+        target = None if targets is None else self.encode_image_tokens(targets)
+        refs = torch.stack([self.encode_image_tokens(references[:, j]) for j in range(k)], dim=1) if k else None
+        return self.encoded_inputs(self.encode_prompt_items(prompts, references), target, refs, layout)
+
+    encode_image_tokens = encode_images
+
+    def encoded_inputs(self, prompt_items: Sequence[dict[str, torch.Tensor]], target_tokens: torch.Tensor | None,
+                       reference_tokens: torch.Tensor | None, layout: TokenLayout) -> ModelInputs:
+        """`ModelInputs` of the encoders' outputs (`ModelFamily.encoded_inputs`): prompts padded to
+        the longest and masked (`encode_prompts`), ``img_shapes`` from the layout."""
+        device, dtype, b = self.device, self.transformer.dtype, len(prompt_items)
+        embeds, mask = self._pad_prompts([item["encoder_hidden_states"] for item in prompt_items])
         shapes = [(1, g.rows, g.cols) for g in (layout.target_grid, *layout.reference_grids)]
         conditioning = {"encoder_hidden_states": embeds.to(device, dtype), "encoder_hidden_states_mask": mask,
-                        "img_shapes": [list(shapes) for _ in range(b)], "reference_tokens": reference_tokens,
-                        "latent_ids": None, "reference_ids": None}  # positions: ``img_shapes`` (the per-image RoPE)
+                        "img_shapes": [list(shapes) for _ in range(b)],
+                        "reference_tokens": reference_tokens.flatten(1, 2).to(device, dtype) if layout.reference_grids
+                        else None, "latent_ids": None, "reference_ids": None}  # positions: ``img_shapes`` (the per-image RoPE)
+        target = None if target_tokens is None else target_tokens.to(device, torch.float32)
         return self.encoded(conditioning, layout, target, b)
 
     # -- the forward -------------------------------------------------------------------------------
