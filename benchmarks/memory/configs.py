@@ -150,7 +150,7 @@ CONFIGS = {
 READY = {
     "gpu-24gb": _ready("klein-4b-512", "int8", True, "recipes/configs/gpu_24gb.yaml"),
     "gpu-48gb": _ready("klein-9b-512", "int8", True, "recipes/configs/gpu_48gb.yaml"),
-    "gpu-80gb": _ready("qwen-edit-plus-k3", "int8", True, "recipes/configs/gpu_80gb.yaml"),
+    "gpu-80gb": _ready("qwen-edit-plus-k3", "none", False, "recipes/configs/gpu_80gb.yaml"),
 }
 """The ready configurations of ``recipes/configs/gpu_*.yaml``: a real row with the base quantized as
 the config says (``model.quantize``) and the encoders live (``True``: kept on the GPU, their bf16

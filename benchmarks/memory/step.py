@@ -38,6 +38,8 @@ def build_model(cfg: dict, device: str = "cpu", fake_mode=None, quantize: str = 
     from diffusers.training_utils import cast_training_params
 
     family = family_class(cfg)
+    if device == "cuda" and quantize != "none":
+        return _build_with_backend(cfg, family, quantize)
     with init_empty_weights(include_buffers=False):  # parameters on meta, RoPE tables real
         transformer = family.bare_transformer_class()(**dict(cfg["transformer"]))
         model = family.bare_denoiser(transformer, cfg["rank"])
@@ -52,6 +54,34 @@ def build_model(cfg: dict, device: str = "cpu", fake_mode=None, quantize: str = 
     # non-reentrant checkpointing as diffusers' default; on the CPU the recomputation enters the
     # GPU autocast policy itself (a backward pass does not see a mode entered around the forward)
     transformer.enable_gradient_checkpointing(policy_checkpoint if device == "cpu" else None)
+    transformer.train()
+    return model, transformer, family
+
+
+def _build_with_backend(cfg: dict, family, quantize: str):
+    """On a GPU, the quantized base through the real backend (what ``model.quantize`` runs:
+    `mosaic_kit.models.quantize.quantize_transformer`, diffusers' quantizer of torchao or
+    bitsandbytes) instead of the modelled layout; the LoRA then goes on top through peft as in
+    training. Needs the backend installed (scripts/gpu_check.sh checks before asking)."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers.training_utils import cast_training_params
+
+    from mosaic_kit.models.quantize import quantize_transformer
+
+    with init_empty_weights(include_buffers=False):
+        transformer = family.bare_transformer_class()(**dict(cfg["transformer"]))
+    transformer.to_empty(device="cpu").to(torch.bfloat16)  # uninitialised: values do not change memory
+    transformer = quantize_transformer(transformer, quantize, torch.bfloat16)
+    if not any(p.is_cuda for p in transformer.parameters()):
+        transformer.to("cuda")  # torchao quantizes on the CPU; bitsandbytes places itself on the GPU
+    model = family.bare_denoiser(transformer, cfg["rank"])
+    for name, param in transformer.named_parameters():
+        param.requires_grad_(".lora_" in name)
+    cast_training_params(transformer, dtype=torch.float32)
+    if not all(p.is_cuda for p in model.parameters()):
+        model.to("cuda")
+    transformer.enable_gradient_checkpointing()
     transformer.train()
     return model, transformer, family
 
@@ -245,7 +275,8 @@ def measure_real(cfg: dict, mode: str, device: str = "cpu", quantize: str = "non
     """The same step on real tensors: on CUDA ``torch.cuda.max_memory_allocated`` (everything the
     step holds, weights included), on the CPU MemTracker over real tensors and, independently,
     the allocator's own accounting through torch's profiler (``profile_memory``). A quantized base
-    is the same modelled layout (`memory.quantized`) on real tensors."""
+    is, on CUDA, the real backend's (`_build_with_backend`), on the CPU the modelled layout
+    (`memory.quantized`) on real tensors."""
     import torch
 
     began = time.perf_counter()
