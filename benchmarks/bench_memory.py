@@ -86,7 +86,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the `memory` package beside this script
 
-from memory.configs import (  # noqa: E402  (re-exported: the tests and scripts read them from here)
+from memory.configs import (  # noqa: E402,F401  (re-exported: the tests and scripts read them from here)
     CONFIGS, EMA_DECAY, ENCODERS, MODES, QUANTIZE, QUANTIZED_SUBSET, READY, REAL,
 )
 from memory.fakes import GpuAutocastPolicy, materialise, policy_checkpoint  # noqa: E402,F401
