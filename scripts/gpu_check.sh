@@ -19,6 +19,9 @@
 #                 references) and FLUX.1-dev (512², K = 2), plain / MOSAIC / dense maps: the training
 #                 step's measured peak (torch.cuda.max_memory_allocated) next to the fake-tensor peak
 #                 of benchmarks/results/memory-cpu.json, as the ratio measured / fake per row
+#   6. memory-quant  the same for FLUX.2 [klein] 4B with quantized frozen bases, through the real
+#                 backends (torchao int8 weight-only, bitsandbytes NF4), each only where its package
+#                 is installed, next to the fake peak of the modelled layout (plain / MOSAIC)
 # Report: DIR/gpu-check.json = {"hardware", "dry_run", "stages": {name: {"rc", "seconds",
 # "report" (the stage's own JSON) | "log_tail"}}, "total_seconds"}.
 set -uo pipefail
@@ -66,6 +69,8 @@ if [ "$DRY_RUN" = 1 ]; then
     --refs 2 --modes train,train+losses --repeats 1 --out "$OUT_DIR/flux1.json"
   run_stage memory 240 "$OUT_DIR/memory.json" "$PYTHON" benchmarks/bench_memory.py --configs tiny-flux2 \
     --modes plain,mosaic --no-encoders --device cpu --out "$OUT_DIR/memory.json"
+  run_stage memory-quant 240 "$OUT_DIR/memory-quant.json" "$PYTHON" benchmarks/bench_memory.py --configs tiny-flux2 \
+    --modes plain,mosaic --quantize int8,nf4 --no-encoders --no-flops --device cpu --out "$OUT_DIR/memory-quant.json"
 else
   DEVICE=cuda
   "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device (use --dry-run on a CPU)')" || exit 1
@@ -79,6 +84,18 @@ else
   run_stage memory 240 "$OUT_DIR/memory.json" "$PYTHON" benchmarks/bench_memory.py --device cuda \
     --configs klein-4b-512,flux1-dev-k2 --no-encoders --no-flops --fake-report benchmarks/results/memory-cpu.json \
     --out "$OUT_DIR/memory.json"
+  # quantized bases through the real backends, each only where it is installed
+  QUANTIZED=""
+  "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('torchao') is None)" && QUANTIZED="int8"
+  "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('bitsandbytes') is None)" \
+    && QUANTIZED="${QUANTIZED:+$QUANTIZED,}nf4"
+  if [ -n "$QUANTIZED" ]; then
+    run_stage memory-quant 300 "$OUT_DIR/memory-quant.json" "$PYTHON" benchmarks/bench_memory.py --device cuda \
+      --configs klein-4b-512 --modes plain,mosaic --quantize "$QUANTIZED" --no-encoders --no-flops \
+      --fake-report benchmarks/results/memory-cpu.json --out "$OUT_DIR/memory-quant.json"
+  else
+    echo "   memory-quant: skipped (neither torchao nor bitsandbytes is installed)" >&2
+  fi
 fi
 
 "$PYTHON" - "$OUT_DIR" "$STAGES" "$DRY_RUN" "$DEVICE" "$START" <<'PY'
@@ -105,9 +122,12 @@ flux2 = stages.get("flux2", {}).get("report", {})
 for row in flux2.get("overhead", []):
     print(f"FLUX.2 K={row['refs']}: train {row['train_ms']:.1f} ms, + MOSAIC {row['train_losses_ms']:.1f} ms "
           f"({row['overhead_pct']:+.1f} %)")
-for row in stages.get("memory", {}).get("report", {}).get("results", []):
-    ratio = f", measured / fake {row['ratio_to_fake']:.3f}" if "ratio_to_fake" in row else ""
-    print(f"memory {row['config']} {row['mode']}: {row['peak_bytes'] / 2**30:.2f} GiB{ratio}")
+for stage in ("memory", "memory-quant"):
+    for row in stages.get(stage, {}).get("report", {}).get("results", []):
+        ratio = f", measured / fake {row['ratio_to_fake']:.3f}" if "ratio_to_fake" in row else ""
+        base = row.get("quantize", "none")
+        print(f"memory {row['config']} {row['mode']} ({'bf16' if base == 'none' else base} base): "
+              f"{row['peak_bytes'] / 2**30:.2f} GiB{ratio}")
 summary = ", ".join(f"{name}={entry['rc']}" for name, entry in stages.items())
 print(f"stages: {summary}; total {report['total_seconds']} s")
 sys.exit(0 if report["ok"] else 1)

@@ -245,31 +245,14 @@ def registered_family_names() -> set[str]:
     return set(family_names())
 
 
-# Known exceptions, each with its reason; `test_family_name_exceptions_still_exist` fails once one
-# is gone, so the set only shrinks.
-FAMILY_NAME_EXCEPTIONS = {
-    # measures each real model at real size without a GPU: it builds the bare transformer on the
-    # meta device from the published config (no pipeline, no encoders) and feeds random inputs of
-    # the real shapes; families have no constructor from a bare transformer yet, so the wrapper
-    # and the inputs are chosen per family there
-    "benchmarks/bench_memory.py",
-}
-
-
 def test_no_family_name_is_compared_outside_the_registry():
     names = registered_family_names()
     wrong = []
     for path in [*sources(), *sorted((ROOT / "recipes").rglob("*.py")), *sorted((ROOT / "benchmarks").rglob("*.py"))]:
-        if path == REGISTRY or path.relative_to(ROOT).as_posix() in FAMILY_NAME_EXCEPTIONS:
+        if path == REGISTRY:
             continue
         wrong.extend(f"{path.relative_to(ROOT).as_posix()} {where}" for where in family_name_uses(path, names))
     assert not wrong, "\n".join(wrong)
-
-
-def test_family_name_exceptions_still_exist():
-    names = registered_family_names()
-    for name in FAMILY_NAME_EXCEPTIONS:
-        assert family_name_uses(ROOT / name, names), f"{name} no longer names families: drop the exception"
 
 
 def test_a_planted_family_name_comparison_is_caught(tmp_path):

@@ -141,6 +141,34 @@ class ModelFamily(abc.ABC):
                         **options: Any) -> ModelFamily:
         """The family over a pretrained pipeline (a hub id or a local folder)."""
 
+    # -- a bare denoiser: real-size measurement without a pipeline (benchmarks/bench_memory.py) --------
+    @classmethod
+    def bare_transformer_class(cls) -> type:
+        """The diffusers class of the family's transformer, built from a config dict without a
+        pipeline (e.g. on the meta device, to measure memory at real size).
+
+        Raises:
+            NotImplementedError: the family offers no bare denoiser (this and the next two methods).
+        """
+        raise NotImplementedError(f"{cls.__name__} offers no bare denoiser.")
+
+    @classmethod
+    def bare_denoiser(cls, transformer: nn.Module, rank: int) -> nn.Module:
+        """The training denoiser (what `model` is, capturing from the family's default blocks)
+        around a bare transformer, with a fresh LoRA of ``rank`` (alpha = rank) on the default
+        targets; the base weights are left as they are (freeze and cast them as the trainer does)."""
+        raise NotImplementedError(f"{cls.__name__} offers no bare denoiser.")
+
+    @classmethod
+    def bare_model_kwargs(cls, transformer: nn.Module, target_size: int, reference_sizes: Sequence[int],
+                          text_tokens: int, randn: Any) -> dict[str, Any]:
+        """The keyword arguments of ``bare_denoiser(...)(**kwargs, capture=...)`` for one sample
+        of a square ``target_size`` px target, square references of ``reference_sizes`` px and
+        ``text_tokens`` text tokens, laid out as the family's encoding lays them out (what cached
+        conditioning holds). Every activation-sized input comes from ``randn(*shape, dtype=...)``;
+        position ids and layouts are built on the CPU."""
+        raise NotImplementedError(f"{cls.__name__} offers no bare denoiser.")
+
     # -- what the callers hold ---------------------------------------------------------------------
     @property
     @abc.abstractmethod

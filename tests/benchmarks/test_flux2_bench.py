@@ -67,6 +67,8 @@ def test_gpu_check_dry_run_writes_one_report(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     assert report["dry_run"] and report["ok"]
-    assert set(report["stages"]) == {"tests", "capture", "flux2", "flux1", "memory"}
+    assert set(report["stages"]) == {"tests", "capture", "flux2", "flux1", "memory", "memory-quant"}
     assert [r["mode"] for r in report["stages"]["memory"]["report"]["results"]] == ["plain", "mosaic"]
+    assert [(r["quantize"], r["mode"]) for r in report["stages"]["memory-quant"]["report"]["results"]] == [
+        ("int8", "plain"), ("int8", "mosaic"), ("nf4", "plain"), ("nf4", "mosaic")]
     assert report["stages"]["flux2"]["report"]["overhead"][0]["refs"] == 1

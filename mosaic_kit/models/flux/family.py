@@ -155,6 +155,48 @@ class MosaicFluxFamily(ModelFamily):
         settings.setdefault("reference_adapter", getattr(pipe, "reference_adapter", DEFAULT_ADAPTER))
         return cls(pipe, **settings)
 
+    @classmethod
+    def bare_transformer_class(cls) -> type:
+        """diffusers' ``FluxTransformer2DModel`` (see `ModelFamily.bare_transformer_class`)."""
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel
+
+    @classmethod
+    def bare_denoiser(cls, transformer: nn.Module, rank: int) -> MosaicFluxTransformer:
+        """The released design around ``transformer``: the reference LoRA (`add_reference_lora`)
+        and a `MosaicFluxTransformer` capturing from the double blocks (see `ModelFamily.bare_denoiser`)."""
+        add_reference_lora(transformer, rank=rank)
+        return MosaicFluxTransformer(transformer, capture_blocks="double")
+
+    @classmethod
+    def bare_model_kwargs(cls, transformer: nn.Module, target_size: int, reference_sizes: Sequence[int],
+                          text_tokens: int, randn: Any) -> dict[str, Any]:
+        """The released layout (`ModelFamily.bare_model_kwargs`): packed target and reference
+        tokens, T5 embeddings and the pooled CLIP embedding, plain grid ids for the target,
+        width-shifted ids for reference k (`reference_position_ids`).
+
+        Example:
+            >>> from mosaic_kit.models.flux.tiny import TINY_TRANSFORMER_CONFIG
+            >>> transformer = MosaicFluxFamily.bare_transformer_class()(**TINY_TRANSFORMER_CONFIG)
+            >>> kwargs = MosaicFluxFamily.bare_model_kwargs(transformer, 64, [32, 32], 8, torch.randn)
+            >>> tuple(kwargs["target_tokens"].shape), kwargs["reference_token_counts"]
+            ((1, 16, 16), (4, 4))
+        """
+        conf, side = transformer.config, target_size // 16
+        counts = tuple((size // 16) ** 2 for size in reference_sizes)
+        return {
+            "target_tokens": randn(1, side * side, conf.in_channels, dtype=torch.bfloat16),
+            "text_embeddings": randn(1, text_tokens, conf.joint_attention_dim, dtype=torch.bfloat16),
+            "pooled_embeddings": randn(1, conf.pooled_projection_dim, dtype=torch.bfloat16),
+            "timestep": randn(1, dtype=torch.bfloat16),
+            "target_ids": latent_image_ids(side, side), "text_ids": torch.zeros(text_tokens, 3),
+            "reference_tokens": randn(1, sum(counts), conf.in_channels, dtype=torch.bfloat16),
+            "reference_ids": reference_position_ids([(size, size) for size in reference_sizes]),
+            "reference_token_counts": counts,
+            "guidance": randn(1, dtype=torch.bfloat16) if conf.guidance_embeds else None,
+        }
+
     # -- what the callers hold ---------------------------------------------------------------------
     @property
     def model(self) -> MosaicFluxTransformer:

@@ -174,6 +174,47 @@ class Flux2Family(InSequenceFamily):
         return cls(pipe, **kwargs)
 
     # -- encoding ----------------------------------------------------------------------------------
+    @classmethod
+    def bare_transformer_class(cls) -> type:
+        """diffusers' ``Flux2Transformer2DModel`` (see `ModelFamily.bare_transformer_class`)."""
+        from diffusers import Flux2Transformer2DModel
+
+        return Flux2Transformer2DModel
+
+    @classmethod
+    def bare_model_kwargs(cls, transformer: torch.nn.Module, target_size: int, reference_sizes: Sequence[int],
+                          text_tokens: int, randn: Any) -> dict[str, Any]:
+        """The stock pipelines' layout (`ModelFamily.bare_model_kwargs`): ``hidden_states``
+        ``[target | ref 1 | … | ref K]`` with ids ``(T, h, w, 0)``, T = 0 for the target and
+        `FLUX2_REFERENCE_TIME_SCALE` · k for reference k (1-based); text ids ``(0, 0, 0, l)``.
+
+        Example:
+            >>> from mosaic_kit.models.flux2.tiny import TINY_FLUX2_TRANSFORMER_CONFIG
+            >>> transformer = Flux2Family.bare_transformer_class()(**TINY_FLUX2_TRANSFORMER_CONFIG)
+            >>> kwargs = Flux2Family.bare_model_kwargs(transformer, 64, [32], 8, torch.randn)
+            >>> tuple(kwargs["hidden_states"].shape), kwargs["sequence_layout"].ref_tokens
+            ((1, 20, 16), (4,))
+        """
+        from ..insequence import SequenceLayout
+
+        conf, side = transformer.config, target_size // 16
+
+        def grid(t: int, n: int) -> torch.Tensor:
+            return torch.cartesian_prod(torch.tensor([t]), torch.arange(n), torch.arange(n), torch.tensor([0]))
+
+        parts = [grid(0, side)] + [grid(FLUX2_REFERENCE_TIME_SCALE * (k + 1), size // 16)
+                                   for k, size in enumerate(reference_sizes)]
+        ref_tokens = [(size // 16) ** 2 for size in reference_sizes]
+        txt_ids = torch.cartesian_prod(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.arange(text_tokens))
+        return {
+            "hidden_states": randn(1, side * side + sum(ref_tokens), conf.in_channels, dtype=torch.bfloat16),
+            "img_ids": torch.cat(parts)[None],
+            "encoder_hidden_states": randn(1, text_tokens, conf.joint_attention_dim, dtype=torch.bfloat16),
+            "txt_ids": txt_ids[None], "timestep": randn(1, dtype=torch.bfloat16),
+            "guidance": randn(1, dtype=torch.float32) if conf.guidance_embeds else None,
+            "sequence_layout": SequenceLayout.concatenated(side * side, ref_tokens),
+        }
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings and text ids through the pipeline's ``encode_prompt``.

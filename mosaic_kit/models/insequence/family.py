@@ -162,6 +162,35 @@ class InSequenceFamily(ModelFamily):
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **options)
 
+    @classmethod
+    def bare_transformer_class(cls) -> type:
+        """The stock transformer class (`transformer_class_name`), see `ModelFamily.bare_transformer_class`."""
+        import diffusers
+
+        return getattr(diffusers, cls.transformer_class_name)
+
+    @classmethod
+    def bare_denoiser(cls, transformer: nn.Module, rank: int) -> InSequenceDenoiser:
+        """`denoiser_class` over ``transformer`` (capture on every block) with the LoRA `add_lora`
+        adds (adapter ``"mosaic"`` on `lora_targets`, alpha = rank); see `ModelFamily.bare_denoiser`.
+
+        Example:
+            >>> from mosaic_kit.models.flux2 import Flux2Family
+            >>> from mosaic_kit.models.flux2.tiny import TINY_FLUX2_TRANSFORMER_CONFIG
+            >>> transformer = Flux2Family.bare_transformer_class()(**TINY_FLUX2_TRANSFORMER_CONFIG)
+            >>> model = Flux2Family.bare_denoiser(transformer, rank=2)
+            >>> type(model).__name__, sum(".lora_" in n for n, _ in model.named_parameters())
+            ('Flux2Denoiser', 32)
+        """
+        from peft import LoraConfig
+
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"Expected `rank` to be a positive int, but got {rank!r}.")
+        names = linear_modules_matching(transformer, cls.lora_targets)
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names),
+                                adapter_name=IN_SEQUENCE_ADAPTER)
+        return cls.denoiser_class(transformer, "all")
+
     # -- what the callers hold ---------------------------------------------------------------------
     @property
     def model(self) -> InSequenceDenoiser:

@@ -381,7 +381,8 @@ class QwenCaptureProcessor(_CaptureMixin, _qwen.QwenDoubleStreamAttnProcessor2_0
 
     The image stream (target and references, as ``img_shapes`` lists them) gets its own RoPE
     before the ``[text | image]`` concatenation; the capture gets the image stream's post-RoPE
-    query and key. Idle, it is the stock processor. Built by `install_capture_processors`.
+    query and key as views of the joint query and key (which the attention keeps for its
+    backward, so the capture keeps no tensor of its own alive). Idle, it is the stock processor. Built by `install_capture_processors`.
 
     Args:
         state: the installation's shared state; omitted (with ``block``), the processor is detached
@@ -447,11 +448,13 @@ class QwenCaptureProcessor(_CaptureMixin, _qwen.QwenDoubleStreamAttnProcessor2_0
             img_key = _qwen.apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
             txt_query = _qwen.apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
             txt_key = _qwen.apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
-        # MOSAIC: the image stream, (B, N_img, H, D), before the text is prepended
-        self._feed(target, img_query, img_key, 0, 1, hidden_states.shape[1])
         joint_query = torch.cat([txt_query, img_query], dim=1)
         joint_key = torch.cat([txt_key, img_key], dim=1)
         joint_value = torch.cat([txt_value, img_value], dim=1)
+        # MOSAIC: the image stream of the joint [text | image] query and key, (B, S, H, D), which the
+        # attention saves for its backward anyway (fed before the concatenation, the capture's views
+        # kept the image stream's own query and key alive until the block's backward)
+        self._feed(target, joint_query, joint_key, seq_txt, 1, hidden_states.shape[1])
         joint_hidden_states = _qwen.dispatch_attention_fn(
             joint_query, joint_key, joint_value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
             backend=self._attention_backend, parallel_config=self._parallel_config,

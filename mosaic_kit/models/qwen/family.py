@@ -119,6 +119,31 @@ class QwenEditPlusFamily(InSequenceFamily):
                              f"{pixel_space!r}.")
         return tiny_qwen_edit_plus_components(seed=seed, transformer_overrides=transformer_overrides)
 
+    @classmethod
+    def bare_model_kwargs(cls, transformer: torch.nn.Module, target_size: int, reference_sizes: Sequence[int],
+                          text_tokens: int, randn: Any) -> dict[str, Any]:
+        """The stock pipeline's layout (`ModelFamily.bare_model_kwargs`): ``hidden_states``
+        ``[target | ref 1 | … | ref K]`` packed 2×2, ``img_shapes`` listing each image, no text mask.
+
+        Example:
+            >>> from mosaic_kit.models.qwen.tiny import TINY_QWEN_TRANSFORMER_CONFIG
+            >>> transformer = QwenEditPlusFamily.bare_transformer_class()(**TINY_QWEN_TRANSFORMER_CONFIG)
+            >>> kwargs = QwenEditPlusFamily.bare_model_kwargs(transformer, 64, [32], 8, torch.randn)
+            >>> kwargs["img_shapes"], tuple(kwargs["hidden_states"].shape)
+            ([[(1, 4, 4), (1, 2, 2)]], (1, 20, 16))
+        """
+        from ..insequence import SequenceLayout
+
+        conf, side = transformer.config, target_size // 16
+        ref_tokens = [(size // 16) ** 2 for size in reference_sizes]
+        return {
+            "hidden_states": randn(1, side * side + sum(ref_tokens), conf.in_channels, dtype=torch.bfloat16),
+            "encoder_hidden_states": randn(1, text_tokens, conf.joint_attention_dim, dtype=torch.bfloat16),
+            "encoder_hidden_states_mask": None, "timestep": randn(1, dtype=torch.bfloat16),
+            "img_shapes": [[(1, side, side)] + [(1, size // 16, size // 16) for size in reference_sizes]],
+            "sequence_layout": SequenceLayout.concatenated(side * side, ref_tokens),
+        }
+
     @contextlib.contextmanager
     def image_sizes(self) -> Iterator[None]:
         """Within it, the stock pipeline module's ``CONDITION_IMAGE_SIZE`` and ``VAE_IMAGE_SIZE``
