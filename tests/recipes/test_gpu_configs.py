@@ -16,22 +16,12 @@ pytest.importorskip("diffusers")
 from mosaic_kit.training.config import config_from_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-PENDING_KEYS = {("data", "cache_dir")}
-"""Keys another branch adds (cached conditioning): tolerated while TrainConfig does not know them yet."""
 
 
 def _load(path: Path):
     values = yaml.safe_load(path.read_text())
     values.setdefault("data", {})["root"] = "/data/manifest.jsonl"  # what the user sets (data.root=...)
-    try:
-        return config_from_dict(values)
-    except ValueError as error:
-        present = [(section, key) for section, key in PENDING_KEYS if key in values.get(section, {})]
-        if not present or not all(f"'{key}'" in str(error) for _, key in present):
-            raise
-        for section, key in present:  # check everything else
-            values[section] = {k: v for k, v in values[section].items() if k != key}
-        return config_from_dict(values)
+    return config_from_dict(values)
 
 
 def test_ready_configs_are_the_measured_rows_and_state_their_peaks():
@@ -56,8 +46,7 @@ def test_ready_configs_are_the_measured_rows_and_state_their_peaks():
     assert (step_24 + encoders) / bench.GIB <= 22  # the acceptance: encoders live, as the config says
 
 
-def test_a_config_with_an_unknown_key_is_still_refused(tmp_path):
-    """Only the pending keys are tolerated: any other unknown key fails as before."""
+def test_a_config_with_an_unknown_key_is_refused(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("data:\n  cache_dir: null\n  cache_folder: null\n")
     with pytest.raises(ValueError, match="cache_folder"):
