@@ -98,6 +98,10 @@ class ModelFamily(abc.ABC):
         comfyui_lora_keys: the family's ComfyUI key map (`mosaic_kit.models.comfyui.ComfyLoraKey`
             entries, declared next to the family), what ``save_lora(..., format="comfyui")``
             writes through `write_comfyui_lora`; None: the family writes no ComfyUI file.
+        family_options: constructor options that configs (``model.family_options``) and recipes
+            (``--family-option``) may set, name → allowed values (None: any the constructor
+            accepts); held as attributes of that name, recorded in the LoRA file
+            (`mosaic_kit.models.options`).
     """
 
     name: ClassVar[str] = ""
@@ -107,6 +111,7 @@ class ModelFamily(abc.ABC):
     min_sample_reference_side: ClassVar[int] = 1
     min_sample_reference_reason: ClassVar[str] = ""
     comfyui_lora_keys: ClassVar[tuple | None] = None
+    family_options: ClassVar[dict[str, tuple | None]] = {}
 
     pipe: Any = None
     """The diffusers pipeline whose encoders, VAE and scheduler a family built on one uses (None
@@ -131,6 +136,10 @@ class ModelFamily(abc.ABC):
     def from_pretrained(cls, base: str | os.PathLike, torch_dtype: torch.dtype | None = None,
                         **options: Any) -> ModelFamily:
         """The family over a pretrained pipeline (a hub id or a local folder)."""
+
+    def family_option_values(self) -> dict[str, Any]:
+        """The values of the family's `family_options` (what its LoRA files record)."""
+        return {name: getattr(self, name) for name in self.family_options}
 
     # -- what the callers hold ---------------------------------------------------------------------
     @property

@@ -34,6 +34,7 @@ import torch
 from ..models import ModelFamily, MosaicFluxFamily
 from ..models.flux2 import Flux2Family
 from ..models.kontext import KontextFamily
+from ..models.options import check_family_options
 from ..models.qwen import QwenEditPlusFamily
 from .pipeline import MosaicFluxPipeline
 
@@ -81,8 +82,30 @@ class FamilySpec:
         """The `mosaic_kit.training.ModelConfig` fields passed to the family's builders."""
         return tuple(self.family_class.config_extras)
 
+    @property
+    def family_options(self) -> dict[str, tuple | None]:
+        """The options ``model.family_options`` and ``--family-option`` may set (name → allowed
+        values, None: any the family's constructor accepts); `ModelFamily.family_options`."""
+        return dict(self.family_class.family_options)
+
+    def check_options(self, options: Any) -> dict[str, Any]:
+        """``options`` checked against `family_options` (`mosaic_kit.models.options.check_family_options`).
+
+        Raises:
+            ValueError: an option the family does not declare (naming its options) or a value it
+                does not allow.
+
+        Example:
+            >>> get_family("flux2").check_options({"reference_method": "index"})
+            Traceback (most recent call last):
+            ...
+            ValueError: Unknown family option 'reference_method' for model family 'flux2'; it takes none.
+        """
+        return check_family_options(self.family_class, options)
+
     def build(self, base: str | os.PathLike | None = None, torch_dtype: torch.dtype | None = None, seed: int = 0,
-              tiny_overrides: dict | None = None, pixel_space: int | None = None, **options: Any) -> ModelFamily:
+              tiny_overrides: dict | None = None, pixel_space: int | None = None,
+              family_options: dict[str, Any] | None = None, **options: Any) -> ModelFamily:
         """The family: tiny random components when ``base`` is None, else the pretrained base.
 
         Args:
@@ -91,9 +114,18 @@ class FamilySpec:
             seed: seed of the tiny components.
             tiny_overrides: tiny transformer config entries to change (tiny only).
             pixel_space: tiny pixel-space factor, or None (tiny only).
+            family_options: the family's declared options (`family_options`; ``model.family_options``),
+                checked by `check_options`, e.g. ``{"reference_method": "index"}`` for Kontext.
             **options: the family's constructor options (its `config_extras`, ...).
+
+        Raises:
+            ValueError: a family option the family does not declare or allow.
+
+        Example:
+            >>> build_family("kontext", family_options={"reference_method": "index"}).reference_method
+            'index'
         """
-        kwargs = dict(options)
+        kwargs = {**options, **self.check_options(family_options)}
         if self.pipeline_class is not None:
             kwargs["pipeline_class"] = self.pipeline_class
         if base is None:
