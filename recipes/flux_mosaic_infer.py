@@ -45,11 +45,10 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from PIL import Image, ImageDraw
 
 from mosaic_kit.data import find_dreambench
-from mosaic_kit.models.options import resolve_family_options
+from mosaic_kit.models.options import parse_family_options, resolve_family_options
 from mosaic_kit.eval.sheets import SheetRow, contact_sheet
 from mosaic_kit.pipelines import build_family, family_names, fit_on_white, get_family, load_reference_image
 from mosaic_kit.utils import save_image_atomic
@@ -109,23 +108,15 @@ def parse_args(argv: list[str] | None = None, parser: RecipeArgumentParser | Non
 
 
 def family_options_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
-    """``--family-option KEY=VALUE`` (values read as YAML) and ``--reference-method``, checked by
-    the family, plus what the LoRA file records (`resolve_family_options`); a bad one: one line, exit 2."""
-    given: dict = {}
-    for item in args.family_option:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            parser.error(f"argument --family-option: expected KEY=VALUE (e.g. reference_method=index), but got {item!r}")
-        try:
-            given[key.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            parser.error(f"argument --family-option: {key.strip()}: {text!r} is not a YAML value")
-    if args.reference_method is not None:
-        if given.get("reference_method", args.reference_method) != args.reference_method:
-            parser.error(f"argument --reference-method: {args.reference_method!r} differs from --family-option "
-                         f"reference_method={given['reference_method']!r}")
-        given["reference_method"] = args.reference_method
+    """``--family-option KEY=VALUE`` and ``--reference-method``, checked by the family, plus what
+    the LoRA file records (`resolve_family_options`); a bad one: one line, exit 2."""
     with usage_errors(parser):
+        given = parse_family_options(args.family_option)
+        if args.reference_method is not None:
+            if given.get("reference_method", args.reference_method) != args.reference_method:
+                raise ValueError(f"--reference-method {args.reference_method!r} differs from --family-option "
+                                 f"reference_method={given['reference_method']!r}.")
+            given["reference_method"] = args.reference_method
         return resolve_family_options(get_family(args.family).family_class, given, args.lora)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["FAMILY_OPTIONS_KEY", "check_family_options", "check_lora_family_options", "family_options_metadata",
-           "recorded_family_options", "resolve_family_options"]
+           "parse_family_options", "recorded_family_options", "resolve_family_options"]
 
 FAMILY_OPTIONS_KEY = "mosaic_family_options"
 """The LoRA file's metadata key holding the family options it was trained with (a JSON object)."""
@@ -63,6 +63,41 @@ def check_family_options(family_class: Any, options: Any) -> dict[str, Any]:
             raise ValueError(f"Expected family option {key!r} of model family {family_class.name!r} to be one of "
                              f"{list(allowed)}, but got {value!r}.")
     return dict(options)
+
+
+def parse_family_options(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (the recipes' ``--family-option``, repeatable), each value read as
+    YAML (``index`` → ``"index"``, ``3`` → ``3``), into options; `check_family_options` checks them.
+
+    Args:
+        items: the strings.
+
+    Returns:
+        The options, by key (a later key wins).
+
+    Raises:
+        ValueError: an item without ``=`` or a key, or a value that is not YAML.
+
+    Example:
+        >>> parse_family_options(["reference_method=index", "size=3"])
+        {'reference_method': 'index', 'size': 3}
+        >>> parse_family_options(["reference_method"])
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected a family option KEY=VALUE (e.g. reference_method=index), but got 'reference_method'.
+    """
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"Expected a family option KEY=VALUE (e.g. reference_method=index), but got {item!r}.")
+        try:
+            options[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ValueError(f"Expected family option {key.strip()!r} to have a YAML value, but got {text!r}.") from None
+    return options
 
 
 def family_options_metadata(family: Any) -> dict[str, str]:
