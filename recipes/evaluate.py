@@ -2,8 +2,12 @@
 
 Two modes:
 
-- ``--generate``: generate every case with a `MosaicFluxPipeline` (``--base`` + ``--lora``, or
-  ``--tiny`` for a tiny random one) into ``OUT/images``, then score;
+- ``--generate``: generate every case with a model family of the registry (``--family NAME``,
+  default flux1: `MosaicFluxPipeline`; ``--base`` + ``--lora``, or ``--tiny`` for tiny random
+  components; ``--family-option KEY=VALUE`` for the family's declared options, by default those
+  the LoRA file records) into ``OUT/images``, then score: each image is one ``family.sample``
+  (`mosaic_kit.eval.xversebench.FamilySampler`) with every photo fitted on white into a
+  ``--ref-size`` square first (the released preprocessing);
 - ``--score-only DIR``: score images another tool wrote, laid out by case::
 
       DIR/single/<subject>/<prompt index:02d>/<image>.png   # e.g. single/dog/03/00.png
@@ -26,10 +30,13 @@ Examples::
     # the paper's protocol with the released checkpoint (3,000 + 80 images)
     python recipes/evaluate.py --generate --base black-forest-labs/FLUX.1-dev \\
         --lora mosaic_lora.safetensors --output-dir runs/dreambench
-    # a quick CPU smoke run
+    # FLUX.1-Kontext with a LoRA trained for ComfyUI's `index` reference method
+    python recipes/evaluate.py --generate --family kontext --base black-forest-labs/FLUX.1-Kontext-dev \\
+        --lora outputs/train/kontext/lora --family-option reference_method=index --output-dir runs/kontext
+    # a quick CPU smoke run (any --family; flux2 and qwen_edit_plus need --ref-size 64)
     python recipes/evaluate.py --generate --tiny --tiny-metrics --max-subjects 2 --max-prompts 2 \\
         --max-multi 1 --images-per-prompt 1 --height 32 --width 32 --ref-size 32 --steps 2 \\
-        --max-sequence-length 16 --output-dir runs/smoke
+        --output-dir runs/smoke
     # score another method's images
     python recipes/evaluate.py --score-only other_method/ --output-dir runs/other
 
@@ -75,7 +82,8 @@ from mosaic_kit.eval import (
     tiny_dino_scorer,
 )
 from mosaic_kit.eval.paper import dreambench_paper_table
-from mosaic_kit.pipelines import family_names
+from mosaic_kit.models.options import parse_family_options, resolve_family_options
+from mosaic_kit.pipelines import family_names, get_family
 from mosaic_kit.utils.cli import (
     RecipeArgumentParser,
     add_output_dir,
@@ -97,7 +105,8 @@ def build_parser() -> RecipeArgumentParser:
     parser = RecipeArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--benchmark", choices=BENCHMARKS, default="dreambench", help="which benchmark (default dreambench)")
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--generate", action="store_true", help="generate the images with a MosaicFluxPipeline, then score")
+    mode.add_argument("--generate", action="store_true",
+                      help="generate the images with the --family's pipeline (family.sample), then score")
     mode.add_argument("--score-only", type=Path, metavar="DIR", help="score the images in DIR (laid out by case)")
     add_output_dir(parser, "run folder (resumable; required)", type=Path, deprecated=("--out",))
     parser.add_argument("--dreambench", type=Path, default=None,
@@ -114,14 +123,17 @@ def build_parser() -> RecipeArgumentParser:
     cases.add_argument("--identifier", default="", help="the {0} token of the prompts (e.g. sks); default empty")
 
     gen = parser.add_argument_group("generation (--generate)")
-    gen.add_argument("--tiny", action="store_true", help="a tiny random pipeline (mosaic_kit.pipelines.tiny_mosaic_pipeline)")
-    gen.add_argument("--base", default="black-forest-labs/FLUX.1-dev", help="FLUX.1 base: folder or hub id")
-    gen.add_argument("--lora", type=Path, default=None, help="MOSAIC LoRA safetensors (diffusers layout)")
+    gen.add_argument("--tiny", action="store_true", help="the family over tiny random components built in code")
+    gen.add_argument("--base", default=None,
+                     help="the family's base pipeline: folder or hub id (e.g. black-forest-labs/FLUX.1-dev for flux1)")
+    gen.add_argument("--lora", type=Path, default=None, help="the family's MOSAIC LoRA file (or a folder holding one)")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="pipeline dtype (tiny: float32)")
-    gen.add_argument("--family", choices=family_names(), default=None,
-                     help="XVerseBench generation: a model family of the registry, its own pipeline with the LoRA "
-                          f"(default {family_names()[0]}; DreamBench generation uses MosaicFluxPipeline)")
+    gen.add_argument("--family", choices=family_names(), default=family_names()[0],
+                     help=f"a model family of the registry, its own pipeline with the LoRA (default {family_names()[0]})")
+    gen.add_argument("--family-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="an option the family declares (repeatable), e.g. reference_method=index for kontext; "
+                          "default: what the LoRA file records, else the family's")
     gen.add_argument("--height", type=int, default=None, help="default 512 (XVerseBench: 768)")
     gen.add_argument("--width", type=int, default=None, help="default 512 (XVerseBench: 768)")
     gen.add_argument("--ref-size", type=int, default=None,
@@ -129,7 +141,8 @@ def build_parser() -> RecipeArgumentParser:
     gen.add_argument("--reference-index", type=int, default=0, help="which photo of each subject is the reference")
     gen.add_argument("--steps", type=int, default=28)
     gen.add_argument("--guidance", type=float, default=3.5)
-    gen.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens")
+    gen.add_argument("--max-sequence-length", type=int, default=512,
+                     help="recorded in settings.json only: each family samples with its own prompt length")
 
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP model: folder or hub id")
@@ -185,14 +198,15 @@ def parse_args(argv: list[str] | None = None, parser: RecipeArgumentParser | Non
         if XVERSEBENCH_ENV not in os.environ:
             parser.error(f"--benchmark xversebench needs --xversebench DIR (XVerse's repository) or ${XVERSEBENCH_ENV}")
         args.xversebench = Path(os.environ[XVERSEBENCH_ENV])
-    if not xverse and args.family is not None:
-        parser.error("--family applies to --benchmark xversebench (DreamBench generation uses MosaicFluxPipeline)")
-    if xverse and args.family is None:
-        args.family = family_names()[0]
     if args.score_only is not None and args.tiny:
         parser.error("--tiny only applies to --generate")
-    if args.generate and not args.tiny and args.lora is None:
-        parser.error("--generate needs --lora (the MOSAIC weights) or --tiny")
+    if args.generate and not args.tiny and (args.lora is None or args.base is None):
+        parser.error("--generate needs --base (the family's pipeline) and --lora (the MOSAIC weights), or --tiny")
+    args.family_options = {}
+    if args.generate:
+        with usage_errors(parser):  # an option the family does not declare, or one the LoRA contradicts
+            args.family_options = resolve_family_options(
+                get_family(args.family).family_class, parse_family_options(args.family_option), args.lora)
     return args
 
 
@@ -208,6 +222,7 @@ def run_settings(args: argparse.Namespace) -> dict:
     }
     if args.generate:
         settings["pipeline"] = "tiny" if args.tiny else {"base": args.base, "lora": str(args.lora), "dtype": args.dtype}
+        settings.update(family=args.family, family_options=args.family_options)
         settings.update(
             seed=args.seed, height=args.height, width=args.width, ref_size=args.ref_size,
             reference_index=args.reference_index, steps=args.steps, guidance=args.guidance,
@@ -219,16 +234,18 @@ def run_settings(args: argparse.Namespace) -> dict:
 
 
 def load_pipeline(args: argparse.Namespace):
-    """The MOSAIC pipeline (imported only in generation mode)."""
-    if args.tiny:
-        from mosaic_kit.pipelines import tiny_mosaic_pipeline
+    """The chosen family of the registry as the benchmarks' pipeline (generation mode only): built
+    with its options, the LoRA loaded through ``family.load_lora``, each call one ``family.sample``
+    (`FamilySampler`)."""
+    from mosaic_kit.eval.xversebench import FamilySampler
+    from mosaic_kit.pipelines import build_family
 
-        return tiny_mosaic_pipeline(args.seed).to(args.device)
-    from mosaic_kit.pipelines import MosaicFluxPipeline
-
-    pipe = MosaicFluxPipeline.from_pretrained(args.base, torch_dtype=DTYPES[args.dtype])
-    pipe.load_mosaic_weights(args.lora)
-    return pipe.to(args.device)
+    family = build_family(args.family, None if args.tiny else args.base, torch_dtype=DTYPES[args.dtype],
+                          seed=args.seed, family_options=args.family_options)
+    family.to(args.device)
+    if args.lora is not None:
+        family.load_lora(args.lora)
+    return FamilySampler(family)
 
 
 def load_scorers(args: argparse.Namespace) -> tuple[CLIPScorer, DINOScorer]:
@@ -256,6 +273,8 @@ def xverse_settings(args: argparse.Namespace) -> dict:
     if args.generate:
         settings["pipeline"] = f"tiny-{args.family}" if args.tiny else {
             "family": args.family, "base": args.base, "lora": str(args.lora), "dtype": args.dtype}
+        if args.family_options:
+            settings["family_options"] = args.family_options
         settings.update(seed=args.seed, height=args.height, width=args.width, ref_size=args.ref_size, steps=args.steps,
                         guidance=args.guidance, max_sequence_length=args.max_sequence_length)
     else:
@@ -265,18 +284,13 @@ def xverse_settings(args: argparse.Namespace) -> dict:
 
 def load_xverse_pipeline(args: argparse.Namespace):
     """(pipeline, XVerseGeneration) for the chosen family of the registry (generation mode only):
-    the family's own pipeline with the LoRA loaded through ``family.load_lora``."""
-    from mosaic_kit.eval.xversebench import FamilySampler, XVerseGeneration
-    from mosaic_kit.pipelines import build_family
+    `load_pipeline`, the references prepared at the benchmark's size."""
+    from mosaic_kit.eval.xversebench import XVerseGeneration
 
-    family = build_family(args.family, None if args.tiny else args.base, torch_dtype=DTYPES[args.dtype], seed=args.seed)
-    family.to(args.device)
-    if args.lora is not None:
-        family.load_lora(args.lora)
     generation = XVerseGeneration(height=args.height, width=args.width, reference_size=args.ref_size,
                                   num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                                   reference_argument="reference_images", pass_reference_size=False)
-    return FamilySampler(family), generation
+    return load_pipeline(args), generation
 
 
 def load_xverse_scorers(args: argparse.Namespace):
@@ -369,9 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
         generation = GenerationSettings(
             height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
             seed=args.seed, reference_index=args.reference_index, reference_size=args.ref_size,
-            pipeline_kwargs={"max_sequence_length": args.max_sequence_length, "progress": False},
         )
-    pipe = load_pipeline(args) if args.generate else None
+        pipe = load_pipeline(args) if args.generate else None  # a LoRA of another family or options: one line
     clip, dino = load_scorers(args)
     summary = evaluate_cases(
         bench, cases, args.output_dir, clip, dino,

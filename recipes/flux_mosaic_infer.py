@@ -18,6 +18,16 @@ no mosaic_kit code is in the sampling path::
         --lora outputs/train/flux2_klein/lora --references dog.jpg cat.jpg \
         --prompt "a dog and a cat on a sofa" --output outputs/dog_cat.png --dtype bf16
 
+A family's declared options (``ModelFamily.family_options``) are set with ``--family-option
+KEY=VALUE`` (repeatable; the value is read as YAML); a LoRA file that records the options it was
+trained with (``model.family_options`` of a training run) runs with them unless told otherwise, and
+a conflicting ``--family-option`` is refused. ``--reference-method M`` is short for ``--family-option
+reference_method=M``, for the families that declare that option (FLUX.1-Kontext: offset, index or
+uxo, as ComfyUI's ``FluxKontextMultiReferenceLatentMethod`` node)::
+
+    python recipes/flux_mosaic_infer.py --family kontext --lora outputs/train/tiny_kontext/lora \
+        --reference-method index --output outputs/kontext_index.png
+
 With no ``--base`` it builds a tiny random pipeline of the family in code (nothing is downloaded)
 and runs the whole path on the CPU in seconds; its image is noise, but every step is the real
 one. Without ``--references`` it then uses two DreamBench photos (``--dreambench``, by default
@@ -38,10 +48,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from mosaic_kit.data import find_dreambench
+from mosaic_kit.models.options import parse_family_options, resolve_family_options
 from mosaic_kit.eval.sheets import SheetRow, contact_sheet
 from mosaic_kit.pipelines import build_family, family_names, fit_on_white, get_family, load_reference_image
 from mosaic_kit.utils import save_image_atomic
-from mosaic_kit.utils.cli import DeprecatedAlias, RecipeArgumentParser, add_threads
+from mosaic_kit.utils.cli import DeprecatedAlias, RecipeArgumentParser, add_threads, usage_errors
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,6 +64,11 @@ def build_parser() -> RecipeArgumentParser:
                             f"{name}: {get_family(name).description}" for name in family_names()))
     parser.add_argument("--base", help="base pipeline: a local folder or a hub id (default: a tiny random pipeline)")
     parser.add_argument("--lora", help="MOSAIC LoRA .safetensors file (or a folder holding one)")
+    parser.add_argument("--family-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option the family declares (repeatable), e.g. reference_method=index for kontext; "
+                             "default: what the LoRA file records, else the family's")
+    parser.add_argument("--reference-method", help="short for --family-option reference_method=METHOD (families with "
+                                                   "that option: kontext, offset | index | uxo)")
     parser.add_argument("--references", nargs="+", help="reference image files, one per subject")
     parser.add_argument("--prompt", default="two subjects side by side on a table")
     parser.add_argument("--height", type=int, help="output height (default: the family's, e.g. 512 for flux1; 32 tiny)")
@@ -85,9 +101,23 @@ def parse_args(argv: list[str] | None = None, parser: RecipeArgumentParser | Non
             load_reference_image(path, 0)
         except ValueError as error:
             parser.error(f"argument --references: {error}")
+    args.family_options = family_options_from_args(args, parser)
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
+
+
+def family_options_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """``--family-option KEY=VALUE`` and ``--reference-method``, checked by the family, plus what
+    the LoRA file records (`resolve_family_options`); a bad one: one line, exit 2."""
+    with usage_errors(parser):
+        given = parse_family_options(args.family_option)
+        if args.reference_method is not None:
+            if given.get("reference_method", args.reference_method) != args.reference_method:
+                raise ValueError(f"--reference-method {args.reference_method!r} differs from --family-option "
+                                 f"reference_method={given['reference_method']!r}.")
+            given["reference_method"] = args.reference_method
+        return resolve_family_options(get_family(args.family).family_class, given, args.lora)
 
 
 def default_references(dreambench: Path | None, size: int) -> list[Image.Image | Path]:
@@ -114,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(args, name, value)
     references = args.references or default_references(args.dreambench, 256)
     references = [fit_on_white(load_reference_image(ref, k), args.ref_size) for k, ref in enumerate(references)]
-    family = build_family(args.family, args.base, torch_dtype=DTYPES[args.dtype], seed=args.seed).to(args.device)
+    family = build_family(args.family, args.base, torch_dtype=DTYPES[args.dtype], seed=args.seed,
+                          family_options=args.family_options).to(args.device)
     if args.lora:
         family.load_lora(args.lora)
     elif not tiny:
@@ -124,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     image = family.sample(args.prompt, references, args.height, args.width, args.steps,
                           generator=torch.Generator(device="cpu").manual_seed(args.seed), guidance_scale=args.guidance,
                           **options)
-    return _write(args, [image], references, time.perf_counter() - start, {"pipeline": type(family.pipe).__name__})
+    return _write(args, [image], references, time.perf_counter() - start,
+                  {"pipeline": type(family.pipe).__name__, "family_options": family.family_option_values()})
 
 
 def _write(args: argparse.Namespace, images: list, references: list, seconds: float, extra: dict) -> dict:

@@ -102,7 +102,13 @@ def load_settings(args: argparse.Namespace) -> dict:
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict) or set(values) - {"ablation", "eval", "train"}:
         raise ValueError(f"Expected {path} to hold the sections ablation, eval and train, but got {sorted(values)}.")
-    values = apply_overrides(values, (SMOKE if args.smoke else []) + list(args.overrides))
+    if args.smoke:  # the smoke model shrinks along the config's own tiny_overrides keys only (Qwen-Image: no single blocks)
+        own = dict(((values.get("train") or {}).get("model") or {}).get("tiny_overrides") or {})
+        values = apply_overrides(values, SMOKE)
+        model = values["train"]["model"]
+        if own:
+            model["tiny_overrides"] = {k: v for k, v in model["tiny_overrides"].items() if k in own}
+    values = apply_overrides(values, list(args.overrides))
     ablation = values.get("ablation") or {}
     if "train_base" in ablation:
         raise ValueError("`ablation.train_base` is now the training setting `train.model.trainable` (lora or all); "

@@ -33,10 +33,11 @@ FLUX2_ONLY = re.compile(
 """Linear modules of FLUX.2 (`Flux2Transformer2DModel`) that FLUX.1 does not have."""
 
 MODELS = {
-    "FLUX.1": ("FluxTransformer2DModel", FLUX1_ONLY, "`MosaicFluxFamily` (training: `model.family: flux1`)"),
-    "FLUX.2": ("Flux2Transformer2DModel", FLUX2_ONLY, "`Flux2Family` (training: `model.family: flux2`)"),
+    "FLUX.1": ("FluxTransformer2DModel", FLUX1_ONLY),
+    "FLUX.2": ("Flux2Transformer2DModel", FLUX2_ONLY),
 }
-"""Model → (diffusers transformer class, its own module names, where its LoRAs load)."""
+"""Model → (diffusers transformer class, its own module names). Where its LoRAs load, the
+families say themselves (`families_for`)."""
 
 _KEY = re.compile(r"^(transformer\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
@@ -57,11 +58,57 @@ def lora_made_for(modules: list[str]) -> tuple[str, list[str]] | None:
         >>> lora_made_for(["transformer_blocks.0.attn.to_q"]) is None
         True
     """
-    found = {name: [m for m in modules if pattern.fullmatch(m)] for name, (_, pattern, _) in MODELS.items()}
+    found = {name: [m for m in modules if pattern.fullmatch(m)] for name, (_, pattern) in MODELS.items()}
     hits = [name for name, names in found.items() if names]
     if len(hits) != 1:
         return None
     return f"{hits[0]} ({MODELS[hits[0]][0]})", found[hits[0]]
+
+
+def _targets_cover(targets: str | tuple[str, ...], modules: list[str]) -> bool:
+    """Whether a family's declared LoRA targets (a peft regex over full module names, or
+    module-name suffixes) cover every module."""
+    if isinstance(targets, str):
+        return all(re.fullmatch(targets, module) for module in modules)
+    return bool(targets) and all(any(m == t or m.endswith("." + t) for t in targets) for m in modules)
+
+
+def families_for(model: str, modules: list[str]) -> list[type]:
+    """The model families that load a LoRA made for ``model`` on ``modules``, from what each family
+    declares: its ``architecture`` (``"FLUX.1"``) and its ``lora_targets``. Those whose targets
+    cover every module (a FLUX.1 reference LoRA: `MosaicFluxFamily`; a Kontext LoRA with its
+    text-stream projections: `KontextFamily`), else every family of that architecture.
+
+    Args:
+        model: the architecture (a key of `MODELS`).
+        modules: the LoRA's module names.
+
+    Returns:
+        Family classes, in the order they were defined (one per registry name).
+
+    Example:
+        >>> [f.__name__ for f in families_for("FLUX.1", ["transformer_blocks.0.attn.add_k_proj"])]
+        ['KontextFamily']
+        >>> [f.__name__ for f in families_for("FLUX.1", ["x_embedder"])]
+        ['MosaicFluxFamily']
+    """
+    from . import flux, flux2, kontext, qwen  # noqa: F401  (the shipped families, so they declare themselves)
+    from .family import ModelFamily
+
+    found: dict[str, type] = {}
+    pending = list(ModelFamily.__subclasses__())
+    while pending:
+        cls = pending.pop(0)
+        pending.extend(cls.__subclasses__())
+        if cls.name and getattr(cls, "architecture", "") == model:
+            found.setdefault(cls.name, cls)
+    declared = list(found.values())
+    return [c for c in declared if _targets_cover(getattr(c, "lora_targets", ()), modules)] or declared
+
+
+def _load_hint(model: str, modules: list[str]) -> str:
+    names = [f"`{c.__name__}` (training: `model.family: {c.name}`)" for c in families_for(model, modules)]
+    return f" Load it with {' or '.join(names)}." if names else ""
 
 
 def describe_transformer(transformer: nn.Module, family: str) -> str:
@@ -133,7 +180,7 @@ def check_lora_fits(state: Mapping[str, torch.Tensor], transformer: nn.Module, s
     if origin is not None:
         model = origin[0].split()[0]
         made_for = f"was made for {origin[0]}: {len(origin[1])} of its modules exist only there, e.g. {_listing(origin[1])}"
-        hint = f" Load it with {MODELS[model][2]}."
+        hint = _load_hint(model, sorted(set(named)))
         unknown = [name for name in unknown if name not in origin[1]]
     elif unknown:
         made_for = "was made for another model"

@@ -98,6 +98,10 @@ class ModelFamily(LoraFiles):
         comfyui_lora_keys: the family's ComfyUI key map (`mosaic_kit.models.comfyui.ComfyLoraKey`
             entries, declared next to the family), what ``save_lora(..., format="comfyui")``
             writes through `write_comfyui_lora`; None: the family writes no ComfyUI file.
+        family_options: constructor options that configs (``model.family_options``) and recipes
+            (``--family-option``) may set, name → allowed values (None: any the constructor
+            accepts); held as attributes of that name, recorded in the LoRA file
+            (`mosaic_kit.models.options`).
     """
 
     name: ClassVar[str] = ""
@@ -116,6 +120,7 @@ class ModelFamily(LoraFiles):
     """diffusers' group-offloading types the family's forward works with (`mosaic_kit.models.encoders`)."""
     group_offload_reason: ClassVar[str] = ""
     """Why a group-offloading type is missing from `group_offload_types` (for the error)."""
+    family_options: ClassVar[dict[str, tuple | None]] = {}
 
     pipe: Any = None
     """The diffusers pipeline whose encoders, VAE and scheduler a family built on one uses (None
@@ -168,6 +173,10 @@ class ModelFamily(LoraFiles):
         conditioning holds). Every activation-sized input comes from ``randn(*shape, dtype=...)``;
         position ids and layouts are built on the CPU."""
         raise NotImplementedError(f"{cls.__name__} offers no bare denoiser.")
+
+    def family_option_values(self) -> dict[str, Any]:
+        """The values of the family's `family_options` (what its LoRA files record)."""
+        return {name: getattr(self, name) for name in self.family_options}
 
     # -- what the callers hold ---------------------------------------------------------------------
     @property

@@ -34,6 +34,7 @@ import torch
 from ..models import ModelFamily, MosaicFluxFamily
 from ..models.flux2 import Flux2Family
 from ..models.kontext import KontextFamily
+from ..models.options import check_family_options
 from ..models.qwen import QwenEditPlusFamily
 from .pipeline import MosaicFluxPipeline
 
@@ -81,9 +82,30 @@ class FamilySpec:
         """The `mosaic_kit.training.ModelConfig` fields passed to the family's builders."""
         return tuple(self.family_class.config_extras)
 
+    @property
+    def family_options(self) -> dict[str, tuple | None]:
+        """The options ``model.family_options`` and ``--family-option`` may set (name → allowed
+        values, None: any the family's constructor accepts); `ModelFamily.family_options`."""
+        return dict(self.family_class.family_options)
+
+    def check_options(self, options: Any) -> dict[str, Any]:
+        """``options`` checked against `family_options` (`mosaic_kit.models.options.check_family_options`).
+
+        Raises:
+            ValueError: an option the family does not declare (naming its options) or a value it
+                does not allow.
+
+        Example:
+            >>> get_family("flux2").check_options({"reference_method": "index"})
+            Traceback (most recent call last):
+            ...
+            ValueError: Unknown family option 'reference_method' for model family 'flux2'; it takes none.
+        """
+        return check_family_options(self.family_class, options)
+
     def build(self, base: str | os.PathLike | None = None, torch_dtype: torch.dtype | None = None, seed: int = 0,
               tiny_overrides: dict | None = None, pixel_space: int | None = None, encoders: bool = True,
-              **options: Any) -> ModelFamily:
+              family_options: dict[str, Any] | None = None, **options: Any) -> ModelFamily:
         """The family: tiny random components when ``base`` is None, else the pretrained base.
 
         Args:
@@ -96,11 +118,20 @@ class FamilySpec:
                 `mosaic_kit.training.cache`): a pretrained base never loads them; tiny random
                 components are built whole (one random stream) and then dropped
                 (`mosaic_kit.models.encoders.drop_encoders`).
+            family_options: the family's declared options (`family_options`; ``model.family_options``),
+                checked by `check_options`, e.g. ``{"reference_method": "index"}`` for Kontext.
             **options: the family's constructor options (its `config_extras`, ...).
+
+        Raises:
+            ValueError: a family option the family does not declare or allow.
+
+        Example:
+            >>> build_family("kontext", family_options={"reference_method": "index"}).reference_method
+            'index'
         """
         from ..models.encoders import drop_encoders, encoder_loading_kwargs
 
-        kwargs = dict(options)
+        kwargs = {**options, **self.check_options(family_options)}
         if self.pipeline_class is not None:
             kwargs["pipeline_class"] = self.pipeline_class
         encoder_loading_kwargs(self.family_class, encoders)  # checks the setting

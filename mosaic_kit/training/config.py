@@ -40,6 +40,9 @@ class ModelConfig:
     tiny_seed: int = _help("seed of the tiny random model (base: null)", 0)
     tiny_overrides: dict = _help("tiny model: FluxTransformer2DModel config entries to change", factory=dict)
     pixel_space: int | None = _help("tiny model: pixel space with this factor instead of a random VAE", None)
+    family_options: dict = _help(
+        "options of the model family's builder that it declares (ModelFamily.family_options), e.g. "
+        "{reference_method: index} for kontext (offset | index | uxo); recorded in the LoRA file", factory=dict)
     lora_rank: int = _help("reference LoRA rank (paper 128, released 512)", 128)
     lora_alpha: float | None = _help("LoRA alpha; null = rank (scale 1, as released)", None)
     reference_attention: str = _help("isolated (released) or full", "isolated")
@@ -85,6 +88,7 @@ class ModelConfig:
                 or self.group_offload_blocks < 1:
             raise ValueError(f"Expected `model.group_offload_blocks` to be a positive int, but got "
                              f"{self.group_offload_blocks!r}.")
+        self._check_family_options()
         check_option("model.trainable", self.trainable, TRAINABLE)
         check_option("model.lora_format", self.lora_format, LORA_FORMATS)
         check_option("model.quantize", self.quantize, QUANTIZE)
@@ -109,6 +113,15 @@ class ModelConfig:
             raise ValueError("Expected `model.tiny_overrides` and `model.pixel_space` only with `model.base: null`.")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
             raise ValueError(f"Expected `model.lora_rank` to be a positive int, but got {self.lora_rank!r}.")
+
+    def _check_family_options(self) -> None:
+        """``family_options`` against what the family declares (one line naming its options)."""
+        from ..pipelines.registry import get_family
+
+        try:
+            get_family(self.family).check_options(self.family_options)
+        except ValueError as error:
+            raise ValueError(f"`model.family_options`: {error}") from None
 
 
 @dataclass

@@ -211,6 +211,7 @@ class MosaicTrainer:
         spec = get_family(cfg.family)  # the registry: everything model-specific is behind the family
         family = spec.build(cfg.base, torch_dtype=self.weight_dtype, seed=cfg.tiny_seed, tiny_overrides=cfg.tiny_overrides,
                             pixel_space=cfg.pixel_space, encoders=not self.config.data.cache_dir,  # cached: none
+                            family_options=cfg.family_options,
                             **{name: getattr(cfg, name) for name in spec.config_extras})
         if cfg.init_lora:
             family.load_lora(cfg.init_lora)

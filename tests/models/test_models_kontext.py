@@ -166,3 +166,22 @@ def test_tiny_kontext_config_trains_with_finite_losses(tmp_path):
     assert rows and all(np.isfinite(r["scal"]) and r["scal"] > 0 and np.isfinite(r["mdl"]) for r in rows if "scal" in r)
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "run" / "samples" / "step-0000004.png").is_file()  # sampled by the family's K-reference loop
+
+
+@pytest.mark.parametrize("into", ["flux2", "qwen_edit_plus"])
+def test_a_kontext_lora_in_another_model_is_hinted_to_kontext_not_flux1(tmp_path, into):
+    """The hint comes from what the families declare (architecture, LoRA targets): a Kontext LoRA
+    has FLUX.1's module names, but only the Kontext family loads its text-stream projections."""
+    from mosaic_kit.pipelines import build_family
+
+    kontext = KontextFamily.tiny()
+    kontext.add_lora(rank=2)
+    file = kontext.save_lora(tmp_path)
+    with pytest.raises(ValueError, match="made for FLUX.1") as error:
+        build_family(into).load_lora(file)
+    message = str(error.value)
+    assert message.endswith("Load it with `KontextFamily` (training: `model.family: kontext`).") and "flux1" not in message
+    flux1 = build_family("flux1")  # a FLUX.1 reference LoRA still goes to the FLUX.1 family
+    flux1.add_lora(rank=2)
+    with pytest.raises(ValueError, match=r"Load it with `MosaicFluxFamily` \(training: `model.family: flux1`\)\.$"):
+        build_family(into).load_lora(flux1.save_lora(tmp_path / "flux1.safetensors"))

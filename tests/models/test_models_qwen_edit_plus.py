@@ -136,8 +136,8 @@ def test_bad_options_are_refused(options, message):
 
 
 def test_bad_uses_are_refused():
-    with pytest.raises(ValueError, match="`pixel_space` None"):
-        QwenEditPlusFamily.tiny(pixel_space=2)
+    with pytest.raises(ValueError, match="`factor` to be a power of two"):
+        QwenEditPlusFamily.tiny(pixel_space=3)
     with pytest.raises(ValueError, match="QwenImageTransformer2DModel"):
         QwenEditPlusFamily(object())
     family = QwenEditPlusFamily.tiny()
@@ -172,3 +172,25 @@ def test_lora_writer_takes_the_trainers_format_records_a_digest_and_load_refuses
         QwenEditPlusFamily.tiny().load_lora(tmp_path / "changed.safetensors")
     with pytest.raises(NotImplementedError, match="ComfyUI key map"):
         family.save_lora(tmp_path / "comfy.safetensors", format="comfyui")
+
+
+def test_pixel_space_family_round_trips_images_and_keeps_the_pipeline_layout():
+    """``pixel_space`` (the synthetic world's CPU ablation): the stock pipeline's own steps encode
+    pixels losslessly, laid out as with the VAE; the stock pipeline samples through it."""
+    from PIL import Image
+
+    family = QwenEditPlusFamily.tiny(pixel_space=2)
+    assert family.pipe.vae_scale_factor == 2 and family.pixels_per_token == 4
+    assert (family.transformer.config.in_channels, family.transformer.config.out_channels) == (48, 12)
+    images, references = _eight_bit(2, 3, 64, 32), _eight_bit(2, 2, 3, 32, 32, seed=1)
+    inputs = family.encode(images, ["a", "b"], references)
+    assert inputs.target.shape == (2, 16 * 8, 48)  # one token = 4 × 4 pixels, 4·3·2² channels
+    assert inputs.layout.reference_token_counts == (64, 64)
+    assert inputs.conditioning["img_shapes"][0] == [(1, 16, 8), (1, 8, 8), (1, 8, 8)]
+    torch.testing.assert_close(family.decode(inputs.target, 64, 32), images, rtol=0, atol=1e-6)
+    out = family.forward(inputs, torch.randn(2, 128, 48), torch.tensor([0.5, 0.5]))
+    assert out.shape == (2, 128, 48) and torch.isfinite(out).all()
+    image = family.sample("a cat", [Image.new("RGB", (32, 32), "red")], 32, 32, num_inference_steps=1)
+    assert image.size == (32, 32)
+    with pytest.raises(ValueError, match=r"\(B, C, frames, H, W\)"):
+        family.pipe.vae.encode(torch.zeros(1, 3, 8, 8))

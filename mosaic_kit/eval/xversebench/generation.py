@@ -82,7 +82,10 @@ class FamilySampler:
     is one ``family.sample``, the family's own pipeline with its LoRA as loaded.
 
     Use it with ``XVerseGeneration(reference_argument="reference_images", pass_reference_size=False)``
-    (the references arrive prepared at the benchmark's size).
+    (the references arrive prepared at the benchmark's size), or with DreamBench's
+    `mosaic_kit.eval.dreambench.generate_case_images`, whose ``ref_size`` it takes as the released
+    preprocessing: each photo fitted on white into a ``ref_size`` square
+    (`mosaic_kit.pipelines.fit_on_white`, what `MosaicFluxPipeline` does to its references).
 
     Args:
         family: the model family.
@@ -95,6 +98,12 @@ class FamilySampler:
         >>> FamilySampler(Grey())(prompt="a cat", reference_images=[], height=8, width=12,
         ...                       num_inference_steps=1, guidance_scale=3.5, generator=None).images[0].size
         (12, 8)
+        >>> class Sizes(Grey):  # what the family gets with a ``ref_size``
+        ...     def sample(self, prompt, references, *args, **kwargs):
+        ...         return Image.new("RGB", references[0].size)
+        >>> FamilySampler(Sizes())(prompt="a cat", reference_images=[Image.new("RGB", (40, 20))], height=8, width=8,
+        ...                        num_inference_steps=1, guidance_scale=3.5, generator=None, ref_size=16).images[0].size
+        (16, 16)
     """
 
     def __init__(self, family: Any) -> None:
@@ -104,7 +113,13 @@ class FamilySampler:
 
     def __call__(self, *, prompt: str, reference_images: list[Image.Image], height: int, width: int,
                  num_inference_steps: int, guidance_scale: float, generator: torch.Generator | None,
-                 **options: Any) -> Any:
+                 ref_size: int | None = None, **options: Any) -> Any:
+        """One ``family.sample`` (``options`` go to it); with ``ref_size``, each reference fitted
+        on white into a ``ref_size`` square first. Returns an object whose ``.images[0]`` is the image."""
+        if ref_size is not None:
+            from ...pipelines.pipeline import fit_on_white
+
+            reference_images = [fit_on_white(image, ref_size) for image in reference_images]
         image = self.family.sample(prompt, reference_images, height, width, num_inference_steps,
                                    generator=generator, guidance_scale=guidance_scale, **options)
         return type("FamilyOutput", (), {"images": [image]})()

@@ -16,6 +16,7 @@ from ..family import ModelFamily, ModelInputs, check_trainable
 from .lora import (
     DEFAULT_ADAPTER,
     FLUX1_COMFYUI_KEYS,
+    REFERENCE_LORA_TARGETS,
     _base,
     add_reference_lora,
     load_reference_lora,
@@ -53,6 +54,8 @@ class MosaicFluxFamily(ModelFamily):
     """
 
     name = "flux1"
+    architecture = "FLUX.1"  # the model its LoRAs are made for (LoRA errors name the family that loads one)
+    lora_targets = REFERENCE_LORA_TARGETS  # the reference-routed modules (a peft regex)
     config_extras = ("reference_attention", "capture_blocks", "quantize")
     encoder_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
     group_offload_types = ("leaf_level",)

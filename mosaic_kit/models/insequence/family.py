@@ -374,7 +374,8 @@ class InSequenceFamily(ModelFamily):
 
         ``format="diffusers"``: through the stock pipeline's ``save_lora_weights`` (diffusers'
         layout, keys ``transformer.<module>.lora_A.weight``, with the adapter metadata so a reload
-        keeps ``lora_alpha``), then rewritten with mosaic_kit's digest added (`write_lora_file`:
+        keeps ``lora_alpha``, and the family options it trains with, `family_options_metadata`),
+        then rewritten with mosaic_kit's digest added (`write_lora_file`:
         `load_lora` refuses a file whose tensors changed; stock ``load_lora_weights`` ignores the
         digest). ``format="comfyui"``: the same LoRA with ``alpha / rank`` folded in, in the key
         names ComfyUI's LoRA loader reads (`write_comfyui_lora` with the family's
@@ -405,6 +406,7 @@ class InSequenceFamily(ModelFamily):
 
         from ..comfyui import check_lora_format
         from ..flux.lora import scale_lora_state, write_lora_file
+        from ..options import family_options_metadata
 
         check_lora_format(format)
         peft_config = getattr(self.transformer, "peft_config", {}).get(IN_SEQUENCE_ADAPTER)
@@ -431,7 +433,7 @@ class InSequenceFamily(ModelFamily):
             with safe_open(Path(scratch) / file.name, framework="pt") as written:
                 tensors = {key: written.get_tensor(key) for key in written.keys()}
                 metadata = written.metadata() or {}
-        return write_lora_file(tensors, file, metadata=metadata)
+        return write_lora_file(tensors, file, metadata={**metadata, **family_options_metadata(self)})
 
     def load_lora(self, path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor], partial: bool = False) -> None:
         """Loads a LoRA of the stock layout (a file, a folder, a hub id, or a state dict).
@@ -442,11 +444,14 @@ class InSequenceFamily(ModelFamily):
         architecture is refused naming the file and both models). With no LoRA on the
         transformer, the weights go in through the stock ``load_lora_into_transformer`` (rank and
         alpha from the file's metadata) as adapter ``"mosaic"``; with one, the values replace
-        its values (resuming training), every weight required unless ``partial``.
+        its values (resuming training), every weight required unless ``partial``. A file that
+        records family options (`mosaic_kit.models.options`, e.g. Kontext's ``reference_method``)
+        loads only into a family with the same values.
 
         Raises:
-            ValueError: naming the file: damaged, non-finite, made for another model, or weights
-                missing (unless ``partial``), unexpected or of another shape.
+            ValueError: naming the file: damaged, non-finite, made for another model, trained with
+                other family options, or weights missing (unless ``partial``), unexpected or of
+                another shape.
 
         Example:
             >>> import tempfile
@@ -461,12 +466,14 @@ class InSequenceFamily(ModelFamily):
         """
         from .._lora_origin import check_lora_fits
         from ..flux.lora import read_lora_file
+        from ..options import check_lora_family_options, recorded_family_options
 
         source, kwargs, file = _lora_source(path_or_state_dict)
         label = f"LoRA file {str(file or source)!r}" if file is not None or not isinstance(source, dict) \
             else "LoRA state dict"
         if file is not None and file.suffix == ".safetensors":
             read_lora_file(file)  # the recorded digest (damaged or changed tensors) and finite tensors
+            check_lora_family_options(self, recorded_family_options(file), label)  # e.g. Kontext's reference_method
         pipeline_class = type(self.pipe)
         state, metadata = pipeline_class.lora_state_dict(source, return_lora_metadata=True, **kwargs)
         stray = sorted(k for k in state if "lora" not in k and "lokr" not in k)  # stock load_lora_weights' check

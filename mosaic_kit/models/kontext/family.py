@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ...utils.checks import check_int
+from ...utils.checks import check_int, check_option
 from ..family import ModelInputs, TokenLayout
 from ..insequence import InSequenceFamily
 from .positions import REFERENCE_METHODS, kontext_reference_ids
@@ -50,11 +50,11 @@ class KontextFamily(InSequenceFamily):
     transformer_class_name = "FluxTransformer2DModel"
     tiny_defaults = {"max_sequence_length": 32}
     encoder_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
+    family_options = {"reference_method": REFERENCE_METHODS}  # model.family_options / --family-option
 
     def __init__(self, pipe: Any, capture_blocks: str | Sequence[str] = "all", reference_method: str = "offset",
                  max_sequence_length: int = 512) -> None:
-        if reference_method not in REFERENCE_METHODS:
-            raise ValueError(f"Expected `reference_method` in {REFERENCE_METHODS}, but got {reference_method!r}.")
+        check_option("reference_method", reference_method, REFERENCE_METHODS)
         super().__init__(pipe, capture_blocks)
         self.reference_method = reference_method
         self.max_sequence_length = check_int("max_sequence_length", max_sequence_length, minimum=1)

@@ -103,21 +103,19 @@ class QwenEditPlusFamily(InSequenceFamily):
     @staticmethod
     def tiny_components(seed: int, transformer_overrides: dict | None, pixel_space: int | None) -> dict[str, Any]:
         """Tiny random `QwenImageEditPlusPipeline` components (`mosaic_kit.models.qwen.tiny`) for
-        `tiny` (``transformer_overrides={"zero_cond_t": False}``: the 2509 transformer).
-
-        Raises:
-            ValueError: a ``pixel_space`` (this family has a VAE only).
+        `tiny` (``transformer_overrides={"zero_cond_t": False}``: the 2509 transformer;
+        ``pixel_space``: `mosaic_kit.models.qwen.tiny.QwenPixelAutoencoder` instead of the VAE).
 
         Example:
             >>> QwenEditPlusFamily.tiny(transformer_overrides={"zero_cond_t": False}).transformer.zero_cond_t
             False
+            >>> QwenEditPlusFamily.tiny(pixel_space=2).pixels_per_token
+            4
         """
         from .tiny import tiny_qwen_edit_plus_components
 
-        if pixel_space is not None:
-            raise ValueError(f"Expected `pixel_space` None (the Qwen-Image-Edit-Plus family has a VAE only), but got "
-                             f"{pixel_space!r}.")
-        return tiny_qwen_edit_plus_components(seed=seed, transformer_overrides=transformer_overrides)
+        return tiny_qwen_edit_plus_components(seed=seed, transformer_overrides=transformer_overrides,
+                                              pixel_space=pixel_space)
 
     @classmethod
     def bare_model_kwargs(cls, transformer: torch.nn.Module, target_size: int, reference_sizes: Sequence[int],

@@ -13,13 +13,16 @@ tokens, the prefix the pipeline drops (``prompt_template_encode_start_idx``), as
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from transformers import Qwen2VLProcessor
 
-__all__ = ["TINY_QWEN_TRANSFORMER_CONFIG", "ImageOnlyQwen2VLProcessor", "tiny_qwen_edit_plus_components",
-           "tiny_qwen_vl_tokenizer"]
+from ..pixel import PixelAutoencoder, _EncoderOutput, _LatentDistribution
+
+__all__ = ["TINY_QWEN_TRANSFORMER_CONFIG", "ImageOnlyQwen2VLProcessor", "QwenPixelAutoencoder",
+           "tiny_qwen_edit_plus_components", "tiny_qwen_vl_tokenizer"]
 
 TINY_QWEN_TRANSFORMER_CONFIG: dict[str, Any] = {
     "patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
@@ -100,13 +103,73 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         return super().check_argument_for_proper_class(argument_name, argument)
 
 
-def tiny_qwen_edit_plus_components(seed: int = 0, transformer_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+class QwenPixelAutoencoder(PixelAutoencoder):
+    """Pixel space behind the interface `QwenImageEditPlusPipeline` uses of ``AutoencoderKLQwenImage``.
+
+    `mosaic_kit.models.PixelAutoencoder` (lossless pixel unshuffling, ``3·factor²`` channels at
+    ``1/factor`` resolution) on the video autoencoder's 5-d tensors ``(B, C, frames, H, W)``,
+    each frame folded on its own, with the config entries the pipeline reads: ``z_dim`` (the
+    channels), the identity latent statistics (``latents_mean`` 0, ``latents_std`` 1) and
+    ``temperal_downsample`` (one entry per halving: the pipeline's ``vae_scale_factor`` is
+    ``2 ** len(temperal_downsample)``, here ``factor``). With the 2×2 packing one token covers
+    ``2·factor`` pixels, as in the FLUX.1 and FLUX.2 pixel-space worlds.
+
+    Args:
+        factor: pixels per latent cell along each side (a power of two).
+
+    Raises:
+        ValueError: a bad ``factor``, or a tensor that is not 5-d.
+
+    Example:
+        >>> ae = QwenPixelAutoencoder(factor=2)
+        >>> x = torch.rand(1, 3, 1, 8, 8) * 2 - 1
+        >>> z = ae.encode(x).latent_dist.mode()
+        >>> tuple(z.shape), torch.equal(ae.decode(z, return_dict=False)[0], x)
+        ((1, 12, 1, 4, 4), True)
+        >>> ae.config.z_dim, len(ae.temperal_downsample)
+        (12, 1)
+    """
+
+    def __init__(self, factor: int = 2) -> None:
+        super().__init__(factor)
+        channels = self.config.latent_channels
+        self.config.z_dim = channels
+        self.config.latents_mean, self.config.latents_std = [0.0] * channels, [1.0] * channels
+        self.temperal_downsample = [False] * (factor.bit_length() - 1)
+
+    @staticmethod
+    def _per_frame(function: Any, video: torch.Tensor, name: str) -> torch.Tensor:
+        """``function`` over every frame of ``video`` ``(B, C, T, H, W)``, stacked back to 5-d."""
+        if not isinstance(video, torch.Tensor) or video.ndim != 5:
+            raise ValueError(f"Expected `{name}` of shape (B, C, frames, H, W), but got "
+                             f"{getattr(video, 'shape', type(video))}.")
+        out = function(video.transpose(1, 2).flatten(0, 1))
+        return out.unflatten(0, (video.shape[0], video.shape[2])).transpose(1, 2)
+
+    def encode(self, images: torch.Tensor, return_dict: bool = True):
+        """``(B, 3, T, H, W)`` in ``[-1, 1]`` → latents ``(B, 3·f², T, H/f, W/f)``."""
+        latents = self._per_frame(lambda frames: super(QwenPixelAutoencoder, self).encode(frames).latent_dist.mode(),
+                                  images, "images")
+        out = _EncoderOutput(_LatentDistribution(latents))
+        return out if return_dict else (out.latent_dist,)
+
+    def decode(self, latents: torch.Tensor, return_dict: bool = True):
+        """Latents ``(B, 3·f², T, h, w)`` → ``(B, 3, T, h·f, w·f)`` images."""
+        images = self._per_frame(lambda frames: super(QwenPixelAutoencoder, self).decode(frames).sample,
+                                 latents, "latents")
+        return SimpleNamespace(sample=images) if return_dict else (images,)
+
+
+def tiny_qwen_edit_plus_components(seed: int = 0, transformer_overrides: dict[str, Any] | None = None,
+                                   pixel_space: int | None = None) -> dict[str, Any]:
     """The components of a tiny random `diffusers.QwenImageEditPlusPipeline`, deterministic in ``seed``.
 
     Args:
         seed: seed of every random weight.
         transformer_overrides: entries of `TINY_QWEN_TRANSFORMER_CONFIG` to change (e.g.
             ``{"zero_cond_t": False}`` for Qwen-Image-Edit-2509, ``{"num_layers": 1}``).
+        pixel_space: a factor for a `QwenPixelAutoencoder` instead of the random autoencoder
+            (``in_channels`` becomes ``4 · 3 · factor²`` and ``out_channels`` ``3 · factor²``), or None.
 
     Returns:
         ``{"scheduler", "vae", "text_encoder", "tokenizer", "processor", "transformer"}``, every
@@ -139,12 +202,17 @@ def tiny_qwen_edit_plus_components(seed: int = 0, transformer_overrides: dict[st
     config = Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, vocab_size=len(tokenizer),
                               image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                               vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    transformer_config = {**TINY_QWEN_TRANSFORMER_CONFIG, **overrides}
+    if pixel_space is not None:
+        vae = QwenPixelAutoencoder(pixel_space)
+        transformer_config.update(in_channels=4 * vae.config.z_dim, out_channels=vae.config.z_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = QwenImageTransformer2DModel(**{**TINY_QWEN_TRANSFORMER_CONFIG, **overrides})
-        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True],
-                                     latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.7, 1.0, 2.0])
+        transformer = QwenImageTransformer2DModel(**transformer_config)
+        if pixel_space is None:
+            vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                         temperal_downsample=[False, True, True],
+                                         latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.7, 1.0, 2.0])
         text_encoder = Qwen2_5_VLForConditionalGeneration(config)
     image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
