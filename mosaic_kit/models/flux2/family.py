@@ -266,36 +266,6 @@ class Flux2Family(InSequenceFamily):
                           for i in range(pixels.shape[0])])
 
     @torch.no_grad()
-    def encode(self, targets: torch.Tensor | None, prompts: Sequence[str], references: torch.Tensor | None = None,
-               target_size: tuple[int, int] | None = None) -> ModelInputs:
-        """Encodes targets, prompts and references into the transformer's inputs.
-
-        Args:
-            targets: ``(B, 3, H, W)`` in ``[0, 1]``, or None for inference (give ``target_size``).
-            prompts: B prompts.
-            references: ``(B, K, 3, h, w)`` in ``[0, 1]`` (every sample's K slots; a placeholder
-                image where a sample has fewer), or None.
-            target_size: ``(H, W)`` in pixels when ``targets`` is None.
-
-        Returns:
-            `ModelInputs`: ``target`` ``(B, N_tgt, C)`` float32 (None without targets), the
-            layout, and ``conditioning`` (``encoder_hidden_states``, ``txt_ids``, ``latent_ids``,
-            ``reference_tokens``, ``reference_ids``; the last two None without references).
-
-        Example:
-            >>> inputs = Flux2Family.tiny().encode(torch.rand(1, 3, 32, 48), ["a cat"])
-            >>> grid = inputs.layout.target_grid
-            >>> inputs.conditioning["reference_tokens"] is None, (grid.rows, grid.cols)
-            (True, (2, 3))
-        """
-        b, layout = self.encoding_layout(targets, prompts, references, target_size)  # the contract every family shares
-        k = len(layout.reference_grids)
-        items = self.encode_prompt_items(prompts)
-        target = None if targets is None else self.encode_image_tokens(targets)
-        refs = self.encode_image_tokens(references.flatten(0, 1)).unflatten(0, (b, k)) if k else None
-        return self.encoded_inputs(items, target, refs, layout)
-
-    @torch.no_grad()
     def encode_prompt_items(self, prompts: Sequence[str], references: torch.Tensor | None = None
                             ) -> list[dict[str, torch.Tensor]]:
         """`encode_prompts` per prompt: ``encoder_hidden_states`` ``(L, D)`` and ``txt_ids``

@@ -212,11 +212,38 @@ class InSequenceFamily(ModelFamily):
         return self._model.capture_handle()
 
     # -- encoding ----------------------------------------------------------------------------------
-    @abc.abstractmethod
+    @torch.no_grad()
     def encode(self, targets: torch.Tensor | None, prompts: Sequence[str], references: torch.Tensor | None = None,
                target_size: tuple[int, int] | None = None) -> ModelInputs:
-        """Encodes targets ``(B, 3, H, W)`` (or None with ``target_size``), B prompts and references
-        ``(B, K, 3, h, w)`` (or None) through the stock pipeline's steps; returns `encoded`'s inputs."""
+        """Encodes targets, prompts and references through the stock pipeline's steps: the checked
+        layout (`encoding_layout`), then the family's `encode_prompt_items` (given the references
+        where `prompt_uses_references`), `encode_image_tokens` of the targets and of every
+        reference, and `encoded_inputs`.
+
+        Args:
+            targets: ``(B, 3, H, W)`` in ``[0, 1]``, or None for inference (give ``target_size``).
+            prompts: B prompts.
+            references: ``(B, K, 3, h, w)`` in ``[0, 1]`` (every sample's K slots; a placeholder
+                image where a sample has fewer), or None.
+            target_size: ``(H, W)`` in pixels when ``targets`` is None.
+
+        Returns:
+            `ModelInputs` (`encoded`): ``target`` ``(B, N_tgt, C)`` float32 (None without
+            targets), the layout, and the family's ``conditioning``.
+
+        Example:
+            >>> from mosaic_kit.models.flux2 import Flux2Family
+            >>> inputs = Flux2Family.tiny().encode(torch.rand(1, 3, 32, 48), ["a cat"])
+            >>> grid = inputs.layout.target_grid
+            >>> inputs.conditioning["reference_tokens"] is None, (grid.rows, grid.cols)
+            (True, (2, 3))
+        """
+        b, layout = self.encoding_layout(targets, prompts, references, target_size)  # the contract every family shares
+        k = len(layout.reference_grids)
+        items = self.encode_prompt_items(prompts, references if self.prompt_uses_references else None)
+        target = None if targets is None else self.encode_image_tokens(targets)
+        refs = self.encode_image_tokens(references.flatten(0, 1)).unflatten(0, (b, k)) if k else None
+        return self.encoded_inputs(items, target, refs, layout)
 
     def encoding_layout(self, targets: torch.Tensor | None, prompts: Sequence[str], references: torch.Tensor | None,
                         target_size: tuple[int, int] | None) -> tuple[int, TokenLayout]:

@@ -68,7 +68,7 @@ class KontextFamily(InSequenceFamily):
 
     # -- encoding: the stock pipeline's steps ------------------------------------------------------------
     @torch.no_grad()
-    def _latents(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` in [0, 1] → ``(N, H·W / 256, C)``: ``_encode_vae_image`` (mode), ``_pack_latents``,
         one image per call (as the stock pipeline encodes its one image; a batch may differ in the last bits)."""
         vae, tokens = self.pipe.vae, []
@@ -76,8 +76,6 @@ class KontextFamily(InSequenceFamily):
             grid = self.pipe._encode_vae_image(image=(images[i : i + 1] * 2 - 1).to(vae.device, vae.dtype), generator=None)
             tokens.append(self.pipe._pack_latents(grid, *grid.shape))
         return torch.cat(tokens)
-
-    encode_image_tokens = _latents
 
     @torch.no_grad()
     def encode_prompt_items(self, prompts: Sequence[str], references: torch.Tensor | None = None
@@ -92,27 +90,6 @@ class KontextFamily(InSequenceFamily):
     def _reference_ids(layout: TokenLayout, method: str) -> torch.Tensor:
         grids = [(g.rows, g.cols) for g in layout.reference_grids]
         return kontext_reference_ids((layout.target_grid.rows, layout.target_grid.cols), grids, method)
-
-    @torch.no_grad()
-    def encode(self, targets: torch.Tensor | None, prompts: Sequence[str], references: torch.Tensor | None = None,
-               target_size: tuple[int, int] | None = None) -> ModelInputs:
-        """Encodes targets, prompts and references as `FluxKontextPipeline` encodes its inputs.
-
-        Args:
-            targets: ``(B, 3, H, W)`` in [0, 1], or None for inference (give ``target_size``).
-            prompts: B prompts.
-            references: ``(B, K, 3, h, w)`` in [0, 1], or None.
-            target_size: ``(H, W)`` when ``targets`` is None.
-
-        Returns:
-            `ModelInputs`: ``target`` (float32 or None), conditioning ``encoder_hidden_states``, ``pooled_projections``,
-            ``txt_ids``, ``latent_ids``, ``reference_tokens``, ``reference_ids`` (by ``reference_method``).
-        """
-        b, layout = self.encoding_layout(targets, prompts, references, target_size)
-        k = len(layout.reference_grids)
-        items = self.encode_prompt_items(prompts)
-        refs = self._latents(references.flatten(0, 1)).unflatten(0, (b, k)) if k else None
-        return self.encoded_inputs(items, None if targets is None else self._latents(targets), refs, layout)
 
     def encoded_inputs(self, prompt_items: Sequence[dict[str, torch.Tensor]], target_tokens: torch.Tensor | None,
                        reference_tokens: torch.Tensor | None, layout: TokenLayout) -> ModelInputs:
