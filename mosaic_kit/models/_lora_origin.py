@@ -152,8 +152,8 @@ def lora_family_metadata(family: object) -> dict[str, str]:
     """
     name = getattr(type(family), "name", "")
     if not isinstance(name, str) or not name:
-        raise ValueError(f"Expected `family` to be a ModelFamily with a registry `name`, but got {type(family).__name__} "
-                         f"with name {name!r}.")
+        raise ValueError(f"Expected `family` to be a ModelFamily with a registry `name`, but got "
+                         f"{type(family).__name__} with name {name!r}.")
     return {LORA_FAMILY_KEY: name}
 
 

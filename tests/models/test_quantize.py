@@ -1,8 +1,8 @@
 """A quantized frozen base (`mosaic_kit.models.quantize`): torchao int8 weight-only through
 diffusers' ``TorchAoConfig`` on the tiny FLUX.1, FLUX.2, Qwen-Image-Edit-Plus and FLUX.1-Kontext
-families (the backend that runs on the CPU), the LoRA on top through peft. Gradients reach only the LoRA, the prediction stays close to
-the unquantized model's, and the LoRA file has the same keys and loads into the unquantized stock
-pipeline."""
+families (the backend that runs on the CPU), the LoRA on top through peft. Gradients reach only
+the LoRA, the prediction stays close to the unquantized model's, and the LoRA file has the same
+keys and loads into the unquantized stock pipeline."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (t
 
 RELATIVE_BOUND = 2e-2
 """Bound on ‖quantized − unquantized‖ / ‖unquantized‖ of a tiny model's prediction with the same
-LoRA (measured on the CPU: FLUX.2 0.0051, FLUX.1 0.0060, Qwen-Image-Edit-Plus 0.0069, Kontext 0.0060; int8 weight-only rounds each weight row
-to 1/127 of its largest magnitude)."""
+LoRA (measured on the CPU: FLUX.2 0.0051, FLUX.1 0.0060, Qwen-Image-Edit-Plus 0.0069, Kontext
+0.0060; int8 weight-only rounds each weight row to 1/127 of its largest magnitude)."""
 
 
 def _flux2_inputs(family, seed: int = 0):
