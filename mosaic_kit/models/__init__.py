@@ -7,7 +7,8 @@
   `FluxTransformer2DModel` (eq. 4-7), feeding `mosaic_kit.attention.RefTargetCapture`.
 - `add_reference_lora`, `load_reference_lora`, `save_reference_lora`: the reference LoRA through
   peft, in diffusers' LoRA safetensors layout (released checkpoints load unchanged); files the
-  project writes carry a digest of their tensors (`read_lora_file` verifies it).
+  project writes carry a digest of their tensors (`read_lora_file` verifies it) and the name of the
+  family that wrote them (`LORA_FAMILY_KEY`: a family's ``load_lora`` refuses another family's file).
 - `pack_latents`, `latent_image_ids`, `reference_position_ids`: packing and position ids.
 - `install_capture_processors`, `SequenceLayout`, `CaptureProcessors` and the capture processors
   (`insequence/`: `layout`, `processors`, `install`; `FluxCaptureProcessor`, `Flux2CaptureProcessor`, `Flux2ParallelCaptureProcessor`,
@@ -32,6 +33,7 @@ PIL backends where torchvision is missing (`_image_processors`: no torchvision w
 """
 
 from ._image_processors import choose_image_processors  # first: before any module imports diffusers
+from ._lora_origin import LORA_FAMILY_KEY
 from .family import (
     TRAINABLE,
     ModelFamily,
@@ -110,6 +112,7 @@ __all__ = [
     "InSequenceFamily",
     "KontextFamily",
     "LORA_DIGEST_KEY",
+    "LORA_FAMILY_KEY",
     "REFERENCE_ATTENTION",
     "REFERENCE_LORA_TARGETS",
     "ModelFamily",

@@ -1,7 +1,10 @@
 """Which FLUX transformer a LoRA was made for, from its keys, and whether it fits the transformer
 it is being loaded into: so that a FLUX.1 LoRA loaded into FLUX.2 (or the reverse) is refused
 with an error naming the file, the model it was made for and the model it is being loaded into,
-instead of peft's raw ``size mismatch``.
+instead of peft's raw ``size mismatch``; and which model family wrote a LoRA file (`LORA_FAMILY_KEY`
+in its metadata), so that a file of one family is refused by another even where its module names fit
+(a FLUX.1 reference LoRA in FLUX.1-Kontext: the same modules, but FLUX.1 applies it to the reference
+tokens only, Kontext to every token).
 
 The two architectures name some modules differently (diffusers ``FluxTransformer2DModel`` and
 ``Flux2Transformer2DModel``): FLUX.1 has per-block modulation linears (``norm1.linear``), a GELU
@@ -12,8 +15,10 @@ feed-forward (``ff.linear_in``) and fused single-block projections (``attn.to_qk
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -92,6 +97,12 @@ def families_for(model: str, modules: list[str]) -> list[type]:
         >>> [f.__name__ for f in families_for("FLUX.1", ["x_embedder"])]
         ['MosaicFluxFamily']
     """
+    declared = [c for c in _declared_families().values() if getattr(c, "architecture", "") == model]
+    return [c for c in declared if _targets_cover(getattr(c, "lora_targets", ()), modules)] or declared
+
+
+def _declared_families() -> dict[str, type]:
+    """Every named `ModelFamily` subclass by its name (the first defined for a name)."""
     from . import flux, flux2, kontext, qwen  # noqa: F401  (the shipped families, so they declare themselves)
     from .family import ModelFamily
 
@@ -100,15 +111,112 @@ def families_for(model: str, modules: list[str]) -> list[type]:
     while pending:
         cls = pending.pop(0)
         pending.extend(cls.__subclasses__())
-        if cls.name and getattr(cls, "architecture", "") == model:
+        if cls.name:
             found.setdefault(cls.name, cls)
-    declared = list(found.values())
-    return [c for c in declared if _targets_cover(getattr(c, "lora_targets", ()), modules)] or declared
+    return found
+
+
+def _load_with(families: list[type]) -> str:
+    names = [f"`{c.__name__}` (training: `model.family: {c.name}`)" for c in families]
+    return f" Load it with {' or '.join(names)}." if names else ""
 
 
 def _load_hint(model: str, modules: list[str]) -> str:
-    names = [f"`{c.__name__}` (training: `model.family: {c.name}`)" for c in families_for(model, modules)]
-    return f" Load it with {' or '.join(names)}." if names else ""
+    return _load_with(families_for(model, modules))
+
+
+LORA_FAMILY_KEY = "mosaic_kit.family"
+"""The safetensors metadata key under which every family's LoRA writer (``family.save_lora``, both
+formats) records the registry name of the family that wrote the file (``"kontext"``); a family's
+``load_lora`` refuses a file that records another family, naming the file and both families.
+Released checkpoints and stock or third-party files have no such key and load as before;
+diffusers' ``load_lora_weights`` ignores it."""
+
+
+def lora_family_metadata(family: object) -> dict[str, str]:
+    """The LoRA file metadata naming the model family that writes it.
+
+    Args:
+        family: a `mosaic_kit.models.ModelFamily` (its class's registry ``name``).
+
+    Returns:
+        ``{LORA_FAMILY_KEY: name}``.
+
+    Raises:
+        ValueError: the family's class has no registry name.
+
+    Example:
+        >>> from mosaic_kit.models.kontext import KontextFamily
+        >>> lora_family_metadata(KontextFamily.tiny())
+        {'mosaic_kit.family': 'kontext'}
+    """
+    name = getattr(type(family), "name", "")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Expected `family` to be a ModelFamily with a registry `name`, but got "
+                         f"{type(family).__name__} with name {name!r}.")
+    return {LORA_FAMILY_KEY: name}
+
+
+def recorded_lora_family(path: str | os.PathLike) -> str | None:
+    """The model family a LoRA file records (`LORA_FAMILY_KEY`), read from its metadata only.
+
+    Args:
+        path: a local ``.safetensors`` file.
+
+    Returns:
+        The recorded registry name, or None for a file that records none (released checkpoints,
+        stock or third-party files) or a path that is not a readable ``.safetensors`` file (the
+        loaders report those).
+
+    Example:
+        >>> recorded_lora_family("no/such/file.safetensors") is None
+        True
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # safetensors raises its own error types; read_lora_file reports an unreadable file
+        return None
+    return metadata.get(LORA_FAMILY_KEY)
+
+
+def check_lora_family(family: object, recorded: str | None, label: str) -> None:
+    """Refuses a LoRA file that records another model family than the one loading it: the module
+    names may fit (FLUX.1 and FLUX.1-Kontext share them) while the families apply the LoRA to
+    other tokens, which would be silently different behaviour.
+
+    Args:
+        family: the `mosaic_kit.models.ModelFamily` loading the file.
+        recorded: the family the file records (`recorded_lora_family`; None: it records none, and
+            loads as before).
+        label: the file, for the error (``"LoRA file '…'"``).
+
+    Raises:
+        ValueError: naming the file, the family it was made for and the family loading it.
+
+    Example:
+        >>> from mosaic_kit.models.kontext import KontextFamily
+        >>> check_lora_family(KontextFamily.tiny(), "kontext", "LoRA file 'a.safetensors'")
+        >>> check_lora_family(KontextFamily.tiny(), None, "LoRA file 'a.safetensors'")
+        >>> check_lora_family(KontextFamily.tiny(), "flux1", "LoRA file 'a.safetensors'")
+        Traceback (most recent call last):
+        ...
+        ValueError: LoRA file 'a.safetensors' was made for model family 'flux1' (metadata 'mosaic_kit.family'), ...
+    """
+    own = type(family).name
+    if recorded is None or recorded == own:
+        return
+    maker = _declared_families().get(recorded)
+    raise ValueError(
+        f"{label} was made for model family {recorded!r} (metadata {LORA_FAMILY_KEY!r}), but is being loaded into "
+        f"model family {own!r} ({type(family).__name__}): the two families apply a LoRA differently (to other "
+        f"tokens or modules), even where its module names fit.{_load_with([maker] if maker is not None else [])}"
+    )
 
 
 def describe_transformer(transformer: nn.Module, family: str) -> str:

@@ -103,8 +103,8 @@ class LoraFiles(abc.ABC):
 
     def write_comfyui_lora(self, state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
         """Writes a LoRA in ComfyUI's format (`mosaic_kit.models.comfyui.diffusers_to_comfyui`
-        with the family's `comfyui_lora_keys`), atomically and with a digest (`write_lora_file`):
-        what a family's ``save_lora(..., format="comfyui")`` calls.
+        with the family's `comfyui_lora_keys`), atomically and with a digest (`write_lora_file`)
+        and the family's name (`mosaic_kit.models.LORA_FAMILY_KEY`): what a family's ``save_lora(..., format="comfyui")`` calls.
 
         Args:
             state: the LoRA in diffusers' layout, applied with scale 1 (``alpha / rank`` folded
@@ -119,6 +119,7 @@ class LoraFiles(abc.ABC):
             ValueError: ``path`` is not a ``.safetensors`` file name, or the LoRA does not convert
                 (`diffusers_to_comfyui`).
         """
+        from ._lora_origin import lora_family_metadata
         from .comfyui import diffusers_to_comfyui
         from .flux.lora import write_lora_file
 
@@ -128,7 +129,8 @@ class LoraFiles(abc.ABC):
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"Expected `path` of the ComfyUI LoRA to be a .safetensors file, but got {str(path)!r}.")
-        return write_lora_file(diffusers_to_comfyui(state, self.comfyui_lora_keys), path)
+        return write_lora_file(diffusers_to_comfyui(state, self.comfyui_lora_keys), path,
+                               metadata=lora_family_metadata(self))
 
     @abc.abstractmethod
     def load_lora(self, path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor], partial: bool = False) -> None:

@@ -330,14 +330,35 @@ def _parse_value(text: str) -> Any:
     return value
 
 
+def _copy_sections(values: dict) -> dict:
+    """``values`` with every nested dict copied (at any depth; other values shared, never changed)."""
+    return {key: _copy_sections(value) if isinstance(value, dict) else value for key, value in values.items()}
+
+
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """Applies ``dotted.key=value`` overrides (values parsed as YAML) to nested dicts.
+    """Applies ``dotted.key=value`` overrides (values parsed as YAML) to nested dicts, on a copy:
+    ``values`` and the dicts nested in it, at any depth, are left unchanged.
+
+    Args:
+        values: the settings, nested dicts by section (``{"data": {"batch_size": 1}}``).
+        overrides: ``dotted.key=value`` strings; a missing section is created.
+
+    Returns:
+        A new dict of the settings with the overrides applied.
+
+    Raises:
+        TypeError: ``values`` is not a dict, or ``overrides`` is not a list of strings.
+        ValueError: an override without ``=``, or one that goes through a key that is not a section.
 
     Example:
         >>> apply_overrides({"data": {"batch_size": 1}}, ["data.batch_size=4", "max_steps=10"])
         {'data': {'batch_size': 4}, 'max_steps': 10}
     """
-    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    if not isinstance(values, dict):
+        raise TypeError(f"Expected `values` to be a dict of settings, but got {type(values).__name__}.")
+    if isinstance(overrides, str) or not all(isinstance(item, str) for item in overrides):
+        raise TypeError(f"Expected `overrides` to be a list of `key=value` strings, but got {overrides!r}.")
+    values = _copy_sections(values)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"Expected an override `key=value` (e.g. optim.lr=8e-5), but got {item!r}.")

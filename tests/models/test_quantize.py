@@ -1,8 +1,8 @@
 """A quantized frozen base (`mosaic_kit.models.quantize`): torchao int8 weight-only through
-diffusers' ``TorchAoConfig`` on the tiny FLUX.1 and FLUX.2 families (the backend that runs on the
-CPU), the LoRA on top through peft. Gradients reach only the LoRA, the prediction stays close to
-the unquantized model's, and the LoRA file has the same keys and loads into the unquantized stock
-pipeline."""
+diffusers' ``TorchAoConfig`` on the tiny FLUX.1, FLUX.2, Qwen-Image-Edit-Plus and FLUX.1-Kontext
+families (the backend that runs on the CPU), the LoRA on top through peft. Gradients reach only
+the LoRA, the prediction stays close to the unquantized model's, and the LoRA file has the same
+keys and loads into the unquantized stock pipeline."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ pytest.importorskip("torchao")
 
 from diffusers import Flux2KleinPipeline  # noqa: E402
 
-from mosaic_kit.models import Flux2Family, MosaicFluxFamily, read_lora_file  # noqa: E402
+from mosaic_kit.models import (  # noqa: E402
+    Flux2Family,
+    KontextFamily,
+    MosaicFluxFamily,
+    QwenEditPlusFamily,
+    read_lora_file,
+)
 from mosaic_kit.models.quantize import (  # noqa: E402
     is_quantized,
     pipeline_quantization_config,
@@ -27,8 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (t
 
 RELATIVE_BOUND = 2e-2
 """Bound on ‖quantized − unquantized‖ / ‖unquantized‖ of a tiny model's prediction with the same
-LoRA (measured on the CPU: FLUX.2 0.0051, FLUX.1 0.0060; int8 weight-only rounds each weight row
-to 1/127 of its largest magnitude)."""
+LoRA (measured on the CPU: FLUX.2 0.0051, FLUX.1 0.0060, Qwen-Image-Edit-Plus 0.0069, Kontext
+0.0060; int8 weight-only rounds each weight row to 1/127 of its largest magnitude)."""
 
 
 def _flux2_inputs(family, seed: int = 0):
@@ -42,7 +48,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("family_class", [Flux2Family, MosaicFluxFamily], ids=["flux2", "flux1"])
+@pytest.mark.parametrize("family_class", [Flux2Family, MosaicFluxFamily, QwenEditPlusFamily, KontextFamily],
+                         ids=["flux2", "flux1", "qwen_edit_plus", "kontext"])
 def test_int8_base_trains_only_the_lora_and_predicts_close_to_the_unquantized_base(family_class):
     plain, quantized = family_class.tiny(), family_class.tiny(quantize="int8")
     assert is_quantized(quantized.transformer) and not is_quantized(plain.transformer)
@@ -61,7 +68,8 @@ def test_int8_base_trains_only_the_lora_and_predicts_close_to_the_unquantized_ba
         batch = collate_samples([world.sample(0)], 32, 32, vae_scale_factor=plain.vae_scale_factor)
         inputs = plain.encode_batch(batch)
         noisy = torch.randn(inputs.target.shape, generator=torch.Generator().manual_seed(0))
-        run = lambda family: family.forward(inputs, noisy, torch.tensor([0.5]), guidance=3.5)  # noqa: E731
+        guidance = {"guidance": 3.5} if family_class is MosaicFluxFamily else {}
+        run = lambda family: family.forward(inputs, noisy, torch.tensor([0.5]), **guidance)  # noqa: E731
     with torch.no_grad():  # a LoRA that changes the prediction (B = 0 at init), the same in both
         g = torch.Generator().manual_seed(1)
         for key, param in plain.lora_parameters().items():

@@ -153,6 +153,20 @@ def test_two_process_cpu_run(tmp_path):
 
 
 # -- library pieces -----------------------------------------------------------------------------------
+def test_apply_overrides_leaves_the_callers_nested_dicts_unchanged():
+    values = {"model": {"family_options": {"reference_method": "offset"}, "lora_rank": 4}, "max_steps": 2}
+    result = apply_overrides(values, ["model.family_options.reference_method=index", "model.family_options.x.y=1",
+                                      "model.lora_rank=8", "max_steps=3"])
+    assert values == {"model": {"family_options": {"reference_method": "offset"}, "lora_rank": 4}, "max_steps": 2}
+    assert result == {"model": {"family_options": {"reference_method": "index", "x": {"y": 1}}, "lora_rank": 8},
+                      "max_steps": 3}
+    assert apply_overrides(values, []) == values and apply_overrides(values, [])["model"] is not values["model"]
+    with pytest.raises(TypeError, match="`overrides` to be a list of `key=value` strings"):
+        apply_overrides(values, "max_steps=3")
+    with pytest.raises(TypeError, match="`values` to be a dict of settings, but got list"):
+        apply_overrides([], ["max_steps=3"])
+
+
 def test_config_overrides_and_errors(tmp_path):
     assert apply_overrides({}, ["optim.betas=[0.8, 0.9]"]) == {"optim": {"betas": [0.8, 0.9]}}
     config = load_config([REPO / "recipes" / "configs" / "tiny_cpu.yaml"], ["optim.lr=5e-4", "data.batch_size=3"])

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._lora_origin import check_lora_family, check_lora_fits, lora_family_metadata, recorded_lora_family
 from ..family import ModelFamily, ModelInputs, check_trainable
 from .lora import (
     DEFAULT_ADAPTER,
@@ -20,7 +21,7 @@ from .lora import (
     _base,
     add_reference_lora,
     load_reference_lora,
-    read_lora_file,  # noqa: F401  (the save_lora example)
+    read_lora_file,
     reference_lora_state_dict,
     scale_lora_state,
     write_lora_file,
@@ -531,13 +532,28 @@ class MosaicFluxFamily(ModelFamily):
         if format == "comfyui":
             inert = ("transformer.proj_out.lora_A.weight", "transformer.proj_out.lora_B.weight")
             return self.write_comfyui_lora({k: v for k, v in state.items() if k not in inert}, path)
-        return write_lora_file(state, path)
+        return write_lora_file(state, path, metadata=lora_family_metadata(self))
 
     def load_lora(self, path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor], partial: bool = False) -> None:
         """`load_reference_lora` (checked; released checkpoints load unchanged); a folder means its
-        ``pytorch_lora_weights.safetensors``."""
+        ``pytorch_lora_weights.safetensors``.
+
+        A file that records another model family (`mosaic_kit.models.LORA_FAMILY_KEY`, e.g. a
+        FLUX.1-Kontext LoRA, which applies to every token) is refused, after the check that its
+        keys fit this transformer (a LoRA of another architecture is named as such first).
+
+        Raises:
+            ValueError: naming the file: made for another model or model family, damaged, or not
+                fitting the reference-routed modules (`load_reference_lora`).
+        """
         if not isinstance(path_or_state_dict, dict) and Path(path_or_state_dict).is_dir():
             path_or_state_dict = Path(path_or_state_dict) / "pytorch_lora_weights.safetensors"
+        if not isinstance(path_or_state_dict, dict):
+            recorded = recorded_lora_family(path_or_state_dict)
+            if recorded is not None and recorded != type(self).name:  # a file of another family: which model first
+                label = f"LoRA file {str(path_or_state_dict)!r}"
+                check_lora_fits(read_lora_file(path_or_state_dict), self.transformer, label, self.architecture)
+                check_lora_family(self, recorded, label)
         load_reference_lora(self.transformer, path_or_state_dict, adapter_name=self.reference_adapter, partial=partial)
 
     # -- sampling ----------------------------------------------------------------------------------

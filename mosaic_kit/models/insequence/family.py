@@ -432,6 +432,7 @@ class InSequenceFamily(ModelFamily):
         from safetensors import safe_open
 
         from ..comfyui import check_lora_format
+        from .._lora_origin import lora_family_metadata
         from ..flux.lora import scale_lora_state, write_lora_file
         from ..options import family_options_metadata
 
@@ -460,7 +461,8 @@ class InSequenceFamily(ModelFamily):
             with safe_open(Path(scratch) / file.name, framework="pt") as written:
                 tensors = {key: written.get_tensor(key) for key in written.keys()}
                 metadata = written.metadata() or {}
-        return write_lora_file(tensors, file, metadata={**metadata, **family_options_metadata(self)})
+        return write_lora_file(tensors, file, metadata={**metadata, **family_options_metadata(self),
+                                                         **lora_family_metadata(self)})
 
     def load_lora(self, path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor], partial: bool = False) -> None:
         """Loads a LoRA of the stock layout (a file, a folder, a hub id, or a state dict).
@@ -473,11 +475,14 @@ class InSequenceFamily(ModelFamily):
         alpha from the file's metadata) as adapter ``"mosaic"``; with one, the values replace
         its values (resuming training), every weight required unless ``partial``. A file that
         records family options (`mosaic_kit.models.options`, e.g. Kontext's ``reference_method``)
-        loads only into a family with the same values.
+        loads only into a family with the same values. A file that records another model family
+        (`mosaic_kit.models.LORA_FAMILY_KEY`, e.g. a FLUX.1 reference LoRA, which FLUX.1 applies to
+        reference tokens only) is refused even where its keys fit; files without the key
+        (released, stock or third-party ones) load as before.
 
         Raises:
-            ValueError: naming the file: damaged, non-finite, made for another model, trained with
-                other family options, or weights missing (unless ``partial``), unexpected or of
+            ValueError: naming the file: damaged, non-finite, made for another model or model
+                family, trained with other family options, or weights missing (unless ``partial``), unexpected or of
                 another shape.
 
         Example:
@@ -491,7 +496,7 @@ class InSequenceFamily(ModelFamily):
             >>> other.transformer.active_adapters()
             ['mosaic']
         """
-        from .._lora_origin import check_lora_fits
+        from .._lora_origin import check_lora_family, check_lora_fits, recorded_lora_family
         from ..flux.lora import read_lora_file
         from ..options import check_lora_family_options, recorded_family_options
 
@@ -507,6 +512,8 @@ class InSequenceFamily(ModelFamily):
         if stray:
             raise ValueError(f"{label}: expected LoRA (or LoKr) keys only, but got {stray[:3]}.")
         check_lora_fits(state, self.transformer, label, self.architecture)
+        if file is not None:  # a file of another family (e.g. a FLUX.1 reference LoRA in Kontext), even if it fits
+            check_lora_family(self, recorded_lora_family(file), label)
         if getattr(self.transformer, "peft_config", {}).get(IN_SEQUENCE_ADAPTER) is None:
             loader = pipeline_class.load_lora_into_transformer
             extra = {"network_alphas": None} if "network_alphas" in inspect.signature(loader).parameters else {}

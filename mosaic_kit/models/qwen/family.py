@@ -78,7 +78,7 @@ class QwenEditPlusFamily(InSequenceFamily):
     """
 
     name = "qwen_edit_plus"
-    config_extras = ("capture_blocks",)
+    config_extras = ("capture_blocks", "quantize")
     encoder_components = ("text_encoder", "tokenizer", "processor", "vae")
     prompt_uses_references = True  # the prompt shows the references to Qwen2.5-VL ("Picture k")
     default_guidance_scale = 4.0
