@@ -102,6 +102,10 @@ class DataConfig:
     compose: list[int] | None = _help("[min_k, max_k]: compose K-subject samples from single-subject ones", None)
     synthetic_refs: list[int] = _help("[min_k, max_k] references of synthetic samples", factory=lambda: [1, 4])
     synthetic_length: int = _help("samples in one synthetic epoch", 10_000)
+    synthetic_world: dict = _help("other SyntheticWorldConfig fields of the synthetic world (e.g. identity_range, "
+                                  "subject_style, background, target_rotation, occlusion)", factory=dict)
+    synthetic_validation: str = _help("identities of the synthetic validation samples: held_out (never trained on) "
+                                      "or seen (the training identities, in new layouts)", "held_out")
     num_workers: int = _help("loader worker processes (0: in the training process)", 0)
     caption_dropout: float = _help("probability of an empty caption (guidance-free training)", 0.0)
     image_dropout: float = _help("probability of dropping all references of a sample", 0.0)
@@ -115,6 +119,21 @@ class DataConfig:
                 raise ValueError(f"Expected `data.{name}` to be a positive multiple of 16, but got {value!r}.")
         if self.kind != "synthetic" and not self.root:
             raise ValueError(f"Expected `data.root` for data.kind = {self.kind!r}, but got none.")
+        check_option("data.synthetic_validation", self.synthetic_validation, ("held_out", "seen"))
+        if not isinstance(self.synthetic_world, dict):
+            raise ValueError(f"Expected `data.synthetic_world` to map SyntheticWorldConfig fields to values, but got "
+                             f"{self.synthetic_world!r}.")
+        reserved = sorted(set(self.synthetic_world) & {"image_size", "ref_size", "min_refs", "max_refs", "seed"})
+        if reserved:
+            raise ValueError(f"Expected `data.synthetic_world` without {reserved} (set by data.target_size, "
+                             f"data.ref_size, data.synthetic_refs and data.seed), but got {self.synthetic_world!r}.")
+        if self.synthetic_world:
+            from ..data import SyntheticWorldConfig
+
+            known = {f.name for f in dataclasses.fields(SyntheticWorldConfig)}
+            unknown = sorted(set(self.synthetic_world) - known)
+            if unknown:
+                raise ValueError(f"Unknown settings in `data.synthetic_world`: {unknown}; expected among {sorted(known)}.")
         for name in ("caption_dropout", "image_dropout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value <= 1:
