@@ -191,6 +191,9 @@ class TrainConfig:
     validate_every: int = _help("write a validation contact sheet every N steps (0: only at the end)", 500)
     validation_samples: int = _help("samples on the validation sheet", 2)
     validation_steps: int = _help("denoising steps of validation samples", 28)
+    validation_guidance: float | None = _help(
+        "guidance of the validation samples (null: the family's inference default, e.g. FLUX.1's 3.5); a model "
+        "trained from random weights has only seen the training guidance (objective.guidance)", None)
     tracker: str | None = _help("accelerate tracker: tensorboard, wandb, ... or null", "tensorboard")
     ema_decay: float | None = _help("EMA decay of the LoRA weights (null: no EMA)", 0.999)
     cpu_threads: int | None = _help(
@@ -226,6 +229,10 @@ class TrainConfig:
         if isinstance(self.validation_samples, bool) or not isinstance(self.validation_samples, int) \
                 or self.validation_samples < 0:
             raise ValueError(f"Expected `validation_samples` to be a non-negative int, but got {self.validation_samples!r}.")
+        guidance = self.validation_guidance
+        if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                     or not guidance >= 0 or guidance == float("inf")):
+            raise ValueError(f"Expected `validation_guidance` to be a finite number >= 0 or null, but got {guidance!r}.")
         from ..pipelines.registry import get_family
 
         family = get_family(self.model.family).family_class

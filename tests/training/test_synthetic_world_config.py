@@ -39,3 +39,31 @@ def test_world_settings_reach_the_training_and_validation_worlds():
 def test_bad_world_settings_name_the_setting(data, match):
     with pytest.raises(ValueError, match=match):
         _data(**data)
+
+
+def test_validation_samples_use_the_configured_guidance(tmp_path, monkeypatch):
+    from mosaic_kit.models import MosaicFluxFamily
+    from mosaic_kit.training import MosaicTrainer
+
+    seen = []
+    original = MosaicFluxFamily.sample
+
+    def recording(self, *args, guidance_scale=None, **kwargs):
+        seen.append(guidance_scale)
+        return original(self, *args, guidance_scale=guidance_scale, **kwargs)
+
+    monkeypatch.setattr(MosaicFluxFamily, "sample", recording)
+    config = config_from_dict({
+        "output_dir": str(tmp_path / "run"), "max_steps": 1, "validate_every": 1, "validation_samples": 1,
+        "validation_steps": 1, "validation_guidance": 1.0, "tracker": None, "mixed_precision": "no",
+        "ema_decay": None, "cpu_threads": 1,
+        "model": {"base": None, "lora_rank": 2, "pixel_space": 2,
+                  "tiny_overrides": {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2}},
+        "data": {"target_size": 32, "ref_size": 16, "batch_size": 1, "synthetic_world": WORLD},
+    })
+    MosaicTrainer(config).train()
+    assert seen and set(seen) == {1.0}
+    assert (tmp_path / "run" / "samples").is_dir()
+    for bad in (-1.0, "high", True):
+        with pytest.raises(ValueError, match="validation_guidance"):
+            config_from_dict({"validation_guidance": bad})
