@@ -113,11 +113,11 @@ def test_evaluate_synthetic_generates_flux2_samples_from_16_pixel_references():
 
     flux2 = build_family("flux2", base=None, pixel_space=2)
     world = {"identity_range": [0, 8], "subject_style": "two_tone", "background": "plain"}
-    config = SyntheticEvalConfig(num_refs=(1, 2), attention_samples=1, sigmas=(0.5,), generation_samples=2,
+    config = SyntheticEvalConfig(num_refs=(2,), attention_samples=1, sigmas=(0.5,), generation_samples=2,
                                  inference_steps=2, target_size=32, ref_size=16, world=world)
     result = evaluate_synthetic(flux2, config, figure_sample=None)
     generated = [r for r in result.records if r["kind"] == "generation"]
-    assert [(r["num_refs"], r["index"]) for r in generated] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert [(r["num_refs"], r["index"]) for r in generated] == [(2, 0), (2, 1)]
     assert all(0.0 <= r["sample_presence"] <= 1.0 and len(r["subject_colours"]) == r["num_refs"] for r in generated)
     assert result.images[2].shape == (2, 3, 32, 32)
     again = evaluate_synthetic(flux2, config, figure_sample=None)  # seeded: the same images
