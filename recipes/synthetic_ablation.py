@@ -321,7 +321,7 @@ def aggregate(settings: dict, payloads: dict, baselines: list[dict], out: Path, 
 
     spread = "standard deviation" if interval == "std" else "half-width of the 95 % Student-t interval of the mean"
     header = (f"Mean ± {spread} over seeds {settings['ablation']['seeds']}; every value is first "
-              f"averaged over K = {list(config.num_refs)} ({config.attention_samples} held-out samples per K, "
+              f"averaged over K = {list(config.num_refs)} ({config.attention_samples} evaluation samples per K, "
               f"σ = {list(config.sigmas)} for the teacher-forced scores; {config.generation_samples} generated "
               f"images per K for the sample scores).")
     markdown = "\n\n".join([header, table, "Per noise level (teacher-forced scores, all K):", "\n".join(sigma_lines),
