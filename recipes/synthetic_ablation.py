@@ -67,7 +67,7 @@ from mosaic_kit.utils.cli import RecipeArgumentParser, add_output_dir, add_progr
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PRESETS = {"cpu": CONFIGS / "synthetic_cpu.yaml", "gpu": CONFIGS / "synthetic_gpu.yaml",
            "flux2-cpu": CONFIGS / "synthetic_flux2_cpu.yaml",  # the FLUX.2 family (docs/results/synthetic.md)
-           # the world in which the tiny models learn to draw (docs/results/fidelity.md)
+           # the small world of the fidelity study (docs/results/fidelity.md)
            "fidelity-cpu": CONFIGS / "fidelity_cpu.yaml", "fidelity-flux2-cpu": CONFIGS / "fidelity_flux2_cpu.yaml"}
 SMOKE = [
     "ablation.seeds=[0]", "ablation.figure_sample=[2,0]", "ablation.sheet_num_refs=[2]",
