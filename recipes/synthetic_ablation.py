@@ -47,12 +47,14 @@ import torch
 import yaml
 
 from mosaic_kit.eval import (
+    INTERVALS,
     METRICS,
     SyntheticEvalConfig,
     ablation_table,
     evaluate_synthetic,
     fidelity_baselines,
     held_out_world,
+    mean_interval,
     plot_attention_maps,
     plot_metric_against_k,
     summarise_records,
@@ -64,7 +66,9 @@ from mosaic_kit.utils.cli import RecipeArgumentParser, add_output_dir, add_progr
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PRESETS = {"cpu": CONFIGS / "synthetic_cpu.yaml", "gpu": CONFIGS / "synthetic_gpu.yaml",
-           "flux2-cpu": CONFIGS / "synthetic_flux2_cpu.yaml"}  # the FLUX.2 family (docs/results/synthetic.md)
+           "flux2-cpu": CONFIGS / "synthetic_flux2_cpu.yaml",  # the FLUX.2 family (docs/results/synthetic.md)
+           # the small world of the fidelity study (docs/results/fidelity.md)
+           "fidelity-cpu": CONFIGS / "fidelity_cpu.yaml", "fidelity-flux2-cpu": CONFIGS / "fidelity_flux2_cpu.yaml"}
 SMOKE = [
     "ablation.seeds=[0]", "ablation.figure_sample=[2,0]", "ablation.sheet_num_refs=[2]",
     "eval.num_refs=[1,2]", "eval.attention_samples=2", "eval.sigmas=[0.5]", "eval.generation_samples=1",
@@ -73,10 +77,11 @@ SMOKE = [
     "train.data.ref_size=32", "train.model.lora_rank=4",
     "train.model.tiny_overrides={num_layers: 1, num_single_layers: 1, num_attention_heads: 2, attention_head_dim: 16}",
 ]
-ABLATION_KEYS = {"output_dir", "seeds", "settings", "threads", "figure_sample", "sheet_num_refs"}
+ABLATION_KEYS = {"output_dir", "seeds", "settings", "threads", "figure_sample", "sheet_num_refs", "interval",
+                 "held_out_eval"}
 ATTENTION_PLOT = ["hit_rate", "log_prob", "overlap", "own_mass"]
-FIDELITY_PLOT = ["denoise_mse", "ref_gain", "sample_ncc", "sample_colour", "sample_leakage"]
-SAMPLE_METRICS = ["sample_ncc", "sample_colour", "sample_leakage"]
+FIDELITY_PLOT = ["denoise_mse", "ref_gain", "sample_presence", "sample_ncc", "sample_colour", "sample_leakage"]
+SAMPLE_METRICS = ["sample_presence", "sample_ncc", "sample_colour", "sample_leakage"]
 
 
 def build_parser() -> RecipeArgumentParser:
@@ -123,7 +128,10 @@ def load_settings(args: argparse.Namespace) -> dict:
     settings = ablation.get("settings")
     if not isinstance(settings, dict) or not settings:
         raise ValueError(f"Expected `ablation.settings` to map names to objective overrides, but got {settings!r}.")
+    if ablation.get("interval", "std") not in INTERVALS:
+        raise ValueError(f"Expected `ablation.interval` to be one of {list(INTERVALS)}, but got {ablation['interval']!r}.")
     eval_config = SyntheticEvalConfig(**(values.get("eval") or {}))
+    held_out = held_out_config(values.get("eval") or {}, ablation.get("held_out_eval"))
     config_from_dict(values.get("train") or {})  # validates the shared training settings once
     for name, overrides in settings.items():  # and each setting's objective, before hours of runs
         if overrides is not None and not isinstance(overrides, dict):
@@ -132,7 +140,20 @@ def load_settings(args: argparse.Namespace) -> dict:
         objective = run_config(values.get("train") or {}, overrides or {}, 0, Path(".")).objective
         MosaicObjective.from_preset(objective.preset, **objective.overrides)
     return {"path": str(path), "ablation": ablation, "eval": eval_config, "eval_dict": values.get("eval") or {},
-            "train": values.get("train") or {}, "progress": not args.no_progress}
+            "held_out_eval": held_out, "train": values.get("train") or {}, "progress": not args.no_progress}
+
+
+def held_out_config(eval_values: dict, overrides: dict | None) -> SyntheticEvalConfig | None:
+    """The secondary evaluation on held-out identities (``ablation.held_out_eval``: overrides of
+    the ``eval`` section, e.g. fewer samples), for a main evaluation on the trained identities
+    (``eval.world.identity_range``); None when not asked for."""
+    if overrides is None:
+        return None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"Expected `ablation.held_out_eval` to map eval settings to values, but got {overrides!r}.")
+    values = {**json.loads(json.dumps(eval_values)), **overrides}
+    values["world"] = {k: v for k, v in (values.get("world") or {}).items() if k != "identity_range"}
+    return SyntheticEvalConfig(**values)
 
 
 def run_config(train: dict, setting_overrides: dict, seed: int, run_dir: Path):
@@ -173,12 +194,17 @@ def train_and_evaluate(name: str, seed: int, settings: dict, run_dir: Path) -> d
     eval_start = time.perf_counter()
     result = evaluate_synthetic(trainer.family, settings["eval"], figure_sample=figure_sample,
                                 progress=lambda line: print(f"  [{name} seed {seed}] {line}", flush=True))
+    held_out = settings.get("held_out_eval")
+    held_out_records = []
+    if held_out is not None:
+        held_out_records = evaluate_synthetic(trainer.family, held_out, figure_sample=None).records
     eval_seconds = time.perf_counter() - eval_start
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     payload = {
         "setting": name, "seed": seed, "objective_overrides": ablation["settings"][name] or {},
         "train_seconds": train_seconds, "eval_seconds": round(eval_seconds, 2),
         "final_losses": history[-1] if history else None, "records": result.records,
+        "held_out_records": held_out_records,
     }
     if result.figure is not None:
         atomic_write(run_dir / "figure.pt", lambda stream: torch.save(result.figure, stream))
@@ -248,6 +274,7 @@ def _csv(fields: list[str], rows: list[dict]) -> str:
 def aggregate(settings: dict, payloads: dict, baselines: list[dict], out: Path, wall: float) -> dict:
     names = list(payloads)
     config: SyntheticEvalConfig = settings["eval"]
+    interval = settings["ablation"].get("interval", "std")
     overall = {n: [summarise_records(p["records"], by=())[0] for p in payloads[n]] for n in names}
     references = {
         "ground truth (real target)": summarise_records([r for r in baselines if r["kind"] == "ground_truth"],
@@ -255,7 +282,20 @@ def aggregate(settings: dict, payloads: dict, baselines: list[dict], out: Path, 
         "chance (other subjects' target)": summarise_records([r for r in baselines if r["kind"] == "chance"],
                                                              by=(), metrics=SAMPLE_METRICS)[0],
     }
-    table = ablation_table(overall, reference_rows=references)
+    table = ablation_table(overall, reference_rows=references, interval=interval)
+    held_out_table, held_out_overall = None, None
+    held_out = settings.get("held_out_eval")
+    if held_out is not None and all(p.get("held_out_records") for n in names for p in payloads[n]):
+        held_out_base = fidelity_baselines(held_out)
+        held_out_overall = {n: [summarise_records(p["held_out_records"], by=())[0] for p in payloads[n]] for n in names}
+        held_out_refs = {
+            "ground truth (real target)": summarise_records([r for r in held_out_base if r["kind"] == "ground_truth"],
+                                                            by=(), metrics=SAMPLE_METRICS)[0],
+            "chance (other subjects' target)": summarise_records([r for r in held_out_base if r["kind"] == "chance"],
+                                                                 by=(), metrics=SAMPLE_METRICS)[0],
+        }
+        held_out_table = ablation_table(held_out_overall, metrics=SAMPLE_METRICS, reference_rows=held_out_refs,
+                                        interval=interval)
 
     sigma_lines = ["| setting | σ | hit-rate ↑ | log-prob ↑ | overlap ↓ | own mass ↑ | denoise MSE ↓ | ref gain ↑ |",
                    "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -266,10 +306,8 @@ def aggregate(settings: dict, payloads: dict, baselines: list[dict], out: Path, 
         for i, sigma in enumerate(config.sigmas):
             cells = []
             for metric in ("hit_rate", "log_prob", "overlap", "own_mass", "denoise_mse", "ref_gain"):
-                values = [r[i][metric] for r in rows if math.isfinite(r[i][metric])]
-                mean = sum(values) / len(values) if values else float("nan")
-                std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-                cells.append(f"{mean:.3f} ± {std:.3f}")
+                mean, spread_value = mean_interval([r[i][metric] for r in rows], interval)
+                cells.append(f"{mean:.3f} ± {spread_value:.3f}" if math.isfinite(spread_value) else f"{mean:.3f}")
             sigma_lines.append(f"| {n} | {sigma} | " + " | ".join(cells) + " |")
 
     k_ranges = {"K ≤ 4 (trained range)": [k for k in config.num_refs if k <= 4],
@@ -281,10 +319,15 @@ def aggregate(settings: dict, payloads: dict, baselines: list[dict], out: Path, 
         per_range = {n: [summarise_records([r for r in p["records"] if r["num_refs"] in ks], by=())[0]
                          for p in payloads[n]] for n in names}
         range_tables.append(f"**{title}**\n\n" + ablation_table(
-            per_range, metrics=["hit_rate", "overlap", "own_mass", "ref_gain", "sample_ncc", "sample_leakage"]))
+            per_range, metrics=["hit_rate", "overlap", "own_mass", "ref_gain", "sample_ncc", "sample_leakage"],
+            interval=interval))
+    if held_out_table is not None:
+        range_tables.append("**Held-out identities (secondary: subjects never seen in training; "
+                            f"{held_out.generation_samples} generated images per K)**\n\n" + held_out_table)
 
-    header = (f"Mean ± standard deviation over seeds {settings['ablation']['seeds']}; every value is first "
-              f"averaged over K = {list(config.num_refs)} ({config.attention_samples} held-out samples per K, "
+    spread = "standard deviation" if interval == "std" else "half-width of the 95 % Student-t interval of the mean"
+    header = (f"Mean ± {spread} over seeds {settings['ablation']['seeds']}; every value is first "
+              f"averaged over K = {list(config.num_refs)} ({config.attention_samples} evaluation samples per K, "
               f"σ = {list(config.sigmas)} for the teacher-forced scores; {config.generation_samples} generated "
               f"images per K for the sample scores).")
     markdown = "\n\n".join([header, table, "Per noise level (teacher-forced scores, all K):", "\n".join(sigma_lines),
@@ -317,6 +360,8 @@ def aggregate(settings: dict, payloads: dict, baselines: list[dict], out: Path, 
         "run_seconds": {n: [round(p["train_seconds"] + p["eval_seconds"], 1) for p in payloads[n]] for n in names},
         "table_markdown": markdown,
         "overall": {n: overall[n] for n in names},
+        "interval": interval,
+        "held_out_overall": held_out_overall,
         "per_sigma": per_sigma,
         "per_k": per_k_rows,
         "baselines": {"overall": references, "per_k": base_k},

@@ -91,10 +91,12 @@ from .released_dataset import (
 )
 from .sample import MultiSubjectSample
 from .synthetic_world import (
+    BACKGROUNDS,
     HELD_OUT_IDENTITIES,
     MAX_SUBJECTS,
     SHAPE_FAMILIES,
     SUBJECT_COLOURS,
+    SUBJECT_STYLES,
     SYNTHETIC_PRESETS,
     TEXTURES,
     TRAIN_IDENTITIES,
@@ -128,6 +130,7 @@ __all__ = [
     "RELEASED_COORD_METHODS",
     "SHAPE_FAMILIES",
     "SUBJECT_COLOURS",
+    "SUBJECT_STYLES",
     "SYNTHETIC_PRESETS",
     "TARGET_BOX",
     "TEXTURES",

@@ -61,6 +61,12 @@ from .metrics import (
 )
 from .sheets import SheetRow, contact_sheet
 from .synthetic import (
+    INTERVALS,
+    mean_interval,
+    baseline_presence_threshold,
+    generate_with_family,
+    presence_threshold,
+    subject_presence,
     DEFAULT_TEMPLATE_SCALES,
     METRICS,
     OVERLAP_MEASURES,
@@ -92,6 +98,12 @@ from .synthetic import (
 )
 
 __all__ = [
+    "INTERVALS",
+    "mean_interval",
+    "baseline_presence_threshold",
+    "generate_with_family",
+    "presence_threshold",
+    "subject_presence",
     "DEFAULT_CROP_SIZES",
     "DEFAULT_CROP_STRIDE",
     "DEFAULT_TEMPLATE_SCALES",

@@ -138,6 +138,10 @@ class DataConfig:
     compose: list[int] | None = _help("[min_k, max_k]: compose K-subject samples from single-subject ones", None)
     synthetic_refs: list[int] = _help("[min_k, max_k] references of synthetic samples", factory=lambda: [1, 4])
     synthetic_length: int = _help("samples in one synthetic epoch", 10_000)
+    synthetic_world: dict = _help("other SyntheticWorldConfig fields of the synthetic world (e.g. identity_range, "
+                                  "subject_style, background, target_rotation, occlusion)", factory=dict)
+    synthetic_validation: str = _help("identities of the synthetic validation samples: held_out (never trained on) "
+                                      "or seen (the training identities, in new layouts)", "held_out")
     num_workers: int = _help("loader worker processes (0: in the training process)", 0)
     caption_dropout: float = _help("probability of an empty caption (guidance-free training)", 0.0)
     image_dropout: float = _help("probability of dropping all references of a sample", 0.0)
@@ -155,6 +159,21 @@ class DataConfig:
                 raise ValueError(f"Expected `data.{name}` to be a positive multiple of 16, but got {value!r}.")
         if self.kind != "synthetic" and not self.root:
             raise ValueError(f"Expected `data.root` for data.kind = {self.kind!r}, but got none.")
+        check_option("data.synthetic_validation", self.synthetic_validation, ("held_out", "seen"))
+        if not isinstance(self.synthetic_world, dict):
+            raise ValueError(f"Expected `data.synthetic_world` to map SyntheticWorldConfig fields to values, but got "
+                             f"{self.synthetic_world!r}.")
+        reserved = sorted(set(self.synthetic_world) & {"image_size", "ref_size", "min_refs", "max_refs", "seed"})
+        if reserved:
+            raise ValueError(f"Expected `data.synthetic_world` without {reserved} (set by data.target_size, "
+                             f"data.ref_size, data.synthetic_refs and data.seed), but got {self.synthetic_world!r}.")
+        if self.synthetic_world:
+            from ..data import SyntheticWorldConfig
+
+            known = {f.name for f in dataclasses.fields(SyntheticWorldConfig)}
+            unknown = sorted(set(self.synthetic_world) - known)
+            if unknown:
+                raise ValueError(f"Unknown settings in `data.synthetic_world`: {unknown}; expected among {sorted(known)}.")
         for name in ("caption_dropout", "image_dropout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -214,6 +233,9 @@ class TrainConfig:
     validate_every: int = _help("write a validation contact sheet every N steps (0: only at the end)", 500)
     validation_samples: int = _help("samples on the validation sheet", 2)
     validation_steps: int = _help("denoising steps of validation samples", 28)
+    validation_guidance: float | None = _help(
+        "guidance of the validation samples (null: the family's inference default, e.g. FLUX.1's 3.5); a model "
+        "trained from random weights has only seen the training guidance (objective.guidance)", None)
     tracker: str | None = _help("accelerate tracker: tensorboard, wandb, ... or null", "tensorboard")
     ema_decay: float | None = _help("EMA decay of the LoRA weights (null: no EMA)", 0.999)
     cpu_threads: int | None = _help(
@@ -249,6 +271,10 @@ class TrainConfig:
         if isinstance(self.validation_samples, bool) or not isinstance(self.validation_samples, int) \
                 or self.validation_samples < 0:
             raise ValueError(f"Expected `validation_samples` to be a non-negative int, but got {self.validation_samples!r}.")
+        guidance = self.validation_guidance
+        if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                     or not guidance >= 0 or guidance == float("inf")):
+            raise ValueError(f"Expected `validation_guidance` to be a finite number >= 0 or null, but got {guidance!r}.")
         from ..pipelines.registry import get_family
 
         family = get_family(self.model.family).family_class

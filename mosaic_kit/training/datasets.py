@@ -13,7 +13,8 @@ def build_dataset(config: TrainConfig, validation: bool = False) -> Dataset:
 
     Args:
         config: the resolved `TrainConfig` (its ``data`` section).
-        validation: the held-out split (synthetic data: held-out identities, another seed).
+        validation: the held-out split (synthetic data: another seed, and held-out identities
+            unless ``data.synthetic_validation`` is ``seen``).
 
     Returns:
         A map-style dataset of `mosaic_kit.data.MultiSubjectSample`.
@@ -28,10 +29,12 @@ def build_dataset(config: TrainConfig, validation: bool = False) -> Dataset:
 
     cfg = config.data
     if cfg.kind == "synthetic":
+        world = {"identity_range": data.TRAIN_IDENTITIES, **cfg.synthetic_world}
+        if validation and cfg.synthetic_validation == "held_out":
+            world["identity_range"] = data.HELD_OUT_IDENTITIES
         world_cfg = data.SyntheticWorldConfig(
             image_size=cfg.target_size, ref_size=cfg.ref_size, min_refs=cfg.synthetic_refs[0],
-            max_refs=cfg.synthetic_refs[1], seed=cfg.seed + (1 if validation else 0),
-            identity_range=data.HELD_OUT_IDENTITIES if validation else data.TRAIN_IDENTITIES,
+            max_refs=cfg.synthetic_refs[1], seed=cfg.seed + (1 if validation else 0), **world,
         )
         return data.SyntheticDataset(data.SyntheticWorld(world_cfg), cfg.synthetic_length)
     if cfg.kind == "released":

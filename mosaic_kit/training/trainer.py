@@ -189,7 +189,7 @@ class MosaicTrainer:
         self.validator = Validator(
             acc, self.family, self.model, self.validation_dataset, self.output_dir, cfg.validation_samples,
             cfg.validation_steps, cfg.data.target_size, cfg.data.ref_size, cfg.objective.guidance, ema=self.ema,
-            trainable_parameters=self.lora_parameters, fsdp=self.fsdp)
+            trainable_parameters=self.lora_parameters, fsdp=self.fsdp, sample_guidance=cfg.validation_guidance)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             clean_stale_checkpoints(self.output_dir / "checkpoints")  # what a killed save or prune left

@@ -47,6 +47,8 @@ class Validator:
         ema: the EMA of the trainable parameters, or None.
         trainable_parameters: the parameters the EMA holds.
         fsdp: whether the model is sharded with FSDP2 (every process then runs the forwards).
+        sample_guidance: the guidance of the samples (``family.sample``'s ``guidance_scale``);
+            None: the family's default.
     """
 
     accelerator: Any
@@ -62,6 +64,7 @@ class Validator:
     ema: Any = None
     trainable_parameters: list | None = None
     fsdp: bool = False
+    sample_guidance: float | None = None
 
     def _active(self) -> bool:
         acc = self.accelerator
@@ -96,7 +99,8 @@ class Validator:
                 sample = self.dataset()[index]
                 refs = [tensor_to_pil(r) for r in sample.references]
                 image = self.family.sample(sample.caption, refs, self.target_size, self.target_size, self.steps,
-                                           generator=torch.Generator().manual_seed(index))
+                                           generator=torch.Generator().manual_seed(index),
+                                           guidance_scale=self.sample_guidance)
                 rows.append(SheetRow(sample.caption, refs, [tensor_to_pil(sample.target), image]))
                 rows.extend(self.attention_rows(index))
         finally:

@@ -402,3 +402,60 @@ def test_other_errors_name_the_argument():
     for call, name in cases:
         with pytest.raises(ValueError, match=f"`{name}`"):
             call()
+
+
+# ------------------------------------------------------------------------------ simple worlds (fidelity)
+def _colour_count(pixels: torch.Tensor) -> int:
+    """Distinct colours among ``(3, N)`` pixels, to 1/50."""
+    return len({tuple(p) for p in (pixels.T * 50).round().int().tolist()})
+
+
+def test_subject_styles_paint_two_halves_or_one_colour():
+    identity = 4
+    palette = subject_descriptor(identity).palette
+    textured = render_subject(identity, 64)
+    two_tone = render_subject(identity, 64, style="two_tone")
+    plain = render_subject(identity, 64, style="plain")
+    assert torch.equal(two_tone[3], textured[3]) and torch.equal(plain[3], textured[3])  # same shape
+    inside = textured[3] > 0.99
+    assert torch.allclose(plain[:3][:, inside], palette[0][:, None].expand(3, int(inside.sum())))
+    # two halves: nearly every pixel is one of the two colours, and each covers a real share
+    rgb = two_tone[:3][:, inside].T
+    near = torch.cdist(rgb, palette).min(1)
+    assert float((near.values < 0.02).float().mean()) > 0.9
+    shares = torch.bincount(near.indices[near.values < 0.02], minlength=2).float() / len(rgb)
+    assert float(shares.min()) > 0.15
+    # the textured subject has many more mixtures of the two colours than the two halves
+    assert _colour_count(textured[:3][:, inside]) > 3 * _colour_count(two_tone[:3][:, inside][:, near.values < 0.02])
+    with pytest.raises(ValueError, match="`style`"):
+        render_subject(identity, 16, style="dotted")
+
+
+def test_plain_background_and_styled_captions_and_palettes():
+    config = SyntheticWorldConfig(image_size=32, ref_size=16, identity_range=(0, 8), subject_style="plain",
+                                  background="plain", occlusion=0.0)
+    sample = SyntheticWorld(config).sample(3, num_refs=3)
+    outside = ~torch.stack(sample.target_masks).any(0)
+    edge_free = F.max_pool2d((~outside).float()[None, None], 3, 1, 1)[0, 0] == 0  # away from soft edges
+    assert torch.allclose(sample.target[:, edge_free], torch.full_like(sample.target[:, edge_free], 0.5))
+    assert sample.caption.endswith("on a plain background")
+    for identity, name, palette in zip(sample.meta["identities"], sample.meta["names"], sample.meta["palettes"]):
+        descriptor = subject_descriptor(identity)
+        assert name == f"{descriptor.colour_names[0]} {descriptor.shape_name}" and name in sample.caption
+        assert torch.equal(palette, descriptor.palette[[0, 0]])
+    # the default world keeps its captions, its palettes in meta and its pixels
+    default = SyntheticWorld(SyntheticWorldConfig(seed=2)).sample(1, num_refs=2)
+    assert default.caption.endswith("on a textured background")
+    assert torch.equal(default.meta["palettes"], torch.stack([subject_descriptor(i).palette
+                                                             for i in default.meta["identities"]]))
+    # the style changes only the subjects' colours: layout, masks and pairs stay the same
+    textured = SyntheticWorld(SyntheticWorldConfig(image_size=32, ref_size=16, identity_range=(0, 8), occlusion=0.0)).sample(3, 3)
+    assert all(torch.equal(a, b) for a, b in zip(textured.target_masks, sample.target_masks))
+    assert all(torch.equal(a, b) for a, b in zip(textured.pairs, sample.pairs))
+
+
+@pytest.mark.parametrize("kwargs, name", [({"subject_style": "striped"}, "subject_style"),
+                                          ({"background": "noise"}, "background")])
+def test_style_errors_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        SyntheticWorldConfig(**kwargs)

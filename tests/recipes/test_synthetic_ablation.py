@@ -403,3 +403,26 @@ def test_smoke_run_writes_every_output_and_resumes(tmp_path):
     second = run_recipe(out)
     assert second.stdout.count("done earlier: skipped") == 2
     assert "[scal seed 0] loaded the trained weights" in second.stdout
+
+
+@pytest.mark.slow
+def test_fidelity_preset_smoke_run_scores_presence_with_intervals_and_held_out_identities(tmp_path):
+    """The fidelity world (docs/results/fidelity.md): generation through the family, presence,
+    t-intervals over seeds and the held-out table; one setting, two seeds, to stay quick."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "fidelity"
+    run_recipe(out, "--preset", "fidelity-cpu", "ablation.seeds=[0,1]",
+               "ablation.settings={diffusion: {scal_weight: 0.0, mdl_weight: 0.0}}",
+               "ablation.held_out_eval={attention_samples: 1, sigmas: [0.5], generation_samples: 1}",
+               "eval.target_size=32", "eval.ref_size=16", "train.data.target_size=32", "train.data.ref_size=16")
+    results = json.loads((out / "results.json").read_text())
+    assert results["interval"] == "t95"
+    assert [len(results["overall"]["diffusion"])] == [2]
+    assert all("sample_presence" in row for row in results["overall"]["diffusion"])
+    assert results["held_out_overall"]["diffusion"][0]["sample_presence"] >= 0
+    table = (out / "table.md").read_text()
+    assert "95 % Student-t interval" in table and "sample presence ↑" in table and "Held-out identities" in table
+    payload = json.loads((out / "runs" / "diffusion" / "seed0" / "eval.json").read_text())
+    world = json.loads(json.dumps(results["eval"]["world"]))
+    assert world["identity_range"] == [0, 8] and payload["held_out_records"]
+    assert "| diffusion | 2 |" in table and " ± " in table.split("| diffusion | 2 |")[1].splitlines()[0]

@@ -38,8 +38,9 @@ The package is split by job: ``subjects`` (identities, their descriptors and ras
 ``world`` (composing samples, the data set, the example sheet).
 """
 
-from .subjects import SHAPE_FAMILIES, SUBJECT_COLOURS, TEXTURES, SubjectDescriptor, render_subject, subject_descriptor
+from .subjects import SHAPE_FAMILIES, SUBJECT_COLOURS, SUBJECT_STYLES, TEXTURES, SubjectDescriptor, render_subject, subject_descriptor
 from .world import (
+    BACKGROUNDS,
     HELD_OUT_IDENTITIES,
     MAX_SUBJECTS,
     SYNTHETIC_PRESETS,
@@ -51,10 +52,12 @@ from .world import (
 )
 
 __all__ = [
+    "BACKGROUNDS",
     "HELD_OUT_IDENTITIES",
     "MAX_SUBJECTS",
     "SHAPE_FAMILIES",
     "SUBJECT_COLOURS",
+    "SUBJECT_STYLES",
     "SYNTHETIC_PRESETS",
     "TEXTURES",
     "TRAIN_IDENTITIES",

@@ -12,12 +12,17 @@ import torch
 
 from ...utils.checks import check_int, check_real
 
-__all__ = ["SHAPE_FAMILIES", "SUBJECT_COLOURS", "TEXTURES", "SubjectDescriptor", "render_subject", "subject_descriptor"]
+__all__ = ["SHAPE_FAMILIES", "SUBJECT_COLOURS", "SUBJECT_STYLES", "TEXTURES", "SubjectDescriptor", "render_subject",
+           "subject_descriptor"]
 
 SHAPE_FAMILIES = ("superellipse", "polygon", "star")
 """The shape families of subjects."""
 TEXTURES = ("stripes", "checks", "dots", "marble")
 """The texture families of subjects."""
+SUBJECT_STYLES = ("textured", "two_tone", "plain")
+"""How subjects are painted: ``textured`` (the identity's texture in its two colours, the
+default), ``two_tone`` (split into two halves of the two colours along the texture's
+orientation: no fine pattern to learn) or ``plain`` (the primary colour only)."""
 _TEXTURE_WORDS = {"stripes": "striped", "checks": "checkered", "dots": "dotted", "marble": "marbled"}
 _POLYGON_NAMES = {3: "triangle", 4: "square", 5: "pentagon", 6: "hexagon", 7: "heptagon", 8: "octagon"}
 SUBJECT_COLOURS = {
@@ -133,6 +138,40 @@ class SubjectDescriptor:
     def palette(self) -> torch.Tensor:
         """``(2, 3)`` float32 tensor of the primary and secondary colour."""
         return torch.tensor(self.colours, dtype=torch.float32)
+
+    def styled_name(self, style: str = "textured") -> str:
+        """The caption phrase of the subject painted in ``style`` (one of `SUBJECT_STYLES`):
+        ``"red and white striped star"`` (textured), ``"red and white star"`` (two_tone),
+        ``"red star"`` (plain).
+
+        Raises:
+            ValueError: an unknown ``style``.
+        """
+        _check_style(style)
+        if style == "plain":
+            return f"{self.colour_names[0]} {self.shape_name}"
+        if style == "two_tone":
+            return f"{self.colour_names[0]} and {self.colour_names[1]} {self.shape_name}"
+        return self.name
+
+    def styled_palette(self, style: str = "textured") -> torch.Tensor:
+        """``(2, 3)`` float32: the colours the subject shows when painted in ``style``; for
+        ``plain`` the primary colour twice (the secondary one never appears).
+
+        Example:
+            >>> d = subject_descriptor(3)
+            >>> torch.equal(d.styled_palette("plain")[1], d.palette[0]), d.styled_name("plain").count(" ")
+            (True, 1)
+        """
+        _check_style(style)
+        palette = self.palette
+        return palette[[0, 0]] if style == "plain" else palette
+
+
+def _check_style(style: object) -> str:
+    if style not in SUBJECT_STYLES:
+        raise ValueError(f"Expected `style` to be one of {list(SUBJECT_STYLES)}, but got {style!r}.")
+    return style  # type: ignore[return-value]
 
 
 @lru_cache(maxsize=65536)
@@ -283,10 +322,17 @@ def _alpha(params: dict[str, torch.Tensor], u: torch.Tensor, v: torch.Tensor, ed
     return ((boundary - rho) / edge + 0.5).clamp(0.0, 1.0)
 
 
-def _colour(params: dict[str, torch.Tensor], u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Subject colour at canonical points ``(K, 3, N)``, defined over the whole frame."""
+def _colour(params: dict[str, torch.Tensor], u: torch.Tensor, v: torch.Tensor, style: str = "textured") -> torch.Tensor:
+    """Subject colour at canonical points ``(K, 3, N)``, defined over the whole frame, painted in
+    ``style`` (see `SUBJECT_STYLES`)."""
+    colours = params["colours"]  # (K, 2, 3, 1)
     angle = params["angle"]
     x = u * angle.cos() + v * angle.sin()
+    if style == "plain":
+        return colours[:, 0].expand(-1, -1, u.shape[1]).clone()
+    if style == "two_tone":  # one straight boundary through the centre, a one-pixel-ish soft edge
+        mix = torch.sigmoid(x * 80.0)[:, None]
+        return colours[:, 0] * (1 - mix) + colours[:, 1] * mix
     y = -u * angle.sin() + v * angle.cos()
     omega = math.pi * params["frequency"]  # `frequency` cycles across the 2-unit frame
     wave_x = omega * x + params["phase0"]
@@ -301,23 +347,23 @@ def _colour(params: dict[str, torch.Tensor], u: torch.Tensor, v: torch.Tensor) -
         texture == 0, stripes, torch.where(texture == 1, checks, torch.where(texture == 2, dots, marble))
     )
     mix = torch.sigmoid(params["sharpness"] * pattern)[:, None]  # (K, 1, N)
-    colours = params["colours"]  # (K, 2, 3, 1)
     return colours[:, 0] * (1 - mix) + colours[:, 1] * mix
 
 
-def _render(params: dict[str, torch.Tensor], size: int) -> torch.Tensor:
-    """``(K, 4, size, size)`` canonical RGBA rasters of several subjects (parameters from `_pack`)."""
+def _render(params: dict[str, torch.Tensor], size: int, style: str = "textured") -> torch.Tensor:
+    """``(K, 4, size, size)`` canonical RGBA rasters of several subjects (parameters from `_pack`),
+    painted in ``style``."""
     count = params["radius"].shape[0]
     centres = (torch.arange(size, dtype=torch.float32) + 0.5) * (2.0 / size) - 1.0
     v, u = torch.meshgrid(centres, centres, indexing="ij")
     u = u.reshape(1, -1).expand(count, -1)
     v = v.reshape(1, -1).expand(count, -1)
     alpha = _alpha(params, u, v, edge=2.0 / size)
-    rgb = _colour(params, u, v)
+    rgb = _colour(params, u, v, style)
     return torch.cat((rgb, alpha[:, None]), dim=1).reshape(count, 4, size, size)
 
 
-def render_subject(identity: int, size: int) -> torch.Tensor:
+def render_subject(identity: int, size: int, style: str = "textured") -> torch.Tensor:
     """Rasterises a subject's canonical frame as an RGBA image.
 
     Pixel ``(col, row)`` shows the canonical point ``u = 2 (col + 0.5) / size - 1``,
@@ -328,16 +374,23 @@ def render_subject(identity: int, size: int) -> torch.Tensor:
     Args:
         identity: the subject's identity, an integer >= 0.
         size: side of the square raster in pixels, >= 1.
+        style: how the subject is painted, one of `SUBJECT_STYLES`. Defaults to ``"textured"``.
 
     Returns:
         ``(4, size, size)`` float32 tensor in [0, 1]: RGB then alpha.
+
+    Raises:
+        ValueError: a bad ``identity``, ``size`` or ``style``.
 
     Example:
         >>> rgba = render_subject(5, 32)
         >>> rgba.shape, float(rgba[3, 16, 16]), float(rgba[3, 0, 0])  # centre inside, corner outside
         (torch.Size([4, 32, 32]), 1.0, 0.0)
         >>> on_white = rgba[:3] * rgba[3:] + (1 - rgba[3:])
+        >>> plain = render_subject(5, 32, style="plain")
+        >>> bool((plain[:3, 16, 16] == subject_descriptor(5).palette[0]).all())
+        True
     """
     identity = check_int("identity", identity, minimum=0)
     size = check_int("size", size, minimum=1)
-    return _render(_pack([_descriptor(identity)]), size)[0]
+    return _render(_pack([_descriptor(identity)]), size, _check_style(style))[0]

@@ -18,10 +18,10 @@ from ...utils.checks import check_int, check_real
 from ...utils.images import tensor_to_pil, to_uint8
 from ...correspondence.synthetic import colour_jitter
 from ..sample import MultiSubjectSample
-from .subjects import _alpha, _check_range, _descriptor, _mix, _pack, _render
+from .subjects import SUBJECT_STYLES, _alpha, _check_range, _descriptor, _mix, _pack, _render
 
-__all__ = ["HELD_OUT_IDENTITIES", "MAX_SUBJECTS", "SYNTHETIC_PRESETS", "TRAIN_IDENTITIES", "SyntheticDataset",
-           "SyntheticWorld", "SyntheticWorldConfig", "save_example_sheet"]
+__all__ = ["BACKGROUNDS", "HELD_OUT_IDENTITIES", "MAX_SUBJECTS", "SYNTHETIC_PRESETS", "TRAIN_IDENTITIES",
+           "SyntheticDataset", "SyntheticWorld", "SyntheticWorldConfig", "save_example_sheet"]
 
 TRAIN_IDENTITIES = (0, 1_000_000)
 """``(start, stop)`` of the identities training worlds draw from (the default)."""
@@ -34,6 +34,10 @@ SYNTHETIC_PRESETS = {
     "gpu": {"image_size": 256, "ref_size": 128},
 }
 """Named sizes for `SyntheticWorldConfig.from_preset`: small for CPU runs, larger for a GPU."""
+BACKGROUNDS = ("textured", "plain")
+"""Target backgrounds: ``textured`` (a procedural tinted gradient with smooth noise and faint
+waves, different in every sample; the default) or ``plain`` (uniform mid grey, 0.5)."""
+_PLAIN_BACKGROUND = 0.5
 
 
 # ----------------------------------------------------------------------------- the world
@@ -78,6 +82,11 @@ class SyntheticWorldConfig:
             neighbours overlap and later subjects hide parts of earlier ones. With 0, no
             ``layout_jitter`` and ``target_scale_range`` at most 1, subjects never overlap.
             Defaults to 0.3.
+        subject_style: how subjects are painted, one of `SUBJECT_STYLES`: ``"textured"`` (the
+            default), ``"two_tone"`` (two halves, no fine pattern) or ``"plain"`` (one colour).
+            Captions name what is painted.
+        background: the target's background, one of `BACKGROUNDS`: ``"textured"`` (the default)
+            or ``"plain"`` (uniform grey 0.5).
 
     Example:
         >>> config = SyntheticWorldConfig(max_refs=6, identity_range=HELD_OUT_IDENTITIES)
@@ -117,6 +126,8 @@ class SyntheticWorldConfig:
     target_rotation: float = field(default=30.0, metadata={"help": "largest target rotation in degrees"})
     layout_jitter: float = field(default=0.1, metadata={"help": "largest shift of a subject / its cell side"})
     occlusion: float = field(default=0.3, metadata={"help": "squeeze of the layout grid towards the centre"})
+    subject_style: str = field(default="textured", metadata={"help": "textured, two_tone or plain subjects"})
+    background: str = field(default="textured", metadata={"help": "textured or plain target background"})
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -163,6 +174,10 @@ class SyntheticWorldConfig:
         put("target_rotation", check_real("target_rotation", self.target_rotation, 0.0, 180.0))
         put("layout_jitter", check_real("layout_jitter", self.layout_jitter, 0.0, 0.5))
         put("occlusion", check_real("occlusion", self.occlusion, 0.0, 1.0))
+        if self.subject_style not in SUBJECT_STYLES:
+            raise ValueError(f"Expected `subject_style` to be one of {list(SUBJECT_STYLES)}, but got {self.subject_style!r}.")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"Expected `background` to be one of {list(BACKGROUNDS)}, but got {self.background!r}.")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> SyntheticWorldConfig:
@@ -246,13 +261,13 @@ def _jitter(images: torch.Tensor, jitter: PhotometricJitter, factors: torch.Tens
     return colour_jitter(images.clamp(0.0, 1.0), jitter, factors)
 
 
-def _caption(names: list[str]) -> str:
+def _caption(names: list[str], background: str = "textured") -> str:
     phrases = [f"a {name}" for name in names]
     if len(phrases) == 1:
         listed = phrases[0]
     else:
         listed = ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return f"{listed} on a textured background"
+    return f"{listed} on a {background} background"
 
 
 class SyntheticWorld:
@@ -366,11 +381,13 @@ class SyntheticWorld:
             factors.append([rng.uniform(-1.0, 1.0) for _ in range(4)])
         target_transforms = torch.tensor(target_rows, dtype=torch.float64)
         reference_transforms = torch.tensor(reference_rows, dtype=torch.float64)
-        background = _background(size, rng, generator)
+        background = _background(size, rng, generator)  # drawn in both modes: the random streams stay aligned
+        if config.background == "plain":
+            background = torch.full_like(background, _PLAIN_BACKGROUND)
 
         # Rendering: canonical rasters warped with kornia.
         params = _pack(descriptors)
-        canonical = _render(params, config.canonical_size)
+        canonical = _render(params, config.canonical_size, config.subject_style)
         warped = warp_affine(
             canonical, _kornia_affine(target_transforms, config.canonical_size), dsize=(size, size),
             mode="bilinear", padding_mode="zeros", align_corners=True,
@@ -419,12 +436,12 @@ class SyntheticWorld:
             pairs.append(torch.cat((ref_points[slot, chosen], tgt_points[slot, chosen]), dim=1).float())
             canonical_points.append(grid[chosen].float())
 
-        names = [descriptor.name for descriptor in descriptors]
+        names = [descriptor.styled_name(config.subject_style) for descriptor in descriptors]
         return MultiSubjectSample(
             sample_id=f"synthetic-{config.seed}-{index}",
             target=target,
             references=[reference.clone() for reference in references],
-            caption=_caption(names),
+            caption=_caption(names, config.background),
             pairs=pairs,
             target_masks=[mask.clone() for mask in target_masks],
             reference_masks=[mask.clone() for mask in reference_masks],
@@ -438,6 +455,7 @@ class SyntheticWorld:
                 "target_transforms": target_transforms,
                 "canonical_points": canonical_points,
                 "visible_fraction": visible_fraction.float(),
+                "palettes": torch.stack([d.styled_palette(config.subject_style) for d in descriptors]),
             },
         )
 

@@ -15,10 +15,12 @@ palette colours. That makes four families of scores possible, all defined on hel
   `masked_mse` of the one-step estimate ``x̂0 = x_σ - σ·v̂`` inside each subject's visible
   region, and the *reference gain*: the share of that error which disappears when the model gets
   the sample's own references rather than another sample's (how much it uses the references);
-- **sample fidelity** (free generation with the pipeline from held-out references):
+- **sample fidelity** (free generation through the model family from held-out references):
   `subject_fidelity` finds each reference's best-matching window (`locate_subject`, masked
   normalised cross-correlation `masked_ncc` over positions and scales), measures its own palette
-  there (`palette_affinity`) and the other subjects' palettes (attribute leakage).
+  there (`palette_affinity`) and the other subjects' palettes (attribute leakage); a subject is
+  *present* when that colour score passes `presence_threshold`, halfway between the ground truth
+  and chance (`subject_presence`).
 
 `evaluate_synthetic` runs all of them for K = 1…6 on a trained pipeline, `summarise_records`
 and `ablation_table` aggregate runs (the recipe ``recipes/synthetic_ablation.py``), and
@@ -30,12 +32,16 @@ name is importable from here and from `mosaic_kit.eval`.
 """
 
 from .report import (
+    INTERVALS,
+    mean_interval,
     ablation_table,
     plot_attention_maps,
     plot_metric_against_k,
     summarise_records,
 )
 from .runner import (
+    baseline_presence_threshold,
+    generate_with_family,
     SyntheticEvalConfig,
     SyntheticEvalResult,
     evaluate_denoising,
@@ -45,6 +51,8 @@ from .runner import (
     held_out_world,
 )
 from .scores import (
+    presence_threshold,
+    subject_presence,
     DEFAULT_TEMPLATE_SCALES,
     METRICS,
     OVERLAP_MEASURES,
@@ -65,6 +73,12 @@ from .scores import (
 )
 
 __all__ = [
+    "INTERVALS",
+    "mean_interval",
+    "baseline_presence_threshold",
+    "generate_with_family",
+    "presence_threshold",
+    "subject_presence",
     "DEFAULT_TEMPLATE_SCALES",
     "METRICS",
     "OVERLAP_MEASURES",

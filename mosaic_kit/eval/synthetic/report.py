@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from ...utils.atomic import atomic_write
 from .scores import METRICS
 
-__all__ = ["ablation_table", "plot_attention_maps", "plot_metric_against_k", "summarise_records"]
+__all__ = ["INTERVALS", "ablation_table", "mean_interval", "plot_attention_maps", "plot_metric_against_k",
+           "summarise_records"]
+
+INTERVALS = ("std", "t95")
+"""Spreads `ablation_table` prints after ``±``: the standard deviation over seeds (``std``) or the
+half-width of the two-sided 95 % Student-t interval of the mean (``t95``)."""
+
+# two-sided 95 % quantiles t(0.975, df) of Student's t for df = 1…30 (beyond: the normal 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 # ----------------------------------------------------------------------------- aggregation
 def _mean(values: Sequence[float]) -> float:
@@ -71,9 +80,42 @@ def _spread(values: Sequence[float]) -> tuple[float, float]:
     return sum(finite) / len(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
 
 
+def mean_interval(values: Sequence[float], interval: str = "t95") -> tuple[float, float]:
+    """The mean of the finite ``values`` and its spread: the standard deviation (``"std"``) or
+    the half-width of the two-sided 95 % Student-t confidence interval of the mean,
+    ``t(0.975, n - 1) · s / √n`` (``"t95"``; NaN for a single value, where no interval exists).
+
+    Args:
+        values: the per-seed values (NaNs skipped).
+        interval: one of `INTERVALS`.
+
+    Returns:
+        ``(mean, spread)``; both NaN without a finite value.
+
+    Raises:
+        ValueError: an unknown ``interval``.
+
+    Example:
+        >>> mean, half = mean_interval([1.0, 2.0, 3.0])  # s = 1, t(0.975, 2) = 4.303
+        >>> mean, round(half, 3)
+        (2.0, 2.484)
+    """
+    if interval not in INTERVALS:
+        raise ValueError(f"Expected `interval` to be one of {list(INTERVALS)}, but got {interval!r}.")
+    mean, std = _spread([float(v) for v in values])
+    if interval == "std" or not math.isfinite(mean):
+        return mean, std
+    n = sum(1 for v in values if math.isfinite(float(v)))
+    if n < 2:
+        return mean, float("nan")
+    quantile = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    return mean, quantile * std / math.sqrt(n)
+
+
 def ablation_table(per_run: Mapping[str, Sequence[Mapping]], metrics: Sequence[str] | None = None,
-                   reference_rows: Mapping[str, Mapping] | None = None, digits: int = 3) -> str:
-    """The markdown table of an ablation: per setting, mean ± standard deviation over seeds.
+                   reference_rows: Mapping[str, Mapping] | None = None, digits: int = 3,
+                   interval: str = "std") -> str:
+    """The markdown table of an ablation: per setting, mean ± spread over seeds (`mean_interval`).
 
     Args:
         per_run: setting name → one summary row per seed (e.g. ``summarise_records(records, by=())[0]``).
@@ -81,6 +123,8 @@ def ablation_table(per_run: Mapping[str, Sequence[Mapping]], metrics: Sequence[s
         reference_rows: extra rows without spread (e.g. ``{"ground truth": {...}}``); metrics they
             lack show as "–".
         digits: decimals.
+        interval: the spread after ``±``, one of `INTERVALS`: ``std`` (standard deviation, the
+            default) or ``t95`` (half-width of the 95 % t-interval of the mean; one seed: no ``±``).
 
     Returns:
         The table as markdown.
@@ -90,15 +134,26 @@ def ablation_table(per_run: Mapping[str, Sequence[Mapping]], metrics: Sequence[s
         | setting | seeds | hit-rate ↑ |
         | --- | --- | --- |
         | a | 2 | 0.200 ± 0.141 |
+        >>> print(ablation_table({"a": [{"hit_rate": 0.1}, {"hit_rate": 0.3}]}, metrics=["hit_rate"], interval="t95"))
+        | setting | seeds | hit-rate ↑ |
+        | --- | --- | --- |
+        | a | 2 | 0.200 ± 1.271 |
     """
+    if interval not in INTERVALS:
+        raise ValueError(f"Expected `interval` to be one of {list(INTERVALS)}, but got {interval!r}.")
     metrics = list(METRICS) if metrics is None else list(metrics)
     titles = [METRICS[m][0] if m in METRICS else m for m in metrics]
     lines = ["| setting | seeds | " + " | ".join(titles) + " |", "| --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
     for name, rows in per_run.items():
         cells = []
         for metric in metrics:
-            mean, std = _spread([float(r.get(metric, float("nan"))) for r in rows])
-            cells.append("–" if not math.isfinite(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}")
+            mean, spread = mean_interval([float(r.get(metric, float("nan"))) for r in rows], interval)
+            if not math.isfinite(mean):
+                cells.append("–")
+            elif not math.isfinite(spread):
+                cells.append(f"{mean:.{digits}f}")
+            else:
+                cells.append(f"{mean:.{digits}f} ± {spread:.{digits}f}")
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
     for name, row in (reference_rows or {}).items():
         cells = []

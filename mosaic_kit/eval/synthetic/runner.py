@@ -26,22 +26,25 @@ from .scores import (
     masked_mse,
     reference_attention_maps,
     subject_attention_mass,
+    presence_threshold,
     subject_fidelity,
+    subject_presence,
     target_token_masks,
 )
 
 if TYPE_CHECKING:
     from ...data import MosaicBatch, MultiSubjectSample
     from ...models import ModelFamily, ModelInputs
-    from ...pipelines import MosaicFluxPipeline
 
 __all__ = [
     "SyntheticEvalConfig",
     "SyntheticEvalResult",
     "evaluate_denoising",
     "evaluate_generation",
+    "baseline_presence_threshold",
     "evaluate_synthetic",
     "fidelity_baselines",
+    "generate_with_family",
     "held_out_world",
 ]
 
@@ -66,6 +69,14 @@ class SyntheticEvalConfig:
         max_sequence_length: T5 tokens of the prompts when generating (the teacher-forced scores
             encode with the family's own setting, e.g. the trainer's).
         batch_size: samples per model call of the teacher-forced scores.
+        world: other `SyntheticWorldConfig` fields of the evaluated world (e.g. ``subject_style``,
+            ``background``, ``target_rotation``, ``occlusion``; ``identity_range`` replaces the
+            held-out identities, e.g. by the trained ones to score seen subjects in new layouts).
+            Sizes, K and the seed come from the fields above. Defaults to none.
+        sampler: how samples are generated: ``"family"`` (`generate_with_family`: an Euler sampler
+            over the family's forward, any family, any reference size; the default) or
+            ``"pipeline"`` (the family's own inference pipeline, `ModelFamily.sample`: what a user
+            gets; FLUX.2's stock pipeline refuses references under 64 px).
 
     Example:
         >>> SyntheticEvalConfig(num_refs=(1, 2), attention_samples=2).num_refs
@@ -90,10 +101,21 @@ class SyntheticEvalConfig:
     palette_sigma: float = 0.12
     max_sequence_length: int = 32
     batch_size: int = 8
+    world: dict = field(default_factory=dict)
+    sampler: str = "family"
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
+
+        if not isinstance(self.world, dict):
+            raise ValueError(f"Expected `world` to map SyntheticWorldConfig fields to values, but got {self.world!r}.")
+        reserved = sorted(set(self.world) & {"image_size", "ref_size", "min_refs", "max_refs", "seed"})
+        if reserved:
+            raise ValueError(f"Expected `world` without {reserved} (set by target_size, ref_size, num_refs and "
+                             f"world_seed), but got {self.world!r}.")
+        if self.sampler not in ("family", "pipeline"):
+            raise ValueError(f"Expected `sampler` to be 'family' or 'pipeline', but got {self.sampler!r}.")
 
         for name in ("num_refs", "sigmas", "scales"):
             value = getattr(self, name)
@@ -125,8 +147,9 @@ class SyntheticEvalConfig:
 
 
 def held_out_world(config: SyntheticEvalConfig):
-    """The held-out `SyntheticWorld` of an evaluation: `HELD_OUT_IDENTITIES`, ``world_seed``,
-    the config's sizes, up to ``max(num_refs)`` subjects.
+    """The evaluated `SyntheticWorld`: `HELD_OUT_IDENTITIES` (unless ``config.world`` names an
+    ``identity_range``), ``world_seed``, the config's sizes and ``world`` fields, up to
+    ``max(num_refs)`` subjects.
 
     Example:
         >>> world = held_out_world(SyntheticEvalConfig(num_refs=(1, 5)))
@@ -137,9 +160,10 @@ def held_out_world(config: SyntheticEvalConfig):
 
     if not isinstance(config, SyntheticEvalConfig):
         raise ValueError(f"Expected `config` to be a SyntheticEvalConfig, but got {type(config).__name__}.")
+    world = {"identity_range": HELD_OUT_IDENTITIES, **config.world}
     return SyntheticWorld(SyntheticWorldConfig(
         image_size=config.target_size, ref_size=config.ref_size, min_refs=1, max_refs=max(config.num_refs),
-        identity_range=HELD_OUT_IDENTITIES, seed=config.world_seed,
+        seed=config.world_seed, **world,
     ))
 
 
@@ -251,65 +275,176 @@ def evaluate_denoising(
     }
 
 
+def _euler_sigmas(steps: int, mu: float | None) -> torch.Tensor:
+    """``steps + 1`` decreasing noise levels from 1 to 0: FLUX's ``linspace(1, 1/steps, steps)``
+    with the exponential resolution shift ``e^μ / (e^μ + 1/σ - 1)`` (none when ``mu`` is None),
+    then 0 (the schedule of diffusers' ``FlowMatchEulerDiscreteScheduler`` with dynamic shifting)."""
+    sigmas = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    if mu is not None:
+        sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+    return torch.cat((sigmas, torch.zeros(1, dtype=torch.float64))).float()
+
+
+@torch.no_grad()
+def generate_with_family(
+    family: ModelFamily,
+    batch: MosaicBatch,
+    num_inference_steps: int,
+    noise: torch.Tensor,
+    guidance: float = 1.0,
+) -> torch.Tensor:
+    """Generates one image per sample of a batch through the model boundary alone: the family
+    encodes the captions and references (`ModelFamily.encode_batch`; the batch's targets fix
+    only the size), then an Euler flow-matching sampler integrates `ModelFamily.forward` from
+    pure noise (σ = 1) to σ = 0 on FLUX's shifted schedule (``linspace(1, 1/N, N)`` shifted by
+    the family's `ModelFamily.shift_mu`), and the family decodes. It works for every
+    registered family and sees the references exactly as training does (no pipeline
+    preprocessing, any reference size).
+
+    Args:
+        family: the model behind the model boundary (`mosaic_kit.models.ModelFamily`).
+        batch: a `MosaicBatch` (`collate_samples`); its targets are not used except for the size.
+        num_inference_steps: Euler steps, >= 1.
+        noise: ``(B, N_tgt, C)`` the initial noise, same shape as the packed target.
+        guidance: guidance embedded for text and target (training uses 1; no classifier-free
+            guidance).
+
+    Returns:
+        ``(B, 3, H, W)`` float32 images in ``[0, 1]`` on the CPU.
+
+    Raises:
+        ValueError: ``num_inference_steps`` < 1 or ``noise`` of the wrong shape.
+
+    Example:
+        >>> from mosaic_kit.data import collate_samples
+        >>> from mosaic_kit.pipelines import build_family
+        >>> family = build_family("flux2", base=None, pixel_space=2)
+        >>> world = held_out_world(SyntheticEvalConfig(num_refs=(2,), target_size=32, ref_size=16))
+        >>> batch = collate_samples([world.sample(0, num_refs=2)], 32, 16, vae_scale_factor=family.vae_scale_factor)
+        >>> noise = torch.randn(1, 64, family.token_channels, generator=torch.Generator().manual_seed(0))
+        >>> generate_with_family(family, batch, 2, noise).shape
+        torch.Size([1, 3, 32, 32])
+    """
+    steps = check_int("num_inference_steps", num_inference_steps, minimum=1)
+    height, width = batch.targets.shape[-2:]
+    inputs = family.encode_batch(batch)
+    check_shape("noise", noise, list(inputs.target.shape), "(B, N_tgt, C)")
+    latents = noise.to(inputs.target.device, torch.float32)
+    sigmas = _euler_sigmas(steps, family.shift_mu(inputs.layout))
+    for i in range(steps):
+        sigma = torch.full((latents.shape[0],), float(sigmas[i]), device=latents.device)
+        velocity = family.forward(inputs, latents.to(inputs.target.dtype), sigma, guidance=float(guidance)).float()
+        latents = latents + (float(sigmas[i + 1]) - float(sigmas[i])) * velocity
+    return family.decode(latents.to(inputs.target.dtype), height, width).float().cpu().clamp(0, 1)
+
+
 def _palettes(sample) -> torch.Tensor:
     from ...data import subject_descriptor
 
+    if "palettes" in sample.meta:  # the colours the subjects show in the world's style
+        return sample.meta["palettes"]
     return torch.stack([subject_descriptor(identity).palette for identity in sample.meta["identities"]])
 
 
-def _fidelity_record(image: torch.Tensor, sample, config: SyntheticEvalConfig) -> dict[str, float]:
+def _fidelity_record(image: torch.Tensor, sample, config: SyntheticEvalConfig,
+                     threshold: float | None = None) -> dict:
     scores = subject_fidelity(image, sample.references, sample.reference_masks, _palettes(sample), config.scales,
                               config.palette_sigma)
     leakage = scores.leakage.nanmean() if sample.num_refs > 1 else torch.tensor(float("nan"))
-    return {"sample_ncc": float(scores.ncc.mean()), "sample_colour": float(scores.colour.mean()),
-            "sample_leakage": float(leakage)}
+    record = {"sample_ncc": float(scores.ncc.mean()), "sample_colour": float(scores.colour.mean()),
+              "sample_leakage": float(leakage), "subject_colours": [float(c) for c in scores.colour]}
+    if threshold is not None:
+        record["sample_presence"] = float(subject_presence(scores.colour, threshold).nanmean())
+    return record
+
+
+def _family_of(model):
+    """The model family of a family or of a pipeline that holds one (``pipe.family``)."""
+    from ...models import ModelFamily
+
+    if isinstance(model, ModelFamily):
+        return model
+    family = getattr(model, "family", None)
+    if isinstance(family, ModelFamily):
+        return family
+    raise ValueError(f"Expected a model family (mosaic_kit.models.ModelFamily) or a pipeline holding one, but got "
+                     f"{type(model).__name__}.")
+
+
+def _generate(family: ModelFamily, samples: Sequence, config: SyntheticEvalConfig, seeds: Sequence[int]) -> torch.Tensor:
+    """``(n, 3, H, W)`` images of ``samples`` with ``config.sampler``, noise seed ``seeds[i]`` each."""
+    from ...data import collate_samples
+    from ...utils.images import tensor_to_pil
+
+    size = config.target_size
+    if config.sampler == "pipeline":
+        import numpy as np
+
+        images = []
+        for sample, seed in zip(samples, seeds):
+            image = family.sample(sample.caption, [tensor_to_pil(r) for r in sample.references], size, size,
+                                  config.inference_steps, generator=torch.Generator().manual_seed(seed),
+                                  guidance_scale=config.guidance_scale)
+            images.append(torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1))
+        return torch.stack(images)
+    images = []
+    for start in range(0, len(samples), config.batch_size):
+        chunk = samples[start : start + config.batch_size]
+        batch = collate_samples(list(chunk), size, config.ref_size, vae_scale_factor=family.vae_scale_factor)
+        tokens = batch.target_grid.num_tokens
+        noise = torch.cat([torch.randn(1, tokens, family.token_channels, generator=torch.Generator().manual_seed(seed))
+                           for seed in seeds[start : start + len(chunk)]])
+        images.append(generate_with_family(family, batch, config.inference_steps, noise, config.guidance_scale))
+    return torch.cat(images)
 
 
 @torch.no_grad()
 def evaluate_generation(
-    pipe: MosaicFluxPipeline, sample: MultiSubjectSample, config: SyntheticEvalConfig, seed: int
+    family: ModelFamily, sample: MultiSubjectSample, config: SyntheticEvalConfig, seed: int,
+    threshold: float | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Generates one image from a held-out sample's caption and references with the pipeline and
-    scores it with `subject_fidelity`.
+    """Generates one image from a synthetic sample's caption and references through the model
+    family (``config.sampler``: `generate_with_family` or the family's pipeline) and scores it
+    with `subject_fidelity`.
 
     Args:
-        pipe: the `MosaicFluxPipeline`.
+        family: the model family (`mosaic_kit.models.ModelFamily`, any registered one), or a
+            pipeline holding one as ``pipe.family`` (e.g. a `MosaicFluxPipeline`).
         sample: a `MultiSubjectSample` of the synthetic world (its ``meta`` names the identities).
-        config: sizes, steps, guidance and the fidelity settings.
+        config: sizes, steps, guidance, sampler and the fidelity settings.
         seed: seed of the initial noise.
+        threshold: the presence threshold (`presence_threshold`); None: no ``sample_presence``.
 
     Returns:
         ``(scores, image)``: ``sample_ncc``, ``sample_colour``, ``sample_leakage`` (means over the
-        subjects; leakage NaN for K = 1) and the ``(3, H, W)`` image in [0, 1].
+        subjects; leakage NaN for K = 1), ``subject_colours`` (per subject), ``sample_presence``
+        (with a threshold) and the ``(3, H, W)`` image in [0, 1].
+
+    Raises:
+        ValueError: a bad ``config`` or ``seed``, or ``family`` that is not a model family.
 
     Example:
-        >>> from mosaic_kit.pipelines import MosaicFluxPipeline
-        >>> from mosaic_kit.pipelines.tiny import tiny_flux_components
-        >>> from mosaic_kit.models import add_reference_lora
-        >>> pipe = MosaicFluxPipeline(**tiny_flux_components(pixel_space=2))
-        >>> add_reference_lora(pipe.transformer, rank=2)
-        >>> config = SyntheticEvalConfig(num_refs=(2,), inference_steps=2)
-        >>> scores, image = evaluate_generation(pipe, held_out_world(config).sample(0, num_refs=2), config, seed=0)
+        >>> from mosaic_kit.pipelines import build_family
+        >>> family = build_family("flux2", base=None, pixel_space=2)
+        >>> config = SyntheticEvalConfig(num_refs=(2,), inference_steps=2, target_size=32, ref_size=16)
+        >>> scores, image = evaluate_generation(family, held_out_world(config).sample(0, num_refs=2), config, seed=0)
         >>> sorted(scores), image.shape
-        (['sample_colour', 'sample_leakage', 'sample_ncc'], torch.Size([3, 64, 64]))
+        (['sample_colour', 'sample_leakage', 'sample_ncc', 'subject_colours'], torch.Size([3, 32, 32]))
     """
     if not isinstance(config, SyntheticEvalConfig):
         raise ValueError(f"Expected `config` to be a SyntheticEvalConfig, but got {type(config).__name__}.")
-    out = pipe(
-        sample.caption, list(sample.references), height=config.target_size, width=config.target_size,
-        ref_size=config.ref_size, num_inference_steps=config.inference_steps, guidance_scale=config.guidance_scale,
-        generator=torch.Generator().manual_seed(check_int("seed", seed, minimum=0)), output_type="pt",
-        max_sequence_length=config.max_sequence_length, progress=False,
-    )
-    image = out.images[0].float().cpu().clamp(0, 1)
-    return _fidelity_record(image, sample, config), image
+    family = _family_of(family)
+    image = _generate(family, [sample], config, [check_int("seed", seed, minimum=0)])[0]
+    return _fidelity_record(image, sample, config, threshold), image
 
 
 def fidelity_baselines(config: SyntheticEvalConfig) -> list[dict]:
     """Sample-fidelity scores that calibrate the generated ones, per K: the **ground truth**
     (the true target scored against its own references: what a perfect generator reaches) and
-    **chance** (the target of another held-out sample with the same K, i.e. other subjects,
-    scored against these references).
+    **chance** (the target of another sample of the evaluated world with the same K, i.e. other
+    subjects, scored against these references). The presence threshold is fixed from them
+    (`presence_threshold` of their per-subject colour scores, `baseline_presence_threshold`)
+    and each record carries its ``sample_presence``.
 
     Args:
         config: the evaluation config (its ``generation_samples`` samples per K are used, at
@@ -322,6 +457,8 @@ def fidelity_baselines(config: SyntheticEvalConfig) -> list[dict]:
         >>> truth, chance = fidelity_baselines(SyntheticEvalConfig(num_refs=(2,), generation_samples=1))
         >>> truth["kind"], chance["kind"], truth["sample_ncc"] > chance["sample_ncc"]
         ('ground_truth', 'chance', True)
+        >>> truth["sample_presence"] >= chance["sample_presence"]
+        True
     """
     world = held_out_world(config)
     count = max(1, config.generation_samples)
@@ -332,7 +469,26 @@ def fidelity_baselines(config: SyntheticEvalConfig) -> list[dict]:
             other = world.sample(i + count, num_refs=k)
             for kind, image in (("ground_truth", sample.target), ("chance", other.target)):
                 records.append({"kind": kind, "num_refs": k, "index": i, **_fidelity_record(image, sample, config)})
+    threshold = baseline_presence_threshold(records)
+    for record in records:
+        record["sample_presence"] = float(
+            subject_presence(torch.tensor(record["subject_colours"]), threshold).nanmean())
     return records
+
+
+def baseline_presence_threshold(baselines: Sequence[dict]) -> float:
+    """The presence threshold of an evaluation: `presence_threshold` of the per-subject colour
+    scores of `fidelity_baselines`' ground-truth and chance records.
+
+    Example:
+        >>> config = SyntheticEvalConfig(num_refs=(2,), generation_samples=2, target_size=32, ref_size=16)
+        >>> 0.2 < baseline_presence_threshold(fidelity_baselines(config)) < 0.8
+        True
+    """
+    def colours(kind: str) -> list[float]:
+        return [c for r in baselines if r.get("kind") == kind for c in r.get("subject_colours", ())]
+
+    return presence_threshold(colours("ground_truth"), colours("chance"))
 
 
 @dataclass
@@ -359,15 +515,14 @@ def evaluate_synthetic(
     figure_sample: tuple[int, int] | None = (3, 0),
     figure_sigma: float | None = None,
     progress: Callable[[str], None] | None = None,
-    pipeline: MosaicFluxPipeline | None = None,
 ) -> SyntheticEvalResult:
     """Scores a trained model on held-out subjects for every K of ``config.num_refs``.
 
     For each K: ``attention_samples`` held-out samples (indices 0, 1, …, shared by every model
     evaluated with the same config), scored by `evaluate_denoising` at every ``sigma`` with noise
     drawn from ``(noise_seed, K, sigma)``; then the first ``generation_samples`` of them generated
-    with the pipeline (noise seed ``noise_seed · 1000 + 10 · K + i``) and scored by
-    `evaluate_generation`.
+    through the family (``config.sampler``; noise seed ``noise_seed · 1000 + 10 · K + i``) and
+    scored as `evaluate_generation` does, with the presence threshold of `fidelity_baselines`.
 
     Args:
         family: the trained model behind the model boundary (`mosaic_kit.models.ModelFamily`;
@@ -377,9 +532,6 @@ def evaluate_synthetic(
             (K must be in ``num_refs`` and index below ``attention_samples``), or None.
         figure_sigma: the noise level of the figure maps; default the middle of ``sigmas``.
         progress: optional callback receiving one line per K.
-        pipeline: the inference pipeline that generates the samples (called like a
-            `MosaicFluxPipeline`); default the family's own, ``family.pipe``. Needed only when
-            ``config.generation_samples > 0``.
 
     Returns:
         `SyntheticEvalResult`.
@@ -407,11 +559,8 @@ def evaluate_synthetic(
     sigma_fig = config.sigmas[len(config.sigmas) // 2] if figure_sigma is None else figure_sigma
     if figure_sample is not None and sigma_fig not in config.sigmas:
         raise ValueError(f"Expected `figure_sigma` among {list(config.sigmas)}, but got {figure_sigma!r}.")
-    if pipeline is None:
-        pipeline = getattr(family, "pipe", None)
-    if config.generation_samples and pipeline is None:
-        raise ValueError(f"Expected a `pipeline` to generate {config.generation_samples} samples per K (the family "
-                         f"{type(family).__name__} has no `pipe`), but got None.")
+    family = _family_of(family)
+    threshold = baseline_presence_threshold(fidelity_baselines(config)) if config.generation_samples else None
     world = held_out_world(config)
     model = family.model
     was_training = model.training
@@ -446,11 +595,14 @@ def evaluate_synthetic(
                                 "token_masks": masks.reshape(k, grid.rows, grid.cols),
                             }
             images = []
-            for i in range(config.generation_samples):
-                scores, image = evaluate_generation(pipeline, samples[i] if i < len(samples) else world.sample(i, num_refs=k),
-                                                    config, seed=config.noise_seed * 1000 + 10 * k + i)
-                result.records.append({"kind": "generation", "num_refs": k, "index": i, **scores})
-                images.append(image)
+            if config.generation_samples:
+                chosen = [samples[i] if i < len(samples) else world.sample(i, num_refs=k)
+                          for i in range(config.generation_samples)]
+                seeds = [config.noise_seed * 1000 + 10 * k + i for i in range(config.generation_samples)]
+                images = list(_generate(family, chosen, config, seeds))
+                for i, (sample, image) in enumerate(zip(chosen, images)):
+                    scores = _fidelity_record(image, sample, config, threshold)
+                    result.records.append({"kind": "generation", "num_refs": k, "index": i, **scores})
             if images:
                 result.images[k] = torch.stack(images)
             if progress is not None:

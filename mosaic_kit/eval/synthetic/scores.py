@@ -43,9 +43,11 @@ __all__ = [
     "masked_mse",
     "masked_ncc",
     "palette_affinity",
+    "presence_threshold",
     "reference_attention_maps",
     "subject_attention_mass",
     "subject_fidelity",
+    "subject_presence",
     "target_token_masks",
 ]
 
@@ -67,6 +69,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "sample_ncc": ("sample NCC ↑", "best masked NCC of each reference over the generated image"),
     "sample_colour": ("sample colour ↑", "own-palette affinity in the subject's best window"),
     "sample_leakage": ("sample leakage ↓", "other subjects' palette affinity in the subject's best window"),
+    "sample_presence": ("sample presence ↑", "share of subjects whose best-window colour passes the threshold "
+                        "halfway between ground truth and chance (`presence_threshold`)"),
 }
 """The metrics of an ablation record: key → (column title with its better direction, meaning)."""
 
@@ -581,3 +585,80 @@ def subject_fidelity(
             leakage.append(float("nan"))
         windows.append(match.window)
     return SubjectFidelity(torch.tensor(ncc), torch.tensor(colour), torch.tensor(leakage), torch.stack(windows))
+
+
+# ----------------------------------------------------------------------------- presence
+def _finite_scores(name: str, values: object) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        tensor = values.detach().float().reshape(-1).cpu()
+    elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
+        try:
+            tensor = torch.tensor([float(v) for v in values], dtype=torch.float32)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"Expected `{name}` to hold numbers, but got {values!r}.") from error
+    else:
+        raise TypeError(f"Expected `{name}` to be a sequence or tensor of scores, but got {type(values).__name__}.")
+    tensor = tensor[torch.isfinite(tensor)]
+    if not len(tensor):
+        raise ValueError(f"Expected `{name}` to hold at least one finite score, but got {values!r}.")
+    return tensor
+
+
+def presence_threshold(ground_truth: Sequence[float] | torch.Tensor, chance: Sequence[float] | torch.Tensor) -> float:
+    """The colour score above which a subject counts as present: halfway between the mean
+    per-subject ``colour`` of the ground truth (each true target scored against its own
+    references) and of chance (another sample's target, other subjects, scored against them).
+
+    A generated subject passes it when its best window holds its own colours more like the real
+    image than like an image of other subjects. The threshold depends only on the evaluated
+    world (not on any model), so every run of one evaluation shares it.
+
+    Args:
+        ground_truth: per-subject colour scores of the ground-truth rows (NaNs skipped).
+        chance: per-subject colour scores of the chance rows (NaNs skipped).
+
+    Returns:
+        The threshold ``(mean(ground_truth) + mean(chance)) / 2``.
+
+    Raises:
+        TypeError: scores that are not a sequence or tensor of numbers.
+        ValueError: no finite score in one of them, or a ground-truth mean not above chance
+            (the colour score does not separate them, so no threshold can).
+
+    Example:
+        >>> presence_threshold([0.9, 1.0], [0.2, 0.4])
+        0.625
+    """
+    truth = float(_finite_scores("ground_truth", ground_truth).mean())
+    other = float(_finite_scores("chance", chance).mean())
+    if truth <= other:
+        raise ValueError(f"Expected the ground-truth colour score above chance to place a presence threshold, but "
+                         f"got ground truth {truth:.3f} and chance {other:.3f}.")
+    return (truth + other) / 2
+
+
+def subject_presence(colour: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which subjects are present: their `subject_fidelity` ``colour`` score is at least
+    ``threshold`` (`presence_threshold`).
+
+    Args:
+        colour: ``(K,)`` per-subject colour scores (``SubjectFidelity.colour``).
+        threshold: from `presence_threshold`, in ``[0, 1]``.
+
+    Returns:
+        ``(K,)`` float32, 1 for a present subject and 0 otherwise (its mean is the presence
+        share); NaN where the score is NaN.
+
+    Raises:
+        ValueError: ``colour`` not a 1-D floating tensor, or ``threshold`` outside ``[0, 1]``.
+
+    Example:
+        >>> subject_presence(torch.tensor([0.9, 0.5, 0.7]), 0.6).tolist()
+        [1.0, 0.0, 1.0]
+    """
+    if not isinstance(colour, torch.Tensor) or colour.ndim != 1 or not colour.is_floating_point():
+        got = f"{tuple(colour.shape)} {colour.dtype}" if isinstance(colour, torch.Tensor) else type(colour).__name__
+        raise ValueError(f"Expected `colour` to be a 1-D floating tensor (K,), but got {got}.")
+    threshold = check_real("threshold", threshold, 0.0, 1.0)
+    present = (colour >= threshold).float()
+    return torch.where(torch.isnan(colour), torch.full_like(present, float("nan")), present)
