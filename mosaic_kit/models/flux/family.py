@@ -193,7 +193,7 @@ class MosaicFluxFamily(ModelFamily):
             "target_tokens": randn(1, side * side, conf.in_channels, dtype=torch.bfloat16),
             "text_embeddings": randn(1, text_tokens, conf.joint_attention_dim, dtype=torch.bfloat16),
             "pooled_embeddings": randn(1, conf.pooled_projection_dim, dtype=torch.bfloat16),
-            "timestep": randn(1, dtype=torch.bfloat16),
+            "timestep": randn(1, dtype=torch.bfloat16).sigmoid(),
             "target_ids": latent_image_ids(side, side), "text_ids": torch.zeros(text_tokens, 3),
             "reference_tokens": randn(1, sum(counts), conf.in_channels, dtype=torch.bfloat16),
             "reference_ids": reference_position_ids([(size, size) for size in reference_sizes]),

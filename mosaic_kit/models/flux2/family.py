@@ -210,7 +210,7 @@ class Flux2Family(InSequenceFamily):
             "hidden_states": randn(1, side * side + sum(ref_tokens), conf.in_channels, dtype=torch.bfloat16),
             "img_ids": torch.cat(parts)[None],
             "encoder_hidden_states": randn(1, text_tokens, conf.joint_attention_dim, dtype=torch.bfloat16),
-            "txt_ids": txt_ids[None], "timestep": randn(1, dtype=torch.bfloat16),
+            "txt_ids": txt_ids[None], "timestep": randn(1, dtype=torch.bfloat16).sigmoid(),
             "guidance": randn(1, dtype=torch.float32) if conf.guidance_embeds else None,
             "sequence_layout": SequenceLayout.concatenated(side * side, ref_tokens),
         }

@@ -137,7 +137,7 @@ class QwenEditPlusFamily(InSequenceFamily):
         return {
             "hidden_states": randn(1, side * side + sum(ref_tokens), conf.in_channels, dtype=torch.bfloat16),
             "encoder_hidden_states": randn(1, text_tokens, conf.joint_attention_dim, dtype=torch.bfloat16),
-            "encoder_hidden_states_mask": None, "timestep": randn(1, dtype=torch.bfloat16),
+            "encoder_hidden_states_mask": None, "timestep": randn(1, dtype=torch.bfloat16).sigmoid(),
             "img_shapes": [[(1, side, side)] + [(1, size // 16, size // 16) for size in reference_sizes]],
             "sequence_layout": SequenceLayout.concatenated(side * side, ref_tokens),
         }
