@@ -92,6 +92,7 @@ from .released_dataset import (
 from .sample import MultiSubjectSample
 from .synthetic_world import (
     BACKGROUNDS,
+    WORLD_LAYOUTS,
     HELD_OUT_IDENTITIES,
     MAX_SUBJECTS,
     SHAPE_FAMILIES,

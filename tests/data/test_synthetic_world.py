@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -26,6 +26,7 @@ from mosaic_kit.data.synthetic_world import (
     save_example_sheet,
     subject_descriptor,
 )
+from mosaic_kit.data.synthetic_world.world import _grid_shape
 
 NO_JITTER = PhotometricJitter(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, noise=0.0)
 
@@ -459,3 +460,26 @@ def test_plain_background_and_styled_captions_and_palettes():
 def test_style_errors_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         SyntheticWorldConfig(**kwargs)
+
+
+@settings(max_examples=25, deadline=None)
+@given(index=st.integers(0, 10_000), count=st.integers(1, 6))
+def test_ordered_layout_puts_reference_i_in_cell_i(index, count):
+    kwargs = dict(image_size=48, ref_size=16, identity_range=(0, 8), occlusion=0.0, layout_jitter=0.1,
+                  target_rotation=0.0, max_refs=6)
+    ordered = SyntheticWorld(SyntheticWorldConfig(layout="ordered", **kwargs)).sample(index, num_refs=count)
+    rows, cols = _grid_shape(count)
+    ys, xs = torch.meshgrid(torch.arange(48.0) + 0.5, torch.arange(48.0) + 0.5, indexing="ij")
+    for i, mask in enumerate(ordered.target_masks):
+        weight = mask.float()
+        cy, cx = float((ys * weight).sum() / weight.sum()), float((xs * weight).sum() / weight.sum())
+        assert (int(cy // (48 / rows)), int(cx // (48 / cols))) == divmod(i, cols)
+    # only the cells change: the subjects, their references and the caption are the random layout's
+    shuffled = SyntheticWorld(SyntheticWorldConfig(**kwargs)).sample(index, num_refs=count)
+    assert ordered.meta["identities"] == shuffled.meta["identities"] and ordered.caption == shuffled.caption
+    assert all(torch.equal(a, b) for a, b in zip(ordered.references, shuffled.references))
+
+
+def test_layout_error_names_the_argument():
+    with pytest.raises(ValueError, match="`layout`.*'random', 'ordered'"):
+        SyntheticWorldConfig(layout="diagonal")

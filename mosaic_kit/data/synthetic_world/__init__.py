@@ -41,6 +41,7 @@ The package is split by job: ``subjects`` (identities, their descriptors and ras
 from .subjects import SHAPE_FAMILIES, SUBJECT_COLOURS, SUBJECT_STYLES, TEXTURES, SubjectDescriptor, render_subject, subject_descriptor
 from .world import (
     BACKGROUNDS,
+    WORLD_LAYOUTS,
     HELD_OUT_IDENTITIES,
     MAX_SUBJECTS,
     SYNTHETIC_PRESETS,
@@ -53,6 +54,7 @@ from .world import (
 
 __all__ = [
     "BACKGROUNDS",
+    "WORLD_LAYOUTS",
     "HELD_OUT_IDENTITIES",
     "MAX_SUBJECTS",
     "SHAPE_FAMILIES",

@@ -35,6 +35,7 @@ SYNTHETIC_PRESETS = {
 }
 """Named sizes for `SyntheticWorldConfig.from_preset`: small for CPU runs, larger for a GPU."""
 BACKGROUNDS = ("textured", "plain")
+WORLD_LAYOUTS = ("random", "ordered")
 """Target backgrounds: ``textured`` (a procedural tinted gradient with smooth noise and faint
 waves, different in every sample; the default) or ``plain`` (uniform mid grey, 0.5)."""
 _PLAIN_BACKGROUND = 0.5
@@ -87,6 +88,11 @@ class SyntheticWorldConfig:
             Captions name what is painted.
         background: the target's background, one of `BACKGROUNDS`: ``"textured"`` (the default)
             or ``"plain"`` (uniform grey 0.5).
+        layout: how subjects get their layout cells, one of `WORLD_LAYOUTS`: ``"random"`` (the
+            default: a random cell each, and a random orientation of a non-square grid) or
+            ``"ordered"`` (reference ``i`` in cell ``i``, row by row, of a grid with the rows
+            `_grid_shape` gives: the layout follows the references' order, so a model can learn
+            where each reference goes without breaking a symmetry between layouts).
 
     Example:
         >>> config = SyntheticWorldConfig(max_refs=6, identity_range=HELD_OUT_IDENTITIES)
@@ -128,6 +134,7 @@ class SyntheticWorldConfig:
     occlusion: float = field(default=0.3, metadata={"help": "squeeze of the layout grid towards the centre"})
     subject_style: str = field(default="textured", metadata={"help": "textured, two_tone or plain subjects"})
     background: str = field(default="textured", metadata={"help": "textured or plain target background"})
+    layout: str = field(default="random", metadata={"help": "random or ordered (reference i in cell i)"})
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -178,6 +185,8 @@ class SyntheticWorldConfig:
             raise ValueError(f"Expected `subject_style` to be one of {list(SUBJECT_STYLES)}, but got {self.subject_style!r}.")
         if self.background not in BACKGROUNDS:
             raise ValueError(f"Expected `background` to be one of {list(BACKGROUNDS)}, but got {self.background!r}.")
+        if self.layout not in WORLD_LAYOUTS:
+            raise ValueError(f"Expected `layout` to be one of {list(WORLD_LAYOUTS)}, but got {self.layout!r}.")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> SyntheticWorldConfig:
@@ -357,9 +366,12 @@ class SyntheticWorld:
         # Layout of the target: a jittered grid, one cell per subject.
         size, ref_size = config.image_size, config.ref_size
         rows, cols = _grid_shape(count)
-        if rows != cols and rng.random() < 0.5:
+        swap = rows != cols and rng.random() < 0.5
+        cells = rng.sample(range(rows * cols), count)  # drawn in both layouts: the rest of the sample stays the same
+        if config.layout == "ordered":
+            cells = list(range(count))
+        elif swap:
             rows, cols = cols, rows
-        cells = rng.sample(range(rows * cols), count)
         cell_w, cell_h = size / cols, size / rows
         cell = min(cell_w, cell_h)
         target_rows, reference_rows, factors = [], [], []
