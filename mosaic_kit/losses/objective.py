@@ -32,15 +32,19 @@ __all__ = [
 ]
 
 
-def flow_matching_loss(model_pred: torch.Tensor, noise: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+def flow_matching_loss(model_pred: torch.Tensor, noise: torch.Tensor, latents: torch.Tensor,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
     """Rectified-flow loss as FLUX is trained: the model predicts the velocity ``noise - latents``.
 
-    $$ \\mathcal{L}_{diff} = \\operatorname{mean}\\left((\\hat v - (\\epsilon - x_0))^2\\right) $$
+    $$ \\mathcal{L}_{diff} = \\operatorname{mean}\\left(w_b\\,(\\hat v - (\\epsilon - x_0))^2\\right) $$
 
     Args:
         model_pred: ``(B, ...)`` predicted velocity.
         noise: ``(B, ...)`` the noise ε, same shape.
         latents: ``(B, ...)`` the clean latents x0, same shape.
+        weights: ``(B,)`` per-sample weights ``w_b``, or None (all 1). A model that predicts the
+            clean sample uses ``σ²`` (`mosaic_kit.models.ModelFamily.loss_weights`): then the
+            loss is ``mean((x̂0 − x0)²)``.
 
     Returns:
         Scalar mean squared error in float32 (float64 for float64 inputs).
@@ -63,7 +67,12 @@ def flow_matching_loss(model_pred: torch.Tensor, noise: torch.Tensor, latents: t
         check_finite(name, tensor)  # hot path: only while the switch is on
     dtype = torch.float64 if model_pred.dtype == torch.float64 else torch.float32
     target = noise.to(dtype) - latents.to(dtype)
-    return (model_pred.to(dtype) - target).square().mean()
+    error = (model_pred.to(dtype) - target).square()
+    if weights is None:
+        return error.mean()
+    check_shape("weights", weights, [model_pred.shape[0]], "(B,)")
+    check_floating("weights", weights)
+    return (error * weights.to(dtype).view(-1, *([1] * (error.ndim - 1)))).mean()
 
 
 @dataclass(frozen=True)
@@ -264,6 +273,7 @@ class MosaicObjective(nn.Module):
         attention: CaptureResult | torch.Tensor | None,
         corr: Correspondences | None,
         step: int = 0,
+        weights: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """Evaluates eq. 15 at training ``step``.
 
@@ -275,11 +285,12 @@ class MosaicObjective(nn.Module):
                 are 0 at this step.
             corr: the correspondences; may be None only with ``attention``.
             step: the optimisation step, for the weight schedules.
+            weights: ``(B,)`` per-sample weights of the flow-matching term (`flow_matching_loss`), or None.
 
         Returns:
             An `ObjectiveOutput` with the total and every term.
         """
-        return self.combine(flow_matching_loss(model_pred, noise, latents), attention, corr, step=step)
+        return self.combine(flow_matching_loss(model_pred, noise, latents, weights), attention, corr, step=step)
 
     def combine(
         self,

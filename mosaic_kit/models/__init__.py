@@ -1,6 +1,6 @@
 """FLUX with K reference images and the reference LoRA (needs the ``flux`` extra: diffusers, peft).
 
-- `ModelFamily`, `ModelInputs`, `TokenLayout`, `TRAINABLE`, `logit_normal_sigmas`, `resolution_shift_mu`: the model
+- `ModelFamily`, `ModelInputs`, `TokenLayout`, `TRAINABLE`, `PREDICTIONS`, `MIN_SAMPLE_SIGMA`, `logit_normal_sigmas`, `resolution_shift_mu`: the model
   boundary (`family.py`) that the trainer, the pipelines and the evaluation use; one
   implementation per model family. `MosaicFluxFamily`: FLUX.1 with multi-branch references.
 - `MosaicFluxTransformer` (package `flux/`, split by job): the multi-reference forward over a stock diffusers
@@ -35,6 +35,8 @@ PIL backends where torchvision is missing (`_image_processors`: no torchvision w
 from ._image_processors import choose_image_processors  # first: before any module imports diffusers
 from ._lora_origin import LORA_FAMILY_KEY
 from .family import (
+    MIN_SAMPLE_SIGMA,
+    PREDICTIONS,
     TRAINABLE,
     ModelFamily,
     ModelInputs,
@@ -128,6 +130,8 @@ __all__ = [
     "ReferenceKVCache",
     "SD3CaptureProcessor",
     "SequenceLayout",
+    "MIN_SAMPLE_SIGMA",
+    "PREDICTIONS",
     "TRAINABLE",
     "TokenLayout",
     "add_reference_lora",

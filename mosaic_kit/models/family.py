@@ -63,6 +63,8 @@ from .lora_files import LoraFiles
 from .noise import logit_normal_sigmas, resolution_shift_mu  # re-exported, likewise
 
 TRAINABLE = ("lora", "all")
+PREDICTIONS = ("velocity", "sample")
+MIN_SAMPLE_SIGMA = 0.05  # sample prediction: the velocity divides by max(σ, this)
 """Allowed values of ``trainable``: the reference LoRA only, or every weight of the denoiser (the
 LoRA too, when there is one)."""
 
@@ -121,6 +123,12 @@ class ModelFamily(LoraFiles):
     group_offload_reason: ClassVar[str] = ""
     """Why a group-offloading type is missing from `group_offload_types` (for the error)."""
     family_options: ClassVar[dict[str, tuple | None]] = {}
+    #: True when `sample` draws through `forward` (so it follows `prediction`); the stock pipelines
+    #: of the in-sequence families call the transformer themselves and expect a velocity.
+    samples_through_forward: ClassVar[bool] = False
+    #: what the model outputs (one of `PREDICTIONS`): the velocity (every pretrained model), or the
+    #: clean target (x-prediction; tiny models only, `set_prediction`).
+    prediction: str = "velocity"
 
     pipe: Any = None
     """The diffusers pipeline whose encoders, VAE and scheduler a family built on one uses (None
@@ -460,6 +468,42 @@ class ModelFamily(LoraFiles):
         return (1 - sigmas) * latents + sigmas * noise
 
     # -- the forward -------------------------------------------------------------------------------
+    def set_prediction(self, prediction: str) -> ModelFamily:
+        """Sets what the model outputs: ``"velocity"`` or ``"sample"`` (x-prediction: the clean
+        target ``x̂``, as in Li & He, "Back to Basics: Let Denoising Generative Models Denoise",
+        2025). A tiny pixel-space model with 48 values per token learns to draw much sooner when it
+        outputs the clean image than when it must carry the noise through its blocks
+        (docs/results/fidelity.md). `forward` returns the velocity in both cases (`velocity`).
+
+        Raises:
+            ValueError: an unknown prediction.
+        """
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"Expected `prediction` to be one of {list(PREDICTIONS)}, but got {prediction!r}.")
+        self.prediction = prediction
+        return self
+
+    def velocity(self, output: torch.Tensor, noisy: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The velocity ``ε − x`` from the model's raw ``output`` for the noisy target ``noisy`` at ``timestep`` σ.
+
+        With ``prediction == "velocity"`` the output itself; with ``"sample"`` the output is
+        ``x̂`` and, as ``x_σ = x + σ·(ε − x)``, the velocity is ``(x_σ − x̂) / max(σ, MIN_SAMPLE_SIGMA)``
+        (in float32).
+        """
+        if self.prediction == "velocity":
+            return output
+        sigma = timestep.float().clamp(min=MIN_SAMPLE_SIGMA).view(-1, *([1] * (output.ndim - 1)))
+        return (noisy.float() - output.float()) / sigma
+
+    def loss_weights(self, timestep: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample weights of the velocity loss (`mosaic_kit.losses.flow_matching_loss`): None
+        for velocity prediction; ``max(σ, MIN_SAMPLE_SIGMA)²`` for sample prediction, which makes
+        the weighted velocity loss the clean-target loss ``mean((x̂ − x)²)`` wherever σ is at least
+        `MIN_SAMPLE_SIGMA` (the "x-loss", which trained the tiny models best)."""
+        if self.prediction == "velocity":
+            return None
+        return timestep.float().clamp(min=MIN_SAMPLE_SIGMA).square()
+
     def model_kwargs(
         self, inputs: ModelInputs, noisy: torch.Tensor, timestep: torch.Tensor,
         guidance: float | torch.Tensor | None = None,
@@ -529,12 +573,13 @@ class ModelFamily(LoraFiles):
                 model has no guidance embedding).
 
         Returns:
-            ``(B, N_tgt, C)`` the prediction (velocity).
+            ``(B, N_tgt, C)`` the prediction (velocity; with sample prediction, converted by `velocity`).
 
         Raises:
             ValueError: an input breaks the contract (`model_kwargs`).
         """
-        return self.model(**self.model_kwargs(inputs, noisy, timestep, guidance), capture=capture)
+        output = self.model(**self.model_kwargs(inputs, noisy, timestep, guidance), capture=capture)
+        return self.velocity(output, noisy, timestep)
 
     # -- trainable parameters and the LoRA -----------------------------------------------------------
     @abc.abstractmethod

@@ -105,7 +105,8 @@ class FamilySpec:
 
     def build(self, base: str | os.PathLike | None = None, torch_dtype: torch.dtype | None = None, seed: int = 0,
               tiny_overrides: dict | None = None, pixel_space: int | None = None, encoders: bool = True,
-              family_options: dict[str, Any] | None = None, **options: Any) -> ModelFamily:
+              family_options: dict[str, Any] | None = None, prediction: str = "velocity",
+              **options: Any) -> ModelFamily:
         """The family: tiny random components when ``base`` is None, else the pretrained base.
 
         Args:
@@ -120,6 +121,8 @@ class FamilySpec:
                 (`mosaic_kit.models.encoders.drop_encoders`).
             family_options: the family's declared options (`family_options`; ``model.family_options``),
                 checked by `check_options`, e.g. ``{"reference_method": "index"}`` for Kontext.
+            prediction: what the model outputs, ``"velocity"`` or ``"sample"`` (x-prediction,
+                `ModelFamily.set_prediction`; tiny only: pretrained models predict the velocity).
             **options: the family's constructor options (its `config_extras`, ...).
 
         Raises:
@@ -137,10 +140,11 @@ class FamilySpec:
         encoder_loading_kwargs(self.family_class, encoders)  # checks the setting
         if base is None:
             family = self.family_class.tiny(seed=seed, transformer_overrides=tiny_overrides or None,
-                                            pixel_space=pixel_space, **kwargs)
+                                            pixel_space=pixel_space, **kwargs).set_prediction(prediction)
             return family if encoders else drop_encoders(family)
-        if tiny_overrides or pixel_space:
-            raise ValueError("Expected `tiny_overrides` and `pixel_space` only without a `base`.")
+        if tiny_overrides or pixel_space or prediction != "velocity":
+            raise ValueError("Expected `tiny_overrides`, `pixel_space` and a `prediction` other than 'velocity' "
+                             "only without a `base`.")
         return self.family_class.from_pretrained(base, torch_dtype=torch_dtype, **kwargs,
                                                  **({} if encoders else {"encoders": False}))
 

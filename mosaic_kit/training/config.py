@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.comfyui import LORA_FORMATS
-from ..models.family import TRAINABLE
+from ..models.family import PREDICTIONS, TRAINABLE
 from ..models.quantize import QUANTIZE
 from ..utils.checks import check_option
 
@@ -40,6 +40,8 @@ class ModelConfig:
     tiny_seed: int = _help("seed of the tiny random model (base: null)", 0)
     tiny_overrides: dict = _help("tiny model: FluxTransformer2DModel config entries to change", factory=dict)
     pixel_space: int | None = _help("tiny model: pixel space with this factor instead of a random VAE", None)
+    prediction: str = _help("what the model outputs: velocity (every pretrained model) or sample (x-prediction, "
+                            "tiny models only: the clean target; trained with the clean-target loss)", "velocity")
     family_options: dict = _help(
         "options of the model family's builder that it declares (ModelFamily.family_options), e.g. "
         "{reference_method: index} for kontext (offset | index | uxo); recorded in the LoRA file", factory=dict)
@@ -111,6 +113,10 @@ class ModelConfig:
         check_option("model.capture_blocks", self.capture_blocks, ("double", "all"))
         if self.base is not None and (self.tiny_overrides or self.pixel_space):
             raise ValueError("Expected `model.tiny_overrides` and `model.pixel_space` only with `model.base: null`.")
+        check_option("model.prediction", self.prediction, PREDICTIONS)
+        if self.base is not None and self.prediction != "velocity":
+            raise ValueError("Expected `model.prediction: sample` only with `model.base: null`: pretrained models "
+                             "and their stock pipelines predict the velocity.")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
             raise ValueError(f"Expected `model.lora_rank` to be a positive int, but got {self.lora_rank!r}.")
 
@@ -287,6 +293,11 @@ class TrainConfig:
                 f"{family.min_sample_reference_reason}, so the run would fail after training. Raise `data.ref_size` "
                 "or set `validation_samples: 0`."
             )
+        if self.validation_samples >= 1 and self.model.prediction != "velocity" and not family.samples_through_forward:
+            raise ValueError(
+                f"Expected `model.prediction: velocity` with `model.family: {family.name}` and validation samples, "
+                f"but got {self.model.prediction!r}: the family samples through its stock pipeline, which expects a "
+                "velocity. Set `validation_samples: 0` (the synthetic evaluation samples through the family's forward).")
         if self.data.cache_dir and self.model.offload_encoders:
             raise ValueError("Expected `model.offload_encoders: false` with `data.cache_dir`: a cached run never loads "
                              "the text encoders or the VAE, so there is nothing to offload.")

@@ -211,7 +211,7 @@ class MosaicTrainer:
         spec = get_family(cfg.family)  # the registry: everything model-specific is behind the family
         family = spec.build(cfg.base, torch_dtype=self.weight_dtype, seed=cfg.tiny_seed, tiny_overrides=cfg.tiny_overrides,
                             pixel_space=cfg.pixel_space, encoders=not self.config.data.cache_dir,  # cached: none
-                            family_options=cfg.family_options,
+                            family_options=cfg.family_options, prediction=cfg.prediction,
                             **{name: getattr(cfg, name) for name in spec.config_extras})
         if cfg.init_lora:
             family.load_lora(cfg.init_lora)
@@ -320,8 +320,9 @@ class MosaicTrainer:
         model_inputs = self.family.model_kwargs(inputs, noisy, sigmas, guidance=guidance)
         with self.accelerator.autocast():
             prediction, attention = self.model(model_inputs, capture, [rows] if rows is not None else None)
+        prediction = self.family.velocity(prediction, noisy, sigmas)  # x-prediction: converted
         out = self.objective(prediction.float(), noise, latents, attention, corr if capture is not None else None,
-                             step=self.step)
+                             step=self.step, weights=self.family.loss_weights(sigmas))
         self._stop_if_not_finite(
             {"flow_matching": out.flow_matching, "scal": out.scal, "mdl": out.mdl, "loss": out.loss})
         self._terms_checked = True

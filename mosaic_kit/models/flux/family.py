@@ -63,6 +63,7 @@ class MosaicFluxFamily(ModelFamily):
     group_offload_reason = ("MosaicFluxTransformer calls the transformer's modules itself, never its forward, which "
                             "onloads what block-level groups leave outside the blocks; use leaf_level")
     default_guidance_scale = 3.5  # released inference
+    samples_through_forward = True  # MosaicFluxPipeline denoises through `forward`
     comfyui_lora_keys = FLUX1_COMFYUI_KEYS
 
     def __init__(
