@@ -1,7 +1,8 @@
 """Train the MOSAIC reference LoRA of FLUX.1 (SCAL + MDL + flow matching, eq. 15).
 
 With no arguments it trains a tiny random FLUX-architecture model on generated multi-subject
-data on the CPU in a few minutes (``recipes/configs/tiny_cpu.yaml``) and writes, in
+data on the CPU in about five minutes (``recipes/configs/main_cpu.yaml``; the world of the fidelity
+study, in which the model learns to draw its references) and writes, in
 ``outputs/train/tiny``: ``config.yaml`` (the resolved config), ``checkpoints/step-N/``,
 ``metrics.jsonl`` and ``logs/`` (tensorboard), ``samples/step-N.png`` (validation contact
 sheets), ``loss_curves.png``, ``pytorch_lora_weights.safetensors`` (+ the EMA version; with
@@ -38,7 +39,7 @@ import yaml
 from mosaic_kit.training import MosaicTrainer, load_config
 from mosaic_kit.utils.cli import RecipeArgumentParser, add_output_dir, add_progress, add_threads, usage_errors
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny_cpu.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "main_cpu.yaml"
 
 
 def build_parser() -> RecipeArgumentParser:

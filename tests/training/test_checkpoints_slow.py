@@ -23,6 +23,8 @@ pytest.importorskip("accelerate")
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "flux_mosaic_train.py"
+# the smoke config (the main job's default, main_cpu.yaml, trains for minutes)
+SMOKE = ["--config", str(REPO / "recipes" / "configs" / "tiny_cpu.yaml")]
 STEPS, EVERY, KILL_SAVE = 8, 2, 6  # checkpoints at 2, 4, 6, 8; keep 2; the save of step 6 is killed
 OVERRIDES = [f"max_steps={STEPS}", f"checkpoint_every={EVERY}", "keep_checkpoints=2", "validate_every=0",
              "validation_samples=0", "tracker=null", "log_every=1", "cpu_threads=1", "data.target_size=64",
@@ -130,7 +132,7 @@ runpy.run_path(spec["recipe"], run_name="__main__")
 
 
 def run(out: Path, point: str | None = None, step: int | None = None, resume: bool = False):
-    args = [f"output_dir={out}", *OVERRIDES] + (["--resume", "latest"] if resume else [])
+    args = [*SMOKE, f"output_dir={out}", *OVERRIDES] + (["--resume", "latest"] if resume else [])
     spec = {"repo": str(REPO), "recipe": str(RECIPE), "args": args, "point": point, "step": step, "out": str(out)}
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", DRIVER, json.dumps(spec)], capture_output=True, text=True,
@@ -259,7 +261,7 @@ def test_two_processes_fall_back_from_a_damaged_checkpoint_and_end_bit_identical
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         return subprocess.run(
             [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPE),
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPE), *SMOKE,
              f"output_dir={out}", *OVERRIDES, "max_steps=4", *extra],
             capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
 
@@ -321,7 +323,7 @@ def test_two_processes_stop_together_when_one_goes_non_finite(tmp_path, how):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NAN_HOW": how}
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(driver), str(RECIPE),
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(driver), str(RECIPE), *SMOKE,
          f"output_dir={tmp_path / 'run'}", *OVERRIDES, "max_steps=4",
          f"check_finite_steps={4 if how == 'check' else 0}"],
         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)

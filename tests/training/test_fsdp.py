@@ -67,6 +67,8 @@ def test_fsdp_with_linear_units_is_exact(tmp_path):
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "flux_mosaic_train.py"
+# the smoke config (the main job's default, main_cpu.yaml, trains for minutes)
+SMOKE = ["--config", str(REPO / "recipes" / "configs" / "tiny_cpu.yaml")]
 TRAIN = ["data.target_size=64", "data.ref_size=32", "data.batch_size=1", "model.lora_rank=4", "data.synthetic_refs=[1,3]",
          "max_steps=4", "checkpoint_every=2", "keep_checkpoints=3", "log_every=1", "validation_samples=1",
          "validation_steps=1", "validate_every=0", "tracker=null", "ema_decay=null", "model.capture_blocks=all"]
@@ -81,7 +83,7 @@ def _train(out: Path, *overrides: str, processes: int = 1, kill_at: int | None =
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if kill_at is not None:
         env["MOSAIC_KILL_AT_STEP"] = str(kill_at)
-    return subprocess.run([*launch, str(RECIPE), f"output_dir={out}", *TRAIN, *overrides], capture_output=True,
+    return subprocess.run([*launch, str(RECIPE), *SMOKE, f"output_dir={out}", *TRAIN, *overrides], capture_output=True,
                           text=True, timeout=900, env=env)
 
 

@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
+from helpers import load_script  # noqa: E402
 from mosaic_kit.attention import PointAttentionRows, dense_ref_target_attention  # noqa: E402
 from mosaic_kit.correspondence import Correspondences  # noqa: E402
 from mosaic_kit.models import logit_normal_sigmas, resolution_shift_mu  # noqa: E402
@@ -26,13 +27,15 @@ from mosaic_kit.training import (  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "flux_mosaic_train.py"
+# the smoke config (the main job's default, main_cpu.yaml, trains for minutes)
+SMOKE = ["--config", str(REPO / "recipes" / "configs" / "tiny_cpu.yaml")]
 FAST = ["data.target_size=64", "data.ref_size=32", "data.batch_size=2", "validation_samples=1",
         "validation_steps=2", "log_every=1", "model.lora_rank=4", "data.synthetic_refs=[1,3]"]
 
 
 def run_recipe(out: Path, *overrides: str, env: dict | None = None, check: bool = True):
     done = subprocess.run(
-        [sys.executable, str(RECIPE), f"output_dir={out}", *FAST, *overrides],
+        [sys.executable, str(RECIPE), *SMOKE, f"output_dir={out}", *FAST, *overrides],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},  # this checkout's mosaic_kit, not an installed one
     )
@@ -141,7 +144,7 @@ def test_two_process_cpu_run(tmp_path):
     out = tmp_path / "ddp"
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPE), f"output_dir={out}", *FAST,
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPE), *SMOKE, f"output_dir={out}", *FAST,
          "max_steps=3", "checkpoint_every=3", "validate_every=0", "tracker=null", "model.capture_blocks=all"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
@@ -249,6 +252,26 @@ def test_shipped_configs_parse():
                      "multi_gpu": "DistributedType.MULTI_GPU", "single_gpu": "DistributedType.NO"}
     fsdp = ClusterConfig.from_yaml_file(str(REPO / "recipes" / "accelerate" / "fsdp.yaml"))
     assert fsdp.fsdp_config["fsdp_version"] == 2  # the trainer shards with FSDP2
-    for name in ("tiny_cpu", "flux_512", "flux_512_released"):  # the training recipe's configs
+    for name in ("main_cpu", "tiny_cpu", "flux_512", "flux_512_released"):  # the training recipe's configs
         config = load_config([REPO / "recipes" / "configs" / f"{name}.yaml"])
         assert config.max_steps >= 1, name
+
+
+def test_main_job_default_is_the_fidelity_world_that_draws():
+    """The README's main job trains in the world and with the model of the fidelity preset, whose
+    diffusion baseline draws its references (docs/results/fidelity.md); only the objective differs
+    (SCAL + Jensen-Shannon MDL) and the run validates on the trained identities."""
+    import yaml
+
+    recipe = load_script("recipes/flux_mosaic_train.py", "main_job_default")
+    assert recipe.DEFAULT_CONFIG.name == "main_cpu.yaml"
+    main = load_config([recipe.DEFAULT_CONFIG])
+    preset = config_from_dict(yaml.safe_load((REPO / "recipes" / "configs" / "fidelity_cpu.yaml").read_text())["train"])
+    for section, names in {"model": ("base", "pixel_space", "prediction", "tiny_overrides", "trainable", "lora_rank"),
+                           "data": ("target_size", "ref_size", "batch_size", "synthetic_refs", "synthetic_world"),
+                           "optim": ("lr", "schedule", "warmup_steps")}.items():
+        for name in names:
+            assert getattr(getattr(main, section), name) == getattr(getattr(preset, section), name), (section, name)
+    assert main.max_steps == preset.max_steps and main.ema_decay == preset.ema_decay
+    assert main.data.synthetic_world["layout"] == "ordered" and main.model.prediction == "sample"
+    assert main.data.synthetic_validation == "seen" and main.validation_samples >= 1 and main.validate_every >= 1

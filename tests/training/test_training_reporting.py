@@ -99,7 +99,8 @@ def test_trainable_all_trains_the_base_resumes_exactly_and_draws_attention(tmp_p
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
     def run(out, *extra, kill=None):
-        done = subprocess.run([sys.executable, str(recipe), f"output_dir={out}", *common, *extra], capture_output=True,
+        done = subprocess.run([sys.executable, str(recipe), "--config", str(REPO / "recipes" / "configs" / "tiny_cpu.yaml"),
+                               f"output_dir={out}", *common, *extra], capture_output=True,
                               text=True, timeout=600, env={**env, **({"MOSAIC_KILL_AT_STEP": kill} if kill else {})})
         return done
 
