@@ -1,7 +1,7 @@
 """Train the MOSAIC reference LoRA of FLUX.1 (SCAL + MDL + flow matching, eq. 15).
 
 With no arguments it trains a tiny random FLUX-architecture model on generated multi-subject
-data on the CPU in about five minutes (``recipes/configs/main_cpu.yaml``; the world of the fidelity
+data on the CPU in about six minutes (``recipes/configs/main_cpu.yaml``; the world of the fidelity
 study, in which the model learns to draw its references) and writes, in
 ``outputs/train/tiny``: ``config.yaml`` (the resolved config), ``checkpoints/step-N/``,
 ``metrics.jsonl`` and ``logs/`` (tensorboard), ``samples/step-N.png`` (validation contact
