@@ -477,6 +477,11 @@ class ModelFamily(LoraFiles):
 
         Raises:
             ValueError: an unknown prediction.
+
+        Example:
+            >>> from mosaic_kit.pipelines import build_family
+            >>> build_family("flux1", pixel_space=2, prediction="sample").prediction  # set by the registry
+            'sample'
         """
         if prediction not in PREDICTIONS:
             raise ValueError(f"Expected `prediction` to be one of {list(PREDICTIONS)}, but got {prediction!r}.")
@@ -489,6 +494,21 @@ class ModelFamily(LoraFiles):
         With ``prediction == "velocity"`` the output itself; with ``"sample"`` the output is
         ``x̂`` and, as ``x_σ = x + σ·(ε − x)``, the velocity is ``(x_σ − x̂) / max(σ, MIN_SAMPLE_SIGMA)``
         (in float32).
+
+        Args:
+            output: ``(B, N, C)`` the model's raw output.
+            noisy: ``(B, N, C)`` the noisy latents ``x_σ`` it was given.
+            timestep: ``(B,)`` the noise levels σ.
+
+        Returns:
+            ``(B, N, C)`` the velocity.
+
+        Example:
+            >>> from mosaic_kit.pipelines import build_family
+            >>> family = build_family("flux1", pixel_space=2, prediction="sample")
+            >>> x, eps, sigma = torch.zeros(1, 4, 12), torch.ones(1, 4, 12), torch.tensor([0.5])
+            >>> family.velocity(x, family.noise(x, eps, sigma), sigma).unique()  # the clean target gives ε − x
+            tensor([1.])
         """
         if self.prediction == "velocity":
             return output
@@ -499,7 +519,19 @@ class ModelFamily(LoraFiles):
         """Per-sample weights of the velocity loss (`mosaic_kit.losses.flow_matching_loss`): None
         for velocity prediction; ``max(σ, MIN_SAMPLE_SIGMA)²`` for sample prediction, which makes
         the weighted velocity loss the clean-target loss ``mean((x̂ − x)²)`` wherever σ is at least
-        `MIN_SAMPLE_SIGMA` (the "x-loss", which trained the tiny models best)."""
+        `MIN_SAMPLE_SIGMA` (the "x-loss", which trained the tiny models best).
+
+        Args:
+            timestep: ``(B,)`` the noise levels σ.
+
+        Returns:
+            ``(B,)`` float32 weights, or None.
+
+        Example:
+            >>> from mosaic_kit.pipelines import build_family
+            >>> build_family("flux1", pixel_space=2, prediction="sample").loss_weights(torch.tensor([0.01, 0.5]))
+            tensor([0.0025, 0.2500])
+        """
         if self.prediction == "velocity":
             return None
         return timestep.float().clamp(min=MIN_SAMPLE_SIGMA).square()
