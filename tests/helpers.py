@@ -107,3 +107,17 @@ def run_two_process_script(source: str, folder: Path, *args: str, timeout: int =
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def train_in_process(raw: dict):
+    """Trains a `MosaicTrainer` built from the config dict ``raw`` in this process and returns it;
+    torch's thread count is restored afterwards (the trainer sets ``cpu_threads``)."""
+    from mosaic_kit.training import MosaicTrainer, config_from_dict
+
+    threads = torch.get_num_threads()
+    try:
+        trainer = MosaicTrainer(config_from_dict(raw))
+        trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    return trainer

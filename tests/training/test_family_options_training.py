@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import load_script
+from helpers import load_script, train_in_process
 
 pytest.importorskip("diffusers")
 
 from mosaic_kit.models.options import recorded_family_options  # noqa: E402
-from mosaic_kit.training import MosaicTrainer, config_from_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "recipes" / "configs" / "tiny_kontext_cpu.yaml"
@@ -35,12 +34,7 @@ def test_tiny_kontext_run_with_index_method_writes_a_lora_that_inference_runs_wi
     raw.update(output_dir=str(tmp_path / "run"), max_steps=2, checkpoint_every=2, log_every=1, validation_samples=0)
     raw["model"]["family_options"] = {"reference_method": "index"}
     raw["data"].update(target_size=32, ref_size=16, synthetic_refs=[2, 2])
-    threads = torch.get_num_threads()
-    try:
-        trainer = MosaicTrainer(config_from_dict(raw))
-        trainer.train()
-    finally:
-        torch.set_num_threads(threads)
+    trainer = train_in_process(raw)
     assert trainer.family.reference_method == "index"
     ids = trainer.family.encode(torch.rand(1, 3, 32, 32), ["a"], torch.rand(1, 2, 3, 16, 16)).conditioning["reference_ids"]
     assert ids[:, 0].unique().tolist() == [1.0, 2.0] and ids[:, 1:].abs().sum() == 0  # index k, no offset

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import train_in_process
 
 pytest.importorskip("diffusers")
 pytest.importorskip("torchao")
@@ -18,7 +19,7 @@ from diffusers import Flux2KleinPipeline  # noqa: E402
 
 from mosaic_kit.models import read_lora_file  # noqa: E402
 from mosaic_kit.pipelines.tiny_flux2 import tiny_flux2_components  # noqa: E402
-from mosaic_kit.training import LORA_FILE, MosaicTrainer, config_from_dict  # noqa: E402
+from mosaic_kit.training import LORA_FILE, config_from_dict  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "tiny_flux2_cpu.yaml"
 
@@ -32,12 +33,7 @@ def _run(tmp_path, quantize: str) -> tuple[list[float], Path]:
     out = tmp_path / quantize
     raw.update(output_dir=str(out), max_steps=3, checkpoint_every=3, log_every=1, validation_samples=0, ema_decay=None)
     raw["model"].update(quantize=quantize, lora_rank=4)
-    threads = torch.get_num_threads()
-    try:
-        trainer = MosaicTrainer(config_from_dict(raw))
-        trainer.train()
-    finally:
-        torch.set_num_threads(threads)
+    trainer = train_in_process(raw)
     assert getattr(trainer.family.transformer, "is_quantized", False) == (quantize != "none")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [row["loss"] for row in rows if "loss" in row], out
